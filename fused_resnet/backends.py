@@ -1,0 +1,138 @@
+"""Which implementation runs a fused op: the backend registry and the per-call choice.
+
+PyTorch's dispatcher chooses by device, not by backend, so the choice happens here: `"auto"` takes, per
+device, the first backend in `AUTO_ORDER` that is built and supports the configuration; an explicit name
+(argument or the FUSED_RESNET_BACKEND environment variable) is obeyed or refused with a clear error.
+Falling back to the reference backend happens only where the user allowed it, and is logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .ops.conv_config import ConvConfig
+
+log = logging.getLogger("fused_resnet")
+
+BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
+
+# Fastest first, per device type; reference last as the always-correct path. Update from benchmark results.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+_MODULES = {
+    "reference": "fused_resnet.ops.reference_backend",
+    "triton": "fused_resnet.ops.triton_backend",
+    "cuda": "fused_resnet.ops.cpp_backend",
+    "cpu": "fused_resnet.ops.cpp_backend",
+}
+
+ConvBiasActFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the fused ops.
+
+    conv_bias_act(x, weight, bias, residual, config, relu) -> act(conv(x, weight) + bias + residual), where
+    weight is the BN-folded weight in x's dtype and bias the folded shift in float32; autograd-capable.
+    unavailable() returns why the backend cannot run at all here (None if it can); unsupported(x, weight,
+    residual, config) why it cannot run this call (None if it can).
+    """
+
+    name: str
+    conv_bias_act: ConvBiasActFn
+    unavailable: Callable[[], str | None]
+    unsupported: Callable[..., str | None]
+
+
+class BackendError(RuntimeError):
+    """A requested backend cannot run the requested configuration."""
+
+
+def requested_backend(backend: str) -> str:
+    """Applies the FUSED_RESNET_BACKEND override to `"auto"` and checks the name."""
+    if backend == "auto":
+        backend = os.environ.get("FUSED_RESNET_BACKEND", "auto") or "auto"
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}")
+    return backend
+
+
+def fallback_allowed(allow_fallback: bool | None) -> bool:
+    if allow_fallback is not None:
+        return allow_fallback
+    return os.environ.get("FUSED_RESNET_ALLOW_FALLBACK", "0") not in ("", "0", "false", "False")
+
+
+@functools.cache
+def get_backend(name: str, device_type: str = "cpu") -> Backend:
+    """Imports a backend by name (for "cuda"/"cpu", the extension's entry for that device)."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(map(repr, BACKEND_NAMES))}")
+    module = importlib.import_module(_MODULES[name])
+    return module.backend(name)
+
+
+def unavailable_reason(name: str) -> str | None:
+    try:
+        return get_backend(name).unavailable()
+    except ImportError as err:  # an optional dependency (triton, the extension) is missing
+        return f"cannot import: {err}"
+
+
+def available_backends() -> list[str]:
+    return [name for name in BACKEND_NAMES if unavailable_reason(name) is None]
+
+
+def _why_not(name: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, config: ConvConfig) -> str | None:
+    if name in ("cuda", "cpu") and x.device.type != name:
+        return f"the {name!r} backend runs {name} tensors, got a tensor on {x.device}"
+    reason = unavailable_reason(name)
+    if reason is not None:
+        return reason
+    return get_backend(name).unsupported(x, weight, residual, config)
+
+
+def select(
+    backend: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None,
+    config: ConvConfig,
+    allow_fallback: bool | None = None,
+) -> Backend:
+    """The backend that runs this call, or a BackendError saying why none may."""
+    name = requested_backend(backend)
+    if name == "auto":
+        reasons = []
+        for candidate in AUTO_ORDER.get(x.device.type, ("reference",)):
+            why = _why_not(candidate, x, weight, residual, config)
+            if why is None:
+                return get_backend(candidate)
+            reasons.append(f"{candidate}: {why}")
+        raise BackendError(f"no backend supports this call on {x.device}: " + "; ".join(reasons))
+    why = _why_not(name, x, weight, residual, config)
+    if why is None:
+        return get_backend(name)
+    if fallback_allowed(allow_fallback):
+        _warn_fallback(name, why)
+        return get_backend("reference")
+    raise BackendError(
+        f"backend {name!r} cannot run this call: {why}. Use backend='auto', or allow the reference fallback "
+        "with allow_fallback=True / FUSED_RESNET_ALLOW_FALLBACK=1."
+    )
+
+
+@functools.cache
+def _warn_fallback(name: str, why: str) -> None:
+    log.warning("backend %r cannot run a call (%s); using the reference backend as allowed", name, why)

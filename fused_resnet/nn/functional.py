@@ -1,0 +1,99 @@
+"""conv → BatchNorm → [+ residual] → [ReLU] as one call: the single mechanism every fused module uses.
+
+eval: BN folded into the conv (cached), then one fused conv_bias_act on the chosen backend.
+train: batch statistics; running stats updated exactly as nn.BatchNorm2d does (reference path until the
+fused training kernels land).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import backends
+from ..ops.checks import check_activation, check_conv_bias_act
+from ..ops.conv_config import ConvConfig
+from .folding import bn_scale_shift, folded_conv_bn
+
+
+def compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the conv runs in: autocast's when it is on, else the parameters' (which x must match)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if x.dtype != param_dtype:
+        raise TypeError(
+            f"input dtype {x.dtype} does not match the model's parameter dtype {param_dtype}; "
+            "convert one of them (model.to(dtype) or x.to(dtype)) or run under torch.autocast"
+        )
+    return param_dtype
+
+
+def uses_batch_stats(bn: nn.Module) -> bool:
+    """True where BN normalizes with the batch's statistics (train mode, or no running stats)."""
+    return isinstance(bn, nn.BatchNorm2d) and (bn.training or bn.running_mean is None)
+
+
+def _bn_train(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    # Mirrors nn.BatchNorm2d.forward: num_batches_tracked counts steps; momentum=None means a cumulative
+    # moving average (factor 1/steps); F.batch_norm normalizes with the biased variance and updates
+    # running_var with the unbiased one.
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(
+        y,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        bn.weight,
+        bn.bias,
+        True,
+        factor,
+        bn.eps,
+    )
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    backend: str = "auto",
+    allow_fallback: bool | None = None,
+) -> torch.Tensor:
+    """act(bn(conv(x)) + residual) with the modules' own parameters and BN's mode."""
+    check_activation(x)
+    if conv.bias is not None:
+        raise ValueError("conv_bn_act expects a conv without bias (BatchNorm's shift replaces it)")
+    if x.shape[1] != conv.in_channels:
+        raise ValueError(f"expected input with {conv.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if x.device != conv.weight.device:
+        raise ValueError(f"input is on {x.device} but the model's parameters are on {conv.weight.device}")
+    config = ConvConfig.from_conv(conv)
+    dtype = compute_dtype(x, conv.weight.dtype)
+    x = x.to(dtype)
+    if residual is not None:
+        residual = residual.to(dtype)
+    if uses_batch_stats(bn):
+        y = _bn_train(F.conv2d(x, conv.weight.to(dtype), None, config.stride, config.padding, config.dilation, config.groups), bn)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+    weight, bias = folded_conv_bn(conv, bn, dtype)
+    check_conv_bias_act(x, weight, bias, residual, config)
+    chosen = backends.select(backend, x, weight, residual, config, allow_fallback)
+    return chosen.conv_bias_act(x, weight, bias, residual, config, relu)
+
+
+def bn_act(x: torch.Tensor, bn: nn.Module, relu: bool = True) -> torch.Tensor:
+    """act(bn(x)) with BN's mode: a pre-activation unit (fused into the next conv's prologue later)."""
+    check_activation(x)
+    if uses_batch_stats(bn):
+        y = _bn_train(x, bn)
+    else:
+        scale, shift = bn_scale_shift(bn)
+        y = x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+    return torch.relu(y) if relu else y

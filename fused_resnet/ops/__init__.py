@@ -1,0 +1,1 @@
+"""Fused ops: the shared contract (config, checks, autograd) and one module per backend."""
