@@ -43,10 +43,11 @@ ConvBiasActFn = Callable[..., torch.Tensor]
 class Backend:
     """One implementation of the fused ops.
 
-    conv_bias_act(x, weight, bias, residual, config, relu) -> act(conv(x, weight) + bias + residual), where
-    weight is the BN-folded weight in x's dtype and bias the folded shift in float32; autograd-capable.
-    unavailable() returns why the backend cannot run at all here (None if it can); unsupported(x, weight,
-    residual, config) why it cannot run this call (None if it can).
+    conv_bias_act(x, weight, bias, residual, config, relu, in_scale=None, in_shift=None)
+        -> act(conv(pre(x), weight) + bias + residual), see ops/reference.py for the exact semantics; weight
+        is the BN-folded weight in x's dtype, bias/in_scale/in_shift per-channel float32; autograd-capable.
+    unavailable() returns why the backend cannot run at all here (None if it can);
+    unsupported(x, weight, residual, config, prologue: bool) why it cannot run this call (None if it can).
     """
 
     name: str
@@ -94,13 +95,20 @@ def available_backends() -> list[str]:
     return [name for name in BACKEND_NAMES if unavailable_reason(name) is None]
 
 
-def _why_not(name: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, config: ConvConfig) -> str | None:
+def _why_not(
+    name: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None,
+    config: ConvConfig,
+    prologue: bool,
+) -> str | None:
     if name in ("cuda", "cpu") and x.device.type != name:
         return f"the {name!r} backend runs {name} tensors, got a tensor on {x.device}"
     reason = unavailable_reason(name)
     if reason is not None:
         return reason
-    return get_backend(name).unsupported(x, weight, residual, config)
+    return get_backend(name).unsupported(x, weight, residual, config, prologue)
 
 
 def select(
@@ -109,6 +117,7 @@ def select(
     weight: torch.Tensor,
     residual: torch.Tensor | None,
     config: ConvConfig,
+    prologue: bool = False,
     allow_fallback: bool | None = None,
 ) -> Backend:
     """The backend that runs this call, or a BackendError saying why none may."""
@@ -116,12 +125,12 @@ def select(
     if name == "auto":
         reasons = []
         for candidate in AUTO_ORDER.get(x.device.type, ("reference",)):
-            why = _why_not(candidate, x, weight, residual, config)
+            why = _why_not(candidate, x, weight, residual, config, prologue)
             if why is None:
                 return get_backend(candidate)
             reasons.append(f"{candidate}: {why}")
         raise BackendError(f"no backend supports this call on {x.device}: " + "; ".join(reasons))
-    why = _why_not(name, x, weight, residual, config)
+    why = _why_not(name, x, weight, residual, config, prologue)
     if why is None:
         return get_backend(name)
     if fallback_allowed(allow_fallback):

@@ -55,16 +55,25 @@ def _bn_train(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     )
 
 
+def _conv(x: torch.Tensor, conv: nn.Conv2d, config: ConvConfig) -> torch.Tensor:
+    return F.conv2d(x, conv.weight.to(x.dtype), None, config.stride, config.padding, config.dilation, config.groups)
+
+
 def conv_bn_act(
     x: torch.Tensor,
     conv: nn.Conv2d,
-    bn: nn.Module,
+    bn: nn.Module | None,
     residual: torch.Tensor | None = None,
     relu: bool = True,
     backend: str = "auto",
     allow_fallback: bool | None = None,
+    pre_bn: nn.Module | None = None,
 ) -> torch.Tensor:
-    """act(bn(conv(x)) + residual) with the modules' own parameters and BN's mode."""
+    """act(bn(conv(pre(x))) + residual) with the modules' own parameters and each BN's mode.
+
+    bn=None means no BN after the conv; pre_bn (with ReLU) is a pre-activation applied to x before the conv,
+    as in pre-activation ResNets. In eval both BNs are folded and the whole call is one fused op.
+    """
     check_activation(x)
     if conv.bias is not None:
         raise ValueError("conv_bn_act expects a conv without bias (BatchNorm's shift replaces it)")
@@ -77,15 +86,26 @@ def conv_bn_act(
     x = x.to(dtype)
     if residual is not None:
         residual = residual.to(dtype)
-    if uses_batch_stats(bn):
-        y = _bn_train(F.conv2d(x, conv.weight.to(dtype), None, config.stride, config.padding, config.dilation, config.groups), bn)
+    if pre_bn is not None and uses_batch_stats(pre_bn):
+        x, pre_bn = bn_act(x, pre_bn, relu=True), None
+    if bn is not None and uses_batch_stats(bn):
+        if pre_bn is not None:
+            x = bn_act(x, pre_bn, relu=True)
+        y = _bn_train(_conv(x, conv, config), bn)
         if residual is not None:
             y = y + residual
         return torch.relu(y) if relu else y
-    weight, bias = folded_conv_bn(conv, bn, dtype)
+    if bn is None:
+        weight = conv.weight.to(dtype).contiguous(memory_format=torch.channels_last)
+        bias = torch.zeros(conv.out_channels, dtype=torch.float32, device=x.device)
+    else:
+        weight, bias = folded_conv_bn(conv, bn, dtype)
+    in_scale = in_shift = None
+    if pre_bn is not None:
+        in_scale, in_shift = bn_scale_shift(pre_bn)
     check_conv_bias_act(x, weight, bias, residual, config)
-    chosen = backends.select(backend, x, weight, residual, config, allow_fallback)
-    return chosen.conv_bias_act(x, weight, bias, residual, config, relu)
+    chosen = backends.select(backend, x, weight, residual, config, pre_bn is not None, allow_fallback)
+    return chosen.conv_bias_act(x, weight, bias, residual, config, relu, in_scale, in_shift)
 
 
 def bn_act(x: torch.Tensor, bn: nn.Module, relu: bool = True) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """Fake (meta) and autograd registrations shared by every backend's conv_bias_act op.
 
-Every backend exposes the same schema under its own namespace:
-    conv_bias_act(Tensor x, Tensor weight, Tensor bias, Tensor? residual,
-                  int[] stride, int[] padding, int[] dilation, int groups, bool relu) -> Tensor
-returning act(conv(x, weight) + bias + residual) in x's dtype, in channels_last memory format.
+Every backend exposes the same schema under its own namespace (see SCHEMA):
+returning act(conv(pre(x), weight) + bias + residual) in x's dtype, channels_last, with
+pre(x) = relu(x·in_scale + in_shift) when in_scale is given (ops/reference.py defines it exactly).
 """
 
 from __future__ import annotations
@@ -14,12 +13,19 @@ import torch
 
 from .conv_config import ConvConfig
 
+SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor? in_scale, Tensor? in_shift, "
+    "int[] stride, int[] padding, int[] dilation, int groups, bool relu) -> Tensor"
+)
+
 
 def fake_conv_bias_act(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     residual: torch.Tensor | None,
+    in_scale: torch.Tensor | None,
+    in_shift: torch.Tensor | None,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
@@ -32,31 +38,48 @@ def fake_conv_bias_act(
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, bias, residual, stride, padding, dilation, groups, relu = inputs
+    x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, groups, relu = inputs
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.relu = relu
     ctx.has_residual = residual is not None
     ctx.bias_dtype = bias.dtype
-    ctx.save_for_backward(x, weight, output if relu else None)
+    ctx.save_for_backward(x, weight, output if relu else None, in_scale, in_shift)
 
 
-# y = act(conv(x, w) + b + r), act = relu or identity:
-#   g' = g · 1[y > 0]    (for relu; torch.relu's own backward uses the same mask on its result)
-#   dL/dr = g',  dL/db = Σ_{n,h,w} g',  (dL/dx, dL/dw) = convolution_backward(g', x, w)
+def _sum_nhw(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(dim=(0, 2, 3), dtype=torch.float32)
+
+
+# y = act(conv(a, w) + b + r), a = pre(x) = relu(x·s + t) or x, act = relu or identity:
+#   g' = g · 1[y > 0]           (relu; torch.relu's own backward masks on its result the same way)
+#   dL/dr = g',  dL/db = Σ_{n,h,w} g',  (dL/da, dL/dw) = convolution_backward(g', a, w)
+#   with a prologue, m = 1[a > 0]: dL/dx = dL/da·m·s,  dL/ds = Σ dL/da·m·x,  dL/dt = Σ dL/da·m
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
-    x, weight, y = ctx.saved_tensors
+    x, weight, y, in_scale, in_shift = ctx.saved_tensors
     if ctx.relu:
         grad = grad * (y > 0).to(grad.dtype)
-    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-    grad_x = grad_w = None
-    if need_x or need_w:
+    need_x, need_w, need_b, need_r, need_s, need_t = ctx.needs_input_grad[:6]
+    prologue = in_scale is not None
+    a = x
+    if prologue:
+        a = torch.relu(x * in_scale.to(x.dtype).view(1, -1, 1, 1) + in_shift.to(x.dtype).view(1, -1, 1, 1))
+    need_a = need_x or (prologue and (need_s or need_t))
+    grad_x = grad_w = grad_s = grad_t = None
+    if need_a or need_w:
         stride, padding, dilation, groups = ctx.conv
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
+        grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, a, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_a, need_w, False]
         )
-    grad_b = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype) if need_b else None
+        if need_a and prologue:
+            grad_a = grad_a * (a > 0).to(grad_a.dtype)
+            grad_x = grad_a * in_scale.to(grad_a.dtype).view(1, -1, 1, 1) if need_x else None
+            grad_s = _sum_nhw(grad_a * x).to(in_scale.dtype) if need_s else None
+            grad_t = _sum_nhw(grad_a).to(in_shift.dtype) if need_t else None
+        elif need_x:
+            grad_x = grad_a
+    grad_b = _sum_nhw(grad).to(ctx.bias_dtype) if need_b else None
     grad_r = grad if (need_r and ctx.has_residual) else None
-    return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None
+    return grad_x, grad_w, grad_b, grad_r, grad_s, grad_t, None, None, None, None, None
 
 
 def register_fake_and_autograd(op: Any) -> None:

@@ -16,8 +16,16 @@ def conv_bias_act(
     residual: torch.Tensor | None,
     config: ConvConfig,
     relu: bool,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """act(conv(x, weight) + bias + residual), computed in the input dtype by stock PyTorch."""
+    """act(conv(pre(x), weight) + bias + residual), computed in the input dtype by stock PyTorch.
+
+    pre(x) = relu(x·in_scale[c] + in_shift[c]) when in_scale is given (a folded pre-activation BN + ReLU),
+    else x. The conv's zero padding is applied after pre(), so padded pixels are exactly 0.
+    """
+    if in_scale is not None:
+        x = bn_act(x, in_scale, in_shift, relu=True)
     y = F.conv2d(x, weight, bias.to(x.dtype), config.stride, config.padding, config.dilation, config.groups)
     if residual is not None:
         y = y + residual
