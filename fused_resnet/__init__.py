@@ -1,6 +1,9 @@
 """fused_resnet: ResNets for PyTorch with conv + BatchNorm + residual + ReLU fused into single kernels."""
 
 from ._version import __version__
+from .fuse import FuseWarning, fuse, set_backend, unfuse
+from .models import *  # noqa: F403  (the builders are re-exported at the top, like torchvision.models)
+from .models import __all__ as _models_all
 from .nn import ConvBNAct
 
-__all__ = ["ConvBNAct", "__version__"]
+__all__ = ["ConvBNAct", "FuseWarning", "__version__", "fuse", "set_backend", "unfuse", *_models_all]

@@ -67,3 +67,7 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[
     if key is not None:
         conv.__dict__[_CACHE_ATTR] = (key, folded)
     return folded
+
+
+def clear_fold_cache(conv: nn.Conv2d) -> None:
+    conv.__dict__.pop(_CACHE_ATTR, None)

@@ -1,0 +1,38 @@
+// Input validation shared by every device's implementation: each entry point calls these first, so a wrong
+// call fails the same way on CPU and CUDA, with a message that names the argument, the value and what works.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace fused_resnet {
+
+// Geometry of one validated conv_bias_act call (input NCHW sizes; output N, Cout, OH, OW).
+struct ConvGeometry {
+  int64_t n, c, h, w;
+  int64_t cout, kh, kw, oh, ow;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
+};
+
+ConvGeometry check_conv_bias_act(
+    const char* op, c10::DeviceType device_type, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bias, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups);
+
+void check_bias_residual_relu(
+    const char* op, c10::DeviceType device_type, const at::Tensor& y, const at::Tensor& bias,
+    const std::optional<at::Tensor>& residual);
+
+// Sizes and strides of a dense channels_last tensor, exactly as torch.empty(..., memory_format=channels_last)
+// makes them (fake tensors carry these strides, so real outputs must too).
+at::Tensor empty_channels_last(c10::IntArrayRef sizes, const at::TensorOptions& options);
+
+// `t` itself when it already has the canonical channels_last strides, else a canonical copy.
+at::Tensor as_canonical_channels_last(const at::Tensor& t);
+
+}  // namespace fused_resnet

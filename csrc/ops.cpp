@@ -1,0 +1,20 @@
+// The extension's op schemas, in one place. Implementations are registered per device:
+// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL CPU) and csrc/cuda/*.cpp (TORCH_LIBRARY_IMPL CUDA).
+//
+// The namespace is the extension's own, so these ops never compete with the Triton backend's for an
+// (op, device) slot. Fake (meta) and autograd implementations are registered from Python by
+// fused_resnet/ops/cpp_backend.py; torch requires each C++-defined op to name the Python module whose
+// torch.library.register_fake call registers its fake, hence the set_python_module lines.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fused_resnet_C, m) {
+  // act(conv(pre(x), weight) + bias + residual) in x's dtype, channels_last; pre(x) = relu(x*in_scale + in_shift)
+  // when in_scale is given (padding stays 0 after pre). Same schema as every backend's conv_bias_act.
+  m.set_python_module("fused_resnet.ops.conv_bias_act_autograd", "imported by fused_resnet.ops.cpp_backend");
+  m.def(
+      "conv_bias_act(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor? in_scale, Tensor? in_shift, "
+      "int[] stride, int[] padding, int[] dilation, int groups, bool relu) -> Tensor");
+  // act(y + bias[c] + residual) in y's dtype, channels_last: the conv epilogue alone.
+  m.set_python_module("fused_resnet.ops.cpp_backend", "");
+  m.def("bias_residual_relu(Tensor y, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+}

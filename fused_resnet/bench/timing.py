@@ -1,0 +1,104 @@
+"""Timing: interleaved repeats of several callables, per-call samples, medians and quantiles.
+
+GPU: each sample is bracketed by CUDA events after a synchronize (so a sample is the device time of `inner`
+back-to-back calls, launch gaps included), optionally after flushing L2 (what triton.testing.do_bench does).
+CPU: perf_counter around `inner` calls. Contenders are interleaved round by round, in a rotating order, so slow
+drifts of the machine (other jobs, clocks) spread over all of them instead of favouring whoever ran first.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call times of one contender in milliseconds."""
+
+    samples_ms: tuple[float, ...]
+
+    def quantile(self, q: float) -> float:
+        """Linear-interpolated quantile (q in [0, 1]) of the samples."""
+        ordered = sorted(self.samples_ms)
+        if len(ordered) == 1:
+            return ordered[0]
+        pos = q * (len(ordered) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples_ms)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def l2_flusher(device: torch.device) -> Callable[[], None] | None:
+    """A callable that evicts the GPU's L2 cache by writing a 256 MB buffer (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    buffer = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+    return buffer.zero_
+
+
+def time_block(fn: Callable[[], object], device: torch.device, inner: int, flush: Callable[[], None] | None) -> float:
+    """Milliseconds per call of `inner` back-to-back calls of fn."""
+    if flush is not None:
+        flush()
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / inner
+
+
+def warm_up(fn: Callable[[], object], device: torch.device, seconds: float, min_calls: int = 2) -> float:
+    """Calls fn for about `seconds` (at least min_calls times) and returns the fastest per-call ms seen."""
+    best = math.inf
+    deadline = time.perf_counter() + seconds
+    calls = 0
+    while calls < min_calls or time.perf_counter() < deadline:
+        best = min(best, time_block(fn, device, 1, None))
+        calls += 1
+    return best
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    device: torch.device,
+    rounds: int,
+    inner: Mapping[str, int] | None = None,
+    flush: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
+    """Times every callable once per round, rotating the order each round; returns per-call Timings."""
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            n = inner.get(name, 1) if inner else 1
+            samples[name].append(time_block(fns[name], device, n, flush))
+    return {name: Timing(tuple(s)) for name, s in samples.items()}
+
+
+def best_ms(fn: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
+    """The fastest of `repeats` timed calls after two warm-up calls (for peak-throughput probes)."""
+    warm_up(fn, device, 0.0)
+    return min(time_block(fn, device, 1, None) for _ in range(repeats))

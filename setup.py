@@ -1,0 +1,113 @@
+"""Builds fused_resnet and its optional C++/CUDA extension fused_resnet._C.
+
+    pip install --no-build-isolation -e .        # against the torch already installed (never reinstalls it)
+
+Environment:
+    FUSED_RESNET_SKIP_EXT=1    build no extension (the package runs without _C, on its Triton/reference backends)
+    FUSED_RESNET_CPU_ONLY=1    build only the CPU part of _C even where nvcc is available
+    TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0a": A100-class and H100; no GPU needed to build)
+    MAX_JOBS                   parallel compile jobs (ninja)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a"
+
+
+def _version() -> str:
+    text = (ROOT / "fused_resnet" / "_version.py").read_text()
+    match = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError("cannot find __version__ in fused_resnet/_version.py")
+    return match.group(1)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def _sources(pattern: str) -> list[str]:
+    # Relative paths: setuptools rejects absolute source paths for in-place (editable) builds.
+    return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
+
+
+def _nvcc(cuda_home: str | None) -> str | None:
+    if cuda_home is None:
+        return None
+    nvcc = Path(cuda_home) / "bin" / "nvcc"
+    return str(nvcc) if nvcc.exists() else None
+
+
+def _extensions() -> tuple[list, dict]:
+    if _flag("FUSED_RESNET_SKIP_EXT"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    # The torch version _C is built against (so that importing it under another torch fails with a clear message),
+    # spelled as character codes: a quoted string does not survive the shell that ninja runs the compiler in.
+    define_macros = [("FUSED_RESNET_TORCH_VERSION_CHARS", ",".join(str(ord(ch)) for ch in torch.__version__))]
+    cxx_flags = ["-O3", "-std=c++20"]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    include_dirs = [str(ROOT / "csrc")]
+
+    with_cuda = torch.version.cuda is not None and not _flag("FUSED_RESNET_CPU_ONLY")
+    if with_cuda and _nvcc(CUDA_HOME) is None:
+        if shutil.which("nvcc") is not None:
+            raise RuntimeError(
+                f"nvcc is on PATH but torch found no CUDA toolkit under CUDA_HOME={CUDA_HOME!r}; set CUDA_HOME to the "
+                "toolkit root (e.g. export CUDA_HOME=/usr/local/cuda-13.0), or FUSED_RESNET_CPU_ONLY=1 for a CPU build"
+            )
+        warnings.warn("no CUDA toolkit (nvcc) found: building fused_resnet._C without its CUDA kernels", stacklevel=1)
+        with_cuda = False
+
+    if not with_cuda:
+        ext = CppExtension(
+            "fused_resnet._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+        return [ext], {"build_ext": BuildExtension}
+
+    # Read by torch's BuildExtension when it composes the -gencode flags; an explicit value is respected.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+    ext = CUDAExtension(
+        "fused_resnet._C",
+        sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
+        include_dirs=include_dirs,
+        define_macros=[*define_macros, ("FUSED_RESNET_WITH_CUDA", "1")],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            # The .cu files are torch-free (raw pointers + csrc/cuda/launch.h), so they compile in seconds.
+            "nvcc": ["-O3", "-std=c++20", "-lineinfo"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="fused_resnet",
+    version=_version(),
+    description="ResNets for PyTorch with conv + BatchNorm + residual + ReLU fused into single kernels",
+    packages=find_packages(include=["fused_resnet", "fused_resnet.*"]),
+    package_data={"fused_resnet.ops": ["*.json"]},
+    python_requires=">=3.11",
+    # Loose on purpose: a CUDA build of torch that is already installed must satisfy it as is.
+    install_requires=["torch>=2.11"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
