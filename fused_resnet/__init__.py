@@ -7,3 +7,7 @@ from .models import __all__ as _models_all
 from .nn import ConvBNAct
 
 __all__ = ["ConvBNAct", "FuseWarning", "__version__", "fuse", "set_backend", "unfuse", *_models_all]
+
+from .backends import load_backends as _load_backends  # noqa: E402
+
+_load_backends()

@@ -60,6 +60,7 @@ class BackendError(RuntimeError):
     """A requested backend cannot run the requested configuration."""
 
 
+@torch.compiler.assume_constant_result
 def requested_backend(backend: str) -> str:
     """Applies the FUSED_RESNET_BACKEND override to `"auto"` and checks the name."""
     if backend == "auto":
@@ -75,20 +76,37 @@ def fallback_allowed(allow_fallback: bool | None) -> bool:
     return os.environ.get("FUSED_RESNET_ALLOW_FALLBACK", "0") not in ("", "0", "false", "False")
 
 
-@functools.cache
-def get_backend(name: str, device_type: str = "cpu") -> Backend:
-    """Imports a backend by name (for "cuda"/"cpu", the extension's entry for that device)."""
+_LOADED: dict[str, Backend | str] = {}
+
+
+def load_backends() -> None:
+    """Imports every backend module once, eagerly: torch.compile must not trace imports."""
+    for name, module_name in _MODULES.items():
+        if name in _LOADED:
+            continue
+        try:
+            _LOADED[name] = importlib.import_module(module_name).backend(name)
+        except ImportError as err:  # an optional dependency (triton, the extension) is missing
+            _LOADED[name] = f"cannot import {module_name}: {err}"
+
+
+def get_backend(name: str) -> Backend:
+    """The Backend entry for `name` (for "cuda"/"cpu", the extension's entry for that device)."""
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(map(repr, BACKEND_NAMES))}")
-    module = importlib.import_module(_MODULES[name])
-    return module.backend(name)
+    load_backends()
+    entry = _LOADED[name]
+    if isinstance(entry, str):
+        raise BackendError(f"backend {name!r} is not available: {entry}")
+    return entry
 
 
+@torch.compiler.assume_constant_result
 def unavailable_reason(name: str) -> str | None:
-    try:
-        return get_backend(name).unavailable()
-    except ImportError as err:  # an optional dependency (triton, the extension) is missing
-        return f"cannot import: {err}"
+    """Why backend `name` cannot run at all in this process (None if it can)."""
+    load_backends()
+    entry = _LOADED[name]
+    return entry if isinstance(entry, str) else entry.unavailable()
 
 
 def available_backends() -> list[str]:

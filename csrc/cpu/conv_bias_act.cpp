@@ -1,0 +1,144 @@
+// fused_resnet_C::conv_bias_act on CPU: act(conv(pre(x), weight) + bias + residual), channels_last.
+//
+// The convolution, bias, residual add and ReLU run as ONE oneDNN primitive (bias + binary-add + eltwise-relu
+// post-ops), reached through torch's registered mkldnn::_convolution_pointwise ops with a weight prepacked
+// into oneDNN's blocked layout (cached, see weight_cache.h): what Inductor emits for a frozen graph, without
+// compiling. Where oneDNN does not take the dtype (float64; float16/bfloat16 on CPUs without the needed ISA)
+// or torch was built without it, at::convolution runs the conv and one vectorized pass adds bias + residual
+// and applies ReLU. The pre-activation prologue is one vectorized pass before the conv.
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/convolution.h>
+#include <c10/core/MemoryFormat.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/epilogue.h"
+#include "cpu/weight_cache.h"
+
+namespace fused_resnet::cpu {
+namespace {
+
+constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
+
+// torch's oneDNN ops, called boxed: their C++ signatures have changed between torch releases, their schemas not.
+//   mkldnn::_convolution_pointwise(X, W, B, padding, stride, dilation, groups, attr, scalars, algorithm)
+//   mkldnn::_convolution_pointwise.binary(X, other, W, B, padding, stride, dilation, groups, binary_attr, alpha,
+//                                         unary_attr, unary_scalars, unary_algorithm)
+//   mkldnn::_reorder_convolution_weight(self, padding, stride, dilation, groups, input_size)
+struct OneDnnOps {
+  c10::OperatorHandle conv;
+  c10::OperatorHandle conv_binary;
+  c10::OperatorHandle reorder;
+  bool bf16;
+  bool fp16;
+};
+
+at::Tensor call_boxed(const c10::OperatorHandle& op, std::vector<c10::IValue> stack) {
+  op.callBoxed(&stack);
+  return std::move(stack.at(0)).toTensor();
+}
+
+bool call_bool(const c10::OperatorHandle& op) {
+  std::vector<c10::IValue> stack;
+  op.callBoxed(&stack);
+  return stack.at(0).toBool();
+}
+
+// The oneDNN ops torch registers, or nullopt where this torch was built without them.
+const std::optional<OneDnnOps>& onednn_ops() {
+  static const std::optional<OneDnnOps> ops = []() -> std::optional<OneDnnOps> {
+    if (!at::hasMKLDNN()) return std::nullopt;
+    auto& dispatcher = c10::Dispatcher::singleton();
+    auto conv = dispatcher.findSchema({"mkldnn::_convolution_pointwise", ""});
+    auto conv_binary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", "binary"});
+    auto reorder = dispatcher.findSchema({"mkldnn::_reorder_convolution_weight", ""});
+    auto bf16 = dispatcher.findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    auto fp16 = dispatcher.findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
+    if (!conv || !conv_binary || !reorder || !bf16 || !fp16) return std::nullopt;
+    return OneDnnOps{*conv, *conv_binary, *reorder, call_bool(*bf16), call_bool(*fp16)};
+  }();
+  return ops;
+}
+
+bool onednn_takes(c10::ScalarType dtype) {
+  const auto& ops = onednn_ops();
+  if (!ops.has_value()) return false;
+  switch (dtype) {
+    case at::kFloat:
+      return true;
+    case at::kBFloat16:
+      return ops->bf16;
+    case at::kHalf:
+      return ops->fp16;
+    default:
+      return false;  // float64: oneDNN has no f64 convolution
+  }
+}
+
+at::Tensor conv_onednn(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_arg,
+                       const at::Tensor& bias, const std::optional<at::Tensor>& residual, const ConvGeometry& g,
+                       bool relu) {
+  const OneDnnOps& ops = *onednn_ops();
+  const std::vector<int64_t> stride{g.stride_h, g.stride_w};
+  const std::vector<int64_t> padding{g.pad_h, g.pad_w};
+  const std::vector<int64_t> dilation{g.dil_h, g.dil_w};
+  const at::Tensor packed =
+      cached_prepacked_weight(weight_arg, input.sizes(), stride, padding, dilation, g.groups, [&] {
+        return call_boxed(ops.reorder, {weight, padding, stride, dilation, g.groups, input.sizes().vec()});
+      });
+  // oneDNN wants the bias in the activation dtype (the reference rounds it the same way).
+  const at::Tensor b = bias.to(input.scalar_type());
+  const c10::List<std::optional<at::Scalar>> no_scalars;
+  const c10::IValue none;
+  if (residual.has_value()) {
+    // dst = relu(conv + bias + residual): binary-add and eltwise-relu post-ops of the one conv primitive.
+    return call_boxed(ops.conv_binary, {input, *residual, packed, b, padding, stride, dilation, g.groups, "add", none,
+                                        relu ? c10::IValue("relu") : none, no_scalars, none});
+  }
+  return call_boxed(ops.conv,
+                    {input, packed, b, padding, stride, dilation, g.groups, relu ? "relu" : "none", no_scalars, none});
+}
+
+at::Tensor conv_generic(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                        const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu) {
+  at::Tensor y = at::convolution(input, weight, std::nullopt, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w},
+                                 {g.dil_h, g.dil_w}, /*transposed=*/false, {0, 0}, g.groups)
+                     .contiguous(kChannelsLast);
+  bias_residual_relu_into(y, bias, residual, relu, y);
+  return y;
+}
+
+at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                             const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& in_scale,
+                             const std::optional<at::Tensor>& in_shift, c10::IntArrayRef stride,
+                             c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, bool relu) {
+  const ConvGeometry g = check_conv_bias_act("conv_bias_act", c10::DeviceType::CPU, x, weight, bias, residual,
+                                             in_scale, in_shift, stride, padding, dilation, groups);
+  if (g.n == 0 || g.oh * g.ow == 0) {
+    return empty_channels_last({g.n, g.cout, g.oh, g.ow}, x.options());
+  }
+  at::Tensor input = x.contiguous(kChannelsLast);
+  if (in_scale.has_value()) {
+    at::Tensor pre = empty_channels_last(input.sizes(), input.options());
+    scale_shift_relu_into(input, *in_scale, *in_shift, pre);
+    input = pre;
+  }
+  const at::Tensor w = weight.contiguous(kChannelsLast);
+  std::optional<at::Tensor> r;
+  if (residual.has_value()) r = residual->contiguous(kChannelsLast);
+
+  const at::Tensor y = onednn_takes(x.scalar_type()) ? conv_onednn(input, w, weight, bias, r, g, relu)
+                                                     : conv_generic(input, w, bias, r, g, relu);
+  return as_canonical_channels_last(y.contiguous(kChannelsLast));
+}
+
+}  // namespace
+}  // namespace fused_resnet::cpu
+
+TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
+  m.impl("conv_bias_act", &fused_resnet::cpu::conv_bias_act_cpu);
+}

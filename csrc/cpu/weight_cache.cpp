@@ -1,0 +1,116 @@
+#include "cpu/weight_cache.h"
+
+#include <c10/core/StorageImpl.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <vector>
+
+namespace fused_resnet::cpu {
+namespace {
+
+// ResNet-152 has 155 convs; keep one model's worth at two input shapes.
+constexpr size_t kMaxEntries = 512;
+
+struct Entry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data;
+  int64_t version;
+  c10::ScalarType dtype;
+  std::vector<int64_t> key;  // storage offset, sizes, strides, input sizes, stride, padding, dilation, groups
+  at::Tensor packed;
+
+  bool alive() const { return !storage.expired(); }
+};
+
+struct Cache {
+  std::mutex mutex;
+  std::list<Entry> entries;  // most recently used first
+};
+
+Cache& cache() {
+  static Cache* instance = new Cache();  // never destroyed: tensors must not be freed after torch unloads
+  return *instance;
+}
+
+bool cache_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("FUSED_RESNET_CPU_WEIGHT_CACHE");
+    return value == nullptr || !(std::strcmp(value, "0") == 0 || std::strcmp(value, "false") == 0);
+  }();
+  return enabled;
+}
+
+std::vector<int64_t> make_key(const at::Tensor& weight, c10::IntArrayRef input_sizes, c10::IntArrayRef stride,
+                              c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  std::vector<int64_t> key;
+  key.push_back(weight.storage_offset());
+  for (auto list : {weight.sizes(), weight.strides(), input_sizes, stride, padding, dilation}) {
+    key.push_back(static_cast<int64_t>(list.size()));
+    key.insert(key.end(), list.begin(), list.end());
+  }
+  key.push_back(groups);
+  return key;
+}
+
+}  // namespace
+
+at::Tensor cached_prepacked_weight(const at::Tensor& weight, c10::IntArrayRef input_sizes, c10::IntArrayRef stride,
+                                   c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                                   const std::function<at::Tensor()>& pack) {
+  // Inference tensors have no version counter, so a change to them could not be seen: never cache them.
+  if (!cache_enabled() || weight.is_inference() || weight.requires_grad() || !weight.has_storage()) {
+    return pack();
+  }
+  const c10::StorageImpl* storage = weight.storage().unsafeGetStorageImpl();
+  const void* data = weight.storage().data();
+  const int64_t version = static_cast<int64_t>(weight._version());
+  std::vector<int64_t> key = make_key(weight, input_sizes, stride, padding, dilation, groups);
+
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  for (auto it = c.entries.begin(); it != c.entries.end();) {
+    if (!it->alive()) {  // the weight was freed: drop its packed copy
+      it = c.entries.erase(it);
+      continue;
+    }
+    // While the weak reference lives, no other storage can have this StorageImpl's address.
+    if (it->storage._unsafe_get_target() == storage && it->data == data && it->dtype == weight.scalar_type() &&
+        it->key == key) {
+      if (it->version == version) {
+        c.entries.splice(c.entries.begin(), c.entries, it);
+        return it->packed;
+      }
+      it = c.entries.erase(it);  // modified in place since it was packed
+      continue;
+    }
+    ++it;
+  }
+  at::Tensor packed = pack();
+  c.entries.push_front(Entry{weight.storage().getWeakStorageImpl(), data, version, weight.scalar_type(),
+                             std::move(key), packed});
+  while (c.entries.size() > kMaxEntries) {
+    c.entries.pop_back();
+  }
+  return packed;
+}
+
+void clear_weight_cache() {
+  Cache& c = cache();
+  std::list<Entry> dropped;
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    dropped.swap(c.entries);
+  }
+}
+
+int64_t weight_cache_size() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  return static_cast<int64_t>(c.entries.size());
+}
+
+}  // namespace fused_resnet::cpu

@@ -1,0 +1,32 @@
+// Conv weights prepacked into oneDNN's blocked layout, cached across calls.
+//
+// oneDNN convolves channels_last activations with weights in a blocked layout; given a plain weight it
+// reorders it on every call, which costs up to ~1.8x at small spatial sizes (batch 1, 7x7). Inference
+// reuses the same (BN-folded) weight call after call, so the reordered copy is kept here.
+//
+// A cached copy is valid while its source weight is unchanged. An entry is keyed on the weight's storage
+// (held weakly, so a freed weight's address is never mistaken for a new one), data pointer, offset, sizes,
+// strides, dtype, version counter, the conv geometry and the input shape (oneDNN's chosen layout depends on
+// it). Every in-place op bumps the version counter; writes that bypass it (through `tensor.data`) are not
+// seen, as for autograd's own saved-tensor checks. Tensors without a version counter (made inside
+// torch.inference_mode()) and weights that require grad are never cached. FUSED_RESNET_CPU_WEIGHT_CACHE=0
+// turns the cache off.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+#include <functional>
+
+namespace fused_resnet::cpu {
+
+// The prepacked weight for this call: from the cache, or made by `pack` (and cached when that is safe).
+at::Tensor cached_prepacked_weight(const at::Tensor& weight, c10::IntArrayRef input_sizes, c10::IntArrayRef stride,
+                                   c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                                   const std::function<at::Tensor()>& pack);
+
+void clear_weight_cache();
+int64_t weight_cache_size();
+
+}  // namespace fused_resnet::cpu

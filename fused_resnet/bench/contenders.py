@@ -1,0 +1,164 @@
+"""The contenders of a model-level group (anchors.md, "Baselines every benchmark run measures beside us") and how
+each one is built into a zero-argument step: one forward (inference) or one training step (forward + backward +
+SGD step), returning the logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import backends
+from .env_info import cpu_has_native_bf16
+from .profiles import Group, Profile
+
+Step = Callable[[], torch.Tensor]
+
+# Which fused backends run tensors of each device type; "triton" on a CPU would only be the interpreter.
+DEVICE_BACKENDS = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    kind: str  # "eager", "folded", "compile", "fused"
+    memory_format: torch.memory_format
+    dtype: torch.dtype  # the parameters' dtype
+    autocast: torch.dtype | None = None
+    compile_mode: str | None = None  # "default", "freezing", "max-autotune", "reduce-overhead"
+    backend: str | None = None
+    skip: str | None = None  # why it does not run here (reported as a skipped row)
+    note: str = ""
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.autocast or self.dtype
+
+
+def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender]:
+    """The contenders of one group, baselines first, torch.compile ones last (they cost the most to build)."""
+    cl, nchw = torch.channels_last, torch.contiguous_format
+    half = group.dtype in (torch.bfloat16, torch.float16)
+    train = group.mode == "train"
+    # Training in bf16/fp16 means fp32 master weights under autocast (the AMP recipe) for every contender.
+    weights, amp = (torch.float32, group.dtype) if (train and half) else (group.dtype, None)
+    suffix = "+autocast" if amp else ""
+    autocast_dtype = group.dtype if half else torch.bfloat16
+    autocast_skip = None
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        autocast_skip = "this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast would be emulated"
+
+    out = [
+        Contender("eager" + suffix, "eager", nchw, weights, amp),
+        Contender("eager_cl" + suffix, "eager", cl, weights, amp),
+    ]
+    if not amp:
+        out.append(Contender("eager_cl+autocast", "eager", cl, torch.float32, autocast_dtype, skip=autocast_skip))
+    if not train:
+        out.append(Contender("bn_folded_cl", "folded", cl, weights))
+    for name in DEVICE_BACKENDS[device.type]:
+        reason = backends.unavailable_reason(name)
+        note = "train: BN batch statistics on the reference path" if train else ""
+        out.append(Contender(f"fused:{name}{suffix}", "fused", cl, weights, amp, backend=name, skip=reason, note=note))
+    small = device.type == "cuda" and group.batch <= profile.small_batch
+    if small and not train:
+        for name in DEVICE_BACKENDS[device.type]:
+            if backends.unavailable_reason(name) is None and name != "reference":
+                out.append(Contender(f"fused:{name}+cudagraphs", "fused", cl, weights, compile_mode="reduce-overhead",
+                                     backend=name))
+    if profile.compiles(group):
+        out.append(Contender("compile" + suffix, "compile", cl, weights, amp, compile_mode="default"))
+        if not train:
+            out.append(Contender("compile_freezing", "compile", cl, weights, compile_mode="freezing"))
+            if device.type == "cuda" and profile.max_autotune:
+                out.append(Contender("compile_max_autotune", "compile", cl, weights, compile_mode="max-autotune"))
+    if small and not train:
+        out.append(Contender("compile_reduce_overhead", "compile", cl, weights, compile_mode="reduce-overhead"))
+    return out
+
+
+def fused_model(model: nn.Module, model_name: str, backend: str) -> nn.Module:
+    """The fused copy of a torchvision ResNet (same weights and buffers), every fused module on `backend`."""
+    import fused_resnet
+
+    fuse = getattr(fused_resnet, "fuse", None)
+    if fuse is not None:
+        return fuse(model, backend=backend, inplace=False)
+    # Until fused_resnet.fuse exists: the builder of the same name (same state_dict keys) + the model's state.
+    from fused_resnet import models
+
+    net = getattr(models, model_name)(backend=backend)
+    net.load_state_dict(model.state_dict())
+    return net.to(next(model.parameters()).device)
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """A copy with every conv → BN pair folded by torch.nn.utils.fusion.fuse_conv_bn_eval (eval only)."""
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(copy.deepcopy(model).eval(), inplace=True)
+
+
+_COMPILE_KWARGS: dict[str, dict] = {
+    "default": {},
+    # The same as torch._inductor.config.freezing = True, scoped to this compile.
+    "freezing": {"options": {"freezing": True}},
+    "max-autotune": {"mode": "max-autotune"},
+    "reduce-overhead": {"mode": "reduce-overhead"},
+}
+
+
+def _network(c: Contender, model: nn.Module, model_name: str, train: bool) -> nn.Module:
+    if c.kind == "fused":
+        net = fused_model(model, model_name, c.backend or "auto")
+    elif c.kind == "folded":
+        net = fold_bn(model)
+    else:
+        net = copy.deepcopy(model)
+    net = net.to(dtype=c.dtype, memory_format=c.memory_format).train(train)
+    if c.compile_mode is not None:
+        net = torch.compile(net, dynamic=False, **_COMPILE_KWARGS[c.compile_mode])
+    return net
+
+
+def build(
+    c: Contender, model: nn.Module, model_name: str, x: torch.Tensor, target: torch.Tensor, mode: str
+) -> Step:
+    """The step of contender c on a private copy of the fp32 model; x is the fp32 input, target the labels."""
+    train = mode == "train"
+    net = _network(c, model, model_name, train)
+    xin = x.to(c.dtype).contiguous(memory_format=c.memory_format)
+    device_type = x.device.type
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if c.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=c.autocast)
+
+    if not train:
+
+        def infer() -> torch.Tensor:
+            with torch.no_grad(), autocast():
+                return net(xin)
+
+        return infer
+
+    # A small learning rate: the timed steps must not diverge on random labels.
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+
+    def train_step() -> torch.Tensor:
+        with autocast():
+            logits = net(xin)
+            loss = F.cross_entropy(logits.float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return logits.detach()
+
+    return train_step

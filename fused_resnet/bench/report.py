@@ -1,0 +1,206 @@
+"""Result files: rows appended to results.csv and results.json, and the markdown report built from the JSON.
+
+Every row carries the conditions it was measured under (device, driver, versions, dtype, batch, memory format,
+mode, date). Numbers are only ever copied from measurements; a contender that failed or was skipped has an
+empty measurement and its reason in `error`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+REPORT_MD = "report.md"
+
+ENV_FIELDS = ["date", "device", "driver", "torch", "torchvision", "triton", "cuda", "cudnn", "python", "git_commit"]
+ROW_FIELDS = [
+    *ENV_FIELDS,
+    "profile",
+    "model",
+    "mode",  # inference | train | layer | max-batch
+    "layer",
+    "layer_type",
+    "contender",
+    "backend",
+    "dtype",
+    "autocast",
+    "memory_format",
+    "batch",
+    "image_size",
+    "status",  # ok | failed | skipped
+    "error",
+    "images_per_s",
+    "ms_p50",
+    "ms_p20",
+    "ms_p80",
+    "ms_p90",
+    "samples",
+    "first_call_s",
+    "peak_mem_mb",
+    "gflop_per_call",
+    "tflops",
+    "ceiling_ms",
+    "pct_ceiling",
+    "speedup_vs_eager",
+    "rel_err",
+    "max_abs_err",
+    "notes",
+]
+
+
+def load(out_dir: Path) -> dict[str, Any]:
+    path = Path(out_dir) / RESULTS_JSON
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"runs": [], "rows": [], "roofline": []}
+
+
+def append(out_dir: Path, rows: list[dict[str, Any]], roofline: list[dict[str, Any]] = (), run: dict | None = None) -> None:
+    """Appends rows to results.csv and results.json (and a run record / roofline entries to the JSON)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unknown = {key for row in rows for key in row} - set(ROW_FIELDS)
+    if unknown:
+        raise ValueError(f"rows carry fields not in ROW_FIELDS: {sorted(unknown)}")
+    csv_path = out_dir / RESULTS_CSV
+    new_file = not csv_path.exists()
+    with csv_path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        if new_file:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in ROW_FIELDS})
+    data = load(out_dir)
+    if run is not None:
+        data["runs"].append(run)
+    data["rows"].extend(rows)
+    data["roofline"].extend(roofline)
+    (out_dir / RESULTS_JSON).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number with `digits` significant digits (integers above that stay whole), or '' for None/NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 10 ** (digits - 1):
+            return f"{value:,.0f}"
+        if abs(value) < 1e-3:
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pct(value: Any) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def _model_table(rows: list[dict[str, Any]]) -> str:
+    header = ["contender", "dtype", "fmt", "batch", "img/s", "ms p50 [p20-p80]", "ms p90", "× eager", "peak MB",
+              "TFLOP/s", "% ceiling", "rel err", "max abs", "1st call s", "status / note"]
+    body = []
+    for r in rows:
+        ms = f"{fmt(r.get('ms_p50'))} [{fmt(r.get('ms_p20'))}-{fmt(r.get('ms_p80'))}]" if r.get("ms_p50") else ""
+        status = r["status"] if r["status"] != "ok" else ""
+        note = "; ".join(x for x in (status, r.get("error") or "", r.get("notes") or "") if x)
+        body.append([
+            r["contender"], r["dtype"], r["memory_format"], str(r["batch"]), fmt(r.get("images_per_s")), ms,
+            fmt(r.get("ms_p90")), fmt(r.get("speedup_vs_eager")), fmt(r.get("peak_mem_mb")), fmt(r.get("tflops")),
+            _pct(r.get("pct_ceiling")), fmt(r.get("rel_err"), 2), fmt(r.get("max_abs_err"), 2),
+            fmt(r.get("first_call_s")), note,
+        ])
+    return _table(header, body)
+
+
+def _layer_table(rows: list[dict[str, Any]]) -> str:
+    contenders = list(dict.fromkeys(r["contender"] for r in rows))
+    by_layer: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        by_layer[r["layer"]][r["contender"]] = r
+    header = ["layer (first of its shape)", "type", *[f"{c} µs (× stock)" for c in contenders], "best % ceiling"]
+    body = []
+    for layer, cells in by_layer.items():
+        first = next(iter(cells.values()))
+        line = [layer, first.get("layer_type") or ""]
+        for c in contenders:
+            r = cells.get(c)
+            if r is None or r["status"] != "ok":
+                line.append(r["status"] if r else "")
+            else:
+                line.append(f"{fmt(r['ms_p50'] * 1e3)} ({fmt(r.get('speedup_vs_eager'))})")
+        pcts = [r["pct_ceiling"] for r in cells.values() if r.get("pct_ceiling") is not None]
+        line.append(_pct(max(pcts)) if pcts else "")
+        body.append(line)
+    return _table(header, body)
+
+
+def _roofline_table(entries: list[dict[str, Any]]) -> str:
+    header = ["model", "batch", "dtype", "peaks", "compute only", "fused", "compile-like", "eager-like", "train (fused)"]
+    body = [
+        [e["model"], str(e["batch"]), e["dtype"], e["peaks"], *[fmt(e[k]) for k in
+                                                                ("compute", "fused", "compile", "eager", "train")]]
+        for e in entries
+    ]
+    return _table(header, body)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The report: runs, then one table per (device, model, mode), per-layer tables, roofline ceilings."""
+    parts = ["# fused_resnet benchmark", ""]
+    for run in data["runs"]:
+        env = run["env"]
+        parts.append(
+            f"- {env['date']} **{env['device']}**, driver {env['driver']}, torch {env['torch']}, triton "
+            f"{env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, commit {env['git_commit']}; profile "
+            f"`{run['profile']}`; {run.get('wall_s', '?')} s. {run.get('note', '')}"
+        )
+    parts += [
+        "",
+        "img/s = batch / median step time; latency = per-call ms (p50 [p20-p80], p90); × eager = throughput over "
+        "the `eager` row of the same table and batch; % ceiling = achieved / per-layer roofline ceiling (fused "
+        "structure for inference, fused training for train; see roofline below); rel err = ‖y − y_ref‖/‖y_ref‖ of "
+        "the logits against fp32 eager NCHW (TF32 off) on the same input. Timings compare only within one run.",
+    ]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in data["rows"]:
+        groups[(r["device"], r["model"], r["mode"], r.get("batch") if r["mode"] == "layer" else None,
+                r["dtype"] if r["mode"] == "layer" else None)].append(r)
+    for (device, model, mode, batch, dtype), rows in groups.items():
+        if mode == "layer":
+            parts += ["", f"## {model} per layer, batch {batch}, {dtype} ({device})", "", _layer_table(rows)]
+        else:
+            parts += ["", f"## {model} {mode} ({device})", "", _model_table(rows)]
+    if data["roofline"]:
+        parts += ["", "## Roofline ceilings, images/s (estimates from per-layer FLOPs and bytes, not measurements)",
+                  "", _roofline_table(data["roofline"])]
+    return "\n".join(parts) + "\n"
+
+
+def write_markdown(out_dir: Path) -> str:
+    text = markdown(load(out_dir))
+    (Path(out_dir) / REPORT_MD).write_text(text)
+    return text
