@@ -1,0 +1,181 @@
+"""ConvBNAct / conv_bn_act against plain nn.Conv2d → nn.BatchNorm2d → (+ residual) → ReLU."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fused_resnet import ConvBNAct
+from fused_resnet.nn import bn_act, conv_bn_act
+from fused_resnet.tolerances import relative_error
+
+
+def _randomize(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    with torch.no_grad():
+        if bn.running_mean is not None:
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        if bn.affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    return bn
+
+
+def _module(cin=8, cout=16, k=3, **kw) -> ConvBNAct:
+    m = ConvBNAct(cin, cout, k, padding=k // 2, **kw).double()
+    _randomize(m.bn)
+    return m
+
+
+def _plain(m: ConvBNAct, x, residual=None):
+    y = m.bn(m.conv(x))
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if m.relu else y
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_matches_plain_modules(relu, with_residual, training):
+    fused = _module(relu=relu).train(training)
+    plain = copy.deepcopy(fused)
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 16, 9, 7, dtype=torch.float64, requires_grad=True) if with_residual else None
+    got, want = fused(x, r), _plain(plain, x, r)
+    assert relative_error(got, want) < 1e-12
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, [x, fused.conv.weight, fused.bn.weight, fused.bn.bias], g)
+    want_grads = torch.autograd.grad(want, [x, plain.conv.weight, plain.bn.weight, plain.bn.bias], g)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert relative_error(a, b) < 1e-10
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(fused.bn, name), getattr(plain.bn, name), rtol=1e-12, atol=0), name
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+def test_running_stats_follow_batchnorm_over_steps(momentum):
+    fused = _module(momentum=momentum).train()
+    plain = copy.deepcopy(fused)
+    for _ in range(3):
+        x = torch.randn(3, 8, 5, 5, dtype=torch.float64)
+        fused(x)
+        _plain(plain, x)
+    assert int(fused.bn.num_batches_tracked) == 3
+    assert torch.allclose(fused.bn.running_mean, plain.bn.running_mean, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(fused.bn.running_var, plain.bn.running_var, rtol=1e-12, atol=1e-15)
+
+
+def test_affine_false_and_no_running_stats():
+    for kwargs in ({"affine": False}, {"track_running_stats": False}):
+        conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).double()
+        bn = _randomize(nn.BatchNorm2d(6, **kwargs).double())
+        x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+        for training in (True, False):
+            bn.train(training)
+            plain_bn = copy.deepcopy(bn)
+            got = conv_bn_act(x, conv, bn)
+            want = torch.relu(plain_bn(conv(x)))
+            assert relative_error(got, want) < 1e-12, (kwargs, training)
+
+
+def test_eval_fold_is_cached_and_invalidated():
+    m = _module().eval()
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y0 = m(x)
+        key = m.conv.__dict__["_fused_resnet_fold_cache"][0]
+        assert torch.equal(m(x), y0)
+        assert m.conv.__dict__["_fused_resnet_fold_cache"][0] == key  # reused
+        # load_state_dict changes the values in place (bumps version counters): the fold must follow.
+        other = _module().eval()
+        m.load_state_dict(other.state_dict())
+        assert relative_error(m(x), _plain(other, x)) < 1e-12
+        # An optimizer-style in-place update.
+        m.bn.weight.mul_(2)
+        assert relative_error(m(x), _plain(m, x)) < 1e-12
+        # .to() moves/retypes the tensors.
+        m.float()
+        assert relative_error(m(x.float()), _plain(m, x.float())) < 1e-6
+        m.double()
+    # A mode switch: train uses batch statistics, eval again the (now updated) running ones.
+    m.train()
+    m(x)
+    m.eval()
+    with torch.no_grad():
+        assert relative_error(m(x), _plain(m, x)) < 1e-12
+
+
+def test_inference_mode_works_and_does_not_poison_the_cache():
+    m = _module().eval()
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    with torch.inference_mode():
+        y = m(x)
+    assert relative_error(y, _plain(m, x)) < 1e-12
+    # A fold cached inside inference_mode must not leak into autograd outside it.
+    xg = x.clone().requires_grad_(True)
+    m.requires_grad_(False)
+    m(xg).sum().backward()
+    assert xg.grad is not None
+    # A module created inside inference_mode has no version counters: it is never cached, still correct.
+    with torch.inference_mode():
+        n = _module().eval()
+        assert relative_error(n(x), _plain(n, x)) < 1e-12
+        assert relative_error(n(x), _plain(n, x)) < 1e-12
+
+
+def test_frozen_bn_fine_tuning_gradients_reach_conv_and_bn():
+    fused = _module().eval()
+    plain = copy.deepcopy(fused)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    got, want = fused(x), _plain(plain, x)
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, [x, fused.conv.weight, fused.bn.weight, fused.bn.bias], g)
+    want_grads = torch.autograd.grad(want, [x, plain.conv.weight, plain.bn.weight, plain.bn.bias], g)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert relative_error(a, b) < 1e-10
+
+
+def test_pre_bn_prologue_and_no_bn():
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False).double()
+    pre, post = _randomize(nn.BatchNorm2d(8).double()), _randomize(nn.BatchNorm2d(16).double())
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    r = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    for training in (False, True):
+        pre.train(training)
+        post.train(training)
+        a, b = copy.deepcopy(pre), copy.deepcopy(post)
+        got = conv_bn_act(x, conv, post, r, relu=True, pre_bn=pre)
+        want = torch.relu(b(conv(torch.relu(a(x)))) + r)
+        assert relative_error(got, want) < 1e-12
+        got = conv_bn_act(x, conv, None, r, relu=False, pre_bn=pre)
+        assert relative_error(got, conv(torch.relu(pre(x))) + r) < 1e-12
+    pre.eval()
+    assert relative_error(bn_act(x, pre), torch.relu(pre(x))) < 1e-12
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    m = ConvBNAct(8, 16, 3, padding=1).eval()
+    _randomize(m.bn)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        want = torch.relu(F.batch_norm(m.conv(x), m.bn.running_mean, m.bn.running_var, m.bn.weight, m.bn.bias))
+    assert y.dtype == torch.bfloat16
+    assert relative_error(y.float(), want.float()) < 2e-2
+
+
+def test_errors_name_the_problem():
+    m = _module()
+    with pytest.raises(TypeError, match="does not match"):
+        m(torch.randn(1, 8, 4, 4))  # float32 input, float64 parameters
+    with pytest.raises(ValueError, match="8 channels"):
+        m(torch.randn(1, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="residual must have the output shape"):
+        m.eval()(torch.randn(1, 8, 4, 4, dtype=torch.float64), torch.randn(1, 16, 1, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="without bias"):
+        conv_bn_act(torch.randn(1, 2, 3, 3), nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match="too small"):
+        m.eval()(torch.randn(1, 8, 0, 4, dtype=torch.float64))

@@ -1,0 +1,110 @@
+"""fuse()/unfuse(): conversion of torchvision models, round trips, and what is left alone."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fused_resnet
+from fused_resnet import FuseWarning, fuse, set_backend, unfuse
+from fused_resnet.check import randomize_bn_
+from fused_resnet.models import resnet as fused_models
+from fused_resnet.tolerances import relative_error
+
+
+def _x(n=2, h=64, w=64):
+    return torch.randn(n, 3, h, w, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_fuse_keeps_outputs_and_state_dict(name):
+    reference = randomize_bn_(getattr(torchvision.models, name)()).double().eval()
+    fused = fuse(reference)
+    assert type(fused) is fused_models.ResNet and type(reference) is torchvision.models.ResNet  # a copy
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    x = _x()
+    with torch.no_grad():
+        assert relative_error(fused(x), reference(x)) <= 1e-12
+
+
+def test_fuse_keeps_mode_device_dtype_and_trained_state():
+    reference = randomize_bn_(torchvision.models.resnet18()).double().train()
+    reference(_x())  # a train step changes running stats and num_batches_tracked
+    fused = fuse(reference)
+    assert fused.training and fused.conv1.weight.dtype == torch.float64
+    for (k, a), b in zip(fused.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_fuse_inplace_and_round_trip():
+    reference = randomize_bn_(torchvision.models.resnet18()).double().eval()
+    original = copy.deepcopy(reference)
+    fused = fuse(reference, inplace=True)
+    assert fused is reference and type(fused) is fused_models.ResNet
+    back = unfuse(fused)
+    assert type(back) is torchvision.models.ResNet and type(back.layer1[0]) is torchvision.models.resnet.BasicBlock
+    assert not hasattr(back, "backend") and not hasattr(back.layer1[0], "backend")
+    with torch.no_grad():
+        x = _x()
+        assert torch.equal(back(x), original(x))
+
+
+def test_unfuse_of_a_built_model_gives_torchvision():
+    model = fused_resnet.resnet50().eval()
+    stock = unfuse(model)
+    assert type(stock) is torchvision.models.ResNet
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 64)
+        assert relative_error(stock(x), model(x)) <= 1e-5
+
+
+def test_nested_resnet_is_found():
+    wrapper = nn.Sequential(nn.Identity(), torchvision.models.resnet18(num_classes=4), nn.Softmax(dim=1))
+    fused = fuse(wrapper)
+    assert type(fused[1]) is fused_models.ResNet and type(fused[2]) is nn.Softmax
+
+
+def test_unrecognised_structures_are_left_untouched_and_reported():
+    class MyBlock(torchvision.models.resnet.BasicBlock):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    model = torchvision.models.resnet18()
+    model.layer1[0] = MyBlock(64, 64)
+    model.layer2[1].bn1 = nn.GroupNorm(4, 128)
+    with pytest.warns(FuseWarning) as record:
+        fused = fuse(model)
+    message = str(record[0].message)
+    assert "layer1.0 (MyBlock)" in message and "layer2.1 (BasicBlock): bn1 is GroupNorm" in message
+    assert type(fused.layer1[0]) is MyBlock
+    assert type(fused.layer2[1]) is torchvision.models.resnet.BasicBlock
+    assert type(fused.layer2[0]) is fused_models.BasicBlock
+    with torch.no_grad():
+        model.eval(), fused.eval()
+        x = torch.randn(1, 3, 64, 64)
+        assert relative_error(fused(x), model(x)) <= 1e-5
+    with pytest.raises(ValueError, match="unconverted"):
+        fuse(model, strict=True)
+
+
+def test_fuse_rejects_models_without_a_resnet_and_bad_backends():
+    with pytest.raises(ValueError, match="no torchvision ResNet"):
+        fuse(nn.Sequential(nn.Conv2d(3, 3, 1)))
+    with pytest.raises(ValueError, match="unknown backend"):
+        fuse(torchvision.models.resnet18(), backend="tpu")
+
+
+def test_set_backend_reaches_every_fused_module():
+    model = fuse(torchvision.models.resnet18(), backend="reference")
+    assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"reference"}
+    set_backend(model, "auto")
+    assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"auto"}
+
+
+def test_no_warning_for_clean_models():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fuse(torchvision.models.resnet50())
