@@ -17,7 +17,11 @@ from .models import resnet as fused
 from .nn.conv_bn_act import ConvBNAct
 from .nn.folding import clear_fold_cache
 
-_TO_FUSED: dict[type, type] = {tv.BasicBlock: fused.BasicBlock, tv.Bottleneck: fused.Bottleneck, tv.ResNet: fused.ResNet}
+_TO_FUSED: dict[type, type] = {
+    tv.BasicBlock: fused.BasicBlock,
+    tv.Bottleneck: fused.Bottleneck,
+    tv.ResNet: fused.ResNet,
+}
 _TO_TORCHVISION: dict[type, type] = {v: k for k, v in _TO_FUSED.items()}
 _CONV_BN_PAIRS = {
     "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),

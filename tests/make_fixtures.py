@@ -23,7 +23,7 @@ def main() -> None:
     golden["_torchvision_version"] = torchvision.__version__
     text = json.dumps(golden, indent=1)
     # One line per key: collapse the shape lists.
-    text = re.sub(r"\[\s*([\d,\s]*?)\s*\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)
+    text = re.sub(r"\[([\d,\s]*)\]", lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]", text)
     FIXTURE.write_text(text + "\n")
 
 

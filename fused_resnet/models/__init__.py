@@ -29,4 +29,19 @@ TORCHVISION_BUILDERS = (
     "wide_resnet101_2",
 )
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "TORCHVISION_BUILDERS", *TORCHVISION_BUILDERS]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "TORCHVISION_BUILDERS",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+]

@@ -38,7 +38,8 @@ def fold_conv_bn(conv_weight: torch.Tensor, bn: nn.Module, dtype: torch.dtype) -
 
 
 def _tensors(conv: nn.Conv2d, bn: nn.Module) -> list[torch.Tensor]:
-    return [t for t in (conv.weight, getattr(bn, "weight", None), getattr(bn, "bias", None), bn.running_mean, bn.running_var) if t is not None]
+    candidates = (conv.weight, getattr(bn, "weight", None), getattr(bn, "bias", None), bn.running_mean, bn.running_var)
+    return [t for t in candidates if t is not None]
 
 
 def _cache_key(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple | None:

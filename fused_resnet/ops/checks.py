@@ -46,8 +46,7 @@ def check_conv_bias_act(
     out_shape = config.output_shape(x, weight)
     if min(out_shape[2:]) <= 0:
         raise ValueError(
-            f"input spatial size {tuple(x.shape[2:])} is too small for a {tuple(weight.shape[2:])} kernel "
-            f"with {config}"
+            f"input spatial size {tuple(x.shape[2:])} is too small for a {tuple(weight.shape[2:])} kernel with {config}"
         )
     if residual is not None:
         tensors["residual"] = residual
