@@ -1,5 +1,7 @@
 """Model builders: torchvision's ResNet family (fused), CIFAR ResNets and pre-activation ResNets."""
 
+from .cifar import CifarBasicBlock, CifarResNet, resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202
+from .preact import PreActBottleneck, PreActResNet, preact_resnet164, preact_resnet1001
 from .resnet import (
     BasicBlock,
     Bottleneck,
@@ -44,4 +46,16 @@ __all__ = [
     "resnext101_64x4d",
     "wide_resnet50_2",
     "wide_resnet101_2",
+    "CifarBasicBlock",
+    "CifarResNet",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet1202",
+    "PreActBottleneck",
+    "PreActResNet",
+    "preact_resnet164",
+    "preact_resnet1001",
 ]

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends import BACKEND_NAMES
+from ..backends import requested_backend
 from ..nn.functional import conv_bn_act
 from ..ops.checks import check_activation
 from ._weights import Weights, load_weights
+from .resnet import conv1x1, conv3x3
 
 __all__ = [
     "CifarBasicBlock",
@@ -39,26 +40,11 @@ __all__ = [
 ShortcutOption = Literal["A", "B"]
 
 
-def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
-
-
-def _check_backend(backend: str) -> None:
-    if backend != "auto" and backend not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}")
-
-
 def _prepare_input(x: torch.Tensor, in_channels: int) -> torch.Tensor:
     """Checks a model's input and converts it to channels_last, once for the whole network."""
     check_activation(x)
     if x.shape[1] != in_channels:
-        raise ValueError(
-            f"input must have {in_channels} channels (N, {in_channels}, H, W), got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"input must have {in_channels} channels (N, {in_channels}, H, W), got shape {tuple(x.shape)}")
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -95,13 +81,13 @@ class CifarBasicBlock(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes)
+        self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample: nn.Sequential | None = None
         if option == "B" and (stride != 1 or inplanes != planes):
-            self.downsample = nn.Sequential(_conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes))
+            self.downsample = nn.Sequential(conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes))
         self.stride = stride
         self.planes = planes
         self.backend = backend
@@ -135,12 +121,12 @@ class CifarResNet(nn.Module):
             raise ValueError(f"option must be 'A' (zero-padding shortcut) or 'B' (projection), got {option!r}")
         if blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be at least 1, got {blocks_per_stage}")
-        _check_backend(backend)
+        requested_backend(backend)  # refuses unknown names now rather than at the first forward
         self.option = option
         self.backend = backend
         self.inplanes = 16
 
-        self.conv1 = _conv3x3(3, 16)
+        self.conv1 = conv3x3(3, 16)
         self.bn1 = nn.BatchNorm2d(16)
         self.layer1 = self._make_layer(16, blocks_per_stage, stride=1)
         self.layer2 = self._make_layer(32, blocks_per_stage, stride=2)

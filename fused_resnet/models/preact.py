@@ -43,9 +43,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backends import requested_backend
 from ..nn.functional import bn_act, conv_bn_act, uses_batch_stats
 from ._weights import Weights, load_weights
-from .cifar import _check_backend, _conv1x1, _conv3x3, _init_weights, _prepare_input
+from .cifar import _init_weights, _prepare_input
+from .resnet import conv1x1, conv3x3
 
 __all__ = ["PreActBottleneck", "PreActResNet", "preact_resnet164", "preact_resnet1001"]
 
@@ -58,14 +60,14 @@ class PreActBottleneck(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, backend: str = "auto") -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(inplanes)
-        self.conv1 = _conv1x1(inplanes, planes)
+        self.conv1 = conv1x1(inplanes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
+        self.conv2 = conv3x3(planes, planes, stride)
         self.bn3 = nn.BatchNorm2d(planes)
-        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
         self.downsample: nn.Conv2d | None = None
         if stride != 1 or inplanes != planes * self.expansion:
-            self.downsample = _conv1x1(inplanes, planes * self.expansion, stride)
+            self.downsample = conv1x1(inplanes, planes * self.expansion, stride)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,11 +97,11 @@ class PreActResNet(nn.Module):
         super().__init__()
         if blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be at least 1, got {blocks_per_stage}")
-        _check_backend(backend)
+        requested_backend(backend)  # refuses unknown names now rather than at the first forward
         self.backend = backend
         self.inplanes = 16
 
-        self.conv1 = _conv3x3(3, 16)
+        self.conv1 = conv3x3(3, 16)
         self.layer1 = self._make_layer(16, blocks_per_stage, stride=1)
         self.layer2 = self._make_layer(32, blocks_per_stage, stride=2)
         self.layer3 = self._make_layer(64, blocks_per_stage, stride=2)
