@@ -22,7 +22,7 @@ from torch import nn
 
 from ..backends import requested_backend
 from ..nn.functional import conv_bn_act
-from ..ops.checks import check_activation
+from ._common import init_weights, prepare_input
 from ._weights import Weights, load_weights
 from .resnet import conv1x1, conv3x3
 
@@ -38,23 +38,6 @@ __all__ = [
 ]
 
 ShortcutOption = Literal["A", "B"]
-
-
-def _prepare_input(x: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Checks a model's input and converts it to channels_last, once for the whole network."""
-    check_activation(x)
-    if x.shape[1] != in_channels:
-        raise ValueError(f"input must have {in_channels} channels (N, {in_channels}, H, W), got shape {tuple(x.shape)}")
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.constant_(m.weight, 1)
-            nn.init.constant_(m.bias, 0)
 
 
 def _subsample_zero_pad(x: torch.Tensor, stride: int, planes: int) -> torch.Tensor:
@@ -133,7 +116,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_layer(64, blocks_per_stage, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64 * CifarBasicBlock.expansion, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = [CifarBasicBlock(self.inplanes, planes, stride, self.option, self.backend)]
@@ -142,7 +125,7 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _prepare_input(x, self.conv1.in_channels)
+        x = prepare_input(x, self.conv1.in_channels)
         x = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
 
         x = self.layer1(x)

@@ -45,8 +45,8 @@ from torch import nn
 
 from ..backends import requested_backend
 from ..nn.functional import bn_act, conv_bn_act, uses_batch_stats
+from ._common import init_weights, prepare_input
 from ._weights import Weights, load_weights
-from .cifar import _init_weights, _prepare_input
 from .resnet import conv1x1, conv3x3
 
 __all__ = ["PreActBottleneck", "PreActResNet", "preact_resnet164", "preact_resnet1001"]
@@ -108,7 +108,7 @@ class PreActResNet(nn.Module):
         self.bn_final = nn.BatchNorm2d(64 * PreActBottleneck.expansion)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64 * PreActBottleneck.expansion, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = [PreActBottleneck(self.inplanes, planes, stride, self.backend)]
@@ -117,7 +117,7 @@ class PreActResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _prepare_input(x, self.conv1.in_channels)
+        x = prepare_input(x, self.conv1.in_channels)
         x = conv_bn_act(x, self.conv1, None, relu=False, backend=self.backend)
 
         x = self.layer1(x)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..nn.functional import conv_bn_act
-from ..ops.checks import check_activation
+from ._common import init_weights, prepare_input
 from ._weights import Weights, load_weights
 
 __all__ = [
@@ -204,12 +204,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_weights(self)
 
         # Zero-initialize the last BN in each residual branch, so that the residual branch starts with zeros and
         # each residual block behaves like an identity (+0.2~0.3% top-1, https://arxiv.org/abs/1706.02677).
@@ -269,9 +264,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_activation(x)
-        # The fused kernels work in NHWC: convert once here, not per layer.
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = prepare_input(x, self.conv1.in_channels)
         x = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
         x = self.maxpool(x)
 
