@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -207,7 +207,7 @@ def _k_max(dtype: torch.dtype) -> int:
 
 # The autotune search space, before clamping to the layer. num_warps=8 entries are kept but every config is
 # validated before use (PyTorch issue #173068: Triton convs have silently miscompiled with num_warps=8).
-_CANDIDATES = tuple(
+CANDIDATES = tuple(
     KernelConfig(bm, bn, bk, 8, unroll, warps, stages)
     for bm, bn, bk, warps, stages in (
         (128, 128, 64, 4, 3),
@@ -223,34 +223,52 @@ _CANDIDATES = tuple(
 )
 
 
+def _unroll_allowed(kh: int, kw: int) -> bool:
+    # One tap: both loop structures are the same loop. Past 3×3, unrolling compiles for minutes (a 7×7 stem
+    # unrolled took over 5 min of ptxas) for loops that are then too short to pipeline anyway.
+    return 1 < kh * kw <= 9
+
+
 def candidate_configs(c_in_g: int, c_out_g: int, kh: int, kw: int, dtype: torch.dtype) -> list[KernelConfig]:
     """The autotune list for one layer: the candidates clamped to the layer's channels, without duplicates."""
     configs = []
-    for config in _CANDIDATES:
-        if config.unroll_taps and kh * kw == 1:
-            continue  # one tap: both loop structures are the same loop
+    for config in CANDIDATES:
+        if config.unroll_taps and not _unroll_allowed(kh, kw):
+            continue
         clamped = _clamp(config, c_in_g, c_out_g, _k_max(dtype))
         if clamped not in configs:
             configs.append(clamped)
     return configs
 
 
-def default_config(c_in_g: int, c_out_g: int, m: int, dtype: torch.dtype, interpret: bool = False) -> KernelConfig:
+def default_config(
+    c_in_g: int, c_out_g: int, kh: int, kw: int, dtype: torch.dtype, interpret: bool = False
+) -> KernelConfig:
     """The heuristic config used when the tuned table has no entry (and always under the interpreter)."""
     if interpret:
-        # The interpreter runs every program in Python: few, mid-sized tiles are fastest, and blocks of 32
-        # still give the small test shapes several tiles and channel blocks.
-        return _clamp(KernelConfig(32, 32, 32, group_m=4, unroll_taps=True), c_in_g, c_out_g, 32)
-    block_m = 128 if m >= 128 * 64 else 64
-    config = _clamp(KernelConfig(block_m, 128, 64), c_in_g, c_out_g, _k_max(dtype))
-    # With 1–2 channel blocks per tap, per-tap loops are too short to pipeline.
-    unroll = triton.cdiv(c_in_g, config.block_k) >= 4
-    return KernelConfig(config.block_m, config.block_n, config.block_k, 8, unroll, 4, 3)
+        # The interpreter's cost is Python work per program and loop step, nearly independent of the tile size:
+        # few programs are fast, while 32-wide channel blocks still give the small test shapes several blocks.
+        return _clamp(KernelConfig(64, 32, 32, group_m=4, unroll_taps=_unroll_allowed(kh, kw)), c_in_g, c_out_g, 32)
+    block_n = min(128, _pow2_at_least_16(c_out_g))
+    # 128×128 fp32 accumulators with 4 warps spill once the residual tile joins them in the epilogue (ptxas,
+    # sm_90): stay at 128×64 or 64×128 by default and leave larger tiles to the tuner.
+    config = _clamp(KernelConfig(64 if block_n == 128 else 128, block_n, 64), c_in_g, c_out_g, _k_max(dtype))
+    # Per-tap loops of 1–3 channel blocks are too short to pipeline: use the flat loop there.
+    unroll = _unroll_allowed(kh, kw) and triton.cdiv(c_in_g, config.block_k) >= 4
+    return KernelConfig(config.block_m, config.block_n, config.block_k, 8, unroll, 4, 4)
+
+
+def conv_allows_tf32() -> bool:
+    """Whether fp32 convs may use TF32, by cuDNN's setting (the kernel follows the convention of F.conv2d)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses when conv and RNN were set apart through the per-op API
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
 def dtype_tag(dtype: torch.dtype, device_type: str) -> str:
     """The dtype as the tuned table names it; fp32 runs as TF32 on GPU when cuDNN may use TF32."""
-    if dtype == torch.float32 and device_type == "cuda" and torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and device_type == "cuda" and conv_allows_tf32():
         return "tf32"
     return _DTYPE_TAGS[dtype]
 
@@ -281,24 +299,17 @@ def _gpu_name(device_index: int) -> str:
     return torch.cuda.get_device_name(device_index)
 
 
-@functools.lru_cache(maxsize=4096)
 def kernel_config_for(
     x_shape: tuple[int, ...], w_shape: tuple[int, ...], config: ConvConfig, dtype: torch.dtype, device: torch.device
 ) -> KernelConfig:
     """The tuned config of this layer on this GPU, else the heuristic default."""
-    c_in_g, c_out_g = w_shape[1], w_shape[0] // config.groups
-    oh, ow = config.output_hw(x_shape[2], x_shape[3], w_shape[2], w_shape[3])
-    m = x_shape[0] * oh * ow
+    c_out, c_in_g, kh, kw = w_shape
     if device.type != "cuda" or INTERPRET:
-        return default_config(c_in_g, c_out_g, m, dtype, interpret=True)
+        return default_config(c_in_g, c_out // config.groups, kh, kw, dtype, interpret=True)
     entry = tuned_table().get(_gpu_name(device.index), {}).get(shape_key(x_shape, w_shape, config, dtype, "cuda"))
     if entry is not None:
         return KernelConfig(**entry)
-    return default_config(c_in_g, c_out_g, m, dtype)
-
-
-def config_to_json(config: KernelConfig) -> dict:
-    return asdict(config)
+    return default_config(c_in_g, c_out // config.groups, kh, kw, dtype)
 
 
 def conv_bias_act(
@@ -338,7 +349,7 @@ def conv_bias_act(
     # bf16 tiles to fp32 there (exact, and what the tensor cores compute) so the interpreter stays a reference.
     dot_dtype = tl.float32 if INTERPRET and dtype == tl.bfloat16 else dtype
     # Only fp32 operands read the precision; the interpreter always computes exact fp32 products.
-    exact_fp32 = INTERPRET or (x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32)
+    exact_fp32 = INTERPRET or (x.dtype == torch.float32 and not conv_allows_tf32())
     groups = config.groups
     c_out_g = c_out // groups
     m = n * out_shape[2] * out_shape[3]
@@ -382,11 +393,22 @@ def _check_prologue(x: torch.Tensor, in_scale: torch.Tensor | None, in_shift: to
         if t is None:
             continue
         if tuple(t.shape) != (x.shape[1],):
-            raise ValueError(f"{name} must have shape ({x.shape[1]},), one value per input channel, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape ({x.shape[1]},), one per input channel, got {tuple(t.shape)}")
         if t.dtype != torch.float32 and t.dtype != x.dtype:
             raise TypeError(f"{name} must be float32 (or the input dtype), got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but the input is on {x.device}; move both to one device")
+
+
+def size_limit_reason(x_shape: tuple[int, ...], w_shape: tuple[int, ...], config: ConvConfig) -> str | None:
+    """Why the kernel's index types or grid cannot cover this call (None when they can)."""
+    oh, ow = config.output_hw(x_shape[2], x_shape[3], w_shape[2], w_shape[3])
+    rows = x_shape[0] * oh * ow
+    if rows > 2**31 - 1 - max(c.block_m for c in CANDIDATES):
+        return f"N*OH*OW = {rows} output pixels exceed the kernel's 32-bit row index; split the batch"
+    if config.groups > 65535:
+        return f"groups={config.groups} exceeds the CUDA grid limit of 65535"
+    return None
 
 
 def _checked_launch(
@@ -405,6 +427,9 @@ def _checked_launch(
     config = _conv_config(stride, padding, dilation, groups)
     check_conv_bias_act(x, weight, bias, residual, config)
     _check_prologue(x, in_scale, in_shift)
+    reason = size_limit_reason(tuple(x.shape), tuple(weight.shape), config)
+    if reason is not None:
+        raise ValueError(reason)
     dtypes = supported_dtypes(x.device.type)
     if x.dtype not in dtypes:
         raise TypeError(

@@ -1,0 +1,78 @@
+"""The Triton kernels as a Backend entry: CUDA tensors, or CPU tensors under the Triton interpreter."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..backends import Backend
+from . import triton_conv_bias_act as kernels
+from .conv_config import ConvConfig
+
+
+def _conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    config: ConvConfig,
+    relu: bool,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return kernels.triton_conv_bias_act(
+        x,
+        weight,
+        bias,
+        residual,
+        in_scale,
+        in_shift,
+        list(config.stride),
+        list(config.padding),
+        list(config.dilation),
+        config.groups,
+        relu,
+    )
+
+
+def _unavailable() -> str | None:
+    if kernels.INTERPRET or torch.cuda.is_available():
+        return None
+    return "no CUDA device, and the Triton interpreter is off (set TRITON_INTERPRET=1 before importing triton)"
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _unsupported(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None,
+    config: ConvConfig,
+    prologue: bool,
+) -> str | None:
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu"):
+        return f"Triton kernels run CUDA tensors (CPU tensors under the interpreter), got a tensor on {x.device}"
+    if device_type == "cpu" and not kernels.INTERPRET:
+        return "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
+    dtypes = kernels.supported_dtypes(device_type)
+    if x.dtype not in dtypes:
+        return f"dtype {x.dtype} is not supported on {device_type}; use one of {', '.join(map(str, dtypes))}"
+    if device_type == "cuda" and not kernels.INTERPRET:
+        major, minor = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        if major < 8:
+            return f"the Triton kernels need compute capability 8.0 or newer (bf16 MMAs, cp.async); got {major}.{minor}"
+    return kernels.size_limit_reason(tuple(x.shape), tuple(weight.shape), config)
+
+
+def backend(name: str = "triton") -> Backend:
+    return Backend(
+        name="triton",
+        conv_bias_act=_conv_bias_act,
+        unavailable=_unavailable,
+        unsupported=_unsupported,
+    )
