@@ -70,8 +70,11 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
     if small and not train:
         for name in DEVICE_BACKENDS[device.type]:
             if backends.unavailable_reason(name) is None and name != "reference":
-                out.append(Contender(f"fused:{name}+cudagraphs", "fused", cl, weights, compile_mode="reduce-overhead",
-                                     backend=name))
+                out.append(
+                    Contender(
+                        f"fused:{name}+cudagraphs", "fused", cl, weights, compile_mode="reduce-overhead", backend=name
+                    )
+                )
     if profile.compiles(group):
         out.append(Contender("compile" + suffix, "compile", cl, weights, amp, compile_mode="default"))
         if not train:
@@ -83,19 +86,11 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
     return out
 
 
-def fused_model(model: nn.Module, model_name: str, backend: str) -> nn.Module:
+def fused_model(model: nn.Module, backend: str) -> nn.Module:
     """The fused copy of a torchvision ResNet (same weights and buffers), every fused module on `backend`."""
     import fused_resnet
 
-    fuse = getattr(fused_resnet, "fuse", None)
-    if fuse is not None:
-        return fuse(model, backend=backend, inplace=False)
-    # Until fused_resnet.fuse exists: the builder of the same name (same state_dict keys) + the model's state.
-    from fused_resnet import models
-
-    net = getattr(models, model_name)(backend=backend)
-    net.load_state_dict(model.state_dict())
-    return net.to(next(model.parameters()).device)
+    return fused_resnet.fuse(model, backend=backend, inplace=False)
 
 
 def fold_bn(model: nn.Module) -> nn.Module:
@@ -114,9 +109,9 @@ _COMPILE_KWARGS: dict[str, dict] = {
 }
 
 
-def _network(c: Contender, model: nn.Module, model_name: str, train: bool) -> nn.Module:
+def network(c: Contender, model: nn.Module, train: bool) -> nn.Module:
     if c.kind == "fused":
-        net = fused_model(model, model_name, c.backend or "auto")
+        net = fused_model(model, c.backend or "auto")
     elif c.kind == "folded":
         net = fold_bn(model)
     else:
@@ -127,12 +122,14 @@ def _network(c: Contender, model: nn.Module, model_name: str, train: bool) -> nn
     return net
 
 
-def build(
-    c: Contender, model: nn.Module, model_name: str, x: torch.Tensor, target: torch.Tensor, mode: str
-) -> Step:
+def build(c: Contender, model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str) -> Step:
     """The step of contender c on a private copy of the fp32 model; x is the fp32 input, target the labels."""
     train = mode == "train"
-    net = _network(c, model, model_name, train)
+    return make_step(c, network(c, model, train), x, target, train)
+
+
+def make_step(c: Contender, net: nn.Module, x: torch.Tensor, target: torch.Tensor, train: bool) -> Step:
+    """One forward (no grad) or one training step of net on x, in c's dtype, memory format and autocast."""
     xin = x.to(c.dtype).contiguous(memory_format=c.memory_format)
     device_type = x.device.type
 

@@ -60,6 +60,8 @@ def environment(device: torch.device) -> dict[str, str]:
         "cudnn": str(cudnn),
         "python": platform.python_version(),
         "cpu_count": str(os.cpu_count()),
+        # Other jobs on the machine make CPU timings noisy: record how busy it was when the run started.
+        "load_avg": " ".join(f"{v:.1f}" for v in os.getloadavg()),
         "git_commit": _run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent),
     }
 

@@ -48,6 +48,7 @@ class Profile:
     dtypes: tuple[torch.dtype, ...]
     modes: tuple[str, ...]
     image_size: int = 224
+    train_batches: tuple[int, ...] | None = None  # batches of the train groups (None: `batches`)
     # (model, batch) groups that get the torch.compile contenders (None: every group). Compiling costs tens of
     # seconds per model and shape, which small profiles cannot afford everywhere.
     compile_where: tuple[tuple[str, int], ...] | None = None
@@ -56,10 +57,13 @@ class Profile:
     small_batch: int = 0
     # (model, batch) whose unique conv layers are benchmarked one by one, for every dtype of the profile.
     layers: tuple[tuple[str, int], ...] = ()
+    max_layer_shapes: int | None = None  # only the first n unique conv shapes (None: all)
     warmup_s: float = 1.0
     seconds_per_group: float = 5.0  # timing budget of a group after warm-up, shared by its contenders
+    seconds_per_layer: float = 0.5  # the same for each unique layer shape of the per-layer rows
     min_rounds: int = 5
     max_rounds: int = 50
+    max_minutes: float | None = None  # default time budget (see --max-minutes)
     note: str = ""
 
     def groups(self) -> list[Group]:
@@ -69,7 +73,7 @@ class Profile:
             for model in self.models
             for mode in self.modes
             for dtype in self.dtypes
-            for batch in self.batches
+            for batch in (self.train_batches or self.batches if mode == "train" else self.batches)
         ]
 
     def compiles(self, group: Group) -> bool:
@@ -94,6 +98,7 @@ PROFILES = {
         image_size=64,
         compile_where=(),
         layers=(("resnet18", 2),),
+        max_layer_shapes=3,
         warmup_s=0.05,
         seconds_per_group=0.5,
         min_rounds=3,
@@ -108,30 +113,34 @@ PROFILES = {
         dtypes=(torch.float32,),
         modes=("inference",),
         compile_where=(("resnet50", 4),),
-        layers=(("resnet50", 1),),
-        warmup_s=0.5,
-        seconds_per_group=12.0,
+        layers=(("resnet18", 1),),
+        warmup_s=0.3,
+        seconds_per_group=5.0,
+        seconds_per_layer=0.3,
         min_rounds=5,
         max_rounds=30,
-        note="cpu profile: torch.compile contenders only for resnet50 batch 4 (compiling each model and batch "
-        "costs ~10-40 s on 2 cores); per-layer rows for resnet50 batch 1",
+        max_minutes=4.0,
+        note="cpu profile: torch.compile contenders only for resnet50 batch 4 (compiling one model at one batch "
+        "size costs 15-60 s on 2 cores); per-layer rows for resnet18 batch 1; 4-minute budget",
     ),
     "gpu-quick": Profile(
         name="gpu-quick",
         device_type="cuda",
         models=("resnet50",),
-        batches=(32, 256),
+        batches=(256, 32),
         dtypes=_BF16,
         modes=("inference", "train"),
+        train_batches=(256,),
         compile_where=(("resnet50", 256),),
         small_batch=32,
         layers=(("resnet50", 256),),
-        warmup_s=1.0,
-        seconds_per_group=6.0,
+        warmup_s=0.5,
+        seconds_per_group=4.0,
+        seconds_per_layer=0.3,
         min_rounds=10,
         max_rounds=100,
-        note="gpu-quick profile: torch.compile default/freezing only at batch 256, reduce-overhead at batch 32, "
-        "no max-autotune (its compile alone exceeds the check's time)",
+        note="gpu-quick profile: torch.compile default/freezing only at batch 256, CUDA graphs (reduce-overhead) "
+        "at batch 32, no max-autotune (its compile alone exceeds the check's time); train at batch 256",
     ),
     "gpu-full": Profile(
         name="gpu-full",

@@ -22,6 +22,7 @@ ENV_FIELDS = ["date", "device", "driver", "torch", "torchvision", "triton", "cud
 ROW_FIELDS = [
     *ENV_FIELDS,
     "profile",
+    "group",  # the (model, batch, dtype, mode) group a row was measured in, beside the same contenders
     "model",
     "mode",  # inference | train | layer | max-batch
     "layer",
@@ -58,11 +59,18 @@ def load(out_dir: Path) -> dict[str, Any]:
     path = Path(out_dir) / RESULTS_JSON
     if path.exists():
         return json.loads(path.read_text())
-    return {"runs": [], "rows": [], "roofline": []}
+    return {"runs": [], "rows": [], "roofline": [], "done": []}
 
 
-def append(out_dir: Path, rows: list[dict[str, Any]], roofline: list[dict[str, Any]] = (), run: dict | None = None) -> None:
-    """Appends rows to results.csv and results.json (and a run record / roofline entries to the JSON)."""
+def append(
+    out_dir: Path,
+    rows: list[dict[str, Any]],
+    roofline: list[dict[str, Any]] = (),
+    run: dict[str, Any] | None = None,
+    done: list[list] = (),
+) -> None:
+    """Appends rows to results.csv and results.json; a run record, roofline entries and the keys of finished
+    groups (for --resume) go to the JSON only."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unknown = {key for row in rows for key in row} - set(ROW_FIELDS)
@@ -81,7 +89,27 @@ def append(out_dir: Path, rows: list[dict[str, Any]], roofline: list[dict[str, A
         data["runs"].append(run)
     data["rows"].extend(rows)
     data["roofline"].extend(roofline)
-    (out_dir / RESULTS_JSON).write_text(json.dumps(data, indent=1) + "\n")
+    data.setdefault("done", []).extend(done)
+    _write(out_dir, data)
+
+
+def finish_run(out_dir: Path, **fields: Any) -> None:
+    """Adds fields (wall time, what was left undone) to the latest run record."""
+    data = load(out_dir)
+    data["runs"][-1].update(fields)
+    _write(out_dir, data)
+
+
+def _write(out_dir: Path, data: dict[str, Any]) -> None:
+    # One row per line, empty fields left out: readable in a diff, and a full GPU profile stays near 1 MB.
+    head = {k: v for k, v in data.items() if k != "rows"}
+    rows = [json.dumps({k: _json_value(v) for k, v in row.items() if v not in (None, "")}) for row in data["rows"]]
+    text = json.dumps(head, indent=1)[:-2] + ',\n "rows": [\n' + ",\n".join(rows) + "\n ]\n}\n"
+    (Path(out_dir) / RESULTS_JSON).write_text(text)
+
+
+def _json_value(value: Any) -> Any:
+    return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 def _csv_value(value: Any) -> Any:
@@ -120,19 +148,47 @@ def _pct(value: Any) -> str:
 
 
 def _model_table(rows: list[dict[str, Any]]) -> str:
-    header = ["contender", "dtype", "fmt", "batch", "img/s", "ms p50 [p20-p80]", "ms p90", "× eager", "peak MB",
-              "TFLOP/s", "% ceiling", "rel err", "max abs", "1st call s", "status / note"]
+    header = [
+        "contender",
+        "dtype",
+        "fmt",
+        "batch",
+        "img/s",
+        "ms p50 [p20-p80]",
+        "ms p90",
+        "× eager",
+        "peak MB",
+        "TFLOP/s",
+        "% ceiling",
+        "rel err",
+        "max abs",
+        "1st call s",
+        "status / note",
+    ]
     body = []
     for r in rows:
         ms = f"{fmt(r.get('ms_p50'))} [{fmt(r.get('ms_p20'))}-{fmt(r.get('ms_p80'))}]" if r.get("ms_p50") else ""
         status = r["status"] if r["status"] != "ok" else ""
         note = "; ".join(x for x in (status, r.get("error") or "", r.get("notes") or "") if x)
-        body.append([
-            r["contender"], r["dtype"], r["memory_format"], str(r["batch"]), fmt(r.get("images_per_s")), ms,
-            fmt(r.get("ms_p90")), fmt(r.get("speedup_vs_eager")), fmt(r.get("peak_mem_mb")), fmt(r.get("tflops")),
-            _pct(r.get("pct_ceiling")), fmt(r.get("rel_err"), 2), fmt(r.get("max_abs_err"), 2),
-            fmt(r.get("first_call_s")), note,
-        ])
+        body.append(
+            [
+                r["contender"],
+                r.get("dtype", ""),
+                r.get("memory_format", ""),
+                str(r.get("batch", "")),
+                fmt(r.get("images_per_s")),
+                ms,
+                fmt(r.get("ms_p90")),
+                fmt(r.get("speedup_vs_eager")),
+                fmt(r.get("peak_mem_mb")),
+                fmt(r.get("tflops")),
+                _pct(r.get("pct_ceiling")),
+                fmt(r.get("rel_err"), 2),
+                fmt(r.get("max_abs_err"), 2),
+                fmt(r.get("first_call_s")),
+                note,
+            ]
+        )
     return _table(header, body)
 
 
@@ -159,13 +215,38 @@ def _layer_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _roofline_table(entries: list[dict[str, Any]]) -> str:
-    header = ["model", "batch", "dtype", "peaks", "compute only", "fused", "compile-like", "eager-like", "train (fused)"]
+    header = [
+        "model",
+        "batch",
+        "dtype",
+        "peaks",
+        "compute only",
+        "fused",
+        "compile-like",
+        "eager-like",
+        "train (fused)",
+    ]
     body = [
-        [e["model"], str(e["batch"]), e["dtype"], e["peaks"], *[fmt(e[k]) for k in
-                                                                ("compute", "fused", "compile", "eager", "train")]]
+        [
+            e["model"],
+            str(e["batch"]),
+            e["dtype"],
+            e["peaks"],
+            *[fmt(e[k]) for k in ("compute", "fused", "compile", "eager", "train")],
+        ]
         for e in entries
     ]
     return _table(header, body)
+
+
+LEGEND = (
+    "img/s = batch / median step time; latency = per-call ms (p50 [p20-p80], p90); × eager = throughput over the "
+    "plain `eager` row (NCHW) of the same batch and dtype; % ceiling = achieved / per-layer roofline ceiling (fused "
+    "structure for inference, fused training for train; see roofline below); rel err = ‖y − y_ref‖/‖y_ref‖ of the "
+    "logits against fp32 eager NCHW (TF32 off) on the same input; peak MB = torch.cuda.max_memory_allocated over "
+    "build, first call and warm-up, above what was allocated before (GPU only; empty on CPU); 1st call s includes "
+    "compilation and autotuning. Timings compare only within one run."
+)
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -175,28 +256,31 @@ def markdown(data: dict[str, Any]) -> str:
         env = run["env"]
         parts.append(
             f"- {env['date']} **{env['device']}**, driver {env['driver']}, torch {env['torch']}, triton "
-            f"{env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, commit {env['git_commit']}; profile "
+            f"{env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, commit {env['git_commit']}, load average "
+            f"{env.get('load_avg', '?')} at start; profile "
             f"`{run['profile']}`; {run.get('wall_s', '?')} s. {run.get('note', '')}"
         )
-    parts += [
-        "",
-        "img/s = batch / median step time; latency = per-call ms (p50 [p20-p80], p90); × eager = throughput over "
-        "the `eager` row of the same table and batch; % ceiling = achieved / per-layer roofline ceiling (fused "
-        "structure for inference, fused training for train; see roofline below); rel err = ‖y − y_ref‖/‖y_ref‖ of "
-        "the logits against fp32 eager NCHW (TF32 off) on the same input. Timings compare only within one run.",
-    ]
+    parts += ["", LEGEND]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in data["rows"]:
-        groups[(r["device"], r["model"], r["mode"], r.get("batch") if r["mode"] == "layer" else None,
-                r["dtype"] if r["mode"] == "layer" else None)].append(r)
-    for (device, model, mode, batch, dtype), rows in groups.items():
+        per_layer = r["mode"] == "layer"
+        key = (r["device"], r["profile"], r["model"], r["mode"], r.get("batch") if per_layer else None, r["dtype"])
+        groups[key if per_layer else key[:-1]].append(r)
+    for key, rows in groups.items():
+        device, profile, model, mode, batch = key[:5]
         if mode == "layer":
-            parts += ["", f"## {model} per layer, batch {batch}, {dtype} ({device})", "", _layer_table(rows)]
+            title = f"{model} per layer, batch {batch}, {key[5]}"
+            parts += ["", f"## {title} ({device}, profile {profile})", "", _layer_table(rows)]
         else:
-            parts += ["", f"## {model} {mode} ({device})", "", _model_table(rows)]
-    if data["roofline"]:
-        parts += ["", "## Roofline ceilings, images/s (estimates from per-layer FLOPs and bytes, not measurements)",
-                  "", _roofline_table(data["roofline"])]
+            parts += ["", f"## {model} {mode} ({device}, profile {profile})", "", _model_table(rows)]
+    roofline = list({(e["model"], e["batch"], e["dtype"], e["peaks"]): e for e in data["roofline"]}.values())
+    if roofline:
+        parts += [
+            "",
+            "## Roofline ceilings, images/s (estimates from per-layer FLOPs and bytes, not measurements)",
+            "",
+            _roofline_table(roofline),
+        ]
     return "\n".join(parts) + "\n"
 
 

@@ -36,13 +36,17 @@ class DevicePeaks:
     source: str
 
 
-# Datasheet dense (no sparsity) tensor-core peaks.
+def _datasheet(name: str, half: float, tf32: float, fp32: float, bandwidth: float) -> DevicePeaks:
+    return DevicePeaks(name, {"bf16": half, "fp16": half, "tf32": tf32, "fp32": fp32}, bandwidth, "datasheet")
+
+
+# Datasheet dense (no sparsity) peaks, TFLOP/s and TB/s, matched against torch.cuda.get_device_name() in order.
 _DATASHEET = (
-    ("H200", DevicePeaks("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}, 4.8, "datasheet")),
-    ("H100 PCIe", DevicePeaks("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}, 2.0, "datasheet")),
-    ("H100", DevicePeaks("H100 SXM", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}, 3.35, "datasheet")),
-    ("A100-SXM4-40GB", DevicePeaks("A100 40GB", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}, 1.555, "datasheet")),
-    ("A100", DevicePeaks("A100 80GB", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}, 2.0, "datasheet")),
+    ("H200", _datasheet("H200", 989.4, 494.7, 66.9, 4.8)),
+    ("H100 PCIe", _datasheet("H100 PCIe", 756.0, 378.0, 51.2, 2.0)),
+    ("H100", _datasheet("H100 SXM", 989.4, 494.7, 66.9, 3.35)),
+    ("A100-SXM4-40GB", _datasheet("A100 40GB", 312.0, 156.0, 19.5, 1.555)),
+    ("A100", _datasheet("A100 80GB", 312.0, 156.0, 19.5, 2.0)),
 )
 
 
@@ -71,11 +75,18 @@ def measure_peaks(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> Devi
 
     size = 8192 if device.type == "cuda" else 1024
     tflops: dict[str, float] = {}
-    for dtype in dict.fromkeys((torch.bfloat16, *dtypes)):
-        a = torch.randn(size, size, device=device).to(dtype)
-        b = torch.randn(size, size, device=device).to(dtype)
-        ms = best_ms(lambda a=a, b=b: a @ b, device)
-        tflops[precision_key(dtype, device.type)] = 2 * size**3 / (ms * 1e-3) / 1e12
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for dtype in dict.fromkeys((torch.bfloat16, *dtypes)):
+            key = precision_key(dtype, device.type)
+            # fp32 convs run on TF32 tensor cores (cuDNN's default): measure the matmul the same way.
+            torch.backends.cuda.matmul.allow_tf32 = key == "tf32"
+            a = torch.randn(size, size, device=device).to(dtype)
+            b = torch.randn(size, size, device=device).to(dtype)
+            ms = best_ms(lambda a=a, b=b: a @ b, device)
+            tflops[key] = 2 * size**3 / (ms * 1e-3) / 1e12
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     numel = (1 << 28 if device.type == "cuda" else 1 << 25) // 4
     src = torch.empty(numel, device=device)
     dst = torch.empty_like(src)
@@ -107,6 +118,7 @@ class Layer:
     relu: bool = False
     # conv geometry, for grouping layers by shape: (Cin, Cout, KH, KW, stride, padding, H, W, groups)
     geometry: tuple[int, ...] = ()
+    output_hw: tuple[int, ...] = ()
 
 
 def _is_module(node: fx.Node, modules: dict[str, nn.Module], kinds: tuple[type, ...]) -> bool:
@@ -184,8 +196,19 @@ def model_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
                 module.groups,
             )
             layers.append(
-                Layer(node.target, "conv", _flops(module, x), in_elems, module.weight.numel(), out_elems,
-                      bn, residual, relu, geometry)
+                Layer(
+                    node.target,
+                    "conv",
+                    _flops(module, x),
+                    in_elems,
+                    module.weight.numel(),
+                    out_elems,
+                    bn,
+                    residual,
+                    relu,
+                    geometry,
+                    tuple(out_shape[2:]),
+                )
             )
         elif isinstance(module, nn.Linear):
             layers.append(Layer(node.target, "linear", _flops(module, x), in_elems, module.weight.numel(), out_elems))

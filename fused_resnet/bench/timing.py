@@ -86,11 +86,19 @@ def time_interleaved(
     rounds: int,
     inner: Mapping[str, int] | None = None,
     flush: Callable[[], None] | None = None,
+    budget_s: float | None = None,
+    min_rounds: int = 3,
 ) -> dict[str, Timing]:
-    """Times every callable once per round, rotating the order each round; returns per-call Timings."""
+    """Times every callable once per round, rotating the order each round; returns per-call Timings.
+
+    At most `rounds` rounds; with a budget, no new round starts after budget_s seconds once min_rounds are done.
+    """
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
     for r in range(rounds):
+        if budget_s is not None and r >= min_rounds and time.perf_counter() - start > budget_s:
+            break
         shift = r % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
             n = inner.get(name, 1) if inner else 1

@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# The GPU check: build, GPU tests, benchmark, written into one folder for committing under benchmarks/results/.
+#
+#   benchmarks/gpu_check.sh OUTDIR [--stage STAGE]... [--all-stages] [--cpu-dry-run] [-- EXTRA BENCH ARGS]
+#
+# Stages (default: install tests bench, about 5 minutes on an H100 including the build):
+#   install     pip install --no-build-isolation --no-deps -e .  (MAX_JOBS=$(nproc); torch is never touched)
+#   tests       pytest -m gpu
+#   bench       python -m fused_resnet.bench --profile gpu-quick
+#   train       training groups (those the bench stage did not run into OUTDIR) + the largest batch that fits
+#               (ResNet-152 224x224, pre-act ResNet-1001 CIFAR)
+#   sanitize    compute-sanitizer memcheck over `pytest -m gpu -k sanitize` and benchmarks/sanitize_smoke.py
+#   full-bench  gpu-full profile, model by model; rerun the same command to continue (--resume)
+# Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 290; the default run shares 300 s in all).
+# A failing stage is reported and the next one runs; the exit code is non-zero if any stage failed.
+#
+# --cpu-dry-run (or GPU_CHECK_CPU_DRY_RUN=1): no GPU needed. Runs every stage that does not need CUDA, on the
+# CPU with the tiny `smoke` profile, and skips the CUDA-only parts with a message. The install stage is skipped
+# there unless GPU_CHECK_INSTALL=1 (it would rebuild the extension in the machine's environment).
+#
+# OUTDIR receives at most 6 files, each under 1 MB: gpu_check.log (each stage's output, trimmed to its last
+# 800 lines, then the summary), results.csv, results.json, report.md, throughput.png, layers.png.
+set -uo pipefail
+
+usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+[[ $# -ge 1 && $1 != -* ]] || usage
+OUT=$1
+shift
+STAGES=()
+DRY=${GPU_CHECK_CPU_DRY_RUN:-0}
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --stage) [[ $# -ge 2 ]] || usage; STAGES+=("$2"); shift 2 ;;
+        --all-stages) STAGES=(install tests bench train sanitize full-bench); shift ;;
+        --cpu-dry-run) DRY=1; shift ;;
+        --) shift; EXTRA=("$@"); break ;;
+        *) usage ;;
+    esac
+done
+DEFAULT_RUN=0
+if [[ ${#STAGES[@]} -eq 0 ]]; then
+    STAGES=(install tests bench)
+    DEFAULT_RUN=1
+fi
+for s in "${STAGES[@]}"; do
+    case $s in install|tests|bench|train|sanitize|full-bench) ;; *) echo "unknown stage: $s"; usage ;; esac
+done
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO" || exit 2
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/gpu_check.log"
+PY=${PYTHON:-python}
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-290}
+TOTAL_BUDGET=300
+START=$(date +%s)
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+export FUSED_RESNET_BENCH_PLAIN=1 PYTHONUNBUFFERED=1
+: >"$LOG"
+
+have_cuda() { "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
+if [[ $DRY != 1 ]] && ! have_cuda; then
+    echo "no CUDA GPU visible to $PY: use --cpu-dry-run to exercise the check on a CPU" | tee -a "$LOG"
+    exit 2
+fi
+if [[ $DRY == 1 ]]; then PROFILE=smoke; FULL_PROFILE=smoke; else PROFILE=gpu-quick; FULL_PROFILE=gpu-full; fi
+
+SUMMARY=()
+FAILED=0
+
+# Seconds this stage may run: STAGE_TIMEOUT, or in the default run what is left of the shared budget.
+stage_limit() {
+    local limit=$STAGE_TIMEOUT
+    if [[ $DEFAULT_RUN == 1 ]]; then
+        local left=$((TOTAL_BUDGET - ($(date +%s) - START)))
+        ((left < limit)) && limit=$left
+        ((limit < 30)) && limit=30
+    fi
+    echo "$limit"
+}
+
+# run_stage NAME LIMIT COMMAND...: streams output, appends the last 800 lines to the log, records the result.
+run_stage() {
+    local name=$1 limit=$2
+    shift 2
+    local t0 rc status
+    t0=$(date +%s)
+    echo "=== stage $name (limit ${limit}s): $*" | tee "$TMP/$name.out"
+    timeout --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$TMP/$name.out"
+    rc=${PIPESTATUS[0]}
+    local secs=$(($(date +%s) - t0))
+    if [[ $rc == 0 ]]; then
+        status="ok"
+    elif [[ $rc == 5 && $name == tests ]]; then
+        status="ok (no tests selected)"
+    elif [[ $rc == 124 || $rc == 137 ]]; then
+        status="FAILED: timed out after ${limit}s"; FAILED=1
+    else
+        status="FAILED: exit code $rc"; FAILED=1
+    fi
+    {
+        echo "=== stage $name: $status (${secs}s); last 800 lines of its output:"
+        tail -n 800 "$TMP/$name.out"
+        echo
+    } >>"$LOG"
+    SUMMARY+=("$(printf '%-11s %-40s %5ss' "$name" "$status" "$secs")")
+    echo "=== stage $name: $status (${secs}s)"
+}
+
+skip_stage() {
+    local name=$1 why=$2
+    echo "=== stage $name: skipped: $why" | tee -a "$LOG"
+    SUMMARY+=("$(printf '%-11s %-40s' "$name" "skipped: $why")")
+}
+
+# The bench's own budget: stop starting new groups a minute before the stage's limit.
+minutes_for() { awk -v l="$1" 'BEGIN { m = (l - 60) / 60; if (m < 0.5) m = 0.5; printf "%.1f", m }'; }
+
+for stage in "${STAGES[@]}"; do
+    limit=$(stage_limit)
+    case $stage in
+        install)
+            if [[ $DRY == 1 && ${GPU_CHECK_INSTALL:-0} != 1 ]]; then
+                skip_stage install "CPU dry run leaves this environment alone (GPU_CHECK_INSTALL=1 runs it)"
+                continue
+            fi
+            run_stage install "$limit" bash -c '
+                before=$("$0" -c "import torch; print(torch.__version__)")
+                MAX_JOBS=$(nproc) "$0" -m pip install --no-build-isolation --no-deps -e . || exit 1
+                after=$("$0" -c "import torch; print(torch.__version__)")
+                [[ $before == "$after" ]] || { echo "torch changed: $before -> $after"; exit 1; }
+                "$0" -c "import fused_resnet, fused_resnet.backends as b; print(\"backends here:\", b.available_backends())"
+            ' "$PY"
+            ;;
+        tests)
+            run_stage tests "$limit" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests
+            ;;
+        bench)
+            run_stage bench "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
+                --profile "$PROFILE" "${EXTRA[@]}"
+            ;;
+        train)
+            run_stage train "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
+                --profile "$PROFILE" --mode train --no-layers --max-batch-search --resume "${EXTRA[@]}"
+            ;;
+        sanitize)
+            if [[ $DRY == 1 ]]; then
+                # No CUDA: check that the sanitize script itself runs, on the CPU, without compute-sanitizer.
+                run_stage sanitize "$limit" "$PY" benchmarks/sanitize_smoke.py
+                SUMMARY[-1]="${SUMMARY[-1]}  (CPU, no compute-sanitizer)"
+            elif ! command -v compute-sanitizer >/dev/null; then
+                skip_stage sanitize "compute-sanitizer not on PATH"; FAILED=1
+            else
+                run_stage sanitize "$limit" bash -c '
+                    cs="compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 --target-processes all"
+                    $cs "$0" -m pytest -m gpu -k sanitize -q -p no:cacheprovider tests; rc=$?
+                    [[ $rc == 0 || $rc == 5 ]] || exit $rc
+                    $cs "$0" benchmarks/sanitize_smoke.py
+                ' "$PY"
+            fi
+            ;;
+        full-bench)
+            run_stage full-bench "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
+                --profile "$FULL_PROFILE" --resume "${EXTRA[@]}"
+            ;;
+    esac
+done
+
+# At most 1 MB per file: logs keep their end.
+for f in "$OUT"/*; do
+    size=$(stat -c %s "$f")
+    if ((size > 1000000)); then
+        if [[ $f == *.log ]]; then
+            tail -c 990000 "$f" >"$TMP/trim" && mv "$TMP/trim" "$f"
+        else
+            echo "warning: $(basename "$f") is $size bytes (over 1 MB)" | tee -a "$LOG"
+        fi
+    fi
+done
+
+{
+    echo
+    echo "=== gpu_check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(($(date +%s) - START))s, dry run: $DRY)"
+    "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "| torch", torch.__version__, "| CUDA", torch.version.cuda)' 2>&1
+    printf '%s\n' "${SUMMARY[@]}"
+    if [[ -f "$OUT/results.json" ]]; then
+        echo "results:"
+        "$PY" -m fused_resnet.bench.summary "$OUT" 2>&1 | sed 's/^/  /'
+    fi
+    echo "files in $OUT:"
+    (cd "$OUT" && ls -l | tail -n +2 | awk '{printf "  %-16s %9s bytes\n", $NF, $5}')
+    if [[ $FAILED != 0 ]]; then echo "RESULT: FAILED (see the stages above)"; else echo "RESULT: all stages ok"; fi
+} | tee -a "$LOG"
+exit "$FAILED"

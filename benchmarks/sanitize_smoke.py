@@ -1,0 +1,76 @@
+"""A tiny workload for compute-sanitizer (run by `gpu_check.sh --stage sanitize`): every fused backend of the
+device on a few small conv shapes (odd sizes, stride 2, residual, 1x1 and 7x7), forward and backward, and one
+fused ResNet-18 training step, each checked against the reference backend. On a CPU it checks the script itself.
+
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_smoke.py
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from fused_resnet import backends, models
+from fused_resnet.nn.functional import conv_bn_act
+from fused_resnet.tolerances import forward_rtol, relative_error
+
+# (N, Cin, H, W, Cout, kernel, stride, residual)
+SHAPES = [
+    (2, 8, 9, 7, 16, 3, 1, True),
+    (1, 16, 11, 11, 8, 3, 2, False),
+    (2, 4, 8, 8, 16, 1, 2, False),
+    (1, 3, 17, 15, 16, 7, 2, False),
+]
+DEVICE_BACKENDS = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+
+
+def _case(shape: tuple, backend: str, device: torch.device, dtype: torch.dtype) -> float:
+    n, cin, h, w, cout, k, stride, with_residual = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False).to(device, dtype).eval()
+    bn = nn.BatchNorm2d(cout).to(device, dtype).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(n, cin, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    residual = None
+    if with_residual:
+        oh, ow = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
+        residual = torch.randn(n, cout, oh, ow, device=device, dtype=dtype)
+    out = conv_bn_act(x, conv, bn, residual, relu=True, backend=backend)
+    out.sum().backward()
+    expected = conv_bn_act(x.detach(), conv, bn, residual, relu=True, backend="reference")
+    return relative_error(out, expected)
+
+
+def main() -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = [b for b in DEVICE_BACKENDS[device.type] if backends.unavailable_reason(b) is None]
+    print(f"device {device}, backends {names or 'none besides reference'}")
+    failures = 0
+    for backend in ["reference", *names]:
+        for dtype in (torch.float32, torch.bfloat16):
+            tol = forward_rtol(dtype, device)
+            for shape in SHAPES:
+                try:
+                    err = _case(shape, backend, device, dtype)
+                    ok = err <= tol
+                except Exception as exc:  # report every case, then fail
+                    err, ok = f"{type(exc).__name__}: {exc}".splitlines()[0][:200], False
+                failures += not ok
+                print(f"{'ok ' if ok else 'BAD'} {backend:9s} {str(dtype):15s} {shape}: rel err {err} (tol {tol})")
+        model = models.resnet18(backend=backend).to(device).train()
+        x = torch.randn(2, 3, 64, 64, device=device)
+        model(x).sum().backward()
+        print(f"ok  {backend:9s} resnet18 train step (64x64, batch 2)")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print("FAILED" if failures else "all cases ok")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
