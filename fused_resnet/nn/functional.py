@@ -1,8 +1,11 @@
 """conv → BatchNorm → [+ residual] → [ReLU] as one call: the single mechanism every fused module uses.
 
 eval: BN folded into the conv (cached), then one fused conv_bias_act on the chosen backend.
-train: batch statistics; running stats updated exactly as nn.BatchNorm2d does (reference path until the
-fused training kernels land).
+train: batch statistics; running stats updated exactly as nn.BatchNorm2d does. Any backend but "reference"
+runs the fused training Function (fused_resnet.training: statistics as Chan-merged partials, one BN-apply +
+residual + ReLU pass, a backward that recomputes from the raw conv output); "reference" runs stock
+F.conv2d → F.batch_norm → add → relu. BNs marked by fused_resnet.training.enable_sync_bn always take the fused
+path, which is the one that synchronizes statistics across processes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from torch import nn
 from .. import backends
 from ..ops.checks import check_activation, check_conv_bias_act
 from ..ops.conv_config import ConvConfig
+from ..training.conv_bn_act_train import conv_bn_act_train
+from ..training.sync import sync_group
 from .folding import bn_scale_shift, folded_conv_bn
 
 
@@ -55,6 +60,13 @@ def _bn_train(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     )
 
 
+def _fused_training(bn: nn.Module, backend: str) -> bool:
+    # Subclasses of BatchNorm2d may override forward; only the exact class has known semantics.
+    if type(bn) is not nn.BatchNorm2d:
+        return False
+    return backends.requested_backend(backend) != "reference" or sync_group(bn) is not None
+
+
 def _conv(x: torch.Tensor, conv: nn.Conv2d, config: ConvConfig) -> torch.Tensor:
     return F.conv2d(x, conv.weight.to(x.dtype), None, config.stride, config.padding, config.dilation, config.groups)
 
@@ -87,10 +99,12 @@ def conv_bn_act(
     if residual is not None:
         residual = residual.to(dtype)
     if pre_bn is not None and uses_batch_stats(pre_bn):
-        x, pre_bn = bn_act(x, pre_bn, relu=True), None
+        x, pre_bn = bn_act(x, pre_bn, relu=True, backend=backend), None
     if bn is not None and uses_batch_stats(bn):
         if pre_bn is not None:
             x = bn_act(x, pre_bn, relu=True)
+        if _fused_training(bn, backend):
+            return conv_bn_act_train(x, conv.weight.to(dtype), bn, residual, relu, config)
         y = _bn_train(_conv(x, conv, config), bn)
         if residual is not None:
             y = y + residual
@@ -108,10 +122,12 @@ def conv_bn_act(
     return chosen.conv_bias_act(x, weight, bias, residual, config, relu, in_scale, in_shift)
 
 
-def bn_act(x: torch.Tensor, bn: nn.Module, relu: bool = True) -> torch.Tensor:
+def bn_act(x: torch.Tensor, bn: nn.Module, relu: bool = True, backend: str = "auto") -> torch.Tensor:
     """act(bn(x)) with BN's mode: a pre-activation unit (fused into the next conv's prologue later)."""
     check_activation(x)
     if uses_batch_stats(bn):
+        if _fused_training(bn, backend):
+            return conv_bn_act_train(x, None, bn, None, relu)
         y = _bn_train(x, bn)
     else:
         scale, shift = bn_scale_shift(bn)

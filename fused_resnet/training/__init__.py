@@ -1,0 +1,21 @@
+"""Fused training: train-mode conv → BatchNorm → [+ residual] → [ReLU] with batch statistics.
+
+stats.py     per-channel (count, mean, M2) partials, Chan's merge, and finalize (running-stat update, once)
+sync.py      synchronized statistics across processes (enable_sync_bn)
+conv_bn_act_train.py  the autograd Function: recompute-instead-of-store backward
+"""
+
+from .conv_bn_act_train import ConvBNActTrain, conv_bn_act_train
+from .stats import BatchStats, batch_stats, finalize, merge_partials
+from .sync import disable_sync_bn, enable_sync_bn
+
+__all__ = [
+    "BatchStats",
+    "ConvBNActTrain",
+    "batch_stats",
+    "conv_bn_act_train",
+    "disable_sync_bn",
+    "enable_sync_bn",
+    "finalize",
+    "merge_partials",
+]

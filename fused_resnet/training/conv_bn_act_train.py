@@ -1,0 +1,155 @@
+"""Train-mode act(BN(conv(x)) + residual) as one autograd Function that recomputes instead of storing.
+
+Forward, in the order the GPU kernels will run it:
+  1. y = conv(x)                              (raw conv output; its kernel's epilogue will emit the partials)
+  2. per-channel (count, mean, M2) partials of y, merged with Chan's formula [+ all-gathered for SyncBN]
+  3. finalize: mean, invstd and the running-stat update, once
+  4. out = act(y·scale + shift + residual)    (one elementwise pass; scale = γ·invstd, shift = β − mean·scale)
+Saved for backward: x, the conv weight, y, mean, invstd (per channel), γ, β, and the residual only where a ReLU
+follows the add (the mask needs it; an identity shortcut is the block input, whose storage the block's first
+conv saves anyway). Neither the normalized y nor the activation is saved: backward recomputes the ReLU mask from
+y in the same single pass that reduces Σg and Σg·(y − mean).
+
+Without a conv (weight=None) the same Function is a train-mode BN + act (pre-activation units): y = x.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.conv_config import ConvConfig
+from .stats import batch_stats, finalize, total_count
+from .sync import all_gather_stats, all_reduce_sum, sync_group
+
+
+def _channel(t: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def _scale_shift(
+    mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = invstd if gamma is None else gamma.to(invstd.dtype) * invstd
+    shift = -mean * scale
+    if beta is not None:
+        shift = shift + beta.to(shift.dtype)
+    return scale, shift
+
+
+def _pre_activation(
+    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None
+) -> torch.Tensor:
+    """y·scale + shift [+ residual] in the accumulation dtype: forward's output before the ReLU and its cast,
+    and backward's mask source. One function for both, so the recomputed mask is bit-identical."""
+    z = torch.addcmul(_channel(shift), y, _channel(scale))
+    return z if residual is None else z + residual
+
+
+class ConvBNActTrain(torch.autograd.Function):
+    """apply(x, weight | None, gamma | None, beta | None, residual | None, bn, config, relu, group | None)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        gamma: torch.Tensor | None,
+        beta: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        bn: nn.BatchNorm2d,
+        config: ConvConfig,
+        relu: bool,
+        group: Any,
+    ) -> torch.Tensor:
+        # The caller already chose the compute dtype; autocast must not re-cast anything in here.
+        with torch.autocast(x.device.type, enabled=False):
+            y = x
+            if weight is not None:
+                y = F.conv2d(x, weight, None, config.stride, config.padding, config.dilation, config.groups)
+            stats = batch_stats(y)
+            # Locally the count is known from the shape; only synchronized stats must read it from the data.
+            count = y.numel() // y.shape[1] if y.shape[1] else 0
+            if group is not None:
+                stats = all_gather_stats(stats, group)
+                count = total_count(stats)
+            mean, invstd = finalize(stats, bn, count)
+            scale, shift = _scale_shift(mean, invstd, gamma, beta)
+            z = _pre_activation(y, scale, shift, residual)
+            out = (torch.relu(z) if relu else z).to(y.dtype)
+        ctx.config, ctx.relu, ctx.group = config, relu, group
+        ctx.count = count
+        ctx.has_conv, ctx.has_residual = weight is not None, residual is not None
+        saved_residual = residual if relu and residual is not None else None
+        ctx.save_for_backward(x if weight is not None else None, weight, y, mean, invstd, gamma, beta, saved_residual)
+        return out
+
+    # z = γ·x̂ + β [+ r],  x̂ = (y − μ)·σ⁻¹,  out = relu(z) or z;  over the (global) batch of n values per channel:
+    #   g' = g·1[z > 0]
+    #   dL/dr = g',  dL/dβ = Σg',  dL/dγ = Σg'·x̂ = σ⁻¹·Σg'·(y − μ)
+    #   dL/dy = γσ⁻¹·(g' − Σg'/n − x̂·Σg'x̂/n)  =  a·g' + b·y + c  per channel, with
+    #     a = γσ⁻¹,  k = σ⁻²·Σg'(y − μ)/n,  b = −a·k,  c = a·(k·μ − Σg'/n)
+    #   (dL/dx, dL/dW) = convolution_backward(dL/dy, x, W)
+    # SyncBN: the two sums in dL/dy run over every process's batch (all-reduced); dL/dγ, dL/dβ stay local, as in
+    # nn.SyncBatchNorm, because DistributedDataParallel averages parameter gradients itself.
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        x, weight, y, mean, invstd, gamma, beta, residual = ctx.saved_tensors
+        need_x, need_w, need_gamma, need_beta, need_r = ctx.needs_input_grad[:5]
+        acc = mean.dtype
+        scale, shift = _scale_shift(mean, invstd, gamma, beta)
+        g = grad_out
+        if ctx.relu:
+            g = torch.where(_pre_activation(y, scale, shift, residual) > 0, g, 0)
+        dims = (0, 2, 3)
+        sum_g = g.sum(dims, dtype=acc)
+        sum_gy = (g.to(acc) * (y.to(acc) - _channel(mean))).sum(dims)
+        grad_gamma = (sum_gy * invstd).to(gamma.dtype) if need_gamma else None
+        grad_beta = sum_g.to(beta.dtype) if need_beta else None
+        grad_x = grad_w = None
+        if need_x or need_w:
+            if ctx.group is not None:
+                sum_g, sum_gy = all_reduce_sum(torch.stack([sum_g, sum_gy]), ctx.group).unbind(0)
+            a = scale
+            k = invstd.square() * sum_gy / ctx.count
+            b, c = -a * k, a * (k * mean - sum_g / ctx.count)
+            dy = (torch.addcmul(_channel(c), g.to(acc), _channel(a)) + y.to(acc) * _channel(b)).to(y.dtype)
+            if not ctx.has_conv:
+                grad_x = dy
+            else:
+                stride, padding, dilation = (
+                    list(v) for v in (ctx.config.stride, ctx.config.padding, ctx.config.dilation)
+                )
+                grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                    dy,
+                    x,
+                    weight,
+                    None,
+                    stride,
+                    padding,
+                    dilation,
+                    False,
+                    [0, 0],
+                    ctx.config.groups,
+                    [need_x, need_w, False],
+                )
+        grad_r = g if need_r and ctx.has_residual else None
+        return grad_x, grad_w, grad_gamma, grad_beta, grad_r, None, None, None, None
+
+
+def conv_bn_act_train(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bn: nn.BatchNorm2d,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    config: ConvConfig | None = None,
+) -> torch.Tensor:
+    """act(bn(conv(x, weight)) + residual) with batch statistics (global ones where bn is marked for SyncBN),
+    updating bn's running stats once; weight=None skips the conv. x, weight and residual share one dtype."""
+    return ConvBNActTrain.apply(
+        x, weight, bn.weight, bn.bias, residual, bn, config or ConvConfig(), relu, sync_group(bn)
+    )

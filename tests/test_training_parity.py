@@ -1,0 +1,256 @@
+"""The fused training path against independent references: gradcheck (fp64), stock nn modules, torchvision over
+several optimizer steps, autocast, what backward saves, and a 1000+ layer net."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+import fused_resnet
+from fused_resnet import ConvBNAct
+from fused_resnet.check import randomize_bn_
+from fused_resnet.nn import bn_act
+from fused_resnet.ops.conv_config import ConvConfig
+from fused_resnet.tolerances import STOCK_FACTOR, grad_rtol, relative_error
+from fused_resnet.training import ConvBNActTrain
+
+
+def _bn(c: int, affine: bool = True) -> nn.BatchNorm2d:
+    return randomize_bn_(nn.BatchNorm2d(c, affine=affine)).double()
+
+
+# --- gradcheck of the Function (float64, tiny shapes) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "conv, residual, relu, affine, stride",
+    [
+        (True, True, True, True, 1),
+        (True, False, True, True, 2),
+        (True, True, False, True, 1),
+        (True, False, False, False, 1),
+        (False, False, True, True, 1),  # BN + ReLU alone (pre-activation unit)
+        (False, True, True, False, 1),
+    ],
+)
+def test_gradcheck(conv, residual, relu, affine, stride):
+    cin, cout = 2, (3 if conv else 2)
+    bn = _bn(cout, affine)
+    config = ConvConfig(stride=(stride, stride), padding=(1, 1))
+    x = torch.randn(2, cin, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(cout, cin, 3, 3, dtype=torch.float64, requires_grad=True) if conv else None
+    oh = 4 if stride == 1 else 2
+    r = torch.randn(2, cout, oh, oh, dtype=torch.float64, requires_grad=True) if residual else None
+    gamma = bn.weight.detach().clone().requires_grad_(True) if affine else None
+    beta = bn.bias.detach().clone().requires_grad_(True) if affine else None
+
+    def fn(x, w, gamma, beta, r):
+        return ConvBNActTrain.apply(x, w, gamma, beta, r, bn, config, relu, None)
+
+    assert torch.autograd.gradcheck(fn, (x, w, gamma, beta, r), eps=1e-6, atol=1e-7)
+
+
+# --- module level against stock nn modules --------------------------------------------------------------------
+
+
+def _plain(m: ConvBNAct, x, residual=None):
+    y = m.bn(m.conv(x))
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if m.relu else y
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_module_matches_stock_over_steps(backend, channels_last):
+    fused = ConvBNAct(6, 8, 3, stride=2, padding=1, momentum=None, backend=backend).double()
+    randomize_bn_(fused)
+    plain = copy.deepcopy(fused)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for _ in range(3):
+        x = torch.randn(3, 6, 9, 8, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_(True)
+        r = torch.randn(3, 8, 5, 4, dtype=torch.float64, requires_grad=True)
+        got, want = fused(x, r), _plain(plain, x, r)
+        assert got.is_contiguous(memory_format=fmt)
+        assert relative_error(got, want) < 1e-12
+        g = torch.randn_like(want)
+        got_g = torch.autograd.grad(got, [x, r, fused.conv.weight, fused.bn.weight, fused.bn.bias], g)
+        want_g = torch.autograd.grad(want, [x, r, plain.conv.weight, plain.bn.weight, plain.bn.bias], g)
+        for a, b in zip(got_g, want_g, strict=True):
+            assert relative_error(a, b) < 1e-10
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused.bn, name), getattr(plain.bn, name), rtol=1e-12, atol=1e-15)
+
+
+def test_bn_act_matches_stock():
+    bn = _bn(5)
+    plain = copy.deepcopy(bn)
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    got, want = bn_act(x, bn), torch.relu(plain(x))
+    assert relative_error(got, want) < 1e-12
+    g = torch.randn_like(want)
+    got_g, want_g = torch.autograd.grad(got, [x, bn.weight], g), torch.autograd.grad(want, [x, plain.weight], g)
+    for a, b in zip(got_g, want_g, strict=True):
+        assert relative_error(a, b) < 1e-10
+    torch.testing.assert_close(bn.running_var, plain.running_var, rtol=1e-12, atol=0)
+
+
+def test_reference_backend_runs_stock_ops(monkeypatch):
+    called = []
+    monkeypatch.setattr(ConvBNActTrain, "apply", lambda *a: called.append(1) or pytest.fail("fused path taken"))
+    m = ConvBNAct(3, 4, 3, padding=1, backend="reference").train()
+    m(torch.randn(2, 3, 4, 4))
+    assert not called
+
+
+# --- what backward keeps alive --------------------------------------------------------------------------------
+
+
+def _saved(fn) -> tuple[torch.Tensor, dict[int, int]]:
+    """fn()'s output and what autograd saved for backward: {storage pointer: bytes}."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_backward_saves_raw_conv_output_not_normalized_or_activation(backend, monkeypatch):
+    m = ConvBNAct(8, 8, 3, padding=1, backend=backend).train()
+    x = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    ys = []
+    monkeypatch.setattr(F, "conv2d", lambda *a, _conv=F.conv2d: ys.append(_conv(*a)) or ys[-1])
+    out, saved = _saved(lambda: m(x))
+    (y,) = ys
+    activations = {t.untyped_storage().data_ptr() for t in (x, y)}
+    others = {p: n for p, n in saved.items() if p not in activations}
+    if backend == "reference":  # stock PyTorch also keeps the ReLU's output alive
+        assert out.untyped_storage().data_ptr() in saved
+    else:
+        # x, y, and otherwise only the weight and per-channel vectors (mean, invstd, γ, β).
+        assert activations <= saved.keys()
+        assert max(others.values()) <= m.conv.weight.untyped_storage().nbytes()
+        assert sum(others.values()) < out.untyped_storage().nbytes()
+
+
+# --- torchvision parity over several optimizer steps ----------------------------------------------------------
+
+
+def _train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
+    """`steps` SGD steps (momentum, weight decay); the last step's gradients, then parameters and buffers."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    for _ in range(steps):
+        xg = x.clone().requires_grad_(True)
+        opt.zero_grad()
+        F.cross_entropy(model(xg), labels).backward()
+        grads = {"input grad": xg.grad.double(), "param grads": _cat(p.grad for p in model.parameters())}
+        opt.step()
+    return {
+        **grads,
+        "params": _cat(model.parameters()),
+        "running stats": _cat(b for n, b in model.named_buffers() if "running" in n),
+        "num_batches_tracked": _cat(b for n, b in model.named_buffers() if "num_batches" in n),
+    }
+
+
+def _cat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().double().flatten() for t in tensors])
+
+
+def _channels_last(model: nn.Module) -> nn.Module:
+    # Stock torchvision in the fused models' layout: oneDNN sums in another order for NHWC, and that, not the
+    # fusion, is most of the fp32 difference (measured: NCHW stock is ~2-4x closer to fp64 after 3 steps).
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+def test_torchvision_parity_after_several_steps():
+    # Bottleneck nets run the same fused calls; they are left out here only for CPU time (2048 channels).
+    torch.manual_seed(0)
+    tv = randomize_bn_(torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10))
+    fused = fused_resnet.fuse(tv)
+    x = torch.randn(4, 3, 32, 32)
+    labels = torch.randint(0, 10, (4,))
+    want = _train(copy.deepcopy(tv).double(), x.double(), labels, steps=3)
+    stock = _train(_channels_last(tv), x.contiguous(memory_format=torch.channels_last), labels, steps=3)
+    got32 = _train(copy.deepcopy(fused), x, labels, steps=3)
+    got64 = _train(copy.deepcopy(fused).double(), x.double(), labels, steps=3)
+    for key, expected in want.items():
+        assert relative_error(got64[key], expected) < 1e-10, key
+        err, stock_err = relative_error(got32[key], expected), relative_error(stock[key], expected)
+        assert err <= max(grad_rtol(torch.float32), STOCK_FACTOR * stock_err), (key, err, stock_err)
+
+
+def test_eval_mode_backward_matches_torchvision():
+    # The eval path (folded BN) with the training Function in the same build; "reference" pins the conv so that
+    # this checks the fold's backward, not a kernel backend (those have their own tests).
+    tv = randomize_bn_(torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)).double().eval()
+    fused = fused_resnet.fuse(tv, backend="reference")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 10, dtype=torch.float64)
+    got = torch.autograd.grad(fused(x), [x, *fused.parameters()], g)
+    want = torch.autograd.grad(tv(x), [x, *tv.parameters()], g)
+    assert relative_error(_cat(got), _cat(want)) < 1e-10
+
+
+# --- reduced precision --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_channels_last_training_steps(dtype):
+    torch.manual_seed(0)
+    tv = randomize_bn_(torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10))
+    # 64×64 keeps 16 values per BN channel in layer4; with 4 (32×32), bf16 training is chaotic for stock too.
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (4,))
+    want = _train(copy.deepcopy(tv).double(), x.double(), labels, steps=2)
+
+    def run(model: nn.Module) -> torch.Tensor:
+        # fp16 needs loss scaling (GradScaler); bf16 has fp32's range and does not.
+        scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16, init_scale=2.0**10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        model.train()
+        for _ in range(2):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=dtype):
+                loss = F.cross_entropy(model(x), labels)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return _cat(model.parameters())
+
+    got = run(fused_resnet.fuse(tv))
+    stock = run(_channels_last(tv))
+    assert torch.isfinite(got).all()
+    err, stock_err = relative_error(got, want["params"]), relative_error(stock, want["params"])
+    assert err <= STOCK_FACTOR * stock_err, (err, stock_err)
+
+
+# --- depth --------------------------------------------------------------------------------------------------
+
+
+def test_resnet1202_trains_a_few_steps_on_the_fused_path():
+    model = fused_resnet.resnet1202(num_classes=4)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1000
+    x = torch.randn(2, 3, 4, 4)  # per-op overhead, not size, dominates 1200 layers on CPU
+    labels = torch.tensor([0, 3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    before = _cat(model.parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    assert torch.isfinite(_cat(model.parameters())).all()
+    assert not torch.equal(_cat(model.parameters()), before)
+    assert int(model.layer3[-1].bn2.num_batches_tracked) == 2
