@@ -55,8 +55,10 @@ def _extensions() -> tuple[list, dict]:
 
     # The torch version _C is built against (so that importing it under another torch fails with a clear message),
     # spelled as character codes: a quoted string does not survive the shell that ninja runs the compiler in.
-    define_macros = [("FUSED_RESNET_TORCH_VERSION_CHARS", ",".join(str(ord(ch)) for ch in torch.__version__))]
-    cxx_flags = ["-O3", "-std=c++20"]
+    # g++ only: nvcc would split the value at its commas.
+    version_chars = ",".join(str(ord(ch)) for ch in torch.__version__)
+    # -g0 undoes the -g of Python's own CFLAGS: debug info for torch's templates only slows the build.
+    cxx_flags = ["-O3", "-std=c++20", "-g0", f"-DFUSED_RESNET_TORCH_VERSION_CHARS={version_chars}"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [str(ROOT / "csrc")]
 
@@ -75,18 +77,19 @@ def _extensions() -> tuple[list, dict]:
             "fused_resnet._C",
             sources,
             include_dirs=include_dirs,
-            define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
         )
         return [ext], {"build_ext": BuildExtension}
 
-    # Read by torch's BuildExtension when it composes the -gencode flags; an explicit value is respected.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+    # Read by torch's BuildExtension when it composes the -gencode flags; an explicit value is respected. Without
+    # one, torch would ask the (possibly absent) GPU. sm_80 SASS also runs on sm_86/89; sm_90a is the H100's.
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
     ext = CUDAExtension(
         "fused_resnet._C",
         sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
         include_dirs=include_dirs,
-        define_macros=[*define_macros, ("FUSED_RESNET_WITH_CUDA", "1")],
+        define_macros=[("FUSED_RESNET_WITH_CUDA", "1")],
         extra_compile_args={
             "cxx": cxx_flags,
             # The .cu files are torch-free (raw pointers + csrc/cuda/launch.h), so they compile in seconds.

@@ -24,7 +24,8 @@ namespace {
 
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
 
-// torch's oneDNN ops, called boxed: their C++ signatures have changed between torch releases, their schemas not.
+// torch's oneDNN ops, called boxed: this file then depends on their schemas only, not on their C++ signatures
+// (which are no public API):
 //   mkldnn::_convolution_pointwise(X, W, B, padding, stride, dilation, groups, attr, scalars, algorithm)
 //   mkldnn::_convolution_pointwise.binary(X, other, W, B, padding, stride, dilation, groups, binary_attr, alpha,
 //                                         unary_attr, unary_scalars, unary_algorithm)
@@ -94,10 +95,18 @@ at::Tensor conv_onednn(const at::Tensor& input, const at::Tensor& weight, const 
   const at::Tensor b = bias.to(input.scalar_type());
   const c10::List<std::optional<at::Scalar>> no_scalars;
   const c10::IValue none;
-  if (residual.has_value()) {
+  if (residual.has_value() && g.groups == 1) {
     // dst = relu(conv + bias + residual): binary-add and eltwise-relu post-ops of the one conv primitive.
     return call_boxed(ops.conv_binary, {input, *residual, packed, b, padding, stride, dilation, g.groups, "add", none,
                                         relu ? c10::IValue("relu") : none, no_scalars, none});
+  }
+  if (residual.has_value()) {
+    // torch takes the binary post-op only for groups == 1 (its own fallback has no bfloat16 add_relu).
+    at::Tensor y = call_boxed(ops.conv, {input, packed, none, padding, stride, dilation, g.groups, "none",
+                                         no_scalars, none})
+                       .contiguous(kChannelsLast);
+    bias_residual_relu_into(y, bias, residual, relu, y);
+    return y;
   }
   return call_boxed(ops.conv,
                     {input, packed, b, padding, stride, dilation, g.groups, relu ? "relu" : "none", no_scalars, none});

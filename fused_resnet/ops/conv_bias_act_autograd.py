@@ -47,7 +47,8 @@ def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
 
 
 def _sum_nhw(t: torch.Tensor) -> torch.Tensor:
-    return t.sum(dim=(0, 2, 3), dtype=torch.float32)
+    # Reductions over a whole batch accumulate in fp32 at least (fp64 stays fp64).
+    return t.sum(dim=(0, 2, 3), dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
 # y = act(conv(a, w) + b + r), a = pre(x) = relu(x·s + t) or x, act = relu or identity:

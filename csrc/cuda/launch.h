@@ -1,0 +1,41 @@
+// The torch-free interface between the CUDA kernels (csrc/cuda/*.cu, compiled by nvcc without torch headers)
+// and their torch bindings (csrc/cuda/ops_cuda.cpp, compiled by g++): raw pointers, sizes and a stream.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fused_resnet::cuda {
+
+enum class DType { kHalf, kBFloat16, kFloat, kDouble };
+
+// One conv_bias_act call over dense NHWC tensors: x [N, H, W, C], weight [Cout, KH, KW, C/groups] (a
+// channels_last (Cout, C/groups, KH, KW) tensor), residual and y [N, OH, OW, Cout], per-channel vectors fp32.
+struct ConvBiasActParams {
+  const void* x;
+  const void* weight;
+  const float* bias;      // [Cout]
+  const void* residual;   // nullptr: none
+  const float* in_scale;  // [C]; nullptr: no prologue
+  const float* in_shift;  // [C]
+  void* y;
+  int n, h, w, c;
+  int cout, kh, kw;
+  int oh, ow;
+  int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int groups;
+  bool relu;
+  int sm_count;  // of the device the stream belongs to, for the tile-size choice
+};
+
+// Launches act(conv(pre(x), weight) + bias + residual) on `stream` (dtype: kHalf, kBFloat16 or kFloat as TF32).
+// Callers guarantee N*OH*OW < 2^31 - 256 and groups <= 65535. Returns the launch error, if any.
+cudaError_t launch_conv_bias_act(DType dtype, const ConvBiasActParams& p, cudaStream_t stream);
+
+// out = act(y + bias[c] + residual) over `rows` NHWC pixels of `channels` channels; out may be y.
+// bias is fp64 for kDouble, fp32 otherwise.
+cudaError_t launch_bias_residual_relu(DType dtype, const void* y, const void* bias, const void* residual, void* out,
+                                      int64_t rows, int64_t channels, bool relu, cudaStream_t stream);
+
+}  // namespace fused_resnet::cuda

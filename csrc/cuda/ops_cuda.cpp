@@ -1,0 +1,150 @@
+// CUDA implementations of the fused_resnet_C ops: check, allocate, launch the torch-free kernels of
+// csrc/cuda/*.cu on the current stream of the input's device.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <array>
+#include <limits>
+#include <mutex>
+#include <optional>
+
+#include "checks.h"
+#include "cuda/launch.h"
+
+namespace fused_resnet::cuda {
+namespace {
+
+constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
+
+DType kernel_dtype(c10::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return DType::kHalf;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat;
+    case at::kDouble:
+      return DType::kDouble;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", t);
+  }
+}
+
+struct DeviceInfo {
+  int major = 0, minor = 0, sm_count = 0;
+};
+
+const DeviceInfo& device_info(c10::DeviceIndex index) {
+  constexpr int kMaxDevices = 64;
+  static std::array<DeviceInfo, kMaxDevices> infos;
+  static std::array<std::once_flag, kMaxDevices> once;
+  TORCH_CHECK(index >= 0 && index < kMaxDevices, "CUDA device index ", index, " out of range");
+  std::call_once(once[index], [index] {
+    DeviceInfo& info = infos[index];
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, index));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, index));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, index));
+  });
+  return infos[index];
+}
+
+int narrow(int64_t v) {
+  return static_cast<int>(v);
+}
+
+at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                              const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& in_scale,
+                              const std::optional<at::Tensor>& in_shift, c10::IntArrayRef stride,
+                              c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, bool relu) {
+  const char* op = "conv_bias_act";
+  const ConvGeometry g = check_conv_bias_act(op, c10::DeviceType::CUDA, x, weight, bias, residual, in_scale,
+                                             in_shift, stride, padding, dilation, groups);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
+              ": the CUDA kernels run float16, bfloat16 and float32 (on TF32 tensor cores), got ", dtype,
+              "; use the reference backend for float64");
+  c10::cuda::CUDAGuard guard(x.device());
+  const DeviceInfo& info = device_info(x.device().index());
+  TORCH_CHECK(info.major >= 8, op, ": the CUDA kernels need compute capability 8.0 or newer, ", x.device(), " is ",
+              info.major, ".", info.minor);
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  const int64_t m_total = g.n * g.oh * g.ow;
+  TORCH_CHECK(m_total < kIntMax - 256, op, ": N*OH*OW = ", m_total,
+              " output pixels exceed the kernel's 32-bit row index; split the batch");
+  TORCH_CHECK(g.groups <= 65535, op, ": groups=", g.groups, " exceeds the CUDA grid limit of 65535");
+  for (int64_t v : {g.h, g.w, g.c, g.cout, g.kh * g.kw * (g.c / g.groups), g.pad_h + g.h, g.pad_w + g.w,
+                    g.stride_h * g.oh, g.stride_w * g.ow, g.dil_h * g.kh, g.dil_w * g.kw}) {
+    TORCH_CHECK(v < (int64_t{1} << 29), op, ": a size in ", x.sizes(), " / ", weight.sizes(),
+                " is too large for the kernel's 32-bit index math");
+  }
+
+  at::Tensor out = empty_channels_last({g.n, g.cout, g.oh, g.ow}, x.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor x_cl = x.contiguous(kChannelsLast);
+  const at::Tensor w_cl = weight.contiguous(kChannelsLast);
+  const at::Tensor b = bias.to(at::kFloat).contiguous();
+  std::optional<at::Tensor> r, s, t;
+  if (residual.has_value()) r = residual->contiguous(kChannelsLast);
+  if (in_scale.has_value()) {
+    s = in_scale->to(at::kFloat).contiguous();
+    t = in_shift->to(at::kFloat).contiguous();
+  }
+
+  ConvBiasActParams p{};
+  p.x = x_cl.const_data_ptr();
+  p.weight = w_cl.const_data_ptr();
+  p.bias = b.const_data_ptr<float>();
+  p.residual = r.has_value() ? r->const_data_ptr() : nullptr;
+  p.in_scale = s.has_value() ? s->const_data_ptr<float>() : nullptr;
+  p.in_shift = t.has_value() ? t->const_data_ptr<float>() : nullptr;
+  p.y = out.mutable_data_ptr();
+  p.n = narrow(g.n);
+  p.h = narrow(g.h);
+  p.w = narrow(g.w);
+  p.c = narrow(g.c);
+  p.cout = narrow(g.cout);
+  p.kh = narrow(g.kh);
+  p.kw = narrow(g.kw);
+  p.oh = narrow(g.oh);
+  p.ow = narrow(g.ow);
+  p.stride_h = narrow(g.stride_h);
+  p.stride_w = narrow(g.stride_w);
+  p.pad_h = narrow(g.pad_h);
+  p.pad_w = narrow(g.pad_w);
+  p.dil_h = narrow(g.dil_h);
+  p.dil_w = narrow(g.dil_w);
+  p.groups = narrow(g.groups);
+  p.relu = relu;
+  p.sm_count = info.sm_count;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  C10_CUDA_CHECK(launch_conv_bias_act(kernel_dtype(dtype), p, stream));
+  return out;
+}
+
+at::Tensor bias_residual_relu_cuda(const at::Tensor& y, const at::Tensor& bias,
+                                   const std::optional<at::Tensor>& residual, bool relu) {
+  check_bias_residual_relu("bias_residual_relu", c10::DeviceType::CUDA, y, bias, residual);
+  c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor out = empty_channels_last(y.sizes(), y.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor y_cl = y.contiguous(kChannelsLast);
+  const at::Tensor b = bias.to(y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  std::optional<at::Tensor> r;
+  if (residual.has_value()) r = residual->contiguous(kChannelsLast);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
+  C10_CUDA_CHECK(launch_bias_residual_relu(kernel_dtype(y.scalar_type()), y_cl.const_data_ptr(), b.const_data_ptr(),
+                                           r.has_value() ? r->const_data_ptr() : nullptr, out.mutable_data_ptr(),
+                                           y.numel() / y.size(1), y.size(1), relu, stream));
+  return out;
+}
+
+}  // namespace
+}  // namespace fused_resnet::cuda
+
+TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) {
+  m.impl("conv_bias_act", &fused_resnet::cuda::conv_bias_act_cuda);
+  m.impl("bias_residual_relu", &fused_resnet::cuda::bias_residual_relu_cuda);
+}

@@ -1,0 +1,173 @@
+"""The C++/CUDA extension (fused_resnet._C) as the "cpu" and "cuda" backends.
+
+The extension defines its ops in C++ under its own namespace (torch.ops.fused_resnet_C.*) with CPU and CUDA
+kernels; this module adds what the dispatcher needs from Python (fake tensors and autograd) and exposes
+them as Backend entries. The package imports and runs without the extension: then both backends report
+themselves unavailable. An extension built against another torch is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ..backends import Backend
+from .conv_bias_act_autograd import register_fake_and_autograd
+from .conv_config import ConvConfig
+
+BUILD_COMMAND = "`pip install --no-build-isolation -e .` in the fused_resnet checkout"
+REBUILD_HINT = f"rebuild it with {BUILD_COMMAND}"
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class ExtensionMismatchError(ImportError):
+    """fused_resnet._C exists but was built for another torch (or cannot be loaded by this one)."""
+
+
+def _load_extension() -> tuple[ModuleType | None, str | None]:
+    """The extension module, or None and why not. Raises ExtensionMismatchError for a stale build."""
+    try:
+        module = importlib.import_module("fused_resnet._C")
+    except ModuleNotFoundError as err:
+        if err.name != "fused_resnet._C":
+            raise
+        return None, f"fused_resnet._C is not built (build it with {BUILD_COMMAND}, without FUSED_RESNET_SKIP_EXT=1)"
+    except ImportError as err:  # e.g. undefined symbols: compiled against another torch's ABI
+        raise ExtensionMismatchError(
+            f"fused_resnet._C cannot be loaded by torch {torch.__version__} ({err}); {REBUILD_HINT}"
+        ) from err
+    built_with = module.torch_version()
+    if built_with != torch.__version__:
+        raise ExtensionMismatchError(
+            f"fused_resnet._C was built against torch {built_with} but torch {torch.__version__} is installed; "
+            f"{REBUILD_HINT}"
+        )
+    return module, None
+
+
+_C, _MISSING = _load_extension()
+
+
+def _fake_bias_residual_relu(
+    y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
+
+
+def _setup_bias_residual_relu(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    _, bias, residual, relu = inputs
+    ctx.relu = relu
+    ctx.has_residual = residual is not None
+    ctx.bias_dtype = bias.dtype
+    ctx.save_for_backward(output if relu else None)
+
+
+# out = act(y + b + r):  g' = g·1[out > 0] (relu),  dL/dy = dL/dr = g',  dL/db = Σ_{n,h,w} g'
+def _backward_bias_residual_relu(ctx: Any, grad: torch.Tensor) -> tuple:
+    (out,) = ctx.saved_tensors
+    if ctx.relu:
+        grad = grad * (out > 0).to(grad.dtype)
+    need_y, need_b, need_r = ctx.needs_input_grad[:3]
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    grad_b = grad.sum(dim=(0, 2, 3), dtype=acc).to(ctx.bias_dtype) if need_b else None
+    return grad if need_y else None, grad_b, grad if (need_r and ctx.has_residual) else None, None
+
+
+if _C is not None:
+    register_fake_and_autograd("fused_resnet_C::conv_bias_act")
+    torch.library.register_fake("fused_resnet_C::bias_residual_relu", _fake_bias_residual_relu)
+    torch.library.register_autograd(
+        "fused_resnet_C::bias_residual_relu", _backward_bias_residual_relu, setup_context=_setup_bias_residual_relu
+    )
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    config: ConvConfig,
+    relu: bool,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """act(conv(pre(x), weight) + bias + residual) on the extension's kernel for x's device (autograd-capable)."""
+    return torch.ops.fused_resnet_C.conv_bias_act(
+        x,
+        weight,
+        bias,
+        residual,
+        in_scale,
+        in_shift,
+        list(config.stride),
+        list(config.padding),
+        list(config.dilation),
+        config.groups,
+        relu,
+    )
+
+
+def bias_residual_relu(
+    y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True
+) -> torch.Tensor:
+    """act(y + bias[c] + residual), channels_last, in y's dtype (the conv epilogue alone)."""
+    return torch.ops.fused_resnet_C.bias_residual_relu(y, bias, residual, relu)
+
+
+def _unavailable(device_type: str) -> str | None:
+    if _C is None:
+        return _MISSING
+    if device_type == "cuda":
+        if not _C.has_cuda():
+            return f"fused_resnet._C was built without CUDA kernels (no nvcc at build time); {REBUILD_HINT}"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+    return None
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _unsupported(
+    device_type: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None,
+    config: ConvConfig,
+    prologue: bool = False,
+) -> str | None:
+    if x.device.type != device_type:
+        return f"the {device_type!r} backend runs {device_type} tensors, got a tensor on {x.device}"
+    if device_type == "cpu":
+        return None  # every dtype, conv geometry and the prologue
+    if x.dtype not in _CUDA_DTYPES:
+        return f"the CUDA kernels run float16, bfloat16 and float32 (as TF32), not {x.dtype}"
+    if x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "float32 runs on TF32 tensor cores, but TF32 is disabled (torch.backends.cudnn.allow_tf32 = False)"
+    major, minor = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if major < 8:
+        return f"the CUDA kernels need compute capability 8.0 or newer (mma.sync bf16, cp.async); got {major}.{minor}"
+    n, _, oh, ow = config.output_shape(x, weight)
+    if n * oh * ow >= 2**31 - 256:
+        return f"N*OH*OW = {n * oh * ow} output pixels exceed the kernels' 32-bit row index; split the batch"
+    if config.groups > 65535:
+        return f"groups={config.groups} exceeds the CUDA grid limit of 65535"
+    return None
+
+
+def backend(name: str) -> Backend:
+    """The extension's backend for one device type: name is "cpu" or "cuda"."""
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"the extension provides the 'cpu' and 'cuda' backends, not {name!r}")
+    return Backend(
+        name=name,
+        conv_bias_act=conv_bias_act,
+        unavailable=functools.partial(_unavailable, name),
+        unsupported=functools.partial(_unsupported, name),
+    )
