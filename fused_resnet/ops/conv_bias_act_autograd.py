@@ -7,6 +7,7 @@ pre(x) = relu(x·in_scale + in_shift) when in_scale is given (ops/reference.py d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,3 +88,22 @@ def register_fake_and_autograd(op: Any) -> None:
     """Registers the shared fake implementation and backward formula on a conv_bias_act op."""
     torch.library.register_fake(op, fake_conv_bias_act)
     torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+
+
+def call_with_config(op: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Adapts an op with SCHEMA to the Backend.conv_bias_act signature (config object, prologue last)."""
+
+    def conv_bias_act(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        residual: torch.Tensor | None,
+        config: ConvConfig,
+        relu: bool,
+        in_scale: torch.Tensor | None = None,
+        in_shift: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        stride, padding, dilation = list(config.stride), list(config.padding), list(config.dilation)
+        return op(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, config.groups, relu)
+
+    return conv_bias_act

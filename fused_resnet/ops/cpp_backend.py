@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..backends import Backend
-from .conv_bias_act_autograd import register_fake_and_autograd
+from .conv_bias_act_autograd import call_with_config, register_fake_and_autograd
 from .conv_config import ConvConfig
 
 BUILD_COMMAND = "`pip install --no-build-isolation -e .` in the fused_resnet checkout"
@@ -85,30 +85,13 @@ if _C is not None:
     )
 
 
-def conv_bias_act(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    residual: torch.Tensor | None,
-    config: ConvConfig,
-    relu: bool,
-    in_scale: torch.Tensor | None = None,
-    in_shift: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """act(conv(pre(x), weight) + bias + residual) on the extension's kernel for x's device (autograd-capable)."""
-    return torch.ops.fused_resnet_C.conv_bias_act(
-        x,
-        weight,
-        bias,
-        residual,
-        in_scale,
-        in_shift,
-        list(config.stride),
-        list(config.padding),
-        list(config.dilation),
-        config.groups,
-        relu,
-    )
+def _conv_bias_act_op(*args: Any) -> torch.Tensor:
+    # Looked up at call time: the op exists only once _C has loaded.
+    return torch.ops.fused_resnet_C.conv_bias_act(*args)
+
+
+# act(conv(pre(x), weight) + bias + residual) on the extension's kernel for x's device (autograd-capable).
+conv_bias_act = call_with_config(_conv_bias_act_op)
 
 
 def bias_residual_relu(

@@ -8,32 +8,8 @@ import torch
 
 from ..backends import Backend
 from . import triton_conv_bias_act as kernels
+from .conv_bias_act_autograd import call_with_config
 from .conv_config import ConvConfig
-
-
-def _conv_bias_act(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    residual: torch.Tensor | None,
-    config: ConvConfig,
-    relu: bool,
-    in_scale: torch.Tensor | None = None,
-    in_shift: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return kernels.triton_conv_bias_act(
-        x,
-        weight,
-        bias,
-        residual,
-        in_scale,
-        in_shift,
-        list(config.stride),
-        list(config.padding),
-        list(config.dilation),
-        config.groups,
-        relu,
-    )
 
 
 def _unavailable() -> str | None:
@@ -72,7 +48,7 @@ def _unsupported(
 def backend(name: str = "triton") -> Backend:
     return Backend(
         name="triton",
-        conv_bias_act=_conv_bias_act,
+        conv_bias_act=call_with_config(kernels.triton_conv_bias_act),
         unavailable=_unavailable,
         unsupported=_unsupported,
     )
