@@ -41,10 +41,12 @@ def _sources(pattern: str) -> list[str]:
 
 
 def _nvcc(cuda_home: str | None) -> str | None:
+    """nvcc of a real toolkit root: a wrapper script on PATH makes torch guess a CUDA_HOME without headers."""
     if cuda_home is None:
         return None
     nvcc = Path(cuda_home) / "bin" / "nvcc"
-    return str(nvcc) if nvcc.exists() else None
+    headers = Path(cuda_home) / "include" / "cuda_runtime.h"
+    return str(nvcc) if nvcc.exists() and headers.exists() else None
 
 
 def _extensions() -> tuple[list, dict]:

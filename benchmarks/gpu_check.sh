@@ -48,6 +48,13 @@ for s in "${STAGES[@]}"; do
     case $s in install|tests|bench|train|sanitize|full-bench) ;; *) echo "unknown stage: $s"; usage ;; esac
 done
 
+# torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper script: point at a real toolkit root.
+if [[ -z ${CUDA_HOME:-} ]]; then
+    for root in /usr/local/cuda /usr/local/cuda-13.0; do
+        if [[ -f $root/include/cuda_runtime.h ]]; then export CUDA_HOME=$root; break; fi
+    done
+fi
+
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO" || exit 2
 mkdir -p "$OUT"

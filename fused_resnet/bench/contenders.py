@@ -64,7 +64,10 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
         out.append(Contender("bn_folded_cl", "folded", cl, weights))
     for name in DEVICE_BACKENDS[device.type]:
         reason = backends.unavailable_reason(name)
-        note = "train: BN batch statistics on the reference path" if train else ""
+        note = ""
+        if train:
+            # Training does not use the backend's conv kernel yet (fused_resnet/training runs PyTorch ops).
+            note = "train: stock ops" if name == "reference" else "train: fused training path in PyTorch ops"
         out.append(Contender(f"fused:{name}{suffix}", "fused", cl, weights, amp, backend=name, skip=reason, note=note))
     small = device.type == "cuda" and group.batch <= profile.small_batch
     if small and not train:

@@ -33,20 +33,29 @@ def throughput_plot(rows: list[dict[str, Any]], path: Path) -> bool:
     if not panels:
         return False
     plt = _pyplot()
+    from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
+
     cols = min(2, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(7 * cols, 4.5 * nrows), squeeze=False)
     colors = plt.get_cmap("tab20").colors
+    # One colour per (contender, dtype) across every panel, so a line means the same thing everywhere.
+    labels = sorted({key for lines in panels.values() for key in lines})
+    color_of = {key: colors[i % len(colors)] for i, key in enumerate(labels)}
     for ax, ((model, mode), lines) in zip(axes.flat, sorted(panels.items()), strict=False):
-        for i, ((contender, dtype), points) in enumerate(sorted(lines.items())):
+        for (contender, dtype), points in sorted(lines.items()):
             points.sort()
             xs, ys = [p[0] for p in points], [p[1] for p in points]
-            ax.plot(xs, ys, marker="o", color=colors[i % len(colors)], label=f"{contender} {dtype}")
+            ax.plot(xs, ys, marker="o", color=color_of[(contender, dtype)], label=f"{contender} {dtype}")
         ax.set(title=f"{model} {mode}", xlabel="batch", ylabel="images/s", xscale="log", yscale="log")
         batches = sorted({p[0] for points in lines.values() for p in points})
         ax.set_xticks(batches, [str(b) for b in batches])
-        ax.minorticks_off()
-        ax.grid(True, which="both", alpha=0.3)
+        ax.xaxis.set_minor_locator(NullLocator())
+        # Label 1-2-5 steps: a range under a decade would otherwise show no y labels at all on a log axis.
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
