@@ -6,10 +6,10 @@ device and dtype carry over untouched. Structures that are not recognised are le
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from dataclasses import dataclass
 
-import torchvision.models.resnet as tv
 from torch import nn
 
 from . import backends
@@ -17,12 +17,19 @@ from .models import resnet as fused
 from .nn.conv_bn_act import ConvBNAct
 from .nn.folding import clear_fold_cache
 
-_TO_FUSED: dict[type, type] = {
-    tv.BasicBlock: fused.BasicBlock,
-    tv.Bottleneck: fused.Bottleneck,
-    tv.ResNet: fused.ResNet,
-}
-_TO_TORCHVISION: dict[type, type] = {v: k for k, v in _TO_FUSED.items()}
+
+@functools.cache
+def _to_fused() -> dict[type, type]:
+    # torchvision is needed only to convert its models: import it here, not when fused_resnet is imported.
+    import torchvision.models.resnet as tv
+
+    return {tv.BasicBlock: fused.BasicBlock, tv.Bottleneck: fused.Bottleneck, tv.ResNet: fused.ResNet}
+
+
+def _to_torchvision() -> dict[type, type]:
+    return {v: k for k, v in _to_fused().items()}
+
+
 _CONV_BN_PAIRS = {
     "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
     "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
@@ -81,8 +88,8 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict:
     backends.requested_backend(backend)
     if not inplace:
         model = copy.deepcopy(model)
-    skipped = _convert(model, _TO_FUSED, tuple(_TO_FUSED))
-    converted = [m for m in model.modules() if type(m) in _TO_TORCHVISION]
+    skipped = _convert(model, _to_fused(), tuple(_to_fused()))
+    converted = [m for m in model.modules() if type(m) in _to_torchvision()]
     _report(skipped, strict, "fuse")
     if not converted:
         raise ValueError(f"fuse() found no torchvision ResNet, BasicBlock or Bottleneck in {type(model).__name__}")
@@ -94,10 +101,10 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The inverse of fuse(): fused ResNets/blocks become torchvision's classes again (same parameters)."""
     if not inplace:
         model = copy.deepcopy(model)
-    skipped = _convert(model, _TO_TORCHVISION, tuple(_TO_TORCHVISION))
+    skipped = _convert(model, _to_torchvision(), tuple(_to_torchvision()))
     _report(skipped, strict=False, verb="unfuse")
     for module in model.modules():
-        if type(module) in _TO_FUSED:
+        if type(module) in _to_fused():
             module.__dict__.pop("backend", None)
             module.__dict__.pop("_block_kwargs", None)
         if isinstance(module, nn.Conv2d):

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..nn.functional import conv_bn_act
 from ._common import init_weights, prepare_input
@@ -35,7 +34,12 @@ __all__ = [
     "wide_resnet101_2",
 ]
 
-SUPPORTED_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+try:  # torchvision is optional for the models themselves; its FrozenBatchNorm2d is accepted where present
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    SUPPORTED_NORMS: tuple[type, ...] = (nn.BatchNorm2d, FrozenBatchNorm2d)
+except ImportError:
+    SUPPORTED_NORMS = (nn.BatchNorm2d,)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
