@@ -17,19 +17,10 @@ from .resnet import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
+from .resnet import __all__ as _resnet_names
 
-TORCHVISION_BUILDERS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-)
+# The builders that have a torchvision twin (and so work with fuse/unfuse and the parity report).
+TORCHVISION_BUILDERS = tuple(name for name in _resnet_names if name[0].islower())
 
 __all__ = [
     "BasicBlock",

@@ -16,6 +16,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton
@@ -457,25 +458,14 @@ def triton_conv_bias_act(
 
 
 @triton_conv_bias_act.register_kernel("cpu")
-def _triton_conv_bias_act_cpu(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    residual: torch.Tensor | None,
-    in_scale: torch.Tensor | None,
-    in_shift: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    relu: bool,
-) -> torch.Tensor:
+def _triton_conv_bias_act_cpu(*args: Any, **kwargs: Any) -> torch.Tensor:
+    # Same arguments as the op above (the schema fixes them).
     if not INTERPRET:
         raise RuntimeError(
             "the Triton backend runs CPU tensors only under the Triton interpreter: set TRITON_INTERPRET=1 before "
             "triton is imported, or move the tensors to a CUDA device, or use backend='cpu' or 'reference'"
         )
-    return _checked_launch(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, groups, relu)
+    return _checked_launch(*args, **kwargs)
 
 
 register_fake_and_autograd(triton_conv_bias_act)
