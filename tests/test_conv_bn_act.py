@@ -114,6 +114,10 @@ def test_inference_mode_works_and_does_not_poison_the_cache():
     with torch.inference_mode():
         y = m(x)
     assert relative_error(y, _plain(m, x)) < 1e-12
+    # The fold is an ordinary tensor even when made under inference_mode: reusable outside it, and cacheable by
+    # backends that key on version counters.
+    folded_weight = m.conv.__dict__["_fused_resnet_fold_cache"][1][0]
+    assert not folded_weight.is_inference()
     # A fold cached inside inference_mode must not leak into autograd outside it.
     xg = x.clone().requires_grad_(True)
     m.requires_grad_(False)
@@ -136,6 +140,18 @@ def test_frozen_bn_fine_tuning_gradients_reach_conv_and_bn():
     want_grads = torch.autograd.grad(want, [x, plain.conv.weight, plain.bn.weight, plain.bn.bias], g)
     for a, b in zip(got_grads, want_grads, strict=True):
         assert relative_error(a, b) < 1e-10
+
+
+def test_conv_without_bn_is_cached_too():
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        y = conv_bn_act(x, conv, None, relu=False)
+        first = conv.__dict__["_fused_resnet_fold_cache"][1][0]
+        conv_bn_act(x, conv, None, relu=False)
+        assert conv.__dict__["_fused_resnet_fold_cache"][1][0] is first
+        conv.weight.mul_(2)
+        assert relative_error(conv_bn_act(x, conv, None, relu=False), 2 * y) < 1e-6
 
 
 def test_pre_bn_prologue_and_no_bn():

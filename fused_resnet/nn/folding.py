@@ -30,27 +30,35 @@ def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def fold_conv_bn(conv_weight: torch.Tensor, bn: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The folded (weight in `dtype`, channels_last; bias in fp32) of conv → eval BN; differentiable."""
+def fold_conv_bn(
+    conv_weight: torch.Tensor, bn: nn.Module | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folded (weight in `dtype`, channels_last; bias in fp32) of conv → eval BN; differentiable.
+    bn=None (a conv with no BN after it): the weight cast and repacked, a zero bias."""
+    if bn is None:
+        bias = torch.zeros(conv_weight.shape[0], dtype=torch.float32, device=conv_weight.device)
+        return conv_weight.to(dtype).contiguous(memory_format=torch.channels_last), bias
     scale, shift = bn_scale_shift(bn)
     weight = (conv_weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
     return weight.contiguous(memory_format=torch.channels_last), shift
 
 
-def _tensors(conv: nn.Conv2d, bn: nn.Module) -> list[torch.Tensor]:
+def _tensors(conv: nn.Conv2d, bn: nn.Module | None) -> list[torch.Tensor]:
+    if bn is None:
+        return [conv.weight]
     candidates = (conv.weight, getattr(bn, "weight", None), getattr(bn, "bias", None), bn.running_mean, bn.running_var)
     return [t for t in candidates if t is not None]
 
 
-def _cache_key(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple | None:
+def _cache_key(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> tuple | None:
     try:
         state = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in _tensors(conv, bn))
     except RuntimeError:  # inference-mode tensors have no version counter: never cache them
         return None
-    return (dtype, float(bn.eps), state)
+    return (dtype, None if bn is None else float(bn.eps), state)
 
 
-def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """fold_conv_bn, cached when no gradient is wanted (a cached tensor must not carry autograd history)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(conv, bn))
     # Under torch.compile the fold is traced into the graph (and constant-folded with freezing).
@@ -63,7 +71,10 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[
         # A fold made inside inference_mode is an inference tensor, unusable outside it.
         if torch.is_inference_mode_enabled() or not weight.is_inference():
             return weight, bias
-    with torch.no_grad():
+    # Folded outside inference mode (when the parameters allow it) so that the result is an ordinary tensor:
+    # usable later outside inference_mode, and cacheable by backends that key on version counters (the CPU
+    # backend's prepacked oneDNN weights).
+    with torch.inference_mode(conv.weight.is_inference()), torch.no_grad():
         folded = fold_conv_bn(conv.weight, bn, dtype)
     if key is not None:
         conv.__dict__[_CACHE_ATTR] = (key, folded)

@@ -109,11 +109,7 @@ def conv_bn_act(
         if residual is not None:
             y = y + residual
         return torch.relu(y) if relu else y
-    if bn is None:
-        weight = conv.weight.to(dtype).contiguous(memory_format=torch.channels_last)
-        bias = torch.zeros(conv.out_channels, dtype=torch.float32, device=x.device)
-    else:
-        weight, bias = folded_conv_bn(conv, bn, dtype)
+    weight, bias = folded_conv_bn(conv, bn, dtype)
     in_scale = in_shift = None
     if pre_bn is not None:
         in_scale, in_shift = bn_scale_shift(pre_bn)
