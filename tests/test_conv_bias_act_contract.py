@@ -6,24 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from fused_resnet.ops import reference
-from fused_resnet.ops.conv_bias_act_autograd import register_fake_and_autograd
+from fused_resnet.ops.conv_bias_act_autograd import SCHEMA, register_fake_and_autograd
 from fused_resnet.ops.conv_config import ConvConfig
 
 
-@torch.library.custom_op("fused_resnet_test::conv_bias_act", mutates_args=())
-def _test_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    residual: torch.Tensor | None,
-    in_scale: torch.Tensor | None,
-    in_shift: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    relu: bool,
-) -> torch.Tensor:
+@torch.library.custom_op("fused_resnet_test::conv_bias_act", mutates_args=(), schema=SCHEMA)
+def _test_op(*args: object) -> torch.Tensor:
+    x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, groups, relu = args
     config = ConvConfig(tuple(stride), tuple(padding), tuple(dilation), groups)
     y = reference.conv_bias_act(x, weight, bias, residual, config, relu, in_scale, in_shift)
     return y.contiguous(memory_format=torch.channels_last)

@@ -440,26 +440,14 @@ def _checked_launch(
 
 
 @torch.library.custom_op("fused_resnet::triton_conv_bias_act", mutates_args=(), device_types="cuda", schema=SCHEMA)
-def triton_conv_bias_act(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    residual: torch.Tensor | None,
-    in_scale: torch.Tensor | None,
-    in_shift: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    relu: bool,
-) -> torch.Tensor:
-    """act(conv(pre(x), weight) + bias + residual) by the Triton kernel; see ops/reference.py for the semantics."""
-    return _checked_launch(x, weight, bias, residual, in_scale, in_shift, stride, padding, dilation, groups, relu)
+def triton_conv_bias_act(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """act(conv(pre(x), weight) + bias + residual) by the Triton kernel; see ops/reference.py for the semantics.
+    The arguments are SCHEMA's (spelled out once, on _checked_launch)."""
+    return _checked_launch(*args, **kwargs)
 
 
 @triton_conv_bias_act.register_kernel("cpu")
 def _triton_conv_bias_act_cpu(*args: Any, **kwargs: Any) -> torch.Tensor:
-    # Same arguments as the op above (the schema fixes them).
     if not INTERPRET:
         raise RuntimeError(
             "the Triton backend runs CPU tensors only under the Triton interpreter: set TRITON_INTERPRET=1 before "
