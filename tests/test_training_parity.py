@@ -49,7 +49,7 @@ def test_gradcheck(conv, residual, relu, affine, stride):
     beta = bn.bias.detach().clone().requires_grad_(True) if affine else None
 
     def fn(x, w, gamma, beta, r):
-        return ConvBNActTrain.apply(x, w, gamma, beta, r, bn, config, relu, None)
+        return ConvBNActTrain.apply(x, w, gamma, beta, r, bn, config, relu, None, "torch")
 
     assert torch.autograd.gradcheck(fn, (x, w, gamma, beta, r), eps=1e-6, atol=1e-7)
 

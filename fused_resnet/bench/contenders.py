@@ -41,6 +41,9 @@ class Contender:
         return self.autocast or self.dtype
 
 
+_TRAIN_NOTES = {"reference": "train: stock ops", "triton": "train: stock conv + Triton BN passes"}
+
+
 def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender]:
     """The contenders of one group, baselines first, torch.compile ones last (they cost the most to build)."""
     cl, nchw = torch.channels_last, torch.contiguous_format
@@ -66,8 +69,8 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
         reason = backends.unavailable_reason(name)
         note = ""
         if train:
-            # Training does not use the backend's conv kernel yet (fused_resnet/training runs PyTorch ops).
-            note = "train: stock ops" if name == "reference" else "train: fused training path in PyTorch ops"
+            # Training runs the stock conv (cuDNN/oneDNN) with the backend's BN passes (fused_resnet/training).
+            note = _TRAIN_NOTES.get(name, "train: stock conv + BN passes in PyTorch ops")
         out.append(Contender(f"fused:{name}{suffix}", "fused", cl, weights, amp, backend=name, skip=reason, note=note))
     small = device.type == "cuda" and group.batch <= profile.small_batch
     if small and not train:

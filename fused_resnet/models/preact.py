@@ -74,7 +74,7 @@ class PreActBottleneck(nn.Module):
         pre, pre_bn = x, self.bn1
         if uses_batch_stats(self.bn1):
             # Batch statistics (and the running-stat update) must happen once, though two convs read bn1's output.
-            pre, pre_bn = bn_act(x, self.bn1, relu=True), None
+            pre, pre_bn = bn_act(x, self.bn1, relu=True, backend=self.backend), None
 
         if self.downsample is not None:
             shortcut = conv_bn_act(pre, self.downsample, None, relu=False, backend=self.backend, pre_bn=pre_bn)
@@ -123,7 +123,7 @@ class PreActResNet(nn.Module):
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
-        x = bn_act(x, self.bn_final, relu=True)
+        x = bn_act(x, self.bn_final, relu=True, backend=self.backend)
 
         x = self.avgpool(x)
         x = torch.flatten(x, 1)

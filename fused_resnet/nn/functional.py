@@ -18,6 +18,7 @@ from .. import backends
 from ..ops.checks import check_activation, check_conv_bias_act
 from ..ops.conv_config import ConvConfig
 from ..training.conv_bn_act_train import conv_bn_act_train
+from ..training.passes import passes_for
 from ..training.sync import sync_group
 from .folding import bn_scale_shift, folded_conv_bn
 
@@ -99,12 +100,13 @@ def conv_bn_act(
     if residual is not None:
         residual = residual.to(dtype)
     if pre_bn is not None and uses_batch_stats(pre_bn):
-        x, pre_bn = bn_act(x, pre_bn, relu=True, backend=backend), None
+        x, pre_bn = bn_act(x, pre_bn, relu=True, backend=backend, allow_fallback=allow_fallback), None
     if bn is not None and uses_batch_stats(bn):
         if pre_bn is not None:
-            x = bn_act(x, pre_bn, relu=True)
+            x = bn_act(x, pre_bn, relu=True, backend=backend, allow_fallback=allow_fallback)
         if _fused_training(bn, backend):
-            return conv_bn_act_train(x, conv.weight.to(dtype), bn, residual, relu, config)
+            passes = passes_for(backend, x, allow_fallback)
+            return conv_bn_act_train(x, conv.weight.to(dtype), bn, residual, relu, config, passes)
         y = _bn_train(_conv(x, conv, config), bn)
         if residual is not None:
             y = y + residual
@@ -118,12 +120,14 @@ def conv_bn_act(
     return chosen.conv_bias_act(x, weight, bias, residual, config, relu, in_scale, in_shift)
 
 
-def bn_act(x: torch.Tensor, bn: nn.Module, relu: bool = True, backend: str = "auto") -> torch.Tensor:
+def bn_act(
+    x: torch.Tensor, bn: nn.Module, relu: bool = True, backend: str = "auto", allow_fallback: bool | None = None
+) -> torch.Tensor:
     """act(bn(x)) with BN's mode: a pre-activation unit (fused into the next conv's prologue later)."""
     check_activation(x)
     if uses_batch_stats(bn):
         if _fused_training(bn, backend):
-            return conv_bn_act_train(x, None, bn, None, relu)
+            return conv_bn_act_train(x, None, bn, None, relu, passes=passes_for(backend, x, allow_fallback))
         y = _bn_train(x, bn)
     else:
         scale, shift = bn_scale_shift(bn)

@@ -22,12 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.conv_config import ConvConfig
-from .stats import batch_stats, finalize, total_count
+from .passes import PASSES
+from .stats import finalize, total_count
 from .sync import all_gather_stats, all_reduce_sum, sync_group
-
-
-def _channel(t: torch.Tensor) -> torch.Tensor:
-    return t.view(1, -1, 1, 1)
 
 
 def _scale_shift(
@@ -37,20 +34,12 @@ def _scale_shift(
     shift = -mean * scale
     if beta is not None:
         shift = shift + beta.to(shift.dtype)
-    return scale, shift
-
-
-def _pre_activation(
-    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None
-) -> torch.Tensor:
-    """y·scale + shift [+ residual] in the accumulation dtype: forward's output before the ReLU and its cast,
-    and backward's mask source. One function for both, so the recomputed mask is bit-identical."""
-    z = torch.addcmul(_channel(shift), y, _channel(scale))
-    return z if residual is None else z + residual
+    return scale.contiguous(), shift.contiguous()
 
 
 class ConvBNActTrain(torch.autograd.Function):
-    """apply(x, weight | None, gamma | None, beta | None, residual | None, bn, config, relu, group | None)."""
+    """apply(x, weight | None, gamma | None, beta | None, residual | None, bn, config, relu, group | None, passes),
+    passes naming the implementation of the passes over y (training/passes.py: "torch" or "triton")."""
 
     @staticmethod
     def forward(
@@ -64,13 +53,15 @@ class ConvBNActTrain(torch.autograd.Function):
         config: ConvConfig,
         relu: bool,
         group: Any,
+        passes: str,
     ) -> torch.Tensor:
         # The caller already chose the compute dtype; autocast must not re-cast anything in here.
         with torch.autocast(x.device.type, enabled=False):
             y = x
             if weight is not None:
                 y = F.conv2d(x, weight, None, config.stride, config.padding, config.dilation, config.groups)
-            stats = batch_stats(y)
+            run = PASSES[passes]
+            stats = run.stats(y)
             # Locally the count is known from the shape; only synchronized stats must read it from the data.
             count = y.numel() // y.shape[1] if y.shape[1] else 0
             if group is not None:
@@ -78,9 +69,8 @@ class ConvBNActTrain(torch.autograd.Function):
                 count = total_count(stats)
             mean, invstd = finalize(stats, bn, count)
             scale, shift = _scale_shift(mean, invstd, gamma, beta)
-            z = _pre_activation(y, scale, shift, residual)
-            out = (torch.relu(z) if relu else z).to(y.dtype)
-        ctx.config, ctx.relu, ctx.group = config, relu, group
+            out = run.normalize(y, scale, shift, residual, relu)
+        ctx.config, ctx.relu, ctx.group, ctx.passes = config, relu, group, passes
         ctx.count = count
         ctx.has_conv, ctx.has_residual = weight is not None, residual is not None
         saved_residual = residual if relu and residual is not None else None
@@ -99,14 +89,13 @@ class ConvBNActTrain(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         x, weight, y, mean, invstd, gamma, beta, residual = ctx.saved_tensors
         need_x, need_w, need_gamma, need_beta, need_r = ctx.needs_input_grad[:5]
-        acc = mean.dtype
+        run = PASSES[ctx.passes]
         scale, shift = _scale_shift(mean, invstd, gamma, beta)
-        g = grad_out
-        if ctx.relu:
-            g = torch.where(_pre_activation(y, scale, shift, residual) > 0, g, 0)
-        dims = (0, 2, 3)
-        sum_g = g.sum(dims, dtype=acc)
-        sum_gy = (g.to(acc) * (y.to(acc) - _channel(mean))).sum(dims)
+        sum_g, sum_gy, masked = run.grad_sums(
+            grad_out, y, scale, shift, residual, mean, ctx.relu, ctx.relu and need_r and ctx.has_residual
+        )
+        if not ctx.relu:
+            masked = grad_out
         grad_gamma = (sum_gy * invstd).to(gamma.dtype) if need_gamma else None
         grad_beta = sum_g.to(beta.dtype) if need_beta else None
         grad_x = grad_w = None
@@ -116,7 +105,10 @@ class ConvBNActTrain(torch.autograd.Function):
             a = scale
             k = invstd.square() * sum_gy / ctx.count
             b, c = -a * k, a * (k * mean - sum_g / ctx.count)
-            dy = (torch.addcmul(_channel(c), g.to(acc), _channel(a)) + y.to(acc) * _channel(b)).to(y.dtype)
+            if masked is not None:  # g' is at hand: no need to recompute the mask
+                dy = run.grad_input(masked, y, scale, shift, None, a, b, c, False)
+            else:
+                dy = run.grad_input(grad_out, y, scale, shift, residual, a, b, c, True)
             if not ctx.has_conv:
                 grad_x = dy
             else:
@@ -136,8 +128,8 @@ class ConvBNActTrain(torch.autograd.Function):
                     ctx.config.groups,
                     [need_x, need_w, False],
                 )
-        grad_r = g if need_r and ctx.has_residual else None
-        return grad_x, grad_w, grad_gamma, grad_beta, grad_r, None, None, None, None
+        grad_r = masked if need_r and ctx.has_residual else None
+        return grad_x, grad_w, grad_gamma, grad_beta, grad_r, None, None, None, None, None
 
 
 def conv_bn_act_train(
@@ -147,9 +139,11 @@ def conv_bn_act_train(
     residual: torch.Tensor | None = None,
     relu: bool = True,
     config: ConvConfig | None = None,
+    passes: str = "torch",
 ) -> torch.Tensor:
     """act(bn(conv(x, weight)) + residual) with batch statistics (global ones where bn is marked for SyncBN),
-    updating bn's running stats once; weight=None skips the conv. x, weight and residual share one dtype."""
+    updating bn's running stats once; weight=None skips the conv. x, weight and residual share one dtype;
+    `passes` names the implementation of the passes over the conv output (training/passes.py)."""
     return ConvBNActTrain.apply(
-        x, weight, bn.weight, bn.bias, residual, bn, config or ConvConfig(), relu, sync_group(bn)
+        x, weight, bn.weight, bn.bias, residual, bn, config or ConvConfig(), relu, sync_group(bn), passes
     )

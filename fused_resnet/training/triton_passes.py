@@ -1,0 +1,480 @@
+"""The training path's passes over the conv output as Triton kernels (CUDA tensors; CPU under the interpreter).
+
+A train-mode conv → BN → [+ residual] → [ReLU] unit reads its conv output y three times in all, each one pass:
+  forward   1. per-channel (mean, M2) partials of y                       _stats_kernel
+            2. out = act(y·scale + shift [+ r])                           _normalize_kernel
+  backward  3. g' = g·1[z > 0]; partial Σg', Σg'·(y − μ) [; store g']    _grad_sums_kernel
+            4. dL/dy = a·g' + b·y + c                                     _grad_input_kernel
+with z = y·scale + shift [+ r] recomputed from y in 3 and 4 by the same helper that 2 uses, so the ReLU mask is
+the forward's. Every kernel takes (n, c, h·w) strides, so channels_last and NCHW tensors run without copies;
+the tile is BLOCK_M pixels × BLOCK_C channels, math in the accumulation dtype (fp32, or fp64 for fp64).
+
+Partials are [P, C]: program p reduces rows [p·R, (p + 1)·R) in BLOCK_M chunks, merging chunk statistics with
+Chan's pairwise update as it goes; the P partials are merged by stats.merge_partials (statistics) or summed
+(gradient sums). Each launcher is a torch.library custom op so torch.compile traces it without a graph break.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .stats import BatchStats, accumulation_dtype, merge_partials
+
+BLOCK_M = 64
+_MAX_BLOCK_C = 64
+# Enough programs along the rows to fill a GPU several times over, few enough that merging the partials is cheap.
+_TARGET_PROGRAMS = 1024
+
+
+@triton.jit
+def _offsets(rows, cols, HW, stride_n, stride_hw, stride_c):
+    # rows index N·H·W pixels: beyond 2**31 elements (large batches) offsets must be int64.
+    rows = rows.to(tl.int64)
+    n = rows // HW
+    pixel = n * stride_n + (rows - n * HW) * stride_hw
+    return pixel[:, None] + cols.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
+def _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDUAL: tl.constexpr):
+    # z = y·scale + shift [+ r] in the accumulation dtype; the forward output and backward's mask both come
+    # from this one function, so the recomputed mask is the forward's.
+    y = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(scale.dtype)
+    z = y * scale[None, :] + shift[None, :]
+    if HAS_RESIDUAL:
+        z += tl.load(r_ptr + r_offs, mask=mask, other=0.0).to(scale.dtype)
+    return y, z
+
+
+@triton.jit
+def _stats_kernel(
+    y_ptr, mean_ptr, m2_ptr, M, C, HW, rows_per_program, stride_yn, stride_yhw, stride_yc,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    acc_dtype = mean_ptr.dtype.element_ty
+    start = pid_m * rows_per_program
+    mean = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    m2 = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    # ---- one chunk at a time: two-pass statistics of the chunk in registers, then Chan's pairwise merge
+    for offset in range(0, rows_per_program, BLOCK_M):
+        rows = start + offset + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & mask_c[None, :]
+        y = tl.load(y_ptr + _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc), mask=mask, other=0.0)
+        y = y.to(acc_dtype)
+        n_a = tl.maximum(tl.minimum(M - start, offset), 0).to(acc_dtype)
+        n_b = tl.maximum(tl.minimum(M - start - offset, BLOCK_M), 0).to(acc_dtype)
+        mean_b = tl.sum(y, axis=0) / tl.maximum(n_b, 1.0)
+        centered = tl.where(mask, y - mean_b[None, :], 0.0)
+        m2_b = tl.sum(centered * centered, axis=0)
+        # δ = μb − μa;  μ = μa + δ·nb/n;  M2 = M2a + M2b + δ²·na·nb/n
+        delta = mean_b - mean
+        weight_b = n_b / tl.maximum(n_a + n_b, 1.0)
+        mean += delta * weight_b
+        m2 += m2_b + delta * delta * n_a * weight_b
+    # ---- store this program's partial
+    out = pid_m * C + cols
+    tl.store(mean_ptr + out, mean, mask=mask_c)
+    tl.store(m2_ptr + out, m2, mask=mask_c)
+
+
+@triton.jit
+def _normalize_kernel(
+    y_ptr, r_ptr, out_ptr, scale_ptr, shift_ptr, M, C, HW,
+    stride_yn, stride_yhw, stride_yc, stride_rn, stride_rhw, stride_rc,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    mask = (rows < M)[:, None] & mask_c[None, :]
+    scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=mask_c, other=0.0)
+    y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc)
+    r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc)
+    _, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDUAL)
+    if RELU:
+        z = tl.where(z > 0, z, 0.0)
+    # the output, like every tensor these kernels write, is laid out like y
+    tl.store(out_ptr + y_offs, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _masked_grad(g_ptr, g_offs, z, mask, RELU: tl.constexpr):
+    g = tl.load(g_ptr + g_offs, mask=mask, other=0.0)
+    if RELU:
+        g = tl.where(z > 0, g, 0.0)
+    return g
+
+
+@triton.jit
+def _grad_sums_kernel(
+    g_ptr, y_ptr, r_ptr, masked_ptr, scale_ptr, shift_ptr, mean_ptr, sum_g_ptr, sum_gy_ptr,
+    M, C, HW, rows_per_program,
+    stride_gn, stride_ghw, stride_gc, stride_yn, stride_yhw, stride_yc, stride_rn, stride_rhw, stride_rc,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STORE_MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=mask_c, other=0.0)
+    mean = tl.load(mean_ptr + cols, mask=mask_c, other=0.0)
+    sum_g = tl.zeros([BLOCK_C], dtype=scale.dtype)
+    sum_gy = tl.zeros([BLOCK_C], dtype=scale.dtype)
+    start = pid_m * rows_per_program
+    for offset in range(0, rows_per_program, BLOCK_M):
+        rows = start + offset + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & mask_c[None, :]
+        y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc)
+        r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc)
+        g_offs = _offsets(rows, cols, HW, stride_gn, stride_ghw, stride_gc)
+        y, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDUAL)
+        g = _masked_grad(g_ptr, g_offs, z, mask, RELU)
+        if STORE_MASKED:  # the shortcut's gradient, laid out like y (g may be an expanded view)
+            tl.store(masked_ptr + y_offs, g, mask=mask)
+        g = g.to(scale.dtype)
+        sum_g += tl.sum(g, axis=0)
+        sum_gy += tl.sum(g * tl.where(mask, y - mean[None, :], 0.0), axis=0)
+    out = pid_m * C + cols
+    tl.store(sum_g_ptr + out, sum_g, mask=mask_c)
+    tl.store(sum_gy_ptr + out, sum_gy, mask=mask_c)
+
+
+@triton.jit
+def _grad_input_kernel(
+    g_ptr, y_ptr, r_ptr, dy_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr, c_ptr, M, C, HW,
+    stride_gn, stride_ghw, stride_gc, stride_yn, stride_yhw, stride_yc, stride_rn, stride_rhw, stride_rc,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    mask = (rows < M)[:, None] & mask_c[None, :]
+    scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=mask_c, other=0.0)
+    a = tl.load(a_ptr + cols, mask=mask_c, other=0.0)
+    b = tl.load(b_ptr + cols, mask=mask_c, other=0.0)
+    c = tl.load(c_ptr + cols, mask=mask_c, other=0.0)
+    y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc)
+    r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc)
+    g_offs = _offsets(rows, cols, HW, stride_gn, stride_ghw, stride_gc)
+    y, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDUAL)
+    g = _masked_grad(g_ptr, g_offs, z, mask, RELU).to(scale.dtype)
+    dy = a[None, :] * g + b[None, :] * y + c[None, :]
+    tl.store(dy_ptr + y_offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launchers: check, allocate, launch -------------------------------------------------------------------------
+
+from ..ops.triton_conv_bias_act import INTERPRET  # noqa: E402  (one definition of "the interpreter is on")
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
+    """Why these kernels cannot run on tensors of this device type and dtype (None when they can)."""
+    if device_type not in ("cuda", "cpu"):
+        return f"Triton kernels run CUDA tensors (CPU tensors under the interpreter), got a {device_type} tensor"
+    if device_type == "cpu" and not INTERPRET:
+        return "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} is not supported; use one of {', '.join(map(str, SUPPORTED_DTYPES))}"
+    return None
+
+
+def _hw_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(n, h·w, c) strides where h and w collapse into one index (NCHW, channels_last, expanded), else None."""
+    _, _, h, w = t.shape
+    stride_n, stride_c, stride_h, stride_w = t.stride()
+    if w == 1:
+        return stride_n, stride_h, stride_c
+    if h == 1 or stride_h == w * stride_w:
+        return stride_n, stride_w, stride_c
+    return None
+
+
+def _readable(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    strides = _hw_strides(t)
+    if strides is None:
+        t = t.contiguous()
+        strides = _hw_strides(t)
+    return t, strides
+
+
+def _dense(y: torch.Tensor) -> torch.Tensor:
+    # Outputs are allocated with y's strides, which must describe a dense, non-overlapping layout.
+    if y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last):
+        return y
+    return y.contiguous()
+
+
+def _like(y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty_strided(y.shape, y.stride(), dtype=dtype or y.dtype, device=y.device)
+
+
+def _block_c(channels: int) -> int:
+    return min(_MAX_BLOCK_C, max(16, triton.next_power_of_2(channels)))
+
+
+def rows_per_program(rows: int, channels: int) -> int:
+    """Rows each reducing program covers (a multiple of BLOCK_M): about _TARGET_PROGRAMS programs in all."""
+    programs_along_rows = max(1, _TARGET_PROGRAMS // triton.cdiv(channels, _block_c(channels)))
+    return BLOCK_M * max(1, triton.cdiv(triton.cdiv(rows, BLOCK_M), programs_along_rows))
+
+
+def _shape(y: torch.Tensor) -> tuple[int, int, int]:
+    n, c, h, w = y.shape
+    return n * h * w, c, h * w
+
+
+def _check_vectors(y: torch.Tensor, **vectors: torch.Tensor) -> None:
+    acc = accumulation_dtype(y.dtype)
+    for name, v in vectors.items():
+        if v.shape != (y.shape[1],) or v.dtype != acc or v.device != y.device or not v.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous {acc} vector of {y.shape[1]} values on {y.device}, "
+                f"got {v.dtype} of shape {tuple(v.shape)} on {v.device}"
+            )
+
+
+def _check_like(y: torch.Tensor, name: str, t: torch.Tensor | None) -> None:
+    if t is not None and (t.shape != y.shape or t.device != y.device):
+        raise ValueError(
+            f"{name} must have y's shape {tuple(y.shape)} on {y.device}, got {tuple(t.shape)} on {t.device}"
+        )
+
+
+def _check_y(y: torch.Tensor) -> None:
+    if y.dim() != 4:
+        raise ValueError(f"expected an (N, C, H, W) tensor, got shape {tuple(y.shape)}")
+    reason = unsupported(y.device.type, y.dtype)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def _partial_stats(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_y(y)
+    if rows <= 0 or rows % BLOCK_M:
+        raise ValueError(f"rows_per_program must be a positive multiple of {BLOCK_M}, got {rows}")
+    y, y_strides = _readable(y)
+    m, c, hw = _shape(y)
+    acc = accumulation_dtype(y.dtype)
+    programs = triton.cdiv(m, rows)
+    mean = torch.empty((programs, c), dtype=acc, device=y.device)
+    m2 = torch.empty_like(mean)
+    if m and c:
+        block_c = _block_c(c)
+        grid = (programs, triton.cdiv(c, block_c))
+        _stats_kernel[grid](y, mean, m2, m, c, hw, rows, *y_strides, BLOCK_M=BLOCK_M, BLOCK_C=block_c)
+    return mean, m2
+
+
+def _normalize(
+    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    _check_y(y)
+    _check_vectors(y, scale=scale, shift=shift)
+    _check_like(y, "residual", residual)
+    y = _dense(y)
+    out = _like(y)
+    m, c, hw = _shape(y)
+    if m and c:
+        r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
+        block_c = _block_c(c)
+        grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(c, block_c))
+        _normalize_kernel[grid](
+            y, r, out, scale, shift, m, c, hw, *_hw_strides(y), *r_strides,
+            HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=BLOCK_M, BLOCK_C=block_c,
+        )  # fmt: skip
+    return out
+
+
+def _grad_sums(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    relu: bool,
+    store_masked: bool,
+    rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_y(y)
+    _check_vectors(y, scale=scale, shift=shift, mean=mean)
+    _check_like(y, "grad", g)
+    _check_like(y, "residual", residual)
+    y = _dense(y)
+    m, c, hw = _shape(y)
+    acc = accumulation_dtype(y.dtype)
+    programs = triton.cdiv(m, rows)
+    sum_g = torch.empty((programs, c), dtype=acc, device=y.device)
+    sum_gy = torch.empty_like(sum_g)
+    masked = _like(y, g.dtype) if store_masked else sum_g.new_empty(0)
+    if m and c:
+        g, g_strides = _readable(g)
+        r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
+        block_c = _block_c(c)
+        grid = (programs, triton.cdiv(c, block_c))
+        _grad_sums_kernel[grid](
+            g, y, r, masked if store_masked else g, scale, shift, mean, sum_g, sum_gy, m, c, hw, rows,
+            *g_strides, *_hw_strides(y), *r_strides,
+            HAS_RESIDUAL=residual is not None, RELU=relu, STORE_MASKED=store_masked,
+            BLOCK_M=BLOCK_M, BLOCK_C=block_c,
+        )  # fmt: skip
+    return sum_g.sum(0), sum_gy.sum(0), masked
+
+
+def _grad_input(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    relu: bool,
+) -> torch.Tensor:
+    _check_y(y)
+    _check_vectors(y, scale=scale, shift=shift, a=a, b=b, c=c)
+    _check_like(y, "grad", g)
+    _check_like(y, "residual", residual)
+    y = _dense(y)
+    dy = _like(y)
+    m, channels, hw = _shape(y)
+    if m and channels:
+        g, g_strides = _readable(g)
+        r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
+        block_c = _block_c(channels)
+        grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(channels, block_c))
+        _grad_input_kernel[grid](
+            g, y, r, dy, scale, shift, a, b, c, m, channels, hw, *g_strides, *_hw_strides(y), *r_strides,
+            HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=BLOCK_M, BLOCK_C=block_c,
+        )  # fmt: skip
+    return dy
+
+
+# ---- custom ops: traceable by torch.compile, CPU tensors only under the interpreter (checked by unsupported) --------
+
+
+@torch.library.custom_op("fused_resnet::bn_partial_stats", mutates_args=(), device_types=("cuda", "cpu"))
+def bn_partial_stats(y: torch.Tensor, rows_per_program: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-program (mean, M2) partials of y per channel, each [P, C]; program p covers rows [p·R, (p + 1)·R)."""
+    return _partial_stats(y, rows_per_program)
+
+
+@bn_partial_stats.register_fake
+def _(y: torch.Tensor, rows_per_program: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m, c, _ = _shape(y)
+    mean = y.new_empty((triton.cdiv(m, rows_per_program), c), dtype=accumulation_dtype(y.dtype))
+    return mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("fused_resnet::bn_normalize", mutates_args=(), device_types=("cuda", "cpu"))
+def bn_normalize(
+    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    """act(y·scale + shift [+ residual]) in y's dtype and layout."""
+    return _normalize(y, scale, shift, residual, relu)
+
+
+@bn_normalize.register_fake
+def _(
+    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    return _like(_dense(y))
+
+
+@torch.library.custom_op("fused_resnet::bn_grad_sums", mutates_args=(), device_types=("cuda", "cpu"))
+def bn_grad_sums(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    relu: bool,
+    store_masked: bool,
+    rows_per_program: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Σg', Σg'·(y − mean), g' or an empty tensor) per channel, g' = g·1[y·scale + shift [+ residual] > 0]."""
+    return _grad_sums(g, y, scale, shift, residual, mean, relu, store_masked, rows_per_program)
+
+
+@bn_grad_sums.register_fake
+def _(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    relu: bool,
+    store_masked: bool,
+    rows_per_program: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    masked = _like(_dense(y), g.dtype) if store_masked else scale.new_empty(0)
+    return torch.empty_like(scale), torch.empty_like(scale), masked
+
+
+@torch.library.custom_op("fused_resnet::bn_grad_input", mutates_args=(), device_types=("cuda", "cpu"))
+def bn_grad_input(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    relu: bool,
+) -> torch.Tensor:
+    """a·g' + b·y + c per channel in y's dtype and layout, g' masked as in bn_grad_sums."""
+    return _grad_input(g, y, scale, shift, residual, a, b, c, relu)
+
+
+@bn_grad_input.register_fake
+def _(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    relu: bool,
+) -> torch.Tensor:
+    return _like(_dense(y))
+
+
+def batch_stats(y: torch.Tensor, rows: int | None = None) -> BatchStats:
+    """Per-channel (count, mean, M2) of y over N, H, W: the kernel's per-program partials merged by Chan's formula."""
+    m, c, _ = _shape(y)
+    rows = rows or rows_per_program(m, c)
+    mean, m2 = bn_partial_stats(y, rows)
+    starts = torch.arange(mean.shape[0], device=y.device, dtype=mean.dtype) * rows
+    count = (m - starts).clamp(max=rows)[:, None].expand_as(mean)
+    return merge_partials(BatchStats(count, mean, m2), dim=0)
+
+
+def grad_sums(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    relu: bool,
+    store_masked: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    m, c, _ = _shape(y)
+    sum_g, sum_gy, masked = bn_grad_sums(g, y, scale, shift, residual, mean, relu, store_masked, rows_per_program(m, c))
+    return sum_g, sum_gy, masked if store_masked else None
