@@ -17,4 +17,10 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   // act(y + bias[c] + residual) in y's dtype, channels_last: the conv epilogue alone.
   m.set_python_module("fused_resnet.ops.cpp_backend", "");
   m.def("bias_residual_relu(Tensor y, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+  // The same result written into `residual`: for callers whose residual is dead after this call, so that the
+  // output needs no new buffer and oneDNN accumulates into it (its "sum" post-op). CPU only. Returns nothing
+  // (torch.compile's functionalization takes no custom op whose output aliases an input).
+  m.def(
+      "conv_bias_act_into_residual(Tensor x, Tensor weight, Tensor bias, Tensor(a!) residual, Tensor? in_scale, "
+      "Tensor? in_shift, int[] stride, int[] padding, int[] dilation, int groups, bool relu) -> ()");
 }

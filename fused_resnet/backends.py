@@ -48,12 +48,15 @@ class Backend:
         is the BN-folded weight in x's dtype, bias/in_scale/in_shift per-channel float32; autograd-capable.
     unavailable() returns why the backend cannot run at all here (None if it can);
     unsupported(x, weight, residual, config, prologue: bool) why it cannot run this call (None if it can).
+    conv_bias_act_into_residual, where a backend has it: the same arguments and result, written into `residual`
+    (which it returns) instead of a new tensor; no autograd, for callers whose residual is dead after the call.
     """
 
     name: str
     conv_bias_act: ConvBiasActFn
     unavailable: Callable[[], str | None]
     unsupported: Callable[..., str | None]
+    conv_bias_act_into_residual: ConvBiasActFn | None = None
 
 
 class BackendError(RuntimeError):

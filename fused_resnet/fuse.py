@@ -14,6 +14,7 @@ from torch import nn
 
 from . import backends
 from .models import resnet as fused
+from .models._layers import ResidualLayer
 from .nn.conv_bn_act import ConvBNAct
 from .nn.folding import clear_fold_cache
 
@@ -89,6 +90,7 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict:
     if not inplace:
         model = copy.deepcopy(model)
     skipped = _convert(model, _to_fused(), tuple(_to_fused()))
+    _retype_layers(model, to_fused=True)
     converted = [m for m in model.modules() if type(m) in _to_torchvision()]
     _report(skipped, strict, "fuse")
     if not converted:
@@ -102,6 +104,7 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     skipped = _convert(model, _to_torchvision(), tuple(_to_torchvision()))
+    _retype_layers(model, to_fused=False)
     _report(skipped, strict=False, verb="unfuse")
     for module in model.modules():
         if type(module) in _to_fused():
@@ -110,6 +113,19 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
         if isinstance(module, nn.Conv2d):
             clear_fold_cache(module)
     return model
+
+
+def _retype_layers(model: nn.Module, to_fused: bool) -> None:
+    # A fused ResNet's stages are ResidualLayers (models/_layers.py: blocks may reuse a dead input's memory);
+    # only the four stages of a converted ResNet change, never other nn.Sequentials (downsample, user code).
+    for module in model.modules():
+        if to_fused and type(module) is fused.ResNet:
+            for name in ("layer1", "layer2", "layer3", "layer4"):
+                layer = getattr(module, name, None)
+                if type(layer) is nn.Sequential:
+                    layer.__class__ = ResidualLayer
+        elif not to_fused and type(module) is ResidualLayer:
+            module.__class__ = nn.Sequential
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

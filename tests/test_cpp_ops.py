@@ -168,6 +168,37 @@ def test_conv_bias_act_cpu_weight_cache_sees_in_place_updates():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# CPU: conv_bias_act_into_residual (the result written into the residual's memory)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["3x3s1", "1x1s2", "grouped3x3", "stem7x7s2"])
+def test_into_residual_writes_conv_bias_act_into_the_residual(kind, dtype, relu):
+    # float64 and grouped convs have no in-place oneDNN path: they compute into a new buffer, then copy.
+    x, w, b, r, config, s, t = _make(CONV_KINDS[kind], dtype, prologue=kind == "3x3s1")
+    want = _call(x, w, b, r, config, relu, s, t)
+    target = r.clone()
+    out = cpp_backend.conv_bias_act_into_residual(x, w, b, target, config, relu, s, t)
+    assert out.data_ptr() == target.data_ptr() and out.stride() == r.stride()
+    torch.testing.assert_close(out, want, rtol=tolerances.forward_rtol(dtype), atol=0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "aliases_x"])
+def test_into_residual_when_the_residual_cannot_take_the_output_directly(layout):
+    x, w, b, _, config, s, t = _make((8, 8, 1, 1, 0, 1, 1), torch.float32, residual=False)
+    r = x.contiguous() if layout == "nchw" else x  # a 1x1 conv whose residual is its own input
+    want = _call(x.clone(), w, b, r.clone(), config, True, s, t)
+    out = cpp_backend.conv_bias_act_into_residual(x, w, b, r, config, True, s, t)
+    assert out.data_ptr() == r.data_ptr()
+    torch.testing.assert_close(out, want)
+
+
+def test_into_residual_opcheck_cpu():
+    args = _op_args(CONV_KINDS["3x3s1"], torch.float32, "cpu", True, False, True, requires_grad=False)
+    torch.library.opcheck(ops.conv_bias_act_into_residual.default, args)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # CPU: bias_residual_relu
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("relu", [True, False])

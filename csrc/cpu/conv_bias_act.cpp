@@ -29,10 +29,13 @@ constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
 //   mkldnn::_convolution_pointwise(X, W, B, padding, stride, dilation, groups, attr, scalars, algorithm)
 //   mkldnn::_convolution_pointwise.binary(X, other, W, B, padding, stride, dilation, groups, binary_attr, alpha,
 //                                         unary_attr, unary_scalars, unary_algorithm)
+//   mkldnn::_convolution_pointwise_.binary(other!, X, W, B, padding, stride, dilation, groups, binary_attr, alpha,
+//                                          unary_attr, unary_scalars, unary_algorithm)      (result into `other`)
 //   mkldnn::_reorder_convolution_weight(self, padding, stride, dilation, groups, input_size)
 struct OneDnnOps {
   c10::OperatorHandle conv;
   c10::OperatorHandle conv_binary;
+  c10::OperatorHandle conv_binary_inplace;
   c10::OperatorHandle reorder;
   bool bf16;
   bool fp16;
@@ -56,11 +59,12 @@ const std::optional<OneDnnOps>& onednn_ops() {
     auto& dispatcher = c10::Dispatcher::singleton();
     auto conv = dispatcher.findSchema({"mkldnn::_convolution_pointwise", ""});
     auto conv_binary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", "binary"});
+    auto conv_binary_inplace = dispatcher.findSchema({"mkldnn::_convolution_pointwise_", "binary"});
     auto reorder = dispatcher.findSchema({"mkldnn::_reorder_convolution_weight", ""});
     auto bf16 = dispatcher.findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
     auto fp16 = dispatcher.findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
-    if (!conv || !conv_binary || !reorder || !bf16 || !fp16) return std::nullopt;
-    return OneDnnOps{*conv, *conv_binary, *reorder, call_bool(*bf16), call_bool(*fp16)};
+    if (!conv || !conv_binary || !conv_binary_inplace || !reorder || !bf16 || !fp16) return std::nullopt;
+    return OneDnnOps{*conv, *conv_binary, *conv_binary_inplace, *reorder, call_bool(*bf16), call_bool(*fp16)};
   }();
   return ops;
 }
@@ -80,19 +84,32 @@ bool onednn_takes(c10::ScalarType dtype) {
   }
 }
 
+// The oneDNN ops' arguments for one call: geometry lists, the prepacked weight, the bias in the activation dtype.
+struct OneDnnCall {
+  std::vector<int64_t> stride, padding, dilation;
+  at::Tensor packed, bias;
+};
+
+OneDnnCall onednn_call(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_arg,
+                       const at::Tensor& bias, const ConvGeometry& g) {
+  OneDnnCall call{{g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, {}, {}};
+  call.packed = cached_prepacked_weight(weight_arg, input.sizes(), call.stride, call.padding, call.dilation, g.groups,
+                                        [&] {
+                                          return call_boxed(onednn_ops()->reorder,
+                                                            {weight, call.padding, call.stride, call.dilation,
+                                                             g.groups, input.sizes().vec()});
+                                        });
+  // oneDNN wants the bias in the activation dtype (the reference rounds it the same way).
+  call.bias = bias.to(input.scalar_type());
+  return call;
+}
+
 at::Tensor conv_onednn(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_arg,
                        const at::Tensor& bias, const std::optional<at::Tensor>& residual, const ConvGeometry& g,
                        bool relu) {
   const OneDnnOps& ops = *onednn_ops();
-  const std::vector<int64_t> stride{g.stride_h, g.stride_w};
-  const std::vector<int64_t> padding{g.pad_h, g.pad_w};
-  const std::vector<int64_t> dilation{g.dil_h, g.dil_w};
-  const at::Tensor packed =
-      cached_prepacked_weight(weight_arg, input.sizes(), stride, padding, dilation, g.groups, [&] {
-        return call_boxed(ops.reorder, {weight, padding, stride, dilation, g.groups, input.sizes().vec()});
-      });
-  // oneDNN wants the bias in the activation dtype (the reference rounds it the same way).
-  const at::Tensor b = bias.to(input.scalar_type());
+  const OneDnnCall call = onednn_call(input, weight, weight_arg, bias, g);
+  const auto& [stride, padding, dilation, packed, b] = call;
   const c10::List<std::optional<at::Scalar>> no_scalars;
   const c10::IValue none;
   if (residual.has_value() && g.groups == 1) {
@@ -121,21 +138,23 @@ at::Tensor conv_generic(const at::Tensor& input, const at::Tensor& weight, const
   return y;
 }
 
-at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                             const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& in_scale,
-                             const std::optional<at::Tensor>& in_shift, c10::IntArrayRef stride,
-                             c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, bool relu) {
-  const ConvGeometry g = check_conv_bias_act("conv_bias_act", c10::DeviceType::CPU, x, weight, bias, residual,
-                                             in_scale, in_shift, stride, padding, dilation, groups);
+// pre(x) in channels_last: x itself, or relu(x*in_scale + in_shift) in a new buffer.
+at::Tensor conv_input(const at::Tensor& x, const std::optional<at::Tensor>& in_scale,
+                      const std::optional<at::Tensor>& in_shift) {
+  at::Tensor input = x.contiguous(kChannelsLast);
+  if (!in_scale.has_value()) return input;
+  at::Tensor pre = empty_channels_last(input.sizes(), input.options());
+  scale_shift_relu_into(input, *in_scale, *in_shift, pre);
+  return pre;
+}
+
+at::Tensor conv_bias_act_checked(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                 const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& in_scale,
+                                 const std::optional<at::Tensor>& in_shift, const ConvGeometry& g, bool relu) {
   if (g.n == 0 || g.oh * g.ow == 0) {
     return empty_channels_last({g.n, g.cout, g.oh, g.ow}, x.options());
   }
-  at::Tensor input = x.contiguous(kChannelsLast);
-  if (in_scale.has_value()) {
-    at::Tensor pre = empty_channels_last(input.sizes(), input.options());
-    scale_shift_relu_into(input, *in_scale, *in_shift, pre);
-    input = pre;
-  }
+  const at::Tensor input = conv_input(x, in_scale, in_shift);
   const at::Tensor w = weight.contiguous(kChannelsLast);
   std::optional<at::Tensor> r;
   if (residual.has_value()) r = residual->contiguous(kChannelsLast);
@@ -145,9 +164,54 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   return as_canonical_channels_last(y.contiguous(kChannelsLast));
 }
 
+at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                             const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& in_scale,
+                             const std::optional<at::Tensor>& in_shift, c10::IntArrayRef stride,
+                             c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, bool relu) {
+  const ConvGeometry g = check_conv_bias_act("conv_bias_act", c10::DeviceType::CPU, x, weight, bias, residual,
+                                             in_scale, in_shift, stride, padding, dilation, groups);
+  return conv_bias_act_checked(x, weight, bias, residual, in_scale, in_shift, g, relu);
+}
+
+// Where oneDNN can accumulate into the residual's own memory: a dtype it takes, an ungrouped conv (torch's
+// in-place binary op has no grouped path), a dense channels_last residual that no input shares memory with.
+bool accumulates_in_place(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& residual, const std::optional<at::Tensor>& in_scale,
+                          const std::optional<at::Tensor>& in_shift, const ConvGeometry& g) {
+  if (!onednn_takes(x.scalar_type()) || g.groups != 1 || !residual.is_contiguous(kChannelsLast) ||
+      !residual.is_non_overlapping_and_dense() || g.n * g.oh * g.ow == 0) {
+    return false;
+  }
+  const auto shares = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->has_storage() && t->storage().is_alias_of(residual.storage());
+  };
+  return !(shares(x) || shares(weight) || shares(bias) || shares(in_scale) || shares(in_shift));
+}
+
+void conv_bias_act_into_residual_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                     const at::Tensor& residual, const std::optional<at::Tensor>& in_scale,
+                                     const std::optional<at::Tensor>& in_shift, c10::IntArrayRef stride,
+                                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, bool relu) {
+  const ConvGeometry g = check_conv_bias_act("conv_bias_act_into_residual", c10::DeviceType::CPU, x, weight, bias,
+                                             residual, in_scale, in_shift, stride, padding, dilation, groups);
+  if (!accumulates_in_place(x, weight, bias, residual, in_scale, in_shift, g)) {
+    // Same result through a new buffer (the inputs are read completely before the residual is overwritten).
+    residual.copy_(conv_bias_act_checked(x, weight, bias, residual, in_scale, in_shift, g, relu));
+    return;
+  }
+  const at::Tensor input = conv_input(x, in_scale, in_shift);
+  const OneDnnCall call = onednn_call(input, weight.contiguous(kChannelsLast), weight, bias, g);
+  const c10::IValue none;
+  // residual = relu(conv + bias + residual): oneDNN's sum post-op reads and writes the residual's memory.
+  call_boxed(onednn_ops()->conv_binary_inplace,
+             {residual, input, call.packed, call.bias, call.padding, call.stride, call.dilation, g.groups, "add", none,
+              relu ? c10::IValue("relu") : none, c10::List<std::optional<at::Scalar>>(), none});
+}
+
 }  // namespace
 }  // namespace fused_resnet::cpu
 
 TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
   m.impl("conv_bias_act", &fused_resnet::cpu::conv_bias_act_cpu);
+  m.impl("conv_bias_act_into_residual", &fused_resnet::cpu::conv_bias_act_into_residual_cpu);
 }

@@ -23,6 +23,7 @@ from torch import nn
 from ..backends import requested_backend
 from ..nn.functional import conv_bn_act
 from ._common import init_weights, prepare_input
+from ._layers import ResidualLayer
 from ._weights import Weights, load_weights
 from .resnet import conv1x1, conv3x3
 
@@ -54,6 +55,7 @@ class CifarBasicBlock(nn.Module):
     """conv3x3 → BN → ReLU → conv3x3 → BN → + shortcut → ReLU, as two fused calls."""
 
     expansion: int = 1
+    takes_donated_input = True  # forward(x, donate_x=True): see models/_layers.py
 
     def __init__(
         self,
@@ -75,14 +77,18 @@ class CifarBasicBlock(nn.Module):
         self.planes = planes
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, donate_x: bool = False) -> torch.Tensor:
         if self.downsample is not None:
             shortcut = conv_bn_act(x, self.downsample[0], self.downsample[1], relu=False, backend=self.backend)
         else:
             shortcut = _subsample_zero_pad(x, self.stride, self.planes)
+        # The shortcut may take the output unless it is x itself and the caller still needs x.
+        donate = donate_x or shortcut is not x
 
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
-        out = conv_bn_act(out, self.conv2, self.bn2, residual=shortcut, relu=True, backend=self.backend)
+        out = conv_bn_act(
+            out, self.conv2, self.bn2, residual=shortcut, relu=True, backend=self.backend, donate_residual=donate
+        )
         return out
 
     def extra_repr(self) -> str:
@@ -122,7 +128,7 @@ class CifarResNet(nn.Module):
         layers = [CifarBasicBlock(self.inplanes, planes, stride, self.option, self.backend)]
         self.inplanes = planes * CifarBasicBlock.expansion
         layers += [CifarBasicBlock(self.inplanes, planes, 1, self.option, self.backend) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        return ResidualLayer(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = prepare_input(x, self.conv1.in_channels)

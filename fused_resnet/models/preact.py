@@ -46,6 +46,7 @@ from torch import nn
 from ..backends import requested_backend
 from ..nn.functional import bn_act, conv_bn_act, uses_batch_stats
 from ._common import init_weights, prepare_input
+from ._layers import ResidualLayer
 from ._weights import Weights, load_weights
 from .resnet import conv1x1, conv3x3
 
@@ -56,6 +57,7 @@ class PreActBottleneck(nn.Module):
     """BN → ReLU → conv1x1 → BN → ReLU → conv3x3 → BN → ReLU → conv1x1 → + shortcut, as three fused calls."""
 
     expansion: int = 4
+    takes_donated_input = True  # forward(x, donate_x=True): see models/_layers.py
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, backend: str = "auto") -> None:
         super().__init__()
@@ -70,20 +72,25 @@ class PreActBottleneck(nn.Module):
             self.downsample = conv1x1(inplanes, planes * self.expansion, stride)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, donate_x: bool = False) -> torch.Tensor:
         pre, pre_bn = x, self.bn1
         if uses_batch_stats(self.bn1):
             # Batch statistics (and the running-stat update) must happen once, though two convs read bn1's output.
             pre, pre_bn = bn_act(x, self.bn1, relu=True, backend=self.backend), None
 
         if self.downsample is not None:
-            shortcut = conv_bn_act(pre, self.downsample, None, relu=False, backend=self.backend, pre_bn=pre_bn)
+            shortcut, donate = (
+                conv_bn_act(pre, self.downsample, None, relu=False, backend=self.backend, pre_bn=pre_bn),
+                True,
+            )
         else:
-            shortcut = x
+            shortcut, donate = x, donate_x
 
         out = conv_bn_act(pre, self.conv1, self.bn2, relu=True, backend=self.backend, pre_bn=pre_bn)
         out = conv_bn_act(out, self.conv2, self.bn3, relu=True, backend=self.backend)
-        out = conv_bn_act(out, self.conv3, None, residual=shortcut, relu=False, backend=self.backend)
+        out = conv_bn_act(
+            out, self.conv3, None, residual=shortcut, relu=False, backend=self.backend, donate_residual=donate
+        )
         return out
 
     def extra_repr(self) -> str:
@@ -114,7 +121,7 @@ class PreActResNet(nn.Module):
         layers = [PreActBottleneck(self.inplanes, planes, stride, self.backend)]
         self.inplanes = planes * PreActBottleneck.expansion
         layers += [PreActBottleneck(self.inplanes, planes, 1, self.backend) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        return ResidualLayer(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = prepare_input(x, self.conv1.in_channels)

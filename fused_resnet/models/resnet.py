@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..nn.functional import conv_bn_act
 from ._common import init_weights, prepare_input
+from ._layers import ResidualLayer
 from ._weights import Weights, load_weights
 
 __all__ = [
@@ -66,13 +67,15 @@ def _checked_norm_layer(norm_layer: Callable[..., nn.Module] | None) -> Callable
     return norm_layer
 
 
-def shortcut(x: Tensor, downsample: nn.Module | None, backend: str) -> Tensor:
-    """The identity, or the projection conv1x1 + BN fused (any other downsample module is simply called)."""
+def shortcut(x: Tensor, downsample: nn.Module | None, backend: str, donate_x: bool = False) -> tuple[Tensor, bool]:
+    """The identity, or the projection conv1x1 + BN fused (any other downsample module is simply called), and
+    whether the block may write its output into it: a projection's fresh output, or x where the caller donates it.
+    """
     if downsample is None:
-        return x
+        return x, donate_x
     if _is_conv_bn(downsample):
-        return conv_bn_act(x, downsample[0], downsample[1], relu=False, backend=backend)
-    return downsample(x)
+        return conv_bn_act(x, downsample[0], downsample[1], relu=False, backend=backend), True
+    return downsample(x), False  # a module of the user's: its output may share memory with x or be kept
 
 
 def _is_conv_bn(module: nn.Module) -> bool:
@@ -87,6 +90,7 @@ def _is_conv_bn(module: nn.Module) -> bool:
 
 class BasicBlock(nn.Module):
     expansion: int = 1
+    takes_donated_input = True  # forward(x, donate_x=True): see models/_layers.py
 
     def __init__(
         self,
@@ -115,17 +119,20 @@ class BasicBlock(nn.Module):
         self.stride = stride
         self.backend = backend
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = shortcut(x, self.downsample, self.backend)
+    def forward(self, x: Tensor, donate_x: bool = False) -> Tensor:
+        identity, donate = shortcut(x, self.downsample, self.backend, donate_x)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
         # The residual add and the block's final ReLU run in conv2's epilogue.
-        return conv_bn_act(out, self.conv2, self.bn2, residual=identity, relu=True, backend=self.backend)
+        return conv_bn_act(
+            out, self.conv2, self.bn2, residual=identity, relu=True, backend=self.backend, donate_residual=donate
+        )
 
 
 class Bottleneck(nn.Module):
     # torchvision (ResNet V1.5) puts the stride on the 3x3 conv2; the original paper (V1) on the 1x1 conv1,
     # available as stride_in_1x1=True. https://ngc.nvidia.com/catalog/model-scripts/nvidia:resnet_50_v1_5_for_pytorch
     expansion: int = 4
+    takes_donated_input = True
 
     def __init__(
         self,
@@ -155,11 +162,13 @@ class Bottleneck(nn.Module):
         self.stride = stride
         self.backend = backend
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = shortcut(x, self.downsample, self.backend)
+    def forward(self, x: Tensor, donate_x: bool = False) -> Tensor:
+        identity, donate = shortcut(x, self.downsample, self.backend, donate_x)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
         out = conv_bn_act(out, self.conv2, self.bn2, relu=True, backend=self.backend)
-        return conv_bn_act(out, self.conv3, self.bn3, residual=identity, relu=True, backend=self.backend)
+        return conv_bn_act(
+            out, self.conv3, self.bn3, residual=identity, relu=True, backend=self.backend, donate_residual=donate
+        )
 
 
 class ResNet(nn.Module):
@@ -265,7 +274,7 @@ class ResNet(nn.Module):
                     **self._block_kwargs,
                 )
             )
-        return nn.Sequential(*layers)
+        return ResidualLayer(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         x = prepare_input(x, self.conv1.in_channels)

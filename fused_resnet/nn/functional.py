@@ -81,11 +81,14 @@ def conv_bn_act(
     backend: str = "auto",
     allow_fallback: bool | None = None,
     pre_bn: nn.Module | None = None,
+    donate_residual: bool = False,
 ) -> torch.Tensor:
     """act(bn(conv(pre(x))) + residual) with the modules' own parameters and each BN's mode.
 
     bn=None means no BN after the conv; pre_bn (with ReLU) is a pre-activation applied to x before the conv,
     as in pre-activation ResNets. In eval both BNs are folded and the whole call is one fused op.
+    donate_residual=True says the caller never reads `residual` again: without autograd (no_grad /
+    inference_mode), a backend that can writes the result into the residual's memory and returns it.
     """
     check_activation(x)
     if conv.bias is not None:
@@ -117,7 +120,20 @@ def conv_bn_act(
         in_scale, in_shift = bn_scale_shift(pre_bn)
     check_conv_bias_act(x, weight, bias, residual, config)
     chosen = backends.select(backend, x, weight, residual, config, pre_bn is not None, allow_fallback)
+    if donate_residual and chosen.conv_bias_act_into_residual is not None and _writable(residual):
+        return chosen.conv_bias_act_into_residual(x, weight, bias, residual, config, relu, in_scale, in_shift)
     return chosen.conv_bias_act(x, weight, bias, residual, config, relu, in_scale, in_shift)
+
+
+def _writable(residual: torch.Tensor | None) -> bool:
+    # Only without autograd (an in-place write would invalidate saved tensors), and not while torch.compile traces
+    # (Inductor plans its own buffer reuse); only a dense channels_last residual takes the output as it is.
+    return (
+        residual is not None
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and residual.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def bn_act(

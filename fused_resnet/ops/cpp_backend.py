@@ -77,8 +77,13 @@ def _backward_bias_residual_relu(ctx: Any, grad: torch.Tensor) -> tuple:
     return grad if need_y else None, grad_b, grad if (need_r and ctx.has_residual) else None, None
 
 
+def _fake_into_residual(*args: Any) -> None:
+    return None
+
+
 if _C is not None:
     register_fake_and_autograd("fused_resnet_C::conv_bias_act")
+    torch.library.register_fake("fused_resnet_C::conv_bias_act_into_residual", _fake_into_residual)
     torch.library.register_fake("fused_resnet_C::bias_residual_relu", _fake_bias_residual_relu)
     torch.library.register_autograd(
         "fused_resnet_C::bias_residual_relu", _backward_bias_residual_relu, setup_context=_setup_bias_residual_relu
@@ -92,6 +97,15 @@ def _conv_bias_act_op(*args: Any) -> torch.Tensor:
 
 # act(conv(pre(x), weight) + bias + residual) on the extension's kernel for x's device (autograd-capable).
 conv_bias_act = call_with_config(_conv_bias_act_op)
+
+
+def _into_residual_op(*args: Any) -> torch.Tensor:
+    torch.ops.fused_resnet_C.conv_bias_act_into_residual(*args)
+    return args[3]  # the residual, now holding the result
+
+
+# The same, written into the residual's memory (CPU; no autograd: for inference callers whose residual is dead).
+conv_bias_act_into_residual = call_with_config(_into_residual_op)
 
 
 def bias_residual_relu(
@@ -153,4 +167,5 @@ def backend(name: str) -> Backend:
         conv_bias_act=conv_bias_act,
         unavailable=functools.partial(_unavailable, name),
         unsupported=functools.partial(_unsupported, name),
+        conv_bias_act_into_residual=conv_bias_act_into_residual if name == "cpu" else None,
     )

@@ -1,0 +1,42 @@
+"""ResidualLayer: the stage container of every fused ResNet, and the rule for when a block may reuse its input.
+
+A block's output becomes its residual add's result; when the residual is the block's input x (an identity
+shortcut) and nothing else will read x again, the last conv can write its result into x's memory (oneDNN's "sum"
+post-op on CPU): no new buffer, and the residual is read and written in one place. Whether x is dead is known only
+by the caller, so the layer tells each block: x is dead when it is the previous fused block's output (a tensor
+that block made) and no forward hook can have kept a reference to it.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+
+class ResidualLayer(nn.Sequential):
+    """nn.Sequential of residual blocks (same children and state_dict keys) that passes `donate_x=True` to a
+    block whose input is the previous fused block's output and invisible to hooks."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        previous = None
+        for block in self:
+            x = block(x, donate_x=True) if _input_is_dead(previous, block) else block(x)
+            previous = block
+        return x
+
+
+def _donates(module: nn.Module | None) -> bool:
+    return getattr(type(module), "takes_donated_input", False)
+
+
+def _input_is_dead(previous: nn.Module | None, block: nn.Module) -> bool:
+    if not (_donates(previous) and _donates(block)):
+        return False
+    # A forward hook on the previous block or a pre-hook on this one sees the tensor and may keep it.
+    hooks = (
+        previous._forward_hooks,
+        block._forward_pre_hooks,
+        _module._global_forward_hooks,
+        _module._global_forward_pre_hooks,
+    )
+    return not any(hooks)
