@@ -49,7 +49,7 @@ def test_gradcheck(conv, residual, relu, affine, stride):
     beta = bn.bias.detach().clone().requires_grad_(True) if affine else None
 
     def fn(x, w, gamma, beta, r):
-        return ConvBNActTrain.apply(x, w, gamma, beta, r, bn, config, relu, None, "torch")
+        return ConvBNActTrain.apply(x, w, gamma, beta, r, None, None, bn, config, relu, None, "torch")[0]
 
     assert torch.autograd.gradcheck(fn, (x, w, gamma, beta, r), eps=1e-6, atol=1e-7)
 
@@ -140,6 +140,62 @@ def test_backward_saves_raw_conv_output_not_normalized_or_activation(backend, mo
         assert activations <= saved.keys()
         assert max(others.values()) <= m.conv.weight.untyped_storage().nbytes()
         assert sum(others.values()) < out.untyped_storage().nbytes()
+
+
+def _activation_storages(saved: dict[int, int], model: nn.Module) -> dict[int, int]:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return {ptr: n for ptr, n in saved.items() if ptr not in params and n > 4096}  # not weights or vectors
+
+
+def test_an_inner_activation_is_remade_not_kept():
+    # out1 = relu(bn1(conv1(x))) feeds only conv2: conv2 keeps out1's recipe (y1, already kept, and two vectors).
+    m1, m2 = (ConvBNAct(8, 8, 3, padding=1).train() for _ in range(2))
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    outs = []
+    out, saved = _saved(lambda: m2(outs.append(m1(x)) or outs[0]))
+    assert outs[0].untyped_storage().data_ptr() not in saved
+    # ... and the gradients are those of stock modules.
+    plain = [copy.deepcopy(m) for m in (m1, m2)]
+    want = _plain(plain[1], _plain(plain[0], x))
+    g = torch.randn_like(want)
+    got_g = torch.autograd.grad(out, [x, m1.conv.weight, m2.conv.weight], g)
+    want_g = torch.autograd.grad(want, [x, plain[0].conv.weight, plain[1].conv.weight], g)
+    for a, b in zip(got_g, want_g, strict=True):
+        assert relative_error(a, b) < 1e-5
+
+
+def test_a_projection_shortcut_is_remade_not_kept():
+    proj = ConvBNAct(8, 8, 1, relu=False).train()
+    main = ConvBNAct(8, 8, 3, padding=1).train()
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    shortcuts = []
+    _, saved = _saved(lambda: main(x, shortcuts.append(proj(x)) or shortcuts[0]))
+    assert shortcuts[0].untyped_storage().data_ptr() not in saved
+
+
+def test_an_activation_changed_in_place_is_kept_as_it_is():
+    m1, m2 = (ConvBNAct(4, 4, 3, padding=1).train().double() for _ in range(2))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    plain = [copy.deepcopy(m) for m in (m1, m2)]
+    got = m2(m1(x).mul_(2.0))  # the recipe no longer describes the tensor: conv2 must keep the tensor
+    want = _plain(plain[1], _plain(plain[0], x) * 2.0)  # stock keeps the ReLU output: no in-place there
+    g = torch.randn_like(want)
+    got_g = torch.autograd.grad(got, [x, m2.conv.weight], g)
+    want_g = torch.autograd.grad(want, [x, plain[1].conv.weight], g)
+    for a, b in zip(got_g, want_g, strict=True):
+        assert relative_error(a, b) < 1e-10
+
+
+def test_resnet50_keeps_a_sixth_less_for_backward_than_torchvision():
+    # Per bottleneck torchvision keeps x, y1, out1, y2, out2, y3 (+ the block output, the next block's x);
+    # the fused blocks keep x, y1, y2, y3: in units of the inner width w, 10w instead of 12w per block.
+    tv = torchvision.models.resnet50(num_classes=10).train()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    stock_model = _channels_last(tv)
+    fused = fused_resnet.fuse(tv)
+    stock = sum(_activation_storages(_saved(lambda: stock_model(x))[1], stock_model).values())
+    ours = sum(_activation_storages(_saved(lambda: fused(x))[1], fused).values())
+    assert ours <= 0.86 * stock, ours / stock
 
 
 # --- torchvision parity over several optimizer steps ----------------------------------------------------------

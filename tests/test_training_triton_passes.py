@@ -235,7 +235,7 @@ def test_gradcheck_on_triton_passes(conv, residual, relu):
     config = ConvConfig(padding=(1, 1))
 
     def fn(x, w, gamma, beta, r):
-        return ConvBNActTrain.apply(x, w, gamma, beta, r, bn, config, relu, None, "triton")
+        return ConvBNActTrain.apply(x, w, gamma, beta, r, None, None, bn, config, relu, None, "triton")[0]
 
     assert torch.autograd.gradcheck(fn, (x, w, gamma, beta, r), eps=1e-6, atol=1e-7)
 

@@ -10,16 +10,24 @@ follows the add (the mask needs it; an identity shortcut is the block input, who
 conv saves anyway). Neither the normalized y nor the activation is saved: backward recomputes the ReLU mask from
 y in the same single pass that reduces Σg and Σg·(y − mean).
 
+Where x or the residual is the output of a previous unit without a residual of its own, act(y'·scale' + shift')
+(a bottleneck's inner activations; a projection shortcut), the unit saves that recipe (y', which the previous
+unit saves anyway, and two per-channel vectors) instead of the tensor, and backward recomputes it: the
+activations inside a block and the projection shortcut's output are never kept for backward. A side table maps
+such outputs to their recipes (weakly, checked against in-place changes); torch.compile runs without it
+(Inductor chooses what to recompute itself).
+
 Without a conv (weight=None) the same Function is a train-mode BN + act (pre-activation units): y = x.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..ops.conv_config import ConvConfig
 from .passes import PASSES
@@ -37,9 +45,28 @@ def _scale_shift(
     return scale.contiguous(), shift.contiguous()
 
 
+class Recipe(NamedTuple):
+    """How a unit's output was made, exactly: PASSES[passes].normalize(y, scale, shift, None, relu)."""
+
+    y: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    relu: bool
+    passes: str
+    version: int  # the output's version counter when made: an in-place change since then voids the recipe
+
+
+_RECIPES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 class ConvBNActTrain(torch.autograd.Function):
-    """apply(x, weight | None, gamma | None, beta | None, residual | None, bn, config, relu, group | None, passes),
-    passes naming the implementation of the passes over y (training/passes.py: "torch" or "triton")."""
+    """apply(x, weight | None, gamma | None, beta | None, residual | None, x_recipe | None, residual_recipe | None,
+    bn, config, relu, group | None, passes) -> (out, y, scale, shift).
+
+    passes names the implementation of the passes over y (training/passes.py: "torch" or "triton"); a recipe says
+    how x (or the residual) was made, so that backward remakes it instead of keeping it. y, scale and shift (not
+    differentiable) are the makings of `out`'s own recipe.
+    """
 
     @staticmethod
     def forward(
@@ -49,12 +76,14 @@ class ConvBNActTrain(torch.autograd.Function):
         gamma: torch.Tensor | None,
         beta: torch.Tensor | None,
         residual: torch.Tensor | None,
+        x_recipe: Recipe | None,
+        residual_recipe: Recipe | None,
         bn: nn.BatchNorm2d,
         config: ConvConfig,
         relu: bool,
         group: Any,
         passes: str,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # The caller already chose the compute dtype; autocast must not re-cast anything in here.
         with torch.autocast(x.device.type, enabled=False):
             y = x
@@ -73,9 +102,19 @@ class ConvBNActTrain(torch.autograd.Function):
         ctx.config, ctx.relu, ctx.group, ctx.passes = config, relu, group, passes
         ctx.count = count
         ctx.has_conv, ctx.has_residual = weight is not None, residual is not None
-        saved_residual = residual if relu and residual is not None else None
-        ctx.save_for_backward(x if weight is not None else None, weight, y, mean, invstd, gamma, beta, saved_residual)
-        return out
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(y, scale, shift)
+        # Kept for backward: x for the weight gradient, the residual for the ReLU mask, each as itself or as the
+        # tensors of its recipe.
+        x_recipe = x_recipe if weight is not None else None
+        residual_recipe = residual_recipe if relu and residual is not None else None
+        ctx.x_recipe, ctx.residual_recipe = _recipe_flags(x_recipe), _recipe_flags(residual_recipe)
+        saved_x = _recipe_tensors(x_recipe) if x_recipe else (x if weight is not None else None, None, None)
+        kept_residual = residual if relu and residual_recipe is None else None
+        saved_residual = _recipe_tensors(residual_recipe) if residual_recipe else (kept_residual, None, None)
+        ctx.save_for_backward(*saved_x, *saved_residual, weight, y, mean, invstd, gamma, beta)
+        # Without a conv y is the input x: autograd wants a distinct tensor object for an output.
+        return out, y if weight is not None else y.detach(), scale, shift
 
     # z = γ·x̂ + β [+ r],  x̂ = (y − μ)·σ⁻¹,  out = relu(z) or z;  over the (global) batch of n values per channel:
     #   g' = g·1[z > 0]
@@ -86,9 +125,13 @@ class ConvBNActTrain(torch.autograd.Function):
     # SyncBN: the two sums in dL/dy run over every process's batch (all-reduced); dL/dγ, dL/dβ stay local, as in
     # nn.SyncBatchNorm, because DistributedDataParallel averages parameter gradients itself.
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        x, weight, y, mean, invstd, gamma, beta, residual = ctx.saved_tensors
+    def backward(ctx: Any, grad_out: torch.Tensor | None, *_: Any) -> tuple:
+        saved = ctx.saved_tensors
+        x, weight, y, mean, invstd, gamma, beta = saved[0], *saved[6:]
         need_x, need_w, need_gamma, need_beta, need_r = ctx.needs_input_grad[:5]
+        if grad_out is None:  # only the non-differentiable outputs were used
+            return (None,) * 12
+        residual = _remade(saved[3:6], ctx.residual_recipe)
         run = PASSES[ctx.passes]
         scale, shift = _scale_shift(mean, invstd, gamma, beta)
         sum_g, sum_gy, masked = run.grad_sums(
@@ -112,6 +155,8 @@ class ConvBNActTrain(torch.autograd.Function):
             if not ctx.has_conv:
                 grad_x = dy
             else:
+                if need_w:
+                    x = _remade(saved[0:3], ctx.x_recipe)
                 stride, padding, dilation = (
                     list(v) for v in (ctx.config.stride, ctx.config.padding, ctx.config.dilation)
                 )
@@ -129,7 +174,7 @@ class ConvBNActTrain(torch.autograd.Function):
                     [need_x, need_w, False],
                 )
         grad_r = masked if need_r and ctx.has_residual else None
-        return grad_x, grad_w, grad_gamma, grad_beta, grad_r, None, None, None, None, None
+        return (grad_x, grad_w, grad_gamma, grad_beta, grad_r) + (None,) * 7
 
 
 def conv_bn_act_train(
@@ -144,6 +189,37 @@ def conv_bn_act_train(
     """act(bn(conv(x, weight)) + residual) with batch statistics (global ones where bn is marked for SyncBN),
     updating bn's running stats once; weight=None skips the conv. x, weight and residual share one dtype;
     `passes` names the implementation of the passes over the conv output (training/passes.py)."""
-    return ConvBNActTrain.apply(
-        x, weight, bn.weight, bn.bias, residual, bn, config or ConvConfig(), relu, sync_group(bn), passes
-    )
+    tracing = torch.compiler.is_compiling()
+    x_recipe = None if tracing or weight is None else _recipe_of(x, passes)
+    residual_recipe = None if tracing or residual is None else _recipe_of(residual, passes)
+    out, y, scale, shift = ConvBNActTrain.apply(
+        x, weight, bn.weight, bn.bias, residual, x_recipe, residual_recipe,
+        bn, config or ConvConfig(), relu, sync_group(bn), passes,
+    )  # fmt: skip
+    if residual is None and not tracing:
+        _RECIPES[out] = Recipe(y, scale, shift, relu, passes, out._version)
+    return out
+
+
+def _recipe_of(t: torch.Tensor, passes: str) -> Recipe | None:
+    recipe = _RECIPES.get(t)
+    if recipe is None or recipe.passes != passes or recipe.version != t._version:
+        return None
+    return recipe
+
+
+def _recipe_tensors(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return recipe.y, recipe.scale, recipe.shift
+
+
+def _recipe_flags(recipe: Recipe | None) -> tuple[bool, str] | None:
+    return None if recipe is None else (recipe.relu, recipe.passes)
+
+
+def _remade(saved: tuple, flags: tuple[bool, str] | None) -> torch.Tensor | None:
+    """The saved tensor itself (first of `saved`), or the one its recipe's tensors make again."""
+    if flags is None:
+        return saved[0]
+    relu, passes = flags
+    y, scale, shift = saved
+    return PASSES[passes].normalize(y, scale, shift, None, relu)
