@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from sm90_compile import assert_compiles
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
@@ -186,6 +187,46 @@ def test_opcheck():
     torch.library.opcheck(ops.bn_grad_sums, (g, y, v[0], v[1], r, v[2], True, True, 64))
     torch.library.opcheck(ops.bn_grad_sums, (g, y, v[0], v[1], None, v[2], True, False, 64))
     torch.library.opcheck(ops.bn_grad_input, (g, y, v[0], v[1], r, v[3], v[4], v[5], True))
+
+
+_COMPILE_SCRIPT = """
+import torch
+
+from fused_resnet.training import triton_passes as tp
+
+assert not tp.INTERPRET
+y = torch.zeros(2, 96, 5, 7).contiguous(memory_format=torch.channels_last)
+m, c, hw = 2 * 5 * 7, 96, 5 * 7
+s = tp._hw_strides(y)
+for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    yd, v = y.to(dtype), torch.zeros(2, c, dtype=acc)
+    dense = dtype != torch.float64  # both ways of indexing rows
+    compiles(
+        lambda: tp._stats_kernel[(1, 2)](yd, v, v, m, c, hw, 128, *s, DENSE_ROWS=dense, BLOCK_M=64, BLOCK_C=64),
+        f"stats {dtype}",
+    )
+    for residual, relu in ((True, True), (False, False)):
+        flags = {"HAS_RESIDUAL": residual, "RELU": relu, "DENSE_ROWS": dense, "BLOCK_M": 64, "BLOCK_C": 64}
+        compiles(
+            lambda: tp._normalize_kernel[(1, 2)](yd, yd, yd, v, v, m, c, hw, *s, *s, **flags), f"normalize {dtype}"
+        )
+        compiles(
+            lambda: tp._grad_sums_kernel[(1, 2)](
+                yd, yd, yd, yd, v, v, v, v, v, m, c, hw, 128, *s, *s, *s, STORE_MASKED=relu, **flags
+            ),
+            f"grad_sums {dtype}",
+        )
+        compiles(
+            lambda: tp._grad_input_kernel[(1, 2)](yd, yd, yd, yd, v, v, v, v, v, m, c, hw, *s, *s, *s, **flags),
+            f"grad_input {dtype}",
+        )
+"""
+
+
+def test_compiles_for_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    assert_compiles(_COMPILE_SCRIPT, expected=4 * 7)
 
 
 # --- which passes train --------------------------------------------------------------------------------------------

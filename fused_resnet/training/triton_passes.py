@@ -29,11 +29,14 @@ _TARGET_PROGRAMS = 1024
 
 
 @triton.jit
-def _offsets(rows, cols, HW, stride_n, stride_hw, stride_c):
+def _offsets(rows, cols, HW, stride_n, stride_hw, stride_c, DENSE_ROWS: tl.constexpr):
     # rows index N·H·W pixels: beyond 2**31 elements (large batches) offsets must be int64.
     rows = rows.to(tl.int64)
-    n = rows // HW
-    pixel = n * stride_n + (rows - n * HW) * stride_hw
+    if DENSE_ROWS:  # stride_n == HW·stride_hw (channels_last): no 64-bit division per row
+        pixel = rows * stride_hw
+    else:
+        n = rows // HW
+        pixel = n * stride_n + (rows - n * HW) * stride_hw
     return pixel[:, None] + cols.to(tl.int64)[None, :] * stride_c
 
 
@@ -51,7 +54,7 @@ def _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDU
 @triton.jit
 def _stats_kernel(
     y_ptr, mean_ptr, m2_ptr, M, C, HW, rows_per_program, stride_yn, stride_yhw, stride_yc,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    DENSE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -64,7 +67,9 @@ def _stats_kernel(
     for offset in range(0, rows_per_program, BLOCK_M):
         rows = start + offset + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & mask_c[None, :]
-        y = tl.load(y_ptr + _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc), mask=mask, other=0.0)
+        y = tl.load(
+            y_ptr + _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc, DENSE_ROWS), mask=mask, other=0.0
+        )
         y = y.to(acc_dtype)
         n_a = tl.maximum(tl.minimum(M - start, offset), 0).to(acc_dtype)
         n_b = tl.maximum(tl.minimum(M - start - offset, BLOCK_M), 0).to(acc_dtype)
@@ -86,7 +91,8 @@ def _stats_kernel(
 def _normalize_kernel(
     y_ptr, r_ptr, out_ptr, scale_ptr, shift_ptr, M, C, HW,
     stride_yn, stride_yhw, stride_yc, stride_rn, stride_rhw, stride_rc,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DENSE_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -94,8 +100,8 @@ def _normalize_kernel(
     mask = (rows < M)[:, None] & mask_c[None, :]
     scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=mask_c, other=0.0)
-    y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc)
-    r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc)
+    y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc, DENSE_ROWS)
+    r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc, DENSE_ROWS)
     _, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDUAL)
     if RELU:
         z = tl.where(z > 0, z, 0.0)
@@ -116,7 +122,7 @@ def _grad_sums_kernel(
     g_ptr, y_ptr, r_ptr, masked_ptr, scale_ptr, shift_ptr, mean_ptr, sum_g_ptr, sum_gy_ptr,
     M, C, HW, rows_per_program,
     stride_gn, stride_ghw, stride_gc, stride_yn, stride_yhw, stride_yc, stride_rn, stride_rhw, stride_rc,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STORE_MASKED: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STORE_MASKED: tl.constexpr, DENSE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0).to(tl.int64)
@@ -131,9 +137,9 @@ def _grad_sums_kernel(
     for offset in range(0, rows_per_program, BLOCK_M):
         rows = start + offset + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & mask_c[None, :]
-        y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc)
-        r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc)
-        g_offs = _offsets(rows, cols, HW, stride_gn, stride_ghw, stride_gc)
+        y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc, DENSE_ROWS)
+        r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc, DENSE_ROWS)
+        g_offs = _offsets(rows, cols, HW, stride_gn, stride_ghw, stride_gc, DENSE_ROWS)
         y, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDUAL)
         g = _masked_grad(g_ptr, g_offs, z, mask, RELU)
         if STORE_MASKED:  # the shortcut's gradient, laid out like y (g may be an expanded view)
@@ -150,7 +156,8 @@ def _grad_sums_kernel(
 def _grad_input_kernel(
     g_ptr, y_ptr, r_ptr, dy_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr, c_ptr, M, C, HW,
     stride_gn, stride_ghw, stride_gc, stride_yn, stride_yhw, stride_yc, stride_rn, stride_rhw, stride_rc,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DENSE_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -161,9 +168,9 @@ def _grad_input_kernel(
     a = tl.load(a_ptr + cols, mask=mask_c, other=0.0)
     b = tl.load(b_ptr + cols, mask=mask_c, other=0.0)
     c = tl.load(c_ptr + cols, mask=mask_c, other=0.0)
-    y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc)
-    r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc)
-    g_offs = _offsets(rows, cols, HW, stride_gn, stride_ghw, stride_gc)
+    y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc, DENSE_ROWS)
+    r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc, DENSE_ROWS)
+    g_offs = _offsets(rows, cols, HW, stride_gn, stride_ghw, stride_gc, DENSE_ROWS)
     y, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDUAL)
     g = _masked_grad(g_ptr, g_offs, z, mask, RELU).to(scale.dtype)
     dy = a[None, :] * g + b[None, :] * y + c[None, :]
@@ -197,6 +204,11 @@ def _hw_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     if h == 1 or stride_h == w * stride_w:
         return stride_n, stride_w, stride_c
     return None
+
+
+def _dense_rows(hw: int, *strides: tuple[int, int, int]) -> bool:
+    """Whether every tensor's pixels follow one another (n-stride = h·w · hw-stride), as in channels_last."""
+    return all(stride_n == hw * stride_hw for stride_n, stride_hw, _ in strides)
 
 
 def _readable(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -271,7 +283,10 @@ def _partial_stats(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
     if m and c:
         block_c = _block_c(c)
         grid = (programs, triton.cdiv(c, block_c))
-        _stats_kernel[grid](y, mean, m2, m, c, hw, rows, *y_strides, BLOCK_M=BLOCK_M, BLOCK_C=block_c)
+        _stats_kernel[grid](
+            y, mean, m2, m, c, hw, rows, *y_strides,
+            DENSE_ROWS=_dense_rows(hw, y_strides), BLOCK_M=BLOCK_M, BLOCK_C=block_c,
+        )  # fmt: skip
     return mean, m2
 
 
@@ -288,9 +303,11 @@ def _normalize(
         r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
         block_c = _block_c(c)
         grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(c, block_c))
+        y_strides = _hw_strides(y)
         _normalize_kernel[grid](
-            y, r, out, scale, shift, m, c, hw, *_hw_strides(y), *r_strides,
-            HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=BLOCK_M, BLOCK_C=block_c,
+            y, r, out, scale, shift, m, c, hw, *y_strides, *r_strides,
+            HAS_RESIDUAL=residual is not None, RELU=relu, DENSE_ROWS=_dense_rows(hw, y_strides, r_strides),
+            BLOCK_M=BLOCK_M, BLOCK_C=block_c,
         )  # fmt: skip
     return out
 
@@ -322,11 +339,12 @@ def _grad_sums(
         r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
         block_c = _block_c(c)
         grid = (programs, triton.cdiv(c, block_c))
+        y_strides = _hw_strides(y)
         _grad_sums_kernel[grid](
             g, y, r, masked if store_masked else g, scale, shift, mean, sum_g, sum_gy, m, c, hw, rows,
-            *g_strides, *_hw_strides(y), *r_strides,
+            *g_strides, *y_strides, *r_strides,
             HAS_RESIDUAL=residual is not None, RELU=relu, STORE_MASKED=store_masked,
-            BLOCK_M=BLOCK_M, BLOCK_C=block_c,
+            DENSE_ROWS=_dense_rows(hw, g_strides, y_strides, r_strides), BLOCK_M=BLOCK_M, BLOCK_C=block_c,
         )  # fmt: skip
     return sum_g.sum(0), sum_gy.sum(0), masked
 
@@ -354,9 +372,11 @@ def _grad_input(
         r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
         block_c = _block_c(channels)
         grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(channels, block_c))
+        y_strides = _hw_strides(y)
         _grad_input_kernel[grid](
-            g, y, r, dy, scale, shift, a, b, c, m, channels, hw, *g_strides, *_hw_strides(y), *r_strides,
-            HAS_RESIDUAL=residual is not None, RELU=relu, BLOCK_M=BLOCK_M, BLOCK_C=block_c,
+            g, y, r, dy, scale, shift, a, b, c, m, channels, hw, *g_strides, *y_strides, *r_strides,
+            HAS_RESIDUAL=residual is not None, RELU=relu, DENSE_ROWS=_dense_rows(hw, g_strides, y_strides, r_strides),
+            BLOCK_M=BLOCK_M, BLOCK_C=block_c,
         )  # fmt: skip
     return dy
 
