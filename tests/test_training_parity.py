@@ -16,7 +16,7 @@ from fused_resnet.check import randomize_bn_
 from fused_resnet.nn import bn_act
 from fused_resnet.ops.conv_config import ConvConfig
 from fused_resnet.tolerances import STOCK_FACTOR, grad_rtol, relative_error
-from fused_resnet.training import ConvBNActTrain
+from fused_resnet.training import ConvBNActTrain, passes
 
 
 def _bn(c: int, affine: bool = True) -> nn.BatchNorm2d:
@@ -64,8 +64,18 @@ def _plain(m: ConvBNAct, x, residual=None):
     return torch.relu(y) if m.relu else y
 
 
+TRITON_TRAINS_ON_CPU = "triton" in passes.PASSES and passes.PASSES["triton"].unsupported("cpu", torch.float64) is None
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "auto",
+        "reference",
+        pytest.param("triton", marks=pytest.mark.skipif(not TRITON_TRAINS_ON_CPU, reason="needs TRITON_INTERPRET=1")),
+    ],
+)
 def test_module_matches_stock_over_steps(backend, channels_last):
     fused = ConvBNAct(6, 8, 3, stride=2, padding=1, momentum=None, backend=backend).double()
     randomize_bn_(fused)

@@ -282,28 +282,6 @@ def test_gradcheck_on_triton_passes(conv, residual, relu):
 
 
 @interpreter_only
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_module_on_triton_matches_stock_over_steps(fmt, triton_calls):
-    fused = randomize_bn_(ConvBNAct(6, 8, 3, stride=2, padding=1, backend="triton")).double()
-    plain = copy.deepcopy(fused)
-    for _ in range(2):
-        x = torch.randn(3, 6, 9, 8, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_(True)
-        r = torch.randn(3, 8, 5, 4, dtype=torch.float64, requires_grad=True)
-        got = fused(x, r)
-        want = torch.relu(plain.bn(plain.conv(x)) + r)
-        assert got.is_contiguous(memory_format=fmt)
-        assert relative_error(got, want) < 1e-12
-        g = torch.randn_like(want)
-        got_g = torch.autograd.grad(got, [x, r, fused.conv.weight, fused.bn.weight, fused.bn.bias], g)
-        want_g = torch.autograd.grad(want, [x, r, plain.conv.weight, plain.bn.weight, plain.bn.bias], g)
-        for a, b in zip(got_g, want_g, strict=True):
-            assert relative_error(a, b) < 1e-10
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(fused.bn, name), getattr(plain.bn, name), rtol=1e-12, atol=1e-15)
-    assert triton_calls == {"stats": 2, "normalize": 2, "grad_sums": 2, "grad_input": 2}
-
-
-@interpreter_only
 def test_resnet_training_step_on_triton_matches_torchvision_in_fp64(triton_calls):
     tv = randomize_bn_(torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)).double()
     fused = fused_resnet.fuse(tv, backend="triton")

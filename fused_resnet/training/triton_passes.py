@@ -16,6 +16,8 @@ Chan's pairwise update as it goes; the P partials are merged by stats.merge_part
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -177,7 +179,8 @@ def _grad_input_kernel(
     tl.store(dy_ptr + y_offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
 
 
-# ---- launchers: check, allocate, launch -------------------------------------------------------------------------
+# ---- launchers: check, allocate, launch; each a custom op (torch.compile traces it through its fake), whose CPU
+# kernel runs only under the interpreter (unsupported() says so) -------------------------------------------------
 
 from ..ops.triton_conv_bias_act import INTERPRET  # noqa: E402  (one definition of "the interpreter is on")
 
@@ -270,7 +273,12 @@ def _check_y(y: torch.Tensor) -> None:
         raise ValueError(reason)
 
 
-def _partial_stats(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+_OP = {"mutates_args": (), "device_types": ("cuda", "cpu")}
+
+
+@torch.library.custom_op("fused_resnet::bn_partial_stats", **_OP)
+def bn_partial_stats(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-program (mean, M2) partials of y per channel, each [P, C]; program p covers rows [p·rows, (p+1)·rows)."""
     _check_y(y)
     if rows <= 0 or rows % BLOCK_M:
         raise ValueError(f"rows_per_program must be a positive multiple of {BLOCK_M}, got {rows}")
@@ -290,9 +298,11 @@ def _partial_stats(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
     return mean, m2
 
 
-def _normalize(
+@torch.library.custom_op("fused_resnet::bn_normalize", **_OP)
+def bn_normalize(
     y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
 ) -> torch.Tensor:
+    """act(y·scale + shift [+ residual]) in y's dtype and layout."""
     _check_y(y)
     _check_vectors(y, scale=scale, shift=shift)
     _check_like(y, "residual", residual)
@@ -312,7 +322,8 @@ def _normalize(
     return out
 
 
-def _grad_sums(
+@torch.library.custom_op("fused_resnet::bn_grad_sums", **_OP)
+def bn_grad_sums(
     g: torch.Tensor,
     y: torch.Tensor,
     scale: torch.Tensor,
@@ -323,6 +334,7 @@ def _grad_sums(
     store_masked: bool,
     rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Σg', Σg'·(y − mean), g' or an empty tensor) per channel, g' = g·1[y·scale + shift [+ residual] > 0]."""
     _check_y(y)
     _check_vectors(y, scale=scale, shift=shift, mean=mean)
     _check_like(y, "grad", g)
@@ -349,7 +361,8 @@ def _grad_sums(
     return sum_g.sum(0), sum_gy.sum(0), masked
 
 
-def _grad_input(
+@torch.library.custom_op("fused_resnet::bn_grad_input", **_OP)
+def bn_grad_input(
     g: torch.Tensor,
     y: torch.Tensor,
     scale: torch.Tensor,
@@ -360,6 +373,7 @@ def _grad_input(
     c: torch.Tensor,
     relu: bool,
 ) -> torch.Tensor:
+    """a·g' + b·y + c per channel in y's dtype and layout, g' masked as in bn_grad_sums."""
     _check_y(y)
     _check_vectors(y, scale=scale, shift=shift, a=a, b=b, c=c)
     _check_like(y, "grad", g)
@@ -381,97 +395,27 @@ def _grad_input(
     return dy
 
 
-# ---- custom ops: traceable by torch.compile, CPU tensors only under the interpreter (checked by unsupported) --------
-
-
-@torch.library.custom_op("fused_resnet::bn_partial_stats", mutates_args=(), device_types=("cuda", "cpu"))
-def bn_partial_stats(y: torch.Tensor, rows_per_program: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-program (mean, M2) partials of y per channel, each [P, C]; program p covers rows [p·R, (p + 1)·R)."""
-    return _partial_stats(y, rows_per_program)
-
-
 @bn_partial_stats.register_fake
-def _(y: torch.Tensor, rows_per_program: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     m, c, _ = _shape(y)
-    mean = y.new_empty((triton.cdiv(m, rows_per_program), c), dtype=accumulation_dtype(y.dtype))
+    mean = y.new_empty((triton.cdiv(m, rows), c), dtype=accumulation_dtype(y.dtype))
     return mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("fused_resnet::bn_normalize", mutates_args=(), device_types=("cuda", "cpu"))
-def bn_normalize(
-    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
-) -> torch.Tensor:
-    """act(y·scale + shift [+ residual]) in y's dtype and layout."""
-    return _normalize(y, scale, shift, residual, relu)
-
-
 @bn_normalize.register_fake
-def _(
-    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
-) -> torch.Tensor:
+def _(y: torch.Tensor, *args: Any) -> torch.Tensor:
     return _like(_dense(y))
 
 
-@torch.library.custom_op("fused_resnet::bn_grad_sums", mutates_args=(), device_types=("cuda", "cpu"))
-def bn_grad_sums(
-    g: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    residual: torch.Tensor | None,
-    mean: torch.Tensor,
-    relu: bool,
-    store_masked: bool,
-    rows_per_program: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Σg', Σg'·(y − mean), g' or an empty tensor) per channel, g' = g·1[y·scale + shift [+ residual] > 0]."""
-    return _grad_sums(g, y, scale, shift, residual, mean, relu, store_masked, rows_per_program)
-
-
 @bn_grad_sums.register_fake
-def _(
-    g: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    residual: torch.Tensor | None,
-    mean: torch.Tensor,
-    relu: bool,
-    store_masked: bool,
-    rows_per_program: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
+    store_masked = args[-2]
     masked = _like(_dense(y), g.dtype) if store_masked else scale.new_empty(0)
     return torch.empty_like(scale), torch.empty_like(scale), masked
 
 
-@torch.library.custom_op("fused_resnet::bn_grad_input", mutates_args=(), device_types=("cuda", "cpu"))
-def bn_grad_input(
-    g: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    residual: torch.Tensor | None,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
-    relu: bool,
-) -> torch.Tensor:
-    """a·g' + b·y + c per channel in y's dtype and layout, g' masked as in bn_grad_sums."""
-    return _grad_input(g, y, scale, shift, residual, a, b, c, relu)
-
-
 @bn_grad_input.register_fake
-def _(
-    g: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    residual: torch.Tensor | None,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
-    relu: bool,
-) -> torch.Tensor:
+def _(g: torch.Tensor, y: torch.Tensor, *args: Any) -> torch.Tensor:
     return _like(_dense(y))
 
 
