@@ -442,9 +442,12 @@ def shape_id(shape):
     return f"{shape.c_in}x{shape.h}x{shape.w}-o{shape.c_out}k{shape.kh}s{shape.stride}g{shape.groups}"
 
 
+# bf16 and fp32 (TF32) are the two MMA paths; fp16 is bf16's template with another type, checked on the small
+# shapes above. Each (shape, dtype) compiles its own kernel: three dtypes here were 56 kernels, 92 s to
+# compile for sm_90 on 2 CPU cores.
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=shape_id)
 def test_resnet_layer_vs_cudnn(shape, dtype):
     ops = make_operands(
