@@ -17,10 +17,23 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   // act(y + bias[c] + residual) in y's dtype, channels_last: the conv epilogue alone.
   m.set_python_module("fused_resnet.ops.cpp_backend", "");
   m.def("bias_residual_relu(Tensor y, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+  // Declares a CPU weight's storage stable, so that conv_bias_act may keep its prepacked copy (cpu/weight_cache.h).
+  m.def("allow_prepacking(Tensor weight) -> ()");
   // The same result written into `residual`: for callers whose residual is dead after this call, so that the
   // output needs no new buffer and oneDNN accumulates into it (its "sum" post-op). CPU only. Returns nothing
   // (torch.compile's functionalization takes no custom op whose output aliases an input).
   m.def(
       "conv_bias_act_into_residual(Tensor x, Tensor weight, Tensor bias, Tensor(a!) residual, Tensor? in_scale, "
       "Tensor? in_shift, int[] stride, int[] padding, int[] dilation, int groups, bool relu) -> ()");
+  // Train-mode BN passes over a conv output y (CPU; see csrc/cpu/bn_train.cpp and fused_resnet/training/passes.py):
+  // per-channel (mean, M2); act(y*scale + shift [+ residual]); the backward's masked sums; BN's input gradient.
+  m.set_python_module("fused_resnet.training.cpp_passes", "");
+  m.def("bn_stats(Tensor y) -> (Tensor mean, Tensor m2)");
+  m.def("bn_normalize(Tensor y, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
+  m.def(
+      "bn_grad_sums(Tensor g, Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor mean, bool relu, "
+      "bool store_masked) -> (Tensor sum_g, Tensor sum_gy, Tensor masked)");
+  m.def(
+      "bn_grad_input(Tensor g, Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor a, Tensor b, "
+      "Tensor c, bool relu) -> Tensor");
 }

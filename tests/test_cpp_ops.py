@@ -144,7 +144,10 @@ def test_conv_bias_act_cpu_empty_batch():
 def test_conv_bias_act_cpu_weight_cache_sees_in_place_updates():
     """The prepacked-weight cache must never serve a weight that changed since it was packed."""
     x, w, b, r, config, s, t = _make(CONV_KINDS["3x3s1"], torch.float32)
+    _C.clear_weight_cache()
+    cpp_backend.allow_prepacking(w)
     first = _call(x, w, b, r, config, True, s, t)
+    assert _C.weight_cache_size() == 1
     with torch.no_grad():
         w.mul_(-1.0)  # bumps the version counter
     second = _call(x, w, b, r, config, True, s, t)
@@ -153,6 +156,7 @@ def test_conv_bias_act_cpu_weight_cache_sees_in_place_updates():
     assert not torch.allclose(first, second)
     fresh = torch.randn_like(w)  # same shape, maybe the same address once `w` is freed: must not hit
     del w
+    cpp_backend.allow_prepacking(fresh)
     third = _call(x, fresh, b, r, config, True, s, t)
     expected = _reference(x, fresh, b, r, config, True, s, t, torch.float64)
     assert tolerances.relative_error(third, expected) <= tolerances.forward_rtol(torch.float32)
@@ -165,6 +169,29 @@ def test_conv_bias_act_cpu_weight_cache_sees_in_place_updates():
     assert not torch.allclose(out, out_half)
     _C.clear_weight_cache()
     assert _C.weight_cache_size() == 0
+
+
+def test_weight_cache_keeps_only_declared_weights():
+    # A buffer that a compiled graph reuses is rewritten without a version bump (as `.data` writes are): only
+    # weights the package declared stable (its folds) may be cached.
+    x, w, b, r, config, s, t = _make(CONV_KINDS["3x3s1"], torch.float32)
+    _C.clear_weight_cache()
+    _call(x, w, b, r, config, True, s, t)
+    w.data.mul_(-1.0)
+    assert _C.weight_cache_size() == 0
+    expected = _reference(x, w, b, r, config, True, s, t, torch.float64)
+    assert tolerances.relative_error(_call(x, w, b, r, config, True, s, t), expected) <= 1e-5
+
+
+def test_eval_folds_are_declared_and_cached():
+    from fused_resnet import ConvBNAct
+
+    _C.clear_weight_cache()
+    m = ConvBNAct(8, 8, 3, padding=1, backend="cpu").eval()
+    with torch.no_grad():
+        m(torch.randn(1, 8, 5, 5))
+    assert _C.weight_cache_size() == 1
+    _C.clear_weight_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -142,3 +142,61 @@ def test_compiled_model_is_unchanged():
         torch._dynamo.reset()
         got = torch.compile(copy.deepcopy(model), fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_hook_on_the_receiving_block_sees_its_true_input():
+    model = _model("resnet18")
+    seen = {}
+    model.layer1[1].register_forward_hook(lambda module, args, out: seen.update(x=args[0].clone(), out=out))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        want = model.layer1[0](model.maxpool(model_stem(model, x)))
+    torch.testing.assert_close(seen["x"], want)
+
+
+def model_stem(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from fused_resnet.models._common import prepare_input
+    from fused_resnet.nn.functional import conv_bn_act
+
+    return conv_bn_act(prepare_input(x, 3), model.conv1, model.bn1, relu=True, backend="cpu")
+
+
+def test_a_symbolic_trace_records_no_donation():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = _model("resnet18")
+    leaves = {"leaf_modules": [fused_resnet.models.BasicBlock]}
+    extractor = create_feature_extractor(model.layer1, return_nodes=["0", "1"], tracer_kwargs=leaves)
+    assert all(not n.kwargs for n in extractor.graph.nodes if n.op == "call_module")
+    x = torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        got = extractor(x)
+        want0 = model.layer1[0](x)
+    torch.testing.assert_close(got["0"], want0)
+
+
+def test_subclassed_blocks_are_not_trusted():
+    class KeepsOutput(fused_resnet.models.BasicBlock):
+        def forward(self, x):  # another signature, and it keeps its output
+            self.kept = super().forward(x)
+            return self.kept
+
+    model = _model("resnet18")
+    model.layer1[0].__class__ = KeepsOutput
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        kept = model.layer1[0].kept.clone()
+        model.layer1[1](kept.clone())  # the next block ran on it in the model: it must still hold what it kept
+    torch.testing.assert_close(model.layer1[0].kept, kept)
+
+
+def test_the_in_place_op_refuses_autograd():
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    r = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    args = (x, w, torch.zeros(4), r, None, None, [1, 1], [1, 1], [1, 1], 1, True)
+    with pytest.raises(RuntimeError, match="has no backward"):
+        torch.ops.fused_resnet_C.conv_bias_act_into_residual(*args)
+    with torch.no_grad():
+        torch.ops.fused_resnet_C.conv_bias_act_into_residual(*args)

@@ -246,12 +246,20 @@ def test_torchvision_parity_after_several_steps():
     fused = fused_resnet.fuse(tv)
     x = torch.randn(4, 3, 32, 32)
     labels = torch.randint(0, 10, (4,))
+    # The semantics over several steps (momentum, weight decay, running stats) in float64, where rounding is out
+    # of the way.
     want = _train(copy.deepcopy(tv).double(), x.double(), labels, steps=3)
-    stock = _train(_channels_last(tv), x.contiguous(memory_format=torch.channels_last), labels, steps=3)
-    got32 = _train(copy.deepcopy(fused), x, labels, steps=3)
     got64 = _train(copy.deepcopy(fused).double(), x.double(), labels, steps=3)
     for key, expected in want.items():
         assert relative_error(got64[key], expected) < 1e-10, key
+    # float32 numerics over one step: later steps amplify any last-bit difference chaotically here (4 values per
+    # BN channel in layer4). Measured: computing only BN-apply in float64, more exactly, moved the 3-step
+    # input-gradient error from 2e-3 to 8e-3 at 32x32 and from 6e-6 to 7e-2 at 64x64; stock PyTorch matches the
+    # reference better only where its roundings happen to be the reference path's.
+    want = _train(copy.deepcopy(tv).double(), x.double(), labels, steps=1)
+    stock = _train(_channels_last(tv), x.contiguous(memory_format=torch.channels_last), labels, steps=1)
+    got32 = _train(copy.deepcopy(fused), x, labels, steps=1)
+    for key, expected in want.items():
         err, stock_err = relative_error(got32[key], expected), relative_error(stock[key], expected)
         assert err <= max(grad_rtol(torch.float32), STOCK_FACTOR * stock_err), (key, err, stock_err)
 
@@ -307,7 +315,10 @@ def test_autocast_channels_last_training_steps(dtype):
 def test_resnet1202_trains_a_few_steps_on_the_fused_path():
     model = fused_resnet.resnet1202(num_classes=4)
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1000
-    x = torch.randn(2, 3, 4, 4)  # per-op overhead, not size, dominates 1200 layers on CPU
+    # Per-op overhead, not size, dominates 1200 layers on CPU. At 8x8 the last stage normalizes 8 values per
+    # channel; at 4x4 (2 values) this net diverges within two steps whatever computes BN (measured with the
+    # PyTorch-op passes: loss 16 -> 2e10 -> 2e21; with the CPU kernels: NaN).
+    x = torch.randn(2, 3, 8, 8)
     labels = torch.tensor([0, 3])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     before = _cat(model.parameters())
@@ -320,3 +331,11 @@ def test_resnet1202_trains_a_few_steps_on_the_fused_path():
     assert torch.isfinite(_cat(model.parameters())).all()
     assert not torch.equal(_cat(model.parameters()), before)
     assert int(model.layer3[-1].bn2.num_batches_tracked) == 2
+
+
+def test_double_backward_raises_instead_of_being_wrong():
+    m = ConvBNAct(4, 4, 3, padding=1).train()
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    (gx,) = torch.autograd.grad(m(x).square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.square().sum().backward()

@@ -7,6 +7,7 @@
 // or torch was built without it, at::convolution runs the conv and one vectorized pass adds bias + residual
 // and applies ReLU. The pre-activation prologue is one vectorized pass before the conv.
 #include <ATen/Context.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/convolution.h>
 #include <c10/core/MemoryFormat.h>
@@ -194,6 +195,15 @@ void conv_bias_act_into_residual_cpu(const at::Tensor& x, const at::Tensor& weig
                                      c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, bool relu) {
   const ConvGeometry g = check_conv_bias_act("conv_bias_act_into_residual", c10::DeviceType::CPU, x, weight, bias,
                                              residual, in_scale, in_shift, stride, padding, dilation, groups);
+  // No backward: refuse rather than return a result autograd cannot differentiate (e.g. replayed from a trace).
+  if (at::GradMode::is_enabled()) {
+    const auto needs_grad = [](const at::Tensor* t) { return t != nullptr && t->requires_grad(); };
+    for (const at::Tensor* t : {&x, &weight, &bias, &residual, in_scale.has_value() ? &*in_scale : nullptr,
+                                in_shift.has_value() ? &*in_shift : nullptr}) {
+      TORCH_CHECK(!needs_grad(t), "conv_bias_act_into_residual has no backward; call it without autograd ",
+                  "(torch.no_grad() or torch.inference_mode()), or use conv_bias_act");
+    }
+  }
   if (!accumulates_in_place(x, weight, bias, residual, in_scale, in_shift, g)) {
     // Same result through a new buffer (the inputs are read completely before the residual is overwritten).
     residual.copy_(conv_bias_act_checked(x, weight, bias, residual, in_scale, in_shift, g, relu));

@@ -1,6 +1,7 @@
 #include "cpu/weight_cache.h"
 
 #include <c10/core/StorageImpl.h>
+#include <torch/library.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <cstdlib>
@@ -29,7 +30,22 @@ struct Entry {
 struct Cache {
   std::mutex mutex;
   std::list<Entry> entries;  // most recently used first
+  std::list<c10::weak_intrusive_ptr<c10::StorageImpl>> allowed;  // storages declared stable
 };
+
+// With the cache's mutex held: whether `storage` was declared stable; forgets freed storages on the way.
+bool allowed_locked(Cache& c, const c10::StorageImpl* storage) {
+  bool found = false;
+  for (auto it = c.allowed.begin(); it != c.allowed.end();) {
+    if (it->expired()) {
+      it = c.allowed.erase(it);
+      continue;
+    }
+    found = found || it->_unsafe_get_target() == storage;
+    ++it;
+  }
+  return found;
+}
 
 Cache& cache() {
   static Cache* instance = new Cache();  // never destroyed: tensors must not be freed after torch unloads
@@ -71,7 +87,11 @@ at::Tensor cached_prepacked_weight(const at::Tensor& weight, c10::IntArrayRef in
   std::vector<int64_t> key = make_key(weight, input_sizes, stride, padding, dilation, groups);
 
   Cache& c = cache();
-  std::lock_guard<std::mutex> lock(c.mutex);
+  std::unique_lock<std::mutex> lock(c.mutex);
+  if (!allowed_locked(c, storage)) {
+    lock.unlock();
+    return pack();
+  }
   for (auto it = c.entries.begin(); it != c.entries.end();) {
     if (!it->alive()) {  // the weight was freed: drop its packed copy
       it = c.entries.erase(it);
@@ -98,6 +118,15 @@ at::Tensor cached_prepacked_weight(const at::Tensor& weight, c10::IntArrayRef in
   return packed;
 }
 
+void allow_prepacking(const at::Tensor& weight) {
+  if (!weight.has_storage()) return;
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  if (!allowed_locked(c, weight.storage().unsafeGetStorageImpl())) {
+    c.allowed.push_back(weight.storage().getWeakStorageImpl());
+  }
+}
+
 void clear_weight_cache() {
   Cache& c = cache();
   std::list<Entry> dropped;
@@ -114,3 +143,7 @@ int64_t weight_cache_size() {
 }
 
 }  // namespace fused_resnet::cpu
+
+TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {
+  m.impl("allow_prepacking", &fused_resnet::cpu::allow_prepacking);
+}

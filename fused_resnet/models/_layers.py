@@ -10,6 +10,7 @@ that block made) and no forward hook can have kept a reference to it.
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_tracing
 from torch.nn.modules import module as _module
 
 
@@ -18,24 +19,29 @@ class ResidualLayer(nn.Sequential):
     block whose input is the previous fused block's output and invisible to hooks."""
 
     def forward(self, x: Tensor) -> Tensor:
+        # A symbolic trace would record the donation and replay it where the graph may return the tensor.
+        tracing = is_fx_tracing()
         previous = None
         for block in self:
-            x = block(x, donate_x=True) if _input_is_dead(previous, block) else block(x)
+            x = block(x, donate_x=True) if not tracing and _input_is_dead(previous, block) else block(x)
             previous = block
         return x
 
 
 def _donates(module: nn.Module | None) -> bool:
-    return getattr(type(module), "takes_donated_input", False)
+    # Only the package's own block classes: a subclass may keep its output or have another forward signature.
+    return module is not None and "takes_donated_input" in type(module).__dict__
 
 
 def _input_is_dead(previous: nn.Module | None, block: nn.Module) -> bool:
     if not (_donates(previous) and _donates(block)):
         return False
-    # A forward hook on the previous block or a pre-hook on this one sees the tensor and may keep it.
+    # A hook that sees the tensor may keep it: forward hooks on the previous block (its output), pre-hooks and
+    # forward hooks on this one (its input, the latter after the block has run).
     hooks = (
         previous._forward_hooks,
         block._forward_pre_hooks,
+        block._forward_hooks,
         _module._global_forward_hooks,
         _module._global_forward_pre_hooks,
     )

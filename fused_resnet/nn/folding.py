@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import cpp_backend
+
 _CACHE_ATTR = "_fused_resnet_fold_cache"
 
 
@@ -78,6 +80,7 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) ->
         folded = fold_conv_bn(conv.weight, bn, dtype)
     if key is not None:
         conv.__dict__[_CACHE_ATTR] = (key, folded)
+        cpp_backend.allow_prepacking(folded[0])  # kept: the CPU backend may keep its oneDNN-layout copy
     return folded
 
 

@@ -101,11 +101,21 @@ conv_bias_act = call_with_config(_conv_bias_act_op)
 
 def _into_residual_op(*args: Any) -> torch.Tensor:
     torch.ops.fused_resnet_C.conv_bias_act_into_residual(*args)
-    return args[3]  # the residual, now holding the result
+    residual = args[3]  # now holding the result
+    if not residual.is_inference():  # so that autograd sees the write, should anything have saved the residual
+        torch.autograd.graph.increment_version(residual)
+    return residual
 
 
 # The same, written into the residual's memory (CPU; no autograd: for inference callers whose residual is dead).
 conv_bias_act_into_residual = call_with_config(_into_residual_op)
+
+
+def allow_prepacking(weight: torch.Tensor) -> None:
+    """Declares a CPU weight stable (kept and only changed through version-counted writes), so that the CPU
+    backend may cache its oneDNN-layout copy; see csrc/cpu/weight_cache.h."""
+    if _C is not None and weight.device.type == "cpu":
+        torch.ops.fused_resnet_C.allow_prepacking(weight)
 
 
 def bias_residual_relu(

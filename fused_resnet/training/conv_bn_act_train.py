@@ -14,8 +14,9 @@ Where x or the residual is the output of a previous unit without a residual of i
 (a bottleneck's inner activations; a projection shortcut), the unit saves that recipe (y', which the previous
 unit saves anyway, and two per-channel vectors) instead of the tensor, and backward recomputes it: the
 activations inside a block and the projection shortcut's output are never kept for backward. A side table maps
-such outputs to their recipes (weakly, checked against in-place changes); torch.compile runs without it
-(Inductor chooses what to recompute itself).
+such outputs to their recipes (weakly, checked against in-place changes; writes through `tensor.data` bypass
+the version counter and are not seen, as for autograd's own saved tensors); torch.compile runs without it
+(Inductor chooses what to recompute itself). Backward is once-differentiable: double backward raises.
 
 Without a conv (weight=None) the same Function is a train-mode BN + act (pre-activation units): y = x.
 """
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..ops.conv_config import ConvConfig
@@ -125,6 +127,7 @@ class ConvBNActTrain(torch.autograd.Function):
     # SyncBN: the two sums in dL/dy run over every process's batch (all-reduced); dL/dγ, dL/dβ stay local, as in
     # nn.SyncBatchNorm, because DistributedDataParallel averages parameter gradients itself.
     @staticmethod
+    @once_differentiable  # backward runs custom kernels: a gradient of it would be silently wrong
     def backward(ctx: Any, grad_out: torch.Tensor | None, *_: Any) -> tuple:
         saved = ctx.saved_tensors
         x, weight, y, mean, invstd, gamma, beta = saved[0], *saved[6:]

@@ -1,13 +1,14 @@
 """The elementwise and reduction passes of the training path, one interface with two implementations.
 
-"torch" runs PyTorch ops (any device, any dtype); "triton" runs the kernels of triton_passes.py (CUDA, or CPU
-under the Triton interpreter). The autograd Function (conv_bn_act_train.py) names one and calls:
+"torch" runs PyTorch ops (torch_passes.py: any device, dtype and layout); "cpp" the extension's CPU kernels
+(cpp_passes.py, channels_last); "triton" the kernels of triton_passes.py (CUDA, or CPU under the Triton
+interpreter). The autograd Function (conv_bn_act_train.py) names one and calls:
 
   stats(y)                                               -> BatchStats, merged per channel
   normalize(y, scale, shift, residual, relu)             -> act(y·scale + shift [+ residual]) in y's dtype
   grad_sums(g, y, scale, shift, residual, mean, relu, store_masked)
                                                          -> (Σg', Σg'·(y − mean), g' or None)
-  grad_input(g, y, scale, shift, residual, a, b, c, relu) -> a·g' + b·y + c in y's dtype
+  grad_input(g, y, scale, shift, residual, a, b, c, relu) -> a·g' + b·y + c in y's dtype and layout
 
 with g' = g·1[y·scale + shift [+ residual] > 0] where relu (else g), per-channel vectors in the accumulation
 dtype. grad_sums returns g' when store_masked asks for it (the shortcut's gradient); an implementation that
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from .stats import BatchStats, batch_stats
+from . import torch_passes
+from .stats import BatchStats
 
 log = logging.getLogger("fused_resnet")
 
@@ -38,67 +40,24 @@ class Passes:
     unsupported: Callable[[str, torch.dtype], str | None]
 
 
-def _channel(t: torch.Tensor) -> torch.Tensor:
-    return t.view(1, -1, 1, 1)
-
-
-def _pre_activation(
-    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None
-) -> torch.Tensor:
-    # In the accumulation dtype; forward's output and backward's mask both come from here, bit-identical.
-    z = torch.addcmul(_channel(shift), y, _channel(scale))
-    return z if residual is None else z + residual
-
-
-def _normalize(
-    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
-) -> torch.Tensor:
-    z = _pre_activation(y, scale, shift, residual)
-    return (torch.relu(z) if relu else z).to(y.dtype)
-
-
-def _grad_sums(
-    g: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    residual: torch.Tensor | None,
-    mean: torch.Tensor,
-    relu: bool,
-    store_masked: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if relu:
-        g = torch.where(_pre_activation(y, scale, shift, residual) > 0, g, 0)
-    acc, dims = mean.dtype, (0, 2, 3)
-    sum_g = g.sum(dims, dtype=acc)
-    sum_gy = (g.to(acc) * (y.to(acc) - _channel(mean))).sum(dims)
-    return sum_g, sum_gy, g
-
-
-def _grad_input(
-    g: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    residual: torch.Tensor | None,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
-    relu: bool,
-) -> torch.Tensor:
-    if relu:
-        g = torch.where(_pre_activation(y, scale, shift, residual) > 0, g, 0)
-    return (torch.addcmul(_channel(c), g.to(a.dtype), _channel(a)) + y.to(a.dtype) * _channel(b)).to(y.dtype)
+def _runs_anything(device_type: str, dtype: torch.dtype) -> str | None:
+    return None
 
 
 PASSES: dict[str, Passes] = {
-    "torch": Passes(batch_stats, _normalize, _grad_sums, _grad_input, lambda device_type, dtype: None),
+    "torch": Passes(
+        torch_passes.batch_stats,
+        torch_passes.normalize,
+        torch_passes.grad_sums,
+        torch_passes.grad_input,
+        _runs_anything,
+    ),
 }
-_TRITON_MISSING = ""
+_MISSING: dict[str, str] = {}
 try:
     from . import triton_passes
 except ImportError as err:  # triton is optional
-    _TRITON_MISSING = f"cannot import triton: {err}"
+    _MISSING["triton"] = f"cannot import triton: {err}"
 else:
     PASSES["triton"] = Passes(
         triton_passes.batch_stats,
@@ -107,28 +66,39 @@ else:
         triton_passes.bn_grad_input,
         triton_passes.unsupported,
     )
+from . import cpp_passes  # noqa: E402  (needs torch_passes, imported above)
+
+PASSES["cpp"] = Passes(
+    cpp_passes.batch_stats, cpp_passes.normalize, cpp_passes.grad_sums, cpp_passes.grad_input, cpp_passes.unsupported
+)
+
+# The passes each backend trains with: its own kernels where it has them, else PyTorch ops; "auto" per device.
+_BACKEND_PASSES = {"triton": "triton", "cpu": "cpp"}
+_AUTO_PASSES = {"cuda": "triton", "cpu": "cpp"}
 
 
 @torch.compiler.assume_constant_result
-def _triton_unsupported(device_type: str, dtype: torch.dtype) -> str | None:
-    if "triton" not in PASSES:
-        return _TRITON_MISSING
-    return PASSES["triton"].unsupported(device_type, dtype)
+def _unsupported(passes: str, device_type: str, dtype: torch.dtype) -> str | None:
+    if passes not in PASSES:
+        return _MISSING[passes]
+    return PASSES[passes].unsupported(device_type, dtype)
 
 
 def passes_for(backend: str, x: torch.Tensor, allow_fallback: bool | None = None) -> str:
-    """Which passes train on `backend` for x: Triton kernels for "triton" (and "auto" on CUDA), else PyTorch ops.
-
-    The "cuda" and "cpu" backends have no training kernels of their own yet: they run the PyTorch passes.
+    """Which passes train on `backend` for x: the backend's own kernels ("triton", "cpp" for "cpu"), on "auto"
+    those of x's device where they run, else PyTorch ops. The "cuda" backend has no training kernels of its own yet.
     """
     name = backends.requested_backend(backend)
-    if name not in ("triton", "auto"):
+    if name == "auto":
+        wanted = _AUTO_PASSES.get(x.device.type)
+        return wanted if wanted and _unsupported(wanted, x.device.type, x.dtype) is None else "torch"
+    wanted = _BACKEND_PASSES.get(name)
+    if wanted is None:
         return "torch"
-    reason = _triton_unsupported(x.device.type, x.dtype)
-    if reason is None and (name == "triton" or x.device.type == "cuda"):
-        return "triton"
-    if name == "triton":
-        if not backends.fallback_allowed(allow_fallback):
-            raise backends.BackendError(f"the 'triton' backend cannot train here: {reason}")
-        log.info("training on PyTorch ops instead of the 'triton' backend: %s", reason)
+    reason = _unsupported(wanted, x.device.type, x.dtype)
+    if reason is None:
+        return wanted
+    if not backends.fallback_allowed(allow_fallback):
+        raise backends.BackendError(f"the {name!r} backend cannot train here: {reason}")
+    log.info("training on PyTorch ops instead of the %r backend: %s", name, reason)
     return "torch"

@@ -1,0 +1,172 @@
+"""The training passes (fused_resnet/training/passes.py: PyTorch ops, the extension's CPU kernels, Triton) against
+fp64 formulas written out here, and which passes each backend trains with.
+
+Every implementation runs on the devices it supports here: "torch" and "cpp" on CPU, "triton" on CPU under the
+Triton interpreter (CI); "torch" and "triton" on CUDA in the GPU check. Tolerances: the passes accumulate in fp32
+(fp64 for fp64), so statistics and sums are compared at a few fp32 ulps relative to the data's magnitude; outputs
+stored in bf16/fp16 may differ from the exactly rounded value by one ulp of the output (a fused multiply-add
+rounds once where the formula rounds twice).
+"""
+
+import pytest
+import torch
+
+from fused_resnet import backends
+from fused_resnet.training import passes
+
+
+def _impl(name: str, device: str) -> object:
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    reason = passes._unsupported(name, device, torch.float32) if device == "cpu" else None
+    if reason is not None:
+        marks.append(pytest.mark.skip(reason=reason))
+    return pytest.param((passes.PASSES.get(name), device), marks=marks, id=f"{name}-{device}")
+
+
+IMPLS = [
+    _impl("torch", "cpu"),
+    _impl("cpp", "cpu"),
+    _impl("triton", "cpu"),
+    _impl("torch", "cuda"),
+    _impl("triton", "cuda"),
+]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+FORMATS = [torch.contiguous_format, torch.channels_last]
+# One ulp of the output dtype, relative to the result.
+OUTPUT_ULP = {torch.float32: 2.0**-23, torch.float64: 2.0**-52, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tensor(shape, dtype, fmt, device, offset=0.0, scale=1.0) -> torch.Tensor:
+    t = torch.randn(shape, dtype=torch.float64) * scale + offset
+    return t.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+
+
+def _vector(c: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.randn(c, dtype=torch.float64).to(device=device, dtype=_acc(dtype))
+
+
+def _ch(v: torch.Tensor) -> torch.Tensor:
+    return v.double().view(1, -1, 1, 1)
+
+
+def _within(got: torch.Tensor, want: torch.Tensor, terms: torch.Tensor) -> bool:
+    """got is want up to a few rounding errors of the accumulation on the terms' magnitudes (cancellation makes
+    those larger than the result) plus one rounding to the output dtype."""
+    acc_eps = torch.finfo(_acc(got.dtype)).eps
+    return bool(((got.double() - want).abs() <= 4 * acc_eps * terms + OUTPUT_ULP[got.dtype] * want.abs()).all())
+
+
+# --- statistics -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stats_match_var_mean(impl, dtype, fmt):
+    run, device = impl
+    # |mean| ≫ std: the case where Σx, Σx² statistics lose every digit in fp32.
+    y = _tensor((3, 5, 7, 9), dtype, fmt, device, offset=300.0, scale=0.5)
+    assert_stats(run.stats(y), y)
+
+
+def assert_stats(stats, y: torch.Tensor) -> None:
+    var, mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    eps = torch.finfo(_acc(y.dtype)).eps
+    assert torch.equal(stats.count.cpu(), torch.full((y.shape[1],), y.numel() / y.shape[1], dtype=_acc(y.dtype)))
+    assert ((stats.mean.double() - mean).abs() <= 8 * eps * mean.abs()).all()
+    # Each merged mean is known to an ulp of |mean|; that error enters the variance to first order through the
+    # merge's δ² term: |Δvar| ≲ ulp(|mean|)·std, a few of them.
+    assert ((stats.m2.double() / stats.count.double() - var).abs() <= 8 * eps * mean.abs() * var.sqrt()).all()
+
+
+# --- the elementwise passes ---------------------------------------------------------------------------------------
+
+
+def _z(y, scale, shift, residual) -> torch.Tensor:
+    z = y.double() * _ch(scale) + _ch(shift)
+    return z if residual is None else z + residual.double()
+
+
+def _z_terms(y, scale, shift, residual) -> torch.Tensor:
+    return _z(y.abs(), scale.abs(), shift.abs(), None if residual is None else residual.abs())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("residual, relu", [(False, False), (False, True), (True, False), (True, True)])
+def test_normalize_matches_formula(impl, dtype, fmt, residual, relu):
+    run, device = impl
+    y = _tensor((2, 6, 5, 3), dtype, fmt, device)
+    r = _tensor((2, 6, 5, 3), dtype, FORMATS[1 - FORMATS.index(fmt)], device) if residual else None
+    scale, shift = _vector(6, dtype, device), _vector(6, dtype, device)
+    out = run.normalize(y, scale, shift, r, relu)
+    z = _z(y, scale, shift, r)
+    want = torch.relu(z) if relu else z
+    assert out.dtype == dtype and out.stride() == y.stride()
+    assert _within(out, want, _z_terms(y, scale, shift, r))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("residual, relu", [(False, False), (True, True), (False, True)])
+def test_grad_passes_match_formula(impl, dtype, fmt, residual, relu):
+    run, device = impl
+    shape = (3, 6, 9, 7)  # 189 pixels: several Triton programs, a partial chunk, odd channel tails
+    y = _tensor(shape, dtype, fmt, device)
+    g = _tensor(shape, dtype, FORMATS[1 - FORMATS.index(fmt)], device)
+    r = _tensor(shape, dtype, fmt, device) if residual else None
+    scale, shift, mean = (_vector(6, dtype, device) for _ in range(3))
+    a, b, c = (_vector(6, dtype, device) for _ in range(3))
+    z = _z(y, scale, shift, r)
+    g_masked = torch.where(z > 0, g.double(), 0.0) if relu else g.double()
+
+    sum_g, sum_gy, masked = run.grad_sums(g, y, scale, shift, r, mean, relu, True)
+    want_g, want_gy = g_masked.sum((0, 2, 3)), (g_masked * (y.double() - _ch(mean))).sum((0, 2, 3))
+    # Sums of 189 terms of size ~1 in fp32: a few ulps of the sum of magnitudes.
+    bound = 64 * torch.finfo(_acc(dtype)).eps * g.double().abs().sum((0, 2, 3)) * 4
+    assert ((sum_g.double() - want_g).abs() <= bound).all()
+    assert ((sum_gy.double() - want_gy).abs() <= bound).all()
+    assert torch.equal(masked.double(), g_masked)
+
+    dy = run.grad_input(g, y, scale, shift, r, a, b, c, relu)
+    want = _ch(a) * g_masked + _ch(b) * y.double() + _ch(c)
+    assert dy.dtype == dtype and dy.stride() == y.stride()
+    terms = (_ch(a) * g_masked).abs() + (_ch(b) * y.double()).abs() + _ch(c).abs()
+    assert _within(dy, want, terms)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_expanded_gradient(impl):
+    run, device = impl
+    # The gradient of a .sum() arrives as an expanded view (all strides 0).
+    y = _tensor((2, 4, 3, 3), torch.float32, torch.channels_last, device)
+    g = torch.ones((), device=device).expand(y.shape)
+    scale, shift, mean = (_vector(4, torch.float32, device) for _ in range(3))
+    sum_g, _, masked = run.grad_sums(g, y, scale, shift, None, mean, True, True)
+    mask = _z(y, scale, shift, None) > 0
+    assert torch.equal(sum_g.double(), mask.double().sum((0, 2, 3)))
+    assert torch.equal(masked.bool(), mask)
+
+
+# --- which passes train ------------------------------------------------------------------------------------------
+
+
+def test_passes_for_each_backend(monkeypatch):
+    cpu = torch.empty(1, 1, 1, 1)
+    cpp_runs = passes._unsupported("cpp", "cpu", torch.float32) is None
+    assert passes.passes_for("cpu", cpu) == "cpp"
+    assert passes.passes_for("auto", cpu) == ("cpp" if cpp_runs else "torch")
+    assert passes.passes_for("reference", cpu) == "torch"
+    assert passes.passes_for("cuda", cpu) == "torch"  # no training kernels of its own yet
+    monkeypatch.setattr(passes, "_unsupported", lambda name, device_type, dtype: f"no {name} here")
+    for backend, name in (("triton", "triton"), ("cpu", "cpp")):
+        with pytest.raises(backends.BackendError, match=f"'{backend}' backend cannot train here: no {name} here"):
+            passes.passes_for(backend, cpu)
+        assert passes.passes_for(backend, cpu, allow_fallback=True) == "torch"
+    assert passes.passes_for("auto", cpu) == "torch"
