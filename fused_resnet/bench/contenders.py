@@ -41,7 +41,11 @@ class Contender:
         return self.autocast or self.dtype
 
 
-_TRAIN_NOTES = {"reference": "train: stock ops", "triton": "train: stock conv + Triton BN passes"}
+_TRAIN_NOTES = {
+    "reference": "train: stock ops",
+    "triton": "train: stock conv + Triton BN passes",
+    "cpu": "train: stock conv + C++ BN passes",
+}
 
 
 def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender]:

@@ -3,7 +3,8 @@
 stats.py     per-channel (count, mean, M2) partials, Chan's merge, and finalize (running-stat update, once)
 sync.py      synchronized statistics across processes (enable_sync_bn)
 conv_bn_act_train.py  the autograd Function: recompute-instead-of-store backward
-passes.py    the Function's passes over the conv output, PyTorch ops or (triton_passes.py) Triton kernels
+passes.py    the Function's passes over the conv output, chosen per backend: torch_passes.py (PyTorch ops),
+             cpp_passes.py (the extension's CPU kernels), triton_passes.py (Triton kernels)
 """
 
 from .conv_bn_act_train import ConvBNActTrain, conv_bn_act_train
