@@ -111,6 +111,27 @@ FVec relu_mask(const FVec& g, const FVec& z) {
   return FVec::loadu(gs);
 }
 
+// g' (g masked by forward's ReLU, or g itself) and y as opmath lanes, for channels [c, c + kSize) of one pixel.
+template <typename scalar_t>
+void masked_grad(const scalar_t* yr, const scalar_t* gr, const scalar_t* rr, const at::opmath_type<scalar_t>* s,
+                 const at::opmath_type<scalar_t>* t, int64_t c, bool relu,
+                 typename Lanes<scalar_t>::FVec (&gv)[Lanes<scalar_t>::kParts],
+                 typename Lanes<scalar_t>::FVec (&yv)[Lanes<scalar_t>::kParts]) {
+  using L = Lanes<scalar_t>;
+  typename L::FVec z[L::kParts];
+  pre_activation<scalar_t>(yr, s, t, rr, c, z, yv);
+  L::load(gr + c, gv);
+  if (relu) {
+    for (int64_t p = 0; p < L::kParts; ++p) gv[p] = relu_mask(gv[p], z[p]);
+  }
+}
+
+template <typename opmath_t, typename scalar_t>
+opmath_t masked_grad_scalar(const scalar_t* yr, const scalar_t* gr, const scalar_t* rr, const opmath_t* s,
+                            const opmath_t* t, int64_t c, bool relu) {
+  return masked(static_cast<opmath_t>(gr[c]), pre_activation_scalar(yr, s, t, rr, c), relu);
+}
+
 // -------------------------------------------------------------------------------- statistics
 template <typename scalar_t>
 void stats_kernel(const at::Tensor& y, const at::Tensor& mean_out, const at::Tensor& m2_out) {
@@ -251,11 +272,9 @@ void grad_sums_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tensor
         const scalar_t* rr = r_ptr == nullptr ? nullptr : r_ptr + i * C;
         int64_t c = 0;
         for (; c + L::kSize <= C; c += L::kSize) {
-          FVec z[L::kParts], yv[L::kParts], gv[L::kParts];
-          pre_activation<scalar_t>(yr, s, t, rr, c, z, yv);
-          L::load(gr + c, gv);
+          FVec yv[L::kParts], gv[L::kParts];
+          masked_grad<scalar_t>(yr, gr, rr, s, t, c, relu, gv, yv);
           for (int64_t p = 0; p < L::kParts; ++p) {
-            if (relu) gv[p] = relu_mask(gv[p], z[p]);
             const int64_t o = c + p * FVec::size();
             (FVec::loadu(sg + o) + gv[p]).store(sg + o);
             at::vec::fmadd(gv[p], yv[p] - FVec::loadu(mu + o), FVec::loadu(sgy + o)).store(sgy + o);
@@ -263,8 +282,7 @@ void grad_sums_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tensor
           if (m_ptr != nullptr) L::store(m_ptr + i * C + c, gv);
         }
         for (; c < C; ++c) {
-          const opmath_t z = pre_activation_scalar(yr, s, t, rr, c);
-          const opmath_t gm = masked(static_cast<opmath_t>(gr[c]), z, relu);
+          const opmath_t gm = masked_grad_scalar(yr, gr, rr, s, t, c, relu);
           sg[c] += gm;
           sgy[c] += gm * (static_cast<opmath_t>(yr[c]) - mu[c]);
           if (m_ptr != nullptr) m_ptr[i * C + c] = static_cast<scalar_t>(gm);
@@ -314,11 +332,9 @@ void grad_input_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tenso
         const scalar_t* rr = r_ptr == nullptr ? nullptr : r_ptr + i * C;
         int64_t c = 0;
         for (; c + L::kSize <= C; c += L::kSize) {
-          FVec z[L::kParts], yv[L::kParts], gv[L::kParts];
-          pre_activation<scalar_t>(yr, s, t, rr, c, z, yv);
-          L::load(gr + c, gv);
+          FVec yv[L::kParts], gv[L::kParts];
+          masked_grad<scalar_t>(yr, gr, rr, s, t, c, kRelu, gv, yv);
           for (int64_t p = 0; p < L::kParts; ++p) {
-            if constexpr (kRelu) gv[p] = relu_mask(gv[p], z[p]);
             const int64_t o = c + p * FVec::size();
             gv[p] = at::vec::fmadd(FVec::loadu(a + o), gv[p],
                                    at::vec::fmadd(FVec::loadu(b + o), yv[p], FVec::loadu(cc + o)));
@@ -326,8 +342,7 @@ void grad_input_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tenso
           L::store(d_ptr + i * C + c, gv);
         }
         for (; c < C; ++c) {
-          const opmath_t z = pre_activation_scalar(yr, s, t, rr, c);
-          const opmath_t gm = masked(static_cast<opmath_t>(gr[c]), z, kRelu);
+          const opmath_t gm = masked_grad_scalar(yr, gr, rr, s, t, c, kRelu);
           d_ptr[i * C + c] =
               static_cast<scalar_t>(std::fma(a[c], gm, std::fma(b[c], static_cast<opmath_t>(yr[c]), cc[c])));
         }

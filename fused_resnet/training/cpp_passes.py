@@ -8,6 +8,7 @@ forward. Fake implementations let torch.compile trace the ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,12 +43,21 @@ def batch_stats(y: torch.Tensor) -> BatchStats:
     return BatchStats(count, mean, m2)
 
 
-def normalize(
-    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
-) -> torch.Tensor:
-    if not _nhwc(y):
-        return torch_passes.normalize(y, scale, shift, residual, relu)
-    return torch.ops.fused_resnet_C.bn_normalize(y, scale, shift, residual, relu)
+def _kernel_or_torch(op_name: str, fallback: Callable[..., torch.Tensor], y_index: int) -> Callable[..., torch.Tensor]:
+    """The extension's op where y (argument y_index) is channels_last, else the PyTorch pass; same arguments."""
+
+    def run(*args: Any) -> torch.Tensor:
+        if _nhwc(args[y_index]):
+            return getattr(torch.ops.fused_resnet_C, op_name)(*args)
+        return fallback(*args)
+
+    run.__doc__ = fallback.__doc__
+    return run
+
+
+# (y, scale, shift, residual, relu) and (g, y, scale, shift, residual, a, b, c, relu): see passes.py
+normalize = _kernel_or_torch("bn_normalize", torch_passes.normalize, 0)
+grad_input = _kernel_or_torch("bn_grad_input", torch_passes.grad_input, 1)
 
 
 def grad_sums(
@@ -66,22 +76,6 @@ def grad_sums(
         g, y, scale, shift, residual, mean, relu, store_masked
     )
     return sum_g, sum_gy, masked if store_masked else None
-
-
-def grad_input(
-    g: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    residual: torch.Tensor | None,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
-    relu: bool,
-) -> torch.Tensor:
-    if not _nhwc(y):
-        return torch_passes.grad_input(g, y, scale, shift, residual, a, b, c, relu)
-    return torch.ops.fused_resnet_C.bn_grad_input(g, y, scale, shift, residual, a, b, c, relu)
 
 
 def _channels_last_like(y: torch.Tensor) -> torch.Tensor:
