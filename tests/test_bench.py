@@ -150,6 +150,8 @@ def test_contender_plan() -> None:
     assert cpu_inference[:4] == ["eager", "eager_cl", "eager_cl+autocast", "bn_folded_cl"]
     assert {"fused:reference", "fused:cpu", "compile", "compile_freezing"} <= set(cpu_inference)
     assert "compile" not in _names(Group("resnet50", 1, torch.float32, "inference"), "cpu", "cpu")
+    cpu_train = _names(Group("resnet50", 4, torch.float32, "train"), "cpu", "cpu")
+    assert "fused:cpu" in cpu_train and "compile" not in cpu_train  # a training graph compiles for minutes on CPU
     gpu_small = _names(Group("resnet50", 1, torch.bfloat16, "inference"), "gpu-full", "cuda")
     assert {"compile_max_autotune", "compile_reduce_overhead", "fused:triton", "fused:cuda"} <= set(gpu_small)
     assert "compile_reduce_overhead" not in _names(

@@ -132,6 +132,81 @@ opmath_t masked_grad_scalar(const scalar_t* yr, const scalar_t* gr, const scalar
   return masked(static_cast<opmath_t>(gr[c]), pre_activation_scalar(yr, s, t, rr, c), relu);
 }
 
+// -------------------------------------------------------------------------------- float32 rows, two ISAs
+// The extension is built for the baseline ISA, where ATen's Vectorized<float> is a plain array; float32, the
+// common case, gets plain loops compiled twice instead, for x86-64-v3 (AVX2 + FMA) and the baseline, the
+// loader picking one per machine (GCC function multi-versioning). Every pass computes z with one correctly
+// rounded fma, so forward's output and backward's mask agree bit for bit whichever clone runs.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FUSED_RESNET_ISA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FUSED_RESNET_ISA_CLONES
+#endif
+
+// Rows of C channels never overlap one another (outputs are fresh tensors or per-chunk partials): __restrict
+// lets the compiler vectorize the read-modify-write accumulators.
+FUSED_RESNET_ISA_CLONES
+void sum_row_f32(const float* __restrict y, float* __restrict sum, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) sum[c] += y[c];
+}
+
+FUSED_RESNET_ISA_CLONES
+void squared_deviation_row_f32(const float* __restrict y, const float* __restrict mean, float* __restrict m2,
+                               int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float d = y[c] - mean[c];
+    m2[c] = std::fma(d, d, m2[c]);
+  }
+}
+
+inline float pre_activation_f32(const float* __restrict y, const float* __restrict s, const float* __restrict t,
+                                const float* __restrict r, int64_t c) {
+  const float z = std::fma(y[c], s[c], t[c]);
+  return r == nullptr ? z : z + r[c];
+}
+
+FUSED_RESNET_ISA_CLONES
+void normalize_row_f32(const float* __restrict y, const float* __restrict s, const float* __restrict t,
+                       const float* __restrict r, float* __restrict o, int64_t C, bool relu) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float z = pre_activation_f32(y, s, t, r, c);
+    o[c] = relu && z < 0.f ? 0.f : z;  // keeps NaN, as torch.relu does
+  }
+}
+
+inline float masked_f32(const float* __restrict g, const float* __restrict y, const float* __restrict s,
+                        const float* __restrict t, const float* __restrict r, int64_t c, bool relu) {
+  return relu && !(pre_activation_f32(y, s, t, r, c) > 0.f) ? 0.f : g[c];
+}
+
+FUSED_RESNET_ISA_CLONES
+void grad_sums_row_f32(const float* __restrict g, const float* __restrict y, const float* __restrict s,
+                       const float* __restrict t, const float* __restrict r, const float* __restrict mean,
+                       float* __restrict sum_g, float* __restrict sum_gy, float* __restrict masked_out, int64_t C,
+                       bool relu) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float gm = masked_f32(g, y, s, t, r, c, relu);
+    sum_g[c] += gm;
+    sum_gy[c] = std::fma(gm, y[c] - mean[c], sum_gy[c]);
+  }
+  if (masked_out != nullptr) {
+    for (int64_t c = 0; c < C; ++c) masked_out[c] = masked_f32(g, y, s, t, r, c, relu);
+  }
+}
+
+FUSED_RESNET_ISA_CLONES
+void grad_input_row_f32(const float* __restrict g, const float* __restrict y, const float* __restrict s,
+                        const float* __restrict t, const float* __restrict r, const float* __restrict a,
+                        const float* __restrict b, const float* __restrict k, float* __restrict dy, int64_t C,
+                        bool relu) {
+  for (int64_t c = 0; c < C; ++c) {
+    dy[c] = std::fma(a[c], masked_f32(g, y, s, t, r, c, relu), std::fma(b[c], y[c], k[c]));
+  }
+}
+
+template <typename scalar_t>
+constexpr bool kFloat32 = std::is_same_v<scalar_t, float>;
+
 // -------------------------------------------------------------------------------- statistics
 template <typename scalar_t>
 void stats_kernel(const at::Tensor& y, const at::Tensor& mean_out, const at::Tensor& m2_out) {
@@ -154,6 +229,10 @@ void stats_kernel(const at::Tensor& y, const at::Tensor& mean_out, const at::Ten
       // Two passes over the chunk (it is in cache): the mean, then the squared deviations from it.
       for (int64_t i = first; i < first + n; ++i) {
         const scalar_t* row = base + i * C;
+        if constexpr (kFloat32<scalar_t>) {
+          sum_row_f32(row, mean, C);
+          continue;
+        }
         int64_t c = 0;
         for (; c + L::kSize <= C; c += L::kSize) {
           FVec v[L::kParts];
@@ -168,6 +247,10 @@ void stats_kernel(const at::Tensor& y, const at::Tensor& mean_out, const at::Ten
       for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<opmath_t>(n);
       for (int64_t i = first; i < first + n; ++i) {
         const scalar_t* row = base + i * C;
+        if constexpr (kFloat32<scalar_t>) {
+          squared_deviation_row_f32(row, mean, m2, C);
+          continue;
+        }
         int64_t c = 0;
         for (; c + L::kSize <= C; c += L::kSize) {
           FVec v[L::kParts];
@@ -224,6 +307,10 @@ void normalize_kernel(const at::Tensor& y, const at::Tensor& scale, const at::Te
       const scalar_t* yr = y_ptr + i * C;
       const scalar_t* rr = r_ptr == nullptr ? nullptr : r_ptr + i * C;
       scalar_t* o = o_ptr + i * C;
+      if constexpr (kFloat32<scalar_t>) {
+        normalize_row_f32(yr, s, t, rr, o, C, relu);
+        continue;
+      }
       int64_t c = 0;
       for (; c + L::kSize <= C; c += L::kSize) {
         FVec z[L::kParts], yv[L::kParts];
@@ -270,6 +357,10 @@ void grad_sums_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tensor
         const scalar_t* yr = y_ptr + i * C;
         const scalar_t* gr = g_ptr + i * C;
         const scalar_t* rr = r_ptr == nullptr ? nullptr : r_ptr + i * C;
+        if constexpr (kFloat32<scalar_t>) {
+          grad_sums_row_f32(gr, yr, s, t, rr, mu, sg, sgy, m_ptr == nullptr ? nullptr : m_ptr + i * C, C, relu);
+          continue;
+        }
         int64_t c = 0;
         for (; c + L::kSize <= C; c += L::kSize) {
           FVec yv[L::kParts], gv[L::kParts];
@@ -330,6 +421,10 @@ void grad_input_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tenso
         const scalar_t* yr = y_ptr + i * C;
         const scalar_t* gr = g_ptr + i * C;
         const scalar_t* rr = r_ptr == nullptr ? nullptr : r_ptr + i * C;
+        if constexpr (kFloat32<scalar_t>) {
+          grad_input_row_f32(gr, yr, s, t, rr, a, b, cc, d_ptr + i * C, C, kRelu);
+          continue;
+        }
         int64_t c = 0;
         for (; c + L::kSize <= C; c += L::kSize) {
           FVec yv[L::kParts], gv[L::kParts];

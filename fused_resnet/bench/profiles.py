@@ -52,6 +52,7 @@ class Profile:
     # (model, batch) groups that get the torch.compile contenders (None: every group). Compiling costs tens of
     # seconds per model and shape, which small profiles cannot afford everywhere.
     compile_where: tuple[tuple[str, int], ...] | None = None
+    compile_train: bool = True  # whether train groups get them too (compiling a training graph costs minutes on CPU)
     max_autotune: bool = False
     # CUDA-graph contenders (mode="reduce-overhead") at batch <= small_batch, GPU only (0: never).
     small_batch: int = 0
@@ -77,6 +78,8 @@ class Profile:
         ]
 
     def compiles(self, group: Group) -> bool:
+        if group.mode == "train" and not self.compile_train:
+            return False
         return self.compile_where is None or (group.model, group.batch) in self.compile_where
 
     def with_overrides(self, **changes: object) -> Profile:
@@ -111,8 +114,10 @@ PROFILES = {
         models=("resnet18", "resnet50"),
         batches=(1, 4),
         dtypes=(torch.float32,),
-        modes=("inference",),
+        modes=("inference", "train"),
+        train_batches=(4,),
         compile_where=(("resnet50", 4),),
+        compile_train=False,
         layers=(("resnet18", 1),),
         warmup_s=0.3,
         seconds_per_group=5.0,
@@ -120,8 +125,9 @@ PROFILES = {
         min_rounds=5,
         max_rounds=30,
         max_minutes=4.0,
-        note="cpu profile: torch.compile contenders only for resnet50 batch 4 (compiling one model at one batch "
-        "size costs 15-60 s on 2 cores); per-layer rows for resnet18 batch 1; 4-minute budget",
+        note="cpu profile: torch.compile contenders only for resnet50 batch 4 inference (compiling one model at one "
+        "batch size costs 15-60 s on 2 cores); training at batch 4; per-layer rows for resnet18 batch 1; 4-minute "
+        "budget",
     ),
     "gpu-quick": Profile(
         name="gpu-quick",

@@ -10,8 +10,12 @@ that block made) and no forward hook can have kept a reference to it.
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
+
+# fx.symbolic_trace only (torch.export and torch.compile never write in place: nn/functional.py); newer torch
+# names it apart from is_fx_tracing, which also answers for torch.export and logs a warning saying so.
+_fx_symbolic_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
 
 
 class ResidualLayer(nn.Sequential):
@@ -20,7 +24,7 @@ class ResidualLayer(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         # A symbolic trace would record the donation and replay it where the graph may return the tensor.
-        tracing = is_fx_tracing()
+        tracing = _fx_symbolic_tracing()
         previous = None
         for block in self:
             x = block(x, donate_x=True) if not tracing and _input_is_dead(previous, block) else block(x)
