@@ -9,11 +9,10 @@ float64 reference; float32 also judged against stock PyTorch's own float32 error
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
+from model_checks import assert_deep_net_trains_and_evaluates
 from torch import nn
 
 from fused_resnet.check import compare, randomize_bn_
@@ -41,14 +40,7 @@ PARAMS = {
 PARITY = [(20, "A"), (20, "B"), (32, "A"), (32, "B")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Batches of 2 give each op too little work to split, and on a busy 2-core machine OpenMP threads spinning
-    # for a core made this file ~10x slower (280 s against 25 s for both model test files).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -202,17 +194,7 @@ def test_weights_are_loaded_strictly() -> None:
 
 # ------------------------------------------------------------------------------------------------ acceptance
 def test_resnet1202_forward_backward() -> None:
-    torch.manual_seed(0)
-    model = cifar.resnet1202()
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
-    out = model(x)
-    assert out.shape == (2, 10)
-    out.square().sum().backward()
-    assert torch.isfinite(x.grad).all()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    model.eval()
-    with torch.no_grad():
-        assert torch.isfinite(model(x)).all()
+    assert_deep_net_trains_and_evaluates(cifar.resnet1202())
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -11,11 +11,10 @@ mode at batch 2 is large: ~4e-5 on the logits and ~4e-2 on the gradients, many R
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
+from model_checks import assert_deep_net_trains_and_evaluates
 from torch import nn
 
 from fused_resnet.check import compare, randomize_bn_
@@ -26,14 +25,7 @@ BACKEND = "reference"
 DTYPES = [torch.float32, torch.float64]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Batches of 2 give each op too little work to split, and on a busy 2-core machine OpenMP threads spinning
-    # for a core made this file ~10x slower (280 s against 25 s for both model test files).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -158,17 +150,7 @@ def test_weights_from_state_dict_and_file(tmp_path) -> None:
 
 # ------------------------------------------------------------------------------------------------ acceptance
 def test_preact_resnet1001_forward_backward() -> None:
-    torch.manual_seed(0)
-    model = preact.preact_resnet1001()
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
-    out = model(x)
-    assert out.shape == (2, 10)
-    out.square().sum().backward()
-    assert torch.isfinite(x.grad).all()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    model.eval()
-    with torch.no_grad():
-        assert torch.isfinite(model(x)).all()
+    assert_deep_net_trains_and_evaluates(preact.preact_resnet1001())
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
+from ..ops import reference
 from ..ops.checks import check_activation, check_conv_bias_act
 from ..ops.conv_config import ConvConfig
 from ..training.conv_bn_act_train import conv_bn_act_train
@@ -145,7 +146,6 @@ def bn_act(
         if _fused_training(bn, backend):
             return conv_bn_act_train(x, None, bn, None, relu, passes=passes_for(backend, x, allow_fallback))
         y = _bn_train(x, bn)
-    else:
-        scale, shift = bn_scale_shift(bn)
-        y = x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
-    return torch.relu(y) if relu else y
+        return torch.relu(y) if relu else y
+    scale, shift = bn_scale_shift(bn)
+    return reference.bn_act(x, scale, shift, relu)
