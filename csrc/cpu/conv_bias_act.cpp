@@ -162,7 +162,7 @@ at::Tensor conv_bias_act_checked(const at::Tensor& x, const at::Tensor& weight, 
 
   const at::Tensor y = onednn_takes(x.scalar_type()) ? conv_onednn(input, w, weight, bias, r, g, relu)
                                                      : conv_generic(input, w, bias, r, g, relu);
-  return as_canonical_channels_last(y.contiguous(kChannelsLast));
+  return as_canonical_channels_last(y);
 }
 
 at::Tensor conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

@@ -202,10 +202,12 @@ def run_group(
             mem_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             step = cont.build(c, model, x, target, group.mode)
             t0 = time.perf_counter()
-            out = step().double().clone()
+            out = step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             row["first_call_s"] = time.perf_counter() - t0
+            # A copy before the next call can overwrite it (CUDA-graph outputs live in static buffers).
+            out = out.to(torch.float64, copy=True)
             row["rel_err"], row["max_abs_err"] = relative_error(out, reference), max_abs_error(out, reference)
             best[c.name] = warm_up(step, device, profile.warmup_s)
             if device.type == "cuda":

@@ -52,9 +52,9 @@ def _tensors(conv: nn.Conv2d, bn: nn.Module | None) -> list[torch.Tensor]:
     return [t for t in candidates if t is not None]
 
 
-def _cache_key(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> tuple | None:
+def _cache_key(tensors: list[torch.Tensor], bn: nn.Module | None, dtype: torch.dtype) -> tuple | None:
     try:
-        state = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in _tensors(conv, bn))
+        state = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
     except RuntimeError:  # inference-mode tensors have no version counter: never cache them
         return None
     return (dtype, None if bn is None else float(bn.eps), state)
@@ -62,11 +62,12 @@ def _cache_key(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> tup
 
 def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """fold_conv_bn, cached when no gradient is wanted (a cached tensor must not carry autograd history)."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(conv, bn))
+    tensors = _tensors(conv, bn)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     # Under torch.compile the fold is traced into the graph (and constant-folded with freezing).
     if needs_grad or torch.compiler.is_compiling():
         return fold_conv_bn(conv.weight, bn, dtype)
-    key = _cache_key(conv, bn, dtype)
+    key = _cache_key(tensors, bn, dtype)
     cached = conv.__dict__.get(_CACHE_ATTR)
     if key is not None and cached is not None and cached[0] == key:
         weight, bias = cached[1]

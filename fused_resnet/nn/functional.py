@@ -4,7 +4,7 @@ eval: BN folded into the conv (cached), then one fused conv_bias_act on the chos
 train: batch statistics; running stats updated exactly as nn.BatchNorm2d does. Any backend but "reference"
 runs the fused training Function (fused_resnet.training: statistics as Chan-merged partials, one BN-apply +
 residual + ReLU pass, a backward that recomputes from the raw conv output); "reference" runs stock
-F.conv2d → F.batch_norm → add → relu. BNs marked by fused_resnet.training.enable_sync_bn always take the fused
+F.conv2d → the BN module itself → add → relu. BNs marked by fused_resnet.training.enable_sync_bn always take the fused
 path, which is the one that synchronizes statistics across processes.
 """
 
@@ -39,27 +39,6 @@ def compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
 def uses_batch_stats(bn: nn.Module) -> bool:
     """True where BN normalizes with the batch's statistics (train mode, or no running stats)."""
     return isinstance(bn, nn.BatchNorm2d) and (bn.training or bn.running_mean is None)
-
-
-def _bn_train(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    # Mirrors nn.BatchNorm2d.forward: num_batches_tracked counts steps; momentum=None means a cumulative
-    # moving average (factor 1/steps); F.batch_norm normalizes with the biased variance and updates
-    # running_var with the unbiased one.
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    track = not bn.training or bn.track_running_stats
-    return F.batch_norm(
-        y,
-        bn.running_mean if track else None,
-        bn.running_var if track else None,
-        bn.weight,
-        bn.bias,
-        True,
-        factor,
-        bn.eps,
-    )
 
 
 def _fused_training(bn: nn.Module, backend: str) -> bool:
@@ -111,7 +90,7 @@ def conv_bn_act(
         if _fused_training(bn, backend):
             passes = passes_for(backend, x, allow_fallback)
             return conv_bn_act_train(x, conv.weight.to(dtype), bn, residual, relu, config, passes)
-        y = _bn_train(_conv(x, conv, config), bn)
+        y = bn(_conv(x, conv, config))  # stock nn.BatchNorm2d (or the subclass's own forward)
         if residual is not None:
             y = y + residual
         return torch.relu(y) if relu else y
@@ -145,7 +124,7 @@ def bn_act(
     if uses_batch_stats(bn):
         if _fused_training(bn, backend):
             return conv_bn_act_train(x, None, bn, None, relu, passes=passes_for(backend, x, allow_fallback))
-        y = _bn_train(x, bn)
+        y = bn(x)
         return torch.relu(y) if relu else y
     scale, shift = bn_scale_shift(bn)
     return reference.bn_act(x, scale, shift, relu)
