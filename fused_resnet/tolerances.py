@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .ops.checks import conv_allows_tf32
+
 FORWARD_RTOL = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,
@@ -50,7 +52,7 @@ def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def forward_rtol(dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
     device = torch.device(device)
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and device.type == "cuda" and conv_allows_tf32():
         return FORWARD_RTOL_TF32
     return FORWARD_RTOL[dtype]
 

@@ -23,6 +23,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..ops.checks import conv_allows_tf32
+
 STRUCTURES = ("fused", "compile", "eager")
 
 
@@ -64,7 +66,7 @@ def precision_key(dtype: torch.dtype, device_type: str) -> str:
         return "bf16"
     if dtype == torch.float16:
         return "fp16"
-    if device_type == "cuda" and torch.backends.cudnn.allow_tf32:
+    if device_type == "cuda" and conv_allows_tf32():
         return "tf32"
     return "fp32"
 

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .conv_config import ConvConfig
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def conv_allows_tf32() -> bool:
+    """Whether fp32 convs may use TF32, by cuDNN's setting (the fused kernels follow F.conv2d's convention)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses when conv and RNN were set apart through the per-op API
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (looked up once per device)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def check_activation(x: torch.Tensor, name: str = "input") -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..backends import Backend
+from .checks import conv_allows_tf32, cuda_capability
 from .conv_bias_act_autograd import call_with_config, register_fake_and_autograd
 from .conv_config import ConvConfig
 
@@ -136,11 +137,6 @@ def _unavailable(device_type: str) -> str | None:
     return None
 
 
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
 def _unsupported(
     device_type: str,
     x: torch.Tensor,
@@ -155,9 +151,9 @@ def _unsupported(
         return None  # every dtype, conv geometry and the prologue
     if x.dtype not in _CUDA_DTYPES:
         return f"the CUDA kernels run float16, bfloat16 and float32 (as TF32), not {x.dtype}"
-    if x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    if x.dtype == torch.float32 and not conv_allows_tf32():
         return "float32 runs on TF32 tensor cores, but TF32 is disabled (torch.backends.cudnn.allow_tf32 = False)"
-    major, minor = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    major, minor = cuda_capability(x.device)
     if major < 8:
         return f"the CUDA kernels need compute capability 8.0 or newer (mma.sync bf16, cp.async); got {major}.{minor}"
     n, _, oh, ow = config.output_shape(x, weight)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..backends import Backend
 from . import triton_conv_bias_act as kernels
+from .checks import cuda_capability
 from .conv_bias_act_autograd import call_with_config
 from .conv_config import ConvConfig
 
@@ -16,11 +15,6 @@ def _unavailable() -> str | None:
     if kernels.INTERPRET or torch.cuda.is_available():
         return None
     return "no CUDA device, and the Triton interpreter is off (set TRITON_INTERPRET=1 before importing triton)"
-
-
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
 
 
 def _unsupported(
@@ -39,7 +33,7 @@ def _unsupported(
     if x.dtype not in dtypes:
         return f"dtype {x.dtype} is not supported on {device_type}; use one of {', '.join(map(str, dtypes))}"
     if device_type == "cuda" and not kernels.INTERPRET:
-        major, minor = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        major, minor = cuda_capability(x.device)
         if major < 8:
             return f"the Triton kernels need compute capability 8.0 or newer (bf16 MMAs, cp.async); got {major}.{minor}"
     return kernels.size_limit_reason(tuple(x.shape), tuple(weight.shape), config)

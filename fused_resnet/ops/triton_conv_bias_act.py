@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_conv_bias_act
+from .checks import check_conv_bias_act, conv_allows_tf32
 from .conv_bias_act_autograd import SCHEMA, register_fake_and_autograd
 from .conv_config import ConvConfig
 
@@ -257,14 +257,6 @@ def default_config(
     # Per-tap loops of 1–3 channel blocks are too short to pipeline: use the flat loop there.
     unroll = _unroll_allowed(kh, kw) and triton.cdiv(c_in_g, config.block_k) >= 4
     return KernelConfig(config.block_m, config.block_n, config.block_k, 8, unroll, 4, 4)
-
-
-def conv_allows_tf32() -> bool:
-    """Whether fp32 convs may use TF32, by cuDNN's setting (the kernel follows the convention of F.conv2d)."""
-    try:
-        return bool(torch.backends.cudnn.allow_tf32)
-    except RuntimeError:  # torch >= 2.9 refuses when conv and RNN were set apart through the per-op API
-        return torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
 def dtype_tag(dtype: torch.dtype, device_type: str) -> str:

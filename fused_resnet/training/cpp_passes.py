@@ -14,10 +14,9 @@ from typing import Any
 import torch
 
 from ..ops import cpp_backend
+from ..ops.checks import FLOAT_DTYPES
 from . import torch_passes
 from .stats import BatchStats, accumulation_dtype
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
@@ -26,8 +25,8 @@ def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
         return cpp_backend._MISSING
     if device_type != "cpu":
         return f"the extension's training kernels run CPU tensors, got a {device_type} tensor"
-    if dtype not in _DTYPES:
-        return f"dtype {dtype} is not supported; use one of {', '.join(map(str, _DTYPES))}"
+    if dtype not in FLOAT_DTYPES:
+        return f"dtype {dtype} is not supported; use one of {', '.join(map(str, FLOAT_DTYPES))}"
     return None
 
 

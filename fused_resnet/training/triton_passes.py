@@ -182,9 +182,10 @@ def _grad_input_kernel(
 # ---- launchers: check, allocate, launch; each a custom op (torch.compile traces it through its fake), whose CPU
 # kernel runs only under the interpreter (unsupported() says so) -------------------------------------------------
 
+from ..ops.checks import FLOAT_DTYPES  # noqa: E402
 from ..ops.triton_conv_bias_act import INTERPRET  # noqa: E402  (one definition of "the interpreter is on")
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_DTYPES = FLOAT_DTYPES
 
 
 def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
