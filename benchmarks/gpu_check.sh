@@ -3,12 +3,14 @@
 #
 #   benchmarks/gpu_check.sh OUTDIR [--stage STAGE]... [--all-stages] [--cpu-dry-run] [-- EXTRA BENCH ARGS]
 #
-# Stages (default: install tests bench, at most 9 minutes on an H100 including the build: run it with a 600 s limit):
+# Stages (default: install tests memory bench, at most 9 minutes on an H100 including the build: run it with a 600 s limit):
 #   install     pip install --no-build-isolation --no-deps -e .  (MAX_JOBS=$(nproc); torch is never touched)
 #   tests       pytest -m gpu
 #   bench       python -m fused_resnet.bench --profile gpu-quick
 #   train       training groups (those the bench stage did not run into OUTDIR) + the largest batch that fits
 #               (ResNet-152 224x224, pre-act ResNet-1001 CIFAR)
+#   memory      benchmarks/train_memory.py: peak memory of a ResNet-50 train step (bf16 autocast, batch 256, 224x224),
+#               fused vs stock channels_last
 #   sanitize    compute-sanitizer memcheck over `pytest -m gpu -k sanitize` and benchmarks/sanitize_smoke.py
 #   full-bench  gpu-full profile, model by model; rerun the same command to continue (--resume)
 # Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 290; the default run shares 540 s in all).
@@ -35,7 +37,7 @@ EXTRA=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --stage) [[ $# -ge 2 ]] || usage; STAGES+=("$2"); shift 2 ;;
-        --all-stages) STAGES=(install tests bench train sanitize full-bench); shift ;;
+        --all-stages) STAGES=(install tests bench memory train sanitize full-bench); shift ;;
         --cpu-dry-run) DRY=1; shift ;;
         --) shift; EXTRA=("$@"); break ;;
         *) usage ;;
@@ -43,11 +45,11 @@ while [[ $# -gt 0 ]]; do
 done
 DEFAULT_RUN=0
 if [[ ${#STAGES[@]} -eq 0 ]]; then
-    STAGES=(install tests bench)
+    STAGES=(install tests memory bench)
     DEFAULT_RUN=1
 fi
 for s in "${STAGES[@]}"; do
-    case $s in install|tests|bench|train|sanitize|full-bench) ;; *) echo "unknown stage: $s"; usage ;; esac
+    case $s in install|tests|bench|memory|train|sanitize|full-bench) ;; *) echo "unknown stage: $s"; usage ;; esac
 done
 
 # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper script: point at a real toolkit root.
@@ -155,6 +157,13 @@ for stage in "${STAGES[@]}"; do
         train)
             run_stage train "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
                 --profile "$PROFILE" --mode train --no-layers --max-batch-search --resume "${EXTRA[@]}"
+            ;;
+        memory)
+            if [[ $DRY == 1 ]]; then
+                run_stage memory "$limit" "$PY" benchmarks/train_memory.py --batch 4 --size 64
+            else
+                run_stage memory "$limit" "$PY" benchmarks/train_memory.py --device cuda --bf16 --batch 256 --size 224
+            fi
             ;;
         sanitize)
             if [[ $DRY == 1 ]]; then

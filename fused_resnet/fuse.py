@@ -14,7 +14,7 @@ from torch import nn
 
 from . import backends
 from .models import resnet as fused
-from .models._layers import ResidualLayer
+from .models._layers import ResidualLayer, StemMaxPool2d
 from .nn.conv_bn_act import ConvBNAct
 from .nn.folding import clear_fold_cache
 
@@ -116,16 +116,19 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 def _retype_layers(model: nn.Module, to_fused: bool) -> None:
-    # A fused ResNet's stages are ResidualLayers (models/_layers.py: blocks may reuse a dead input's memory);
-    # only the four stages of a converted ResNet change, never other nn.Sequentials (downsample, user code).
+    # A fused ResNet's stages are ResidualLayers (models/_layers.py: blocks may reuse a dead input's memory) and its
+    # max-pool a StemMaxPool2d (remade input in backward); only these five children of a converted ResNet change,
+    # never other nn.Sequentials (downsample, user code) or pools.
+    retyped = {"layer1": ResidualLayer, "layer2": ResidualLayer, "layer3": ResidualLayer, "layer4": ResidualLayer}
+    retyped["maxpool"] = StemMaxPool2d
     for module in model.modules():
         if to_fused and type(module) is fused.ResNet:
-            for name in ("layer1", "layer2", "layer3", "layer4"):
-                layer = getattr(module, name, None)
-                if type(layer) is nn.Sequential:
-                    layer.__class__ = ResidualLayer
-        elif not to_fused and type(module) is ResidualLayer:
-            module.__class__ = nn.Sequential
+            for name, fused_type in retyped.items():
+                child = getattr(module, name, None)
+                if type(child) is fused_type.__base__:
+                    child.__class__ = fused_type
+        elif not to_fused and type(module) in (ResidualLayer, StemMaxPool2d):
+            module.__class__ = type(module).__base__
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

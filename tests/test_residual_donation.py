@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fused_resnet
 from fused_resnet import backends
 from fused_resnet.check import randomize_bn_
-from fused_resnet.models._layers import ResidualLayer
+from fused_resnet.models._layers import ResidualLayer, StemMaxPool2d
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason="needs the extension's cpu backend"
@@ -123,15 +123,17 @@ def test_unknown_blocks_in_a_layer_are_not_trusted():
     assert torch.equal(x, x_before)
 
 
-def test_fuse_and_unfuse_retype_only_the_stages():
+def test_fuse_and_unfuse_retype_only_the_stages_and_the_stem_pool():
     tv = torchvision.models.resnet18()
     fused = fused_resnet.fuse(tv)
     assert [type(getattr(fused, f"layer{i}")) for i in range(1, 5)] == [ResidualLayer] * 4
+    assert type(fused.maxpool) is StemMaxPool2d
     assert type(fused.layer2[0].downsample) is nn.Sequential
     assert fused.state_dict().keys() == tv.state_dict().keys()
     back = fused_resnet.unfuse(fused)
     assert all(type(m) is not ResidualLayer for m in back.modules())
     assert type(back.layer1) is nn.Sequential
+    assert type(back.maxpool) is nn.MaxPool2d
 
 
 def test_compiled_model_is_unchanged():

@@ -1,5 +1,5 @@
 """The fused training path against independent references: gradcheck (fp64), stock nn modules, torchvision over
-several optimizer steps, autocast, what backward saves, and a 1000+ layer net."""
+several optimizer steps, autocast, and a 1000+ layer net (what backward keeps: test_training_memory.py)."""
 
 import copy
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from model_checks import stock_channels_last, stock_unit
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
@@ -57,13 +58,6 @@ def test_gradcheck(conv, residual, relu, affine, stride):
 # --- module level against stock nn modules --------------------------------------------------------------------
 
 
-def _plain(m: ConvBNAct, x, residual=None):
-    y = m.bn(m.conv(x))
-    if residual is not None:
-        y = y + residual
-    return torch.relu(y) if m.relu else y
-
-
 TRITON_TRAINS_ON_CPU = "triton" in passes.PASSES and passes.PASSES["triton"].unsupported("cpu", torch.float64) is None
 
 
@@ -84,7 +78,7 @@ def test_module_matches_stock_over_steps(backend, channels_last):
     for _ in range(3):
         x = torch.randn(3, 6, 9, 8, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_(True)
         r = torch.randn(3, 8, 5, 4, dtype=torch.float64, requires_grad=True)
-        got, want = fused(x, r), _plain(plain, x, r)
+        got, want = fused(x, r), stock_unit(plain, x, r)
         assert got.is_contiguous(memory_format=fmt)
         assert relative_error(got, want) < 1e-12
         g = torch.randn_like(want)
@@ -117,97 +111,6 @@ def test_reference_backend_runs_stock_ops(monkeypatch):
     assert not called
 
 
-# --- what backward keeps alive --------------------------------------------------------------------------------
-
-
-def _saved(fn) -> tuple[torch.Tensor, dict[int, int]]:
-    """fn()'s output and what autograd saved for backward: {storage pointer: bytes}."""
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
-@pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_backward_saves_raw_conv_output_not_normalized_or_activation(backend, monkeypatch):
-    m = ConvBNAct(8, 8, 3, padding=1, backend=backend).train()
-    x = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
-    ys = []
-    monkeypatch.setattr(F, "conv2d", lambda *a, _conv=F.conv2d: ys.append(_conv(*a)) or ys[-1])
-    out, saved = _saved(lambda: m(x))
-    (y,) = ys
-    activations = {t.untyped_storage().data_ptr() for t in (x, y)}
-    others = {p: n for p, n in saved.items() if p not in activations}
-    if backend == "reference":  # stock PyTorch also keeps the ReLU's output alive
-        assert out.untyped_storage().data_ptr() in saved
-    else:
-        # x, y, and otherwise only the weight and per-channel vectors (mean, invstd, γ, β).
-        assert activations <= saved.keys()
-        assert max(others.values()) <= m.conv.weight.untyped_storage().nbytes()
-        assert sum(others.values()) < out.untyped_storage().nbytes()
-
-
-def _activation_storages(saved: dict[int, int], model: nn.Module) -> dict[int, int]:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return {ptr: n for ptr, n in saved.items() if ptr not in params and n > 4096}  # not weights or vectors
-
-
-def test_an_inner_activation_is_remade_not_kept():
-    # out1 = relu(bn1(conv1(x))) feeds only conv2: conv2 keeps out1's recipe (y1, already kept, and two vectors).
-    m1, m2 = (ConvBNAct(8, 8, 3, padding=1).train() for _ in range(2))
-    x = torch.randn(2, 8, 16, 16, requires_grad=True)
-    outs = []
-    out, saved = _saved(lambda: m2(outs.append(m1(x)) or outs[0]))
-    assert outs[0].untyped_storage().data_ptr() not in saved
-    # ... and the gradients are those of stock modules.
-    plain = [copy.deepcopy(m) for m in (m1, m2)]
-    want = _plain(plain[1], _plain(plain[0], x))
-    g = torch.randn_like(want)
-    got_g = torch.autograd.grad(out, [x, m1.conv.weight, m2.conv.weight], g)
-    want_g = torch.autograd.grad(want, [x, plain[0].conv.weight, plain[1].conv.weight], g)
-    for a, b in zip(got_g, want_g, strict=True):
-        assert relative_error(a, b) < 1e-5
-
-
-def test_a_projection_shortcut_is_remade_not_kept():
-    proj = ConvBNAct(8, 8, 1, relu=False).train()
-    main = ConvBNAct(8, 8, 3, padding=1).train()
-    x = torch.randn(2, 8, 16, 16, requires_grad=True)
-    shortcuts = []
-    _, saved = _saved(lambda: main(x, shortcuts.append(proj(x)) or shortcuts[0]))
-    assert shortcuts[0].untyped_storage().data_ptr() not in saved
-
-
-def test_an_activation_changed_in_place_is_kept_as_it_is():
-    m1, m2 = (ConvBNAct(4, 4, 3, padding=1).train().double() for _ in range(2))
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
-    plain = [copy.deepcopy(m) for m in (m1, m2)]
-    got = m2(m1(x).mul_(2.0))  # the recipe no longer describes the tensor: conv2 must keep the tensor
-    want = _plain(plain[1], _plain(plain[0], x) * 2.0)  # stock keeps the ReLU output: no in-place there
-    g = torch.randn_like(want)
-    got_g = torch.autograd.grad(got, [x, m2.conv.weight], g)
-    want_g = torch.autograd.grad(want, [x, plain[1].conv.weight], g)
-    for a, b in zip(got_g, want_g, strict=True):
-        assert relative_error(a, b) < 1e-10
-
-
-def test_resnet50_keeps_a_sixth_less_for_backward_than_torchvision():
-    # Per bottleneck torchvision keeps x, y1, out1, y2, out2, y3 (+ the block output, the next block's x);
-    # the fused blocks keep x, y1, y2, y3: in units of the inner width w, 10w instead of 12w per block.
-    tv = torchvision.models.resnet50(num_classes=10).train()
-    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    stock_model = _channels_last(tv)
-    fused = fused_resnet.fuse(tv)
-    stock = sum(_activation_storages(_saved(lambda: stock_model(x))[1], stock_model).values())
-    ours = sum(_activation_storages(_saved(lambda: fused(x))[1], fused).values())
-    assert ours <= 0.86 * stock, ours / stock
-
-
 # --- torchvision parity over several optimizer steps ----------------------------------------------------------
 
 
@@ -233,12 +136,6 @@ def _cat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().double().flatten() for t in tensors])
 
 
-def _channels_last(model: nn.Module) -> nn.Module:
-    # Stock torchvision in the fused models' layout: oneDNN sums in another order for NHWC, and that, not the
-    # fusion, is most of the fp32 difference (measured: NCHW stock is ~2-4x closer to fp64 after 3 steps).
-    return copy.deepcopy(model).to(memory_format=torch.channels_last)
-
-
 def test_torchvision_parity_after_several_steps():
     # Bottleneck nets run the same fused calls; they are left out here only for CPU time (2048 channels).
     torch.manual_seed(0)
@@ -257,7 +154,7 @@ def test_torchvision_parity_after_several_steps():
     # input-gradient error from 2e-3 to 8e-3 at 32x32 and from 6e-6 to 7e-2 at 64x64; stock PyTorch matches the
     # reference better only where its roundings happen to be the reference path's.
     want = _train(copy.deepcopy(tv).double(), x.double(), labels, steps=1)
-    stock = _train(_channels_last(tv), x.contiguous(memory_format=torch.channels_last), labels, steps=1)
+    stock = _train(stock_channels_last(tv), x.contiguous(memory_format=torch.channels_last), labels, steps=1)
     got32 = _train(copy.deepcopy(fused), x, labels, steps=1)
     for key, expected in want.items():
         err, stock_err = relative_error(got32[key], expected), relative_error(stock[key], expected)
@@ -303,7 +200,7 @@ def test_autocast_channels_last_training_steps(dtype):
         return _cat(model.parameters())
 
     got = run(fused_resnet.fuse(tv))
-    stock = run(_channels_last(tv))
+    stock = run(stock_channels_last(tv))
     assert torch.isfinite(got).all()
     err, stock_err = relative_error(got, want["params"]), relative_error(stock, want["params"])
     assert err <= STOCK_FACTOR * stock_err, (err, stock_err)

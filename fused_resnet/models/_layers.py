@@ -1,4 +1,5 @@
-"""ResidualLayer: the stage container of every fused ResNet, and the rule for when a block may reuse its input.
+"""ResidualLayer: the stage container of every fused ResNet, and the rule for when a block may reuse its input;
+StemMaxPool2d: the stem's max-pool, which in training remakes its input in backward instead of keeping it.
 
 A block's output becomes its residual add's result; when the residual is the block's input x (an identity
 shortcut) and nothing else will read x again, the last conv can write its result into x's memory (oneDNN's "sum"
@@ -12,6 +13,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
+
+from ..training.max_pool_train import max_pool_train
 
 # fx.symbolic_trace only (torch.export and torch.compile never write in place: nn/functional.py); newer torch
 # names it apart from is_fx_tracing, which also answers for torch.export and logs a warning saying so.
@@ -50,3 +53,13 @@ def _input_is_dead(previous: nn.Module | None, block: nn.Module) -> bool:
         _module._global_forward_pre_hooks,
     )
     return not any(hooks)
+
+
+class StemMaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d (same arguments, no state) that in training keeps neither its input nor the argmax indices
+    for backward where its input is a fused unit's output: backward remakes the input and pools it again
+    (training/max_pool_train.py)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = None if _fx_symbolic_tracing() else max_pool_train(self, x)
+        return super().forward(x) if out is None else out

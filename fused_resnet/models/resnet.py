@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..nn.functional import conv_bn_act
 from ._common import init_weights, prepare_input
-from ._layers import ResidualLayer
+from ._layers import ResidualLayer, StemMaxPool2d
 from ._weights import Weights, load_weights
 
 __all__ = [
@@ -209,7 +209,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = self._norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = StemMaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, 64, layers[0])
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
         self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1])

@@ -3,6 +3,8 @@
 stats.py     per-channel (count, mean, M2) partials, Chan's merge, and finalize (running-stat update, once)
 sync.py      synchronized statistics across processes (enable_sync_bn)
 conv_bn_act_train.py  the autograd Function: recompute-instead-of-store backward
+recipes.py   how a unit's output is remade in backward instead of kept (chains through the blocks)
+max_pool_train.py     the stem's max-pool, remaking its input in backward
 passes.py    the Function's passes over the conv output, chosen per backend: torch_passes.py (PyTorch ops),
              cpp_passes.py (the extension's CPU kernels), triton_passes.py (Triton kernels)
 """

@@ -1,0 +1,151 @@
+"""Recipes: how a fused unit's output can be made again in backward instead of being kept for it.
+
+A unit's output act(y·scale + shift [+ residual]) is remade from y, which the unit keeps anyway, two per-channel
+vectors, and its residual: nothing, a tensor, or the recipe of one. Units that would keep such an output for their
+backward (the next conv's input, a residual the ReLU mask needs, the stem's max-pool input) keep its recipe's
+tensors instead. A side table maps outputs to their recipes (weakly, checked against in-place changes; writes
+through `tensor.data` bypass the version counter and are not seen, as for autograd's own saved tensors).
+
+Block outputs make chains: block k's output is remade from block k-1's, remade from block k-2's, ...; every
+KEEP_EVERY-th block output has no recipe and is kept as it is, which bounds the chain. In backward each remade
+tensor is made once and waits in its memo until the last unit that needs it has run its backward.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .passes import PASSES
+
+
+class _Memo:
+    """A tensor remade in backward, shared by the backward passes that need it until the last of them has run."""
+
+    __slots__ = ("tensor", "users")
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+        self.users = 0  # backward passes (of units that saved the recipe) yet to run
+
+
+class Recipe(NamedTuple):
+    """How a unit's output was made, exactly: PASSES[passes].normalize(y, scale, shift, residual, relu), where the
+    residual is None, a tensor, or the recipe of one (a chain through the blocks of a stage)."""
+
+    y: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    residual: torch.Tensor | Recipe | None
+    relu: bool
+    passes: str
+    version: int  # the output's version counter when made: an in-place change since then voids the recipe
+    memo: _Memo
+    length: int  # recipes in the chain, this one included
+
+
+class _Spec(NamedTuple):
+    """A saved recipe without its tensors (those go through save_for_backward): residual is the nested recipe's
+    spec, True for a plain tensor, or None."""
+
+    relu: bool
+    passes: str
+    memo: _Memo
+    residual: _Spec | bool | None
+
+
+# Block outputs are remade from the previous block's output, which is remade from the one before, ...: a chain of
+# recipes, cut by keeping every KEEP_EVERY-th block output as it is. Each remade tensor is made once per backward
+# (shared through its memo); a longer chain keeps fewer block outputs but holds more of them remade at once in
+# backward.
+KEEP_EVERY = 4
+
+_RECIPES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def record(
+    out: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    residual_recipe: Recipe | None,
+    relu: bool,
+    passes: str,
+) -> None:
+    """Records how `out` was made, unless remaking it would keep a tensor that nothing else keeps or would make
+    the chain KEEP_EVERY long."""
+    recipe = _recipe(out, y, scale, shift, residual, residual_recipe, relu, passes)
+    if recipe is not None:
+        _RECIPES[out] = recipe
+
+
+def _recipe(
+    out: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    residual_recipe: Recipe | None,
+    relu: bool,
+    passes: str,
+) -> Recipe | None:
+    made = (y, scale, shift)
+    if residual is None:
+        return Recipe(*made, None, relu, passes, out._version, _Memo(), 1)
+    if residual_recipe is not None:
+        length = residual_recipe.length + 1
+        if length >= KEEP_EVERY:
+            return None
+        return Recipe(*made, residual_recipe, relu, passes, out._version, _Memo(), length)
+    if relu:  # this unit keeps the residual itself for its mask: the recipe may refer to it
+        return Recipe(*made, residual, relu, passes, out._version, _Memo(), 1)
+    return None
+
+
+def recipe_of(t: torch.Tensor, passes: str | None = None) -> Recipe | None:
+    """The recipe that remakes t exactly as it is now (made by the `passes` implementation, if given), or None."""
+    recipe = _RECIPES.get(t)
+    if recipe is None or recipe.version != t._version or passes not in (None, recipe.passes):
+        return None
+    return recipe
+
+
+def saved_form(item: torch.Tensor | Recipe | None) -> tuple[list[torch.Tensor | None], _Spec | None]:
+    """The tensors to save for `item` (itself, or its recipe's chain of tensors) and the spec that remakes it;
+    each recipe of the chain counts one more backward pass that will use it."""
+    if not isinstance(item, Recipe):
+        return [item], None
+    tensors: list[torch.Tensor | None] = [item.y, item.scale, item.shift]
+    residual: _Spec | bool | None = None
+    if item.residual is not None:
+        nested, nested_spec = saved_form(item.residual)
+        tensors += nested
+        residual = True if nested_spec is None else nested_spec
+    item.memo.users += 1
+    return tensors, _Spec(item.relu, item.passes, item.memo, residual)
+
+
+def remade(saved: tuple, spec: _Spec | None) -> torch.Tensor | None:
+    """The saved tensor itself (first of `saved`), or the one its recipe's tensors make again (once per backward:
+    a tensor that another unit's backward will also need waits in its memo)."""
+    if spec is None:
+        return saved[0]
+    if spec.memo.tensor is not None:
+        return spec.memo.tensor
+    y, scale, shift, *rest = saved
+    residual = None if spec.residual is None else remade(rest, None if spec.residual is True else spec.residual)
+    out = PASSES[spec.passes].normalize(y, scale, shift, residual, spec.relu)
+    if spec.memo.users > 1:
+        spec.memo.tensor = out
+    return out
+
+
+def release(spec: _Spec | bool | None) -> None:
+    while isinstance(spec, _Spec):
+        spec.memo.users -= 1
+        if spec.memo.users <= 0:
+            spec.memo.tensor = None
+        spec = spec.residual
