@@ -131,6 +131,34 @@ void check_bias_residual_relu(
   }
 }
 
+void check_bn_y(const char* op, c10::DeviceType device_type, const at::Tensor& y) {
+  TORCH_CHECK(y.dim() == 4, op, ": expected an (N, C, H, W) tensor, got shape ", y.sizes());
+  TORCH_CHECK(y.device().type() == device_type, op, ": this is the ", c10::DeviceTypeName(device_type, true),
+              " implementation, got a tensor on ", y.device());
+  TORCH_CHECK(y.layout() == at::kStrided, op, ": y must be a dense (strided) tensor, got layout ", y.layout());
+  TORCH_CHECK(is_float_dtype(y.scalar_type()), op, ": y must be float16, bfloat16, float32 or float64, got ",
+              y.scalar_type());
+}
+
+void check_bn_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& y) {
+  TORCH_CHECK(t.sizes() == y.sizes() && t.scalar_type() == y.scalar_type() && t.device() == y.device() &&
+                  t.layout() == at::kStrided,
+              op, ": ", name, " must match y (shape ", y.sizes(), ", ", y.scalar_type(), ", ", y.device(),
+              "), got shape ", t.sizes(), ", ", t.scalar_type(), ", ", t.device());
+}
+
+at::TensorOptions bn_accumulation_options(const at::Tensor& y) {
+  return y.options().dtype(y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+}
+
+void check_bn_vector(const char* op, const char* name, const at::Tensor& v, const at::Tensor& y) {
+  const auto acc = bn_accumulation_options(y).dtype().toScalarType();
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == y.size(1) && v.scalar_type() == acc && v.is_contiguous() &&
+                  v.device() == y.device(),
+              op, ": ", name, " must be a contiguous ", acc, " vector of ", y.size(1), " values on ", y.device(),
+              ", got ", v.scalar_type(), " of shape ", v.sizes(), " on ", v.device());
+}
+
 at::Tensor empty_channels_last(c10::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::empty(sizes, options.memory_format(at::MemoryFormat::ChannelsLast));
 }

@@ -28,6 +28,14 @@ void check_bias_residual_relu(
     const char* op, c10::DeviceType device_type, const at::Tensor& y, const at::Tensor& bias,
     const std::optional<at::Tensor>& residual);
 
+// The train-mode BN passes (cpu/bn_train.cpp, cuda/bn_train_ops.cpp): y an (N, C, H, W) float tensor on
+// device_type; `like` tensors (gradient, residual) match y's shape, dtype and device; per-channel vectors are
+// contiguous vectors of C values in the accumulation dtype (float64 for float64 y, else float32).
+void check_bn_y(const char* op, c10::DeviceType device_type, const at::Tensor& y);
+void check_bn_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& y);
+void check_bn_vector(const char* op, const char* name, const at::Tensor& v, const at::Tensor& y);
+at::TensorOptions bn_accumulation_options(const at::Tensor& y);
+
 // Sizes and strides of a dense channels_last tensor, exactly as torch.empty(..., memory_format=channels_last)
 // makes them (fake tensors carry these strides, so real outputs must too).
 at::Tensor empty_channels_last(c10::IntArrayRef sizes, const at::TensorOptions& options);

@@ -25,7 +25,7 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def(
       "conv_bias_act_into_residual(Tensor x, Tensor weight, Tensor bias, Tensor(a!) residual, Tensor? in_scale, "
       "Tensor? in_shift, int[] stride, int[] padding, int[] dilation, int groups, bool relu) -> ()");
-  // Train-mode BN passes over a conv output y (CPU; see csrc/cpu/bn_train.cpp and fused_resnet/training/passes.py):
+  // Train-mode BN passes over a conv output y (csrc/cpu/bn_train.cpp, csrc/cuda/bn_train.cu; training/passes.py):
   // per-channel (mean, M2); act(y*scale + shift [+ residual]); the backward's masked sums; BN's input gradient.
   m.set_python_module("fused_resnet.training.cpp_passes", "");
   m.def("bn_stats(Tensor y) -> (Tensor mean, Tensor m2)");

@@ -83,6 +83,17 @@ def test_parity_with_torchvision(name, shape, dtype):
     assert not failed, "\n".join(map(str, failed))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_parity_on_gpu_per_backend(backend, dtype):
+    # Eval through the backend's conv kernel, train through its training passes (triton: Triton kernels; cuda: the
+    # extension's CUDA kernels), against torchvision in fp64 on the same GPU.
+    rows = check_model("resnet50", dtype=dtype, device="cuda", shape=(4, 3, 64, 64), backend=backend)
+    failed = [r for r in rows if not r.passed]
+    assert not failed, "\n".join(map(str, failed))
+
+
 def test_parity_catches_a_wrong_model():
     # The harness must fail when the candidate differs: a fused model with one BN's eps changed.
     reference = randomize_bn_(torchvision.models.resnet18())

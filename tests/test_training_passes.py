@@ -1,12 +1,14 @@
-"""The training passes (fused_resnet/training/passes.py: PyTorch ops, the extension's CPU kernels, Triton) against
+"""The training passes (fused_resnet/training/passes.py: PyTorch ops, the extension's kernels, Triton) against
 fp64 formulas written out here, and which passes each backend trains with.
 
 Every implementation runs on the devices it supports here: "torch" and "cpp" on CPU, "triton" on CPU under the
-Triton interpreter (CI); "torch" and "triton" on CUDA in the GPU check. Tolerances: the passes accumulate in fp32
+Triton interpreter (CI); "torch", "cpp" and "triton" on CUDA in the GPU check. Tolerances: the passes accumulate in fp32
 (fp64 for fp64), so statistics and sums are compared at a few fp32 ulps relative to the data's magnitude; outputs
 stored in bf16/fp16 may differ from the exactly rounded value by one ulp of the output (a fused multiply-add
 rounds once where the formula rounds twice).
 """
+
+import types
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ IMPLS = [
     _impl("cpp", "cpu"),
     _impl("triton", "cpu"),
     _impl("torch", "cuda"),
+    _impl("cpp", "cuda"),
     _impl("triton", "cuda"),
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -154,6 +157,21 @@ def test_expanded_gradient(impl):
     assert torch.equal(masked.bool(), mask)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_extension_ops_opcheck(device):
+    reason = passes._unsupported("cpp", device, torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+    ops = torch.ops.fused_resnet_C
+    y, g, r = (_tensor((2, 5, 3, 4), torch.float32, torch.channels_last, device) for _ in range(3))
+    v = [_vector(5, torch.float32, device) for _ in range(6)]
+    torch.library.opcheck(ops.bn_stats.default, (y,))
+    torch.library.opcheck(ops.bn_normalize.default, (y, v[0], v[1], r, True))
+    torch.library.opcheck(ops.bn_grad_sums.default, (g, y, v[0], v[1], r, v[2], True, True))
+    torch.library.opcheck(ops.bn_grad_sums.default, (g, y, v[0], v[1], None, v[2], True, False))
+    torch.library.opcheck(ops.bn_grad_input.default, (g, y, v[0], v[1], r, v[3], v[4], v[5], True))
+
+
 # --- which passes train ------------------------------------------------------------------------------------------
 
 
@@ -163,7 +181,13 @@ def test_passes_for_each_backend(monkeypatch):
     assert passes.passes_for("cpu", cpu) == "cpp"
     assert passes.passes_for("auto", cpu) == ("cpp" if cpp_runs else "torch")
     assert passes.passes_for("reference", cpu) == "torch"
-    assert passes.passes_for("cuda", cpu) == "torch"  # no training kernels of its own yet
+    with pytest.raises(backends.BackendError, match="'cuda' backend runs cuda tensors"):
+        passes.passes_for("cuda", cpu)
+    assert passes.passes_for("cuda", cpu, allow_fallback=True) == "torch"
+    cuda_tensor = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # no GPU needed to choose
+    monkeypatch.setattr(passes, "_unsupported", lambda name, device_type, dtype: None)
+    assert passes.passes_for("cuda", cuda_tensor) == "cpp"
+    assert passes.passes_for("auto", cuda_tensor) == "triton"
     monkeypatch.setattr(passes, "_unsupported", lambda name, device_type, dtype: f"no {name} here")
     for backend, name in (("triton", "triton"), ("cpu", "cpp")):
         with pytest.raises(backends.BackendError, match=f"'{backend}' backend cannot train here: no {name} here"):

@@ -452,37 +452,11 @@ void grad_input_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tenso
 }
 
 // -------------------------------------------------------------------------------- ops: check, allocate, run
-void check_y(const char* op, const at::Tensor& y) {
-  TORCH_CHECK(y.dim() == 4, op, ": expected an (N, C, H, W) tensor, got shape ", y.sizes());
-  TORCH_CHECK(y.device().is_cpu(), op, ": this is the CPU implementation, got a tensor on ", y.device());
-  const auto t = y.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
-              ": y must be float16, bfloat16, float32 or float64, got ", t);
-}
-
-void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& y) {
-  TORCH_CHECK(t.sizes() == y.sizes() && t.scalar_type() == y.scalar_type() && t.device() == y.device(), op, ": ",
-              name, " must match y (shape ", y.sizes(), ", ", y.scalar_type(), ", ", y.device(), "), got shape ",
-              t.sizes(), ", ", t.scalar_type(), ", ", t.device());
-}
-
-void check_vector(const char* op, const char* name, const at::Tensor& v, const at::Tensor& y) {
-  const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == y.size(1) && v.scalar_type() == acc && v.is_contiguous() &&
-                  v.device() == y.device(),
-              op, ": ", name, " must be a contiguous ", acc, " vector of ", y.size(1), " values on ", y.device(),
-              ", got ", v.scalar_type(), " of shape ", v.sizes(), " on ", v.device());
-}
-
-at::TensorOptions acc_options(const at::Tensor& y) {
-  return y.options().dtype(y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-}
-
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y_in) {
-  check_y("bn_stats", y_in);
+  check_bn_y("bn_stats", c10::DeviceType::CPU, y_in);
   const at::Tensor y = nhwc(y_in);
-  at::Tensor mean = at::zeros({y.size(1)}, acc_options(y));
-  at::Tensor m2 = at::zeros({y.size(1)}, acc_options(y));
+  at::Tensor mean = at::zeros({y.size(1)}, bn_accumulation_options(y));
+  at::Tensor m2 = at::zeros({y.size(1)}, bn_accumulation_options(y));
   if (y.numel() == 0) return {mean, m2};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_stats_cpu",
                                   [&] { stats_kernel<scalar_t>(y, mean, m2); });
@@ -492,10 +466,10 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y_in) {
 at::Tensor bn_normalize_cpu(const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& shift,
                             const std::optional<at::Tensor>& residual, bool relu) {
   const char* op = "bn_normalize";
-  check_y(op, y_in);
-  check_vector(op, "scale", scale, y_in);
-  check_vector(op, "shift", shift, y_in);
-  if (residual.has_value()) check_like(op, "residual", *residual, y_in);
+  check_bn_y(op, c10::DeviceType::CPU, y_in);
+  check_bn_vector(op, "scale", scale, y_in);
+  check_bn_vector(op, "shift", shift, y_in);
+  if (residual.has_value()) check_bn_like(op, "residual", *residual, y_in);
   const at::Tensor y = nhwc(y_in);
   std::optional<at::Tensor> r;
   if (residual.has_value()) r = nhwc(*residual);
@@ -512,17 +486,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cpu(const at::Tensor
                                                                 const at::Tensor& mean, bool relu,
                                                                 bool store_masked) {
   const char* op = "bn_grad_sums";
-  check_y(op, y_in);
-  check_like(op, "grad", g_in, y_in);
+  check_bn_y(op, c10::DeviceType::CPU, y_in);
+  check_bn_like(op, "grad", g_in, y_in);
   for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"mean", mean}}) {
-    check_vector(op, name, v, y_in);
+    check_bn_vector(op, name, v, y_in);
   }
-  if (residual.has_value()) check_like(op, "residual", *residual, y_in);
+  if (residual.has_value()) check_bn_like(op, "residual", *residual, y_in);
   const at::Tensor y = nhwc(y_in), g = nhwc(g_in);
   std::optional<at::Tensor> r;
   if (residual.has_value()) r = nhwc(*residual);
-  at::Tensor sum_g = at::zeros({y.size(1)}, acc_options(y));
-  at::Tensor sum_gy = at::zeros({y.size(1)}, acc_options(y));
+  at::Tensor sum_g = at::zeros({y.size(1)}, bn_accumulation_options(y));
+  at::Tensor sum_gy = at::zeros({y.size(1)}, bn_accumulation_options(y));
   std::optional<at::Tensor> masked_out;
   if (store_masked) masked_out = empty_channels_last(y.sizes(), y.options());
   if (y.numel() > 0) {
@@ -530,19 +504,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cpu(const at::Tensor
       grad_sums_kernel<scalar_t>(g, y, scale, shift, r, mean, relu, masked_out, sum_g, sum_gy);
     });
   }
-  return {sum_g, sum_gy, store_masked ? *masked_out : at::empty({0}, acc_options(y))};
+  return {sum_g, sum_gy, store_masked ? *masked_out : at::empty({0}, bn_accumulation_options(y))};
 }
 
 at::Tensor bn_grad_input_cpu(const at::Tensor& g_in, const at::Tensor& y_in, const at::Tensor& scale,
                              const at::Tensor& shift, const std::optional<at::Tensor>& residual, const at::Tensor& a,
                              const at::Tensor& b, const at::Tensor& c, bool relu) {
   const char* op = "bn_grad_input";
-  check_y(op, y_in);
-  check_like(op, "grad", g_in, y_in);
+  check_bn_y(op, c10::DeviceType::CPU, y_in);
+  check_bn_like(op, "grad", g_in, y_in);
   for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"a", a}, {"b", b}, {"c", c}}) {
-    check_vector(op, name, v, y_in);
+    check_bn_vector(op, name, v, y_in);
   }
-  if (residual.has_value()) check_like(op, "residual", *residual, y_in);
+  if (residual.has_value()) check_bn_like(op, "residual", *residual, y_in);
   const at::Tensor y = nhwc(y_in), g = nhwc(g_in);
   std::optional<at::Tensor> r;
   if (residual.has_value()) r = nhwc(*residual);

@@ -27,48 +27,10 @@
 #include <climits>
 #include <cstdint>
 
+#include "cuda/elem.cuh"
 #include "cuda/launch.h"
 
 namespace fused_resnet::cuda {
-
-// ---------------------------------------------------------------------------------------------------------
-// Element types: conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__, so every one is explicit).
-// ---------------------------------------------------------------------------------------------------------
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<__half> {
-  using Pair = __half2;
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  static __device__ __forceinline__ __half zero() { return __ushort_as_half(0); }
-  static __device__ __forceinline__ Pair make_pair(float a, float b) { return __floats2half2_rn(a, b); }
-  static __device__ __forceinline__ float2 pair_to_float2(Pair v) { return __half22float2(v); }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  using Pair = __nv_bfloat162;
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  static __device__ __forceinline__ __nv_bfloat16 zero() { return __ushort_as_bfloat16(0); }
-  static __device__ __forceinline__ Pair make_pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
-  static __device__ __forceinline__ float2 pair_to_float2(Pair v) { return __bfloat1622float2(v); }
-};
-
-template <>
-struct Elem<float> {
-  using Pair = float2;
-  static __device__ __forceinline__ float to_float(float v) { return v; }
-  static __device__ __forceinline__ float from_float(float v) { return v; }
-  static __device__ __forceinline__ float zero() { return 0.f; }
-  static __device__ __forceinline__ Pair make_pair(float a, float b) { return make_float2(a, b); }
-  static __device__ __forceinline__ float2 pair_to_float2(Pair v) { return v; }
-};
-
-// relu that keeps NaN, as torch.relu does.
-__device__ __forceinline__ float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }
 
 // ---------------------------------------------------------------------------------------------------------
 // Tensor-core fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 / mma.m16n8k8"). With lane = 4*g + t:

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "cuda/conv_bias_act_kernel.cuh"
+#include "cuda/elem.cuh"
 #include "cuda/launch.h"
 
 namespace fused_resnet::cuda {
@@ -26,24 +27,10 @@ cudaError_t launch_conv_bias_act(DType dtype, const ConvBiasActParams& p, cudaSt
 // out = act(y + bias[c] + residual): one grid-stride pass, math in fp32 (fp64 for fp64), one rounding.
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
-struct EpilogueMath {
-  using Acc = float;
-  static __device__ __forceinline__ float load(const T& v) { return Elem<T>::to_float(v); }
-  static __device__ __forceinline__ T store(float v) { return Elem<T>::from_float(v); }
-};
-
-template <>
-struct EpilogueMath<double> {
-  using Acc = double;
-  static __device__ __forceinline__ double load(double v) { return v; }
-  static __device__ __forceinline__ double store(double v) { return v; }
-};
-
-template <typename T>
-__global__ void bias_residual_relu_kernel(const T* __restrict__ y, const typename EpilogueMath<T>::Acc* __restrict__ bias,
+__global__ void bias_residual_relu_kernel(const T* __restrict__ y, const typename AccMath<T>::Acc* __restrict__ bias,
                                           const T* __restrict__ residual, T* out, long long total, long long channels,
                                           bool relu) {
-  using M = EpilogueMath<T>;
+  using M = AccMath<T>;
   using Acc = typename M::Acc;
   const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
@@ -60,7 +47,7 @@ cudaError_t launch_epilogue(const void* y, const void* bias, const void* residua
   constexpr int kThreads = 256;
   const long long blocks = std::min<long long>((total + kThreads - 1) / kThreads, 1ll << 20);
   bias_residual_relu_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(y), static_cast<const typename EpilogueMath<T>::Acc*>(bias),
+      static_cast<const T*>(y), static_cast<const typename AccMath<T>::Acc*>(bias),
       static_cast<const T*>(residual), static_cast<T*>(out), total, channels, relu);
   return cudaGetLastError();
 }

@@ -38,4 +38,33 @@ cudaError_t launch_conv_bias_act(DType dtype, const ConvBiasActParams& p, cudaSt
 cudaError_t launch_bias_residual_relu(DType dtype, const void* y, const void* bias, const void* residual, void* out,
                                       int64_t rows, int64_t channels, bool relu, cudaStream_t stream);
 
+// The training path's passes over a conv output y (csrc/cuda/bn_train.cu; maths as csrc/cpu/bn_train.cpp): dense
+// NHWC tensors of `rows` pixels x `channels` in `dtype`; per-channel vectors in the accumulation type (fp64 for
+// kDouble, fp32 otherwise). The reductions need a workspace of bn_workspace_elements(rows, channels) values of the
+// accumulation type. Each returns the launch error, if any.
+struct BnPassParams {
+  DType dtype;
+  const void* y;
+  const void* g;         // grad_sums, grad_input: the incoming gradient
+  const void* residual;  // nullptr: none
+  const void* scale;     // z = y*scale + shift [+ residual]
+  const void* shift;
+  const void* mean;      // grad_sums
+  const void* a;         // grad_input: a*g' + b*y + c
+  const void* b;
+  const void* c;
+  void* out;             // normalize: act(z); grad_input: dL/dy; grad_sums: g' (nullptr: not stored)
+  void* sum0;            // stats: mean; grad_sums: sum g'
+  void* sum1;            // stats: M2; grad_sums: sum g'*(y - mean)
+  void* workspace;
+  int64_t rows, channels;
+  bool relu;
+};
+
+int64_t bn_workspace_elements(int64_t rows, int64_t channels);
+cudaError_t launch_bn_stats(const BnPassParams& p, cudaStream_t stream);
+cudaError_t launch_bn_normalize(const BnPassParams& p, cudaStream_t stream);
+cudaError_t launch_bn_grad_sums(const BnPassParams& p, cudaStream_t stream);
+cudaError_t launch_bn_grad_input(const BnPassParams& p, cudaStream_t stream);
+
 }  // namespace fused_resnet::cuda

@@ -11,27 +11,13 @@
 #include <optional>
 
 #include "checks.h"
+#include "cuda/kernel_dtype.h"
 #include "cuda/launch.h"
 
 namespace fused_resnet::cuda {
 namespace {
 
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
-
-DType kernel_dtype(c10::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return DType::kHalf;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kFloat:
-      return DType::kFloat;
-    case at::kDouble:
-      return DType::kDouble;
-    default:
-      TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
 
 struct DeviceInfo {
   int major = 0, minor = 0, sm_count = 0;

@@ -126,7 +126,8 @@ def bias_residual_relu(
     return torch.ops.fused_resnet_C.bias_residual_relu(y, bias, residual, relu)
 
 
-def _unavailable(device_type: str) -> str | None:
+def unavailable(device_type: str) -> str | None:
+    """Why the extension cannot run on this device type here (None when it can)."""
     if _C is None:
         return _MISSING
     if device_type == "cuda":
@@ -171,7 +172,7 @@ def backend(name: str) -> Backend:
     return Backend(
         name=name,
         conv_bias_act=conv_bias_act,
-        unavailable=functools.partial(_unavailable, name),
+        unavailable=functools.partial(unavailable, name),
         unsupported=functools.partial(_unsupported, name),
         conv_bias_act_into_residual=conv_bias_act_into_residual if name == "cpu" else None,
     )

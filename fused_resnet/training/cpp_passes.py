@@ -1,4 +1,5 @@
-"""The training passes as the extension's CPU kernels (csrc/cpu/bn_train.cpp): the "cpu" backend's passes.
+"""The training passes as the extension's kernels (csrc/cpu/bn_train.cpp, csrc/cuda/bn_train.cu): the passes of
+the "cpu" and "cuda" backends.
 
 The kernels read and write NHWC (channels_last) tensors. A y in another layout runs the PyTorch passes instead,
 so that every output keeps y's layout (the models convert their input to channels_last once); which one runs
@@ -20,11 +21,12 @@ from .stats import BatchStats, accumulation_dtype
 
 
 def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
-    """Why the CPU kernels cannot run on tensors of this device type and dtype (None when they can)."""
-    if cpp_backend._C is None:
-        return cpp_backend._MISSING
-    if device_type != "cpu":
-        return f"the extension's training kernels run CPU tensors, got a {device_type} tensor"
+    """Why the extension's kernels cannot run on tensors of this device type and dtype (None when they can)."""
+    if device_type not in ("cpu", "cuda"):
+        return f"the extension's training kernels run CPU and CUDA tensors, got a {device_type} tensor"
+    reason = cpp_backend.unavailable(device_type)
+    if reason is not None:
+        return reason
     if dtype not in FLOAT_DTYPES:
         return f"dtype {dtype} is not supported; use one of {', '.join(map(str, FLOAT_DTYPES))}"
     return None

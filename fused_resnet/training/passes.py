@@ -1,7 +1,7 @@
 """The elementwise and reduction passes of the training path, one interface with two implementations.
 
-"torch" runs PyTorch ops (torch_passes.py: any device, dtype and layout); "cpp" the extension's CPU kernels
-(cpp_passes.py, channels_last); "triton" the kernels of triton_passes.py (CUDA, or CPU under the Triton
+"torch" runs PyTorch ops (torch_passes.py: any device, dtype and layout); "cpp" the extension's CPU and CUDA
+kernels (cpp_passes.py, channels_last); "triton" the kernels of triton_passes.py (CUDA, or CPU under the Triton
 interpreter). The autograd Function (conv_bn_act_train.py) names one and calls:
 
   stats(y)                                               -> BatchStats, merged per channel
@@ -73,8 +73,9 @@ PASSES["cpp"] = Passes(
 )
 
 # The passes each backend trains with: its own kernels where it has them, else PyTorch ops; "auto" per device.
-_BACKEND_PASSES = {"triton": "triton", "cpu": "cpp"}
+_BACKEND_PASSES = {"triton": "triton", "cpu": "cpp", "cuda": "cpp"}
 _AUTO_PASSES = {"cuda": "triton", "cpu": "cpp"}
+_BACKEND_DEVICE = {"cpu": "cpu", "cuda": "cuda"}  # the extension's backends run one device type each
 
 
 @torch.compiler.assume_constant_result
@@ -85,9 +86,8 @@ def _unsupported(passes: str, device_type: str, dtype: torch.dtype) -> str | Non
 
 
 def passes_for(backend: str, x: torch.Tensor, allow_fallback: bool | None = None) -> str:
-    """Which passes train on `backend` for x: the backend's own kernels ("triton", "cpp" for "cpu"), on "auto"
-    those of x's device where they run, else PyTorch ops. The "cuda" backend has no training kernels of its own yet.
-    """
+    """Which passes train on `backend` for x: the backend's own kernels ("triton"; "cpp", the extension's, for
+    "cpu" and "cuda"), on "auto" those of x's device where they run, else PyTorch ops."""
     name = backends.requested_backend(backend)
     if name == "auto":
         wanted = _AUTO_PASSES.get(x.device.type)
@@ -95,7 +95,11 @@ def passes_for(backend: str, x: torch.Tensor, allow_fallback: bool | None = None
     wanted = _BACKEND_PASSES.get(name)
     if wanted is None:
         return "torch"
-    reason = _unsupported(wanted, x.device.type, x.dtype)
+    device_type = _BACKEND_DEVICE.get(name, x.device.type)
+    if x.device.type != device_type:
+        reason = f"the {name!r} backend runs {device_type} tensors, got a tensor on {x.device}"
+    else:
+        reason = _unsupported(wanted, x.device.type, x.dtype)
     if reason is None:
         return wanted
     if not backends.fallback_allowed(allow_fallback):

@@ -1,0 +1,329 @@
+// The training path's passes over a conv output y on CUDA: the ops and maths of csrc/cpu/bn_train.cpp
+// (fused_resnet/training/passes.py), over dense NHWC tensors, math in fp32 (fp64 for fp64):
+//   stats        per-channel (mean, M2): two-pass per batch of 8 values, batches and lanes merged by Chan
+//   normalize    act(z)
+//   grad_sums    (sum g', sum g'*(y - mean), g' when asked), g' = g*[z > 0]
+//   grad_input   a*g' + b*y + c
+// with z = fma(y, scale, shift) [+ r] computed by one helper in every pass, so backward's mask is forward's bit
+// for bit. A block covers 32 channels (one per lane: a warp reads 32 consecutive values of a pixel) x 8 pixel
+// lanes. Reductions write one partial per (chunk of pixels, channel) and a second kernel merges the chunks in
+// order: the result depends on the shape alone, never on the GPU, the timing or the stream.
+// Torch-free: compiled by nvcc alone (see launch.h).
+#include <algorithm>
+
+#include "cuda/elem.cuh"
+#include "cuda/launch.h"
+
+namespace fused_resnet::cuda {
+namespace {
+
+constexpr int kLanesC = 32;  // channels per block
+constexpr int kLanesR = 8;   // pixel lanes per block
+constexpr int kBatch = 8;    // values a stats lane reduces two-pass before merging them into its running (mean, M2)
+constexpr long long kMaxChunks = 1024;
+constexpr long long kMinChunkRows = 64;
+constexpr long long kMaxElementwiseBlocks = 16384;
+constexpr int kMergeThreads = 128;
+
+// Pixels are split into chunks of chunk_rows (the last one shorter), one reduction partial each.
+struct Chunks {
+  long long count, rows;
+};
+
+Chunks chunks_for(long long rows) {
+  long long count = std::min(kMaxChunks, std::max(1LL, (rows + kMinChunkRows - 1) / kMinChunkRows));
+  const long long chunk_rows = (rows + count - 1) / count;
+  count = (rows + chunk_rows - 1) / chunk_rows;  // no empty chunk
+  return {count, chunk_rows};
+}
+
+dim3 channel_grid(long long blocks_x, long long channels) {
+  return dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>((channels + kLanesC - 1) / kLanesC));
+}
+
+template <typename T>
+using AccOf = typename AccMath<T>::Acc;
+
+// z = y*scale + shift [+ r]: the one definition of the pre-activation.
+template <typename T>
+__device__ __forceinline__ AccOf<T> pre_activation(AccOf<T> y, AccOf<T> scale, AccOf<T> shift, const T* r,
+                                                   long long i) {
+  AccOf<T> z = AccMath<T>::fma(y, scale, shift);
+  if (r != nullptr) z += AccMath<T>::load(r[i]);
+  return z;
+}
+
+// Chan's merge of (nb, mb, m2b) into the running (n, mean, m2).
+template <typename Acc>
+__device__ __forceinline__ void chan_merge(Acc& n, Acc& mean, Acc& m2, Acc nb, Acc mb, Acc m2b) {
+  if (nb == Acc(0)) return;
+  const Acc total = n + nb;
+  const Acc wb = nb / total;
+  const Acc delta = mb - mean;
+  mean += delta * wb;
+  m2 += m2b + delta * delta * n * wb;
+  n = total;
+}
+
+// ------------------------------------------------------------------------------------------------ statistics
+template <typename T>
+__global__ void stats_partials(const T* __restrict__ y, long long rows, long long channels, long long chunk_rows,
+                               AccOf<T>* __restrict__ part_mean, AccOf<T>* __restrict__ part_m2) {
+  using Acc = AccOf<T>;
+  __shared__ Acc s_n[kLanesR][kLanesC], s_mean[kLanesR][kLanesC], s_m2[kLanesR][kLanesC];
+  const long long c = static_cast<long long>(blockIdx.y) * kLanesC + threadIdx.x;
+  const long long begin = static_cast<long long>(blockIdx.x) * chunk_rows;
+  const long long end = begin + chunk_rows < rows ? begin + chunk_rows : rows;
+  Acc n = 0, mean = 0, m2 = 0;
+  if (c < channels) {
+    for (long long r0 = begin + threadIdx.y; r0 < end; r0 += kLanesR * kBatch) {
+      Acc v[kBatch];
+      Acc sum = 0;
+      int k = 0;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const long long r = r0 + static_cast<long long>(j) * kLanesR;
+        v[j] = r < end ? AccMath<T>::load(y[r * channels + c]) : Acc(0);
+        sum += v[j];
+        k += r < end;
+      }
+      const Acc mb = sum / Acc(k);
+      Acc m2b = 0;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const Acc d = j < k ? v[j] - mb : Acc(0);
+        m2b += d * d;
+      }
+      chan_merge(n, mean, m2, Acc(k), mb, m2b);
+    }
+  }
+  s_n[threadIdx.y][threadIdx.x] = n;
+  s_mean[threadIdx.y][threadIdx.x] = mean;
+  s_m2[threadIdx.y][threadIdx.x] = m2;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= channels) return;
+  for (int j = 1; j < kLanesR; ++j) chan_merge(n, mean, m2, s_n[j][threadIdx.x], s_mean[j][threadIdx.x], s_m2[j][threadIdx.x]);
+  part_mean[blockIdx.x * channels + c] = mean;
+  part_m2[blockIdx.x * channels + c] = m2;
+}
+
+// Chunk counts reach 2^31: they are merged in double, from the chunk geometry.
+template <typename Acc>
+__global__ void stats_merge(const Acc* __restrict__ part_mean, const Acc* __restrict__ part_m2, long long rows,
+                            long long channels, Chunks chunks, Acc* __restrict__ mean_out, Acc* __restrict__ m2_out) {
+  const long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  double n = 0;
+  Acc mean = 0, m2 = 0;
+  for (long long k = 0; k < chunks.count; ++k) {
+    const long long first = k * chunks.rows;
+    const double nb = static_cast<double>((first + chunks.rows < rows ? first + chunks.rows : rows) - first);
+    const double total = n + nb;
+    const Acc delta = part_mean[k * channels + c] - mean;
+    mean += delta * static_cast<Acc>(nb / total);
+    m2 += part_m2[k * channels + c] + delta * delta * static_cast<Acc>(n * nb / total);
+    n = total;
+  }
+  mean_out[c] = mean;
+  m2_out[c] = m2;
+}
+
+// ------------------------------------------------------------------------------------------------ elementwise
+template <typename T>
+__global__ void normalize_kernel(const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
+                                 const AccOf<T>* __restrict__ shift, const T* __restrict__ residual, T* __restrict__ out,
+                                 long long rows, long long channels, bool relu) {
+  using Acc = AccOf<T>;
+  const long long c = static_cast<long long>(blockIdx.y) * kLanesC + threadIdx.x;
+  if (c >= channels) return;
+  const Acc s = scale[c], t = shift[c];
+  const long long step = static_cast<long long>(gridDim.x) * kLanesR;
+  for (long long r = static_cast<long long>(blockIdx.x) * kLanesR + threadIdx.y; r < rows; r += step) {
+    const long long i = r * channels + c;
+    const Acc z = pre_activation<T>(AccMath<T>::load(y[i]), s, t, residual, i);
+    out[i] = AccMath<T>::store(relu && z < Acc(0) ? Acc(0) : z);  // keeps NaN, as torch.relu does
+  }
+}
+
+// g where forward's z > 0 (NaN z: 0), or g itself without ReLU.
+template <typename T>
+__device__ __forceinline__ AccOf<T> masked_grad(AccOf<T> g, AccOf<T> y, AccOf<T> s, AccOf<T> t, const T* r,
+                                                long long i, bool relu) {
+  return relu && !(pre_activation<T>(y, s, t, r, i) > AccOf<T>(0)) ? AccOf<T>(0) : g;
+}
+
+template <typename T>
+__global__ void grad_input_kernel(const T* __restrict__ g, const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
+                                  const AccOf<T>* __restrict__ shift, const T* __restrict__ residual,
+                                  const AccOf<T>* __restrict__ a, const AccOf<T>* __restrict__ b,
+                                  const AccOf<T>* __restrict__ cc, T* __restrict__ dy, long long rows,
+                                  long long channels, bool relu) {
+  using Acc = AccOf<T>;
+  const long long c = static_cast<long long>(blockIdx.y) * kLanesC + threadIdx.x;
+  if (c >= channels) return;
+  const Acc s = scale[c], t = shift[c], ac = a[c], bc = b[c], ccc = cc[c];
+  const long long step = static_cast<long long>(gridDim.x) * kLanesR;
+  for (long long r = static_cast<long long>(blockIdx.x) * kLanesR + threadIdx.y; r < rows; r += step) {
+    const long long i = r * channels + c;
+    const Acc yv = AccMath<T>::load(y[i]);
+    const Acc gm = masked_grad<T>(AccMath<T>::load(g[i]), yv, s, t, residual, i, relu);
+    dy[i] = AccMath<T>::store(AccMath<T>::fma(ac, gm, AccMath<T>::fma(bc, yv, ccc)));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ backward sums
+template <typename T>
+__global__ void grad_sums_partials(const T* __restrict__ g, const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
+                                   const AccOf<T>* __restrict__ shift, const T* __restrict__ residual,
+                                   const AccOf<T>* __restrict__ mean, bool relu, T* __restrict__ masked,
+                                   long long rows, long long channels, long long chunk_rows,
+                                   AccOf<T>* __restrict__ part_g, AccOf<T>* __restrict__ part_gy) {
+  using Acc = AccOf<T>;
+  __shared__ Acc s_g[kLanesR][kLanesC], s_gy[kLanesR][kLanesC];
+  const long long c = static_cast<long long>(blockIdx.y) * kLanesC + threadIdx.x;
+  const long long begin = static_cast<long long>(blockIdx.x) * chunk_rows;
+  const long long end = begin + chunk_rows < rows ? begin + chunk_rows : rows;
+  Acc sum_g = 0, sum_gy = 0;
+  if (c < channels) {
+    const Acc s = scale[c], t = shift[c], mu = mean[c];
+    for (long long r = begin + threadIdx.y; r < end; r += kLanesR) {
+      const long long i = r * channels + c;
+      const Acc yv = AccMath<T>::load(y[i]);
+      const Acc gm = masked_grad<T>(AccMath<T>::load(g[i]), yv, s, t, residual, i, relu);
+      if (masked != nullptr) masked[i] = AccMath<T>::store(gm);
+      sum_g += gm;
+      sum_gy += gm * (yv - mu);
+    }
+  }
+  s_g[threadIdx.y][threadIdx.x] = sum_g;
+  s_gy[threadIdx.y][threadIdx.x] = sum_gy;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= channels) return;
+  for (int j = 1; j < kLanesR; ++j) {
+    sum_g += s_g[j][threadIdx.x];
+    sum_gy += s_gy[j][threadIdx.x];
+  }
+  part_g[blockIdx.x * channels + c] = sum_g;
+  part_gy[blockIdx.x * channels + c] = sum_gy;
+}
+
+template <typename Acc>
+__global__ void sums_merge(const Acc* __restrict__ part0, const Acc* __restrict__ part1, long long chunks,
+                           long long channels, Acc* __restrict__ out0, Acc* __restrict__ out1) {
+  const long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  Acc s0 = 0, s1 = 0;
+  for (long long k = 0; k < chunks; ++k) {
+    s0 += part0[k * channels + c];
+    s1 += part1[k * channels + c];
+  }
+  out0[c] = s0;
+  out1[c] = s1;
+}
+
+// ------------------------------------------------------------------------------------------------ launchers
+unsigned merge_blocks(long long channels) {
+  return static_cast<unsigned>((channels + kMergeThreads - 1) / kMergeThreads);
+}
+
+long long elementwise_blocks(long long rows) {
+  return std::min(kMaxElementwiseBlocks, std::max(1LL, (rows + kLanesR - 1) / kLanesR));
+}
+
+template <typename T>
+struct Stats {
+  static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
+    using Acc = AccOf<T>;
+    const Chunks chunks = chunks_for(p.rows);
+    Acc* part_mean = static_cast<Acc*>(p.workspace);
+    Acc* part_m2 = part_mean + chunks.count * p.channels;
+    stats_partials<T><<<channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
+        static_cast<const T*>(p.y), p.rows, p.channels, chunks.rows, part_mean, part_m2);
+    stats_merge<Acc><<<merge_blocks(p.channels), kMergeThreads, 0, stream>>>(
+        part_mean, part_m2, p.rows, p.channels, chunks, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
+    return cudaGetLastError();
+  }
+};
+
+template <typename T>
+struct Normalize {
+  static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
+    using Acc = AccOf<T>;
+    normalize_kernel<T><<<channel_grid(elementwise_blocks(p.rows), p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
+        static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale), static_cast<const Acc*>(p.shift),
+        static_cast<const T*>(p.residual), static_cast<T*>(p.out), p.rows, p.channels, p.relu);
+    return cudaGetLastError();
+  }
+};
+
+template <typename T>
+struct GradSums {
+  static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
+    using Acc = AccOf<T>;
+    const Chunks chunks = chunks_for(p.rows);
+    Acc* part_g = static_cast<Acc*>(p.workspace);
+    Acc* part_gy = part_g + chunks.count * p.channels;
+    grad_sums_partials<T><<<channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
+        static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
+        static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.mean), p.relu,
+        static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
+    sums_merge<Acc><<<merge_blocks(p.channels), kMergeThreads, 0, stream>>>(
+        part_g, part_gy, chunks.count, p.channels, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
+    return cudaGetLastError();
+  }
+};
+
+template <typename T>
+struct GradInput {
+  static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
+    using Acc = AccOf<T>;
+    grad_input_kernel<T><<<channel_grid(elementwise_blocks(p.rows), p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
+        static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
+        static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.a),
+        static_cast<const Acc*>(p.b), static_cast<const Acc*>(p.c), static_cast<T*>(p.out), p.rows, p.channels,
+        p.relu);
+    return cudaGetLastError();
+  }
+};
+
+// Runs Pass<T> for p.dtype; nothing to do for an empty tensor.
+template <template <typename> class Pass>
+cudaError_t dispatch(const BnPassParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.channels == 0) return cudaSuccess;
+  if (p.channels > kLanesC * 65535LL) return cudaErrorInvalidValue;  // grid.y limit
+  switch (p.dtype) {
+    case DType::kHalf:
+      return Pass<__half>::run(p, stream);
+    case DType::kBFloat16:
+      return Pass<__nv_bfloat16>::run(p, stream);
+    case DType::kFloat:
+      return Pass<float>::run(p, stream);
+    case DType::kDouble:
+      return Pass<double>::run(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+int64_t bn_workspace_elements(int64_t rows, int64_t channels) {
+  return rows == 0 ? 0 : 2 * chunks_for(rows).count * channels;
+}
+
+cudaError_t launch_bn_stats(const BnPassParams& p, cudaStream_t stream) {
+  return dispatch<Stats>(p, stream);
+}
+
+cudaError_t launch_bn_normalize(const BnPassParams& p, cudaStream_t stream) {
+  return dispatch<Normalize>(p, stream);
+}
+
+cudaError_t launch_bn_grad_sums(const BnPassParams& p, cudaStream_t stream) {
+  return dispatch<GradSums>(p, stream);
+}
+
+cudaError_t launch_bn_grad_input(const BnPassParams& p, cudaStream_t stream) {
+  return dispatch<GradInput>(p, stream);
+}
+
+}  // namespace fused_resnet::cuda

@@ -1,0 +1,152 @@
+// CUDA implementations of the train-mode BN pass ops (schemas in csrc/ops.cpp; CPU twins in csrc/cpu/bn_train.cpp):
+// check, allocate channels_last outputs and the reductions' workspace, launch csrc/cuda/bn_train.cu on the current
+// stream of y's device.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <utility>
+
+#include "checks.h"
+#include "cuda/kernel_dtype.h"
+#include "cuda/launch.h"
+
+namespace fused_resnet::cuda {
+namespace {
+
+constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
+constexpr int64_t kMaxChannels = 32 * 65535;  // 32 channels per block, grid.y <= 65535 (bn_train.cu)
+
+// y, the gradient and the residual as dense NHWC tensors, kept alive for the launch.
+struct NhwcInputs {
+  at::Tensor y, g;
+  std::optional<at::Tensor> residual;
+};
+
+NhwcInputs nhwc_inputs(const char* op, const at::Tensor& y, const std::optional<at::Tensor>& g,
+                       const std::optional<at::Tensor>& residual) {
+  check_bn_y(op, c10::DeviceType::CUDA, y);
+  if (g.has_value()) check_bn_like(op, "grad", *g, y);
+  if (residual.has_value()) check_bn_like(op, "residual", *residual, y);
+  NhwcInputs in{y.contiguous(kChannelsLast), g.has_value() ? g->contiguous(kChannelsLast) : at::Tensor(), {}};
+  if (residual.has_value()) in.residual = residual->contiguous(kChannelsLast);
+  return in;
+}
+
+BnPassParams params(const NhwcInputs& in) {
+  BnPassParams p{};
+  p.dtype = kernel_dtype(in.y.scalar_type());
+  p.y = in.y.const_data_ptr();
+  p.g = in.g.defined() ? in.g.const_data_ptr() : nullptr;
+  p.residual = in.residual.has_value() ? in.residual->const_data_ptr() : nullptr;
+  p.channels = in.y.size(1);
+  p.rows = p.channels == 0 ? 0 : in.y.numel() / p.channels;
+  TORCH_CHECK(p.channels <= kMaxChannels, "the CUDA training kernels take at most ", kMaxChannels,
+              " channels, got ", p.channels);
+  return p;
+}
+
+at::Tensor workspace(const at::Tensor& y, const BnPassParams& p) {
+  return at::empty({bn_workspace_elements(p.rows, p.channels)}, bn_accumulation_options(y));
+}
+
+cudaStream_t stream_of(const at::Tensor& y) {
+  return c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& y_in) {
+  const NhwcInputs in = nhwc_inputs("bn_stats", y_in, std::nullopt, std::nullopt);
+  c10::cuda::CUDAGuard guard(y_in.device());
+  at::Tensor mean = at::zeros({y_in.size(1)}, bn_accumulation_options(y_in));
+  at::Tensor m2 = at::zeros({y_in.size(1)}, bn_accumulation_options(y_in));
+  BnPassParams p = params(in);
+  const at::Tensor ws = workspace(y_in, p);
+  p.workspace = ws.mutable_data_ptr();
+  p.sum0 = mean.mutable_data_ptr();
+  p.sum1 = m2.mutable_data_ptr();
+  C10_CUDA_CHECK(launch_bn_stats(p, stream_of(y_in)));
+  return {mean, m2};
+}
+
+at::Tensor bn_normalize_cuda(const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& shift,
+                             const std::optional<at::Tensor>& residual, bool relu) {
+  const char* op = "bn_normalize";
+  const NhwcInputs in = nhwc_inputs(op, y_in, std::nullopt, residual);
+  check_bn_vector(op, "scale", scale, y_in);
+  check_bn_vector(op, "shift", shift, y_in);
+  c10::cuda::CUDAGuard guard(y_in.device());
+  at::Tensor out = empty_channels_last(y_in.sizes(), y_in.options());
+  BnPassParams p = params(in);
+  p.scale = scale.const_data_ptr();
+  p.shift = shift.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.relu = relu;
+  C10_CUDA_CHECK(launch_bn_normalize(p, stream_of(y_in)));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cuda(const at::Tensor& g_in, const at::Tensor& y_in,
+                                                                 const at::Tensor& scale, const at::Tensor& shift,
+                                                                 const std::optional<at::Tensor>& residual,
+                                                                 const at::Tensor& mean, bool relu,
+                                                                 bool store_masked) {
+  const char* op = "bn_grad_sums";
+  const NhwcInputs in = nhwc_inputs(op, y_in, g_in, residual);
+  for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"mean", mean}}) {
+    check_bn_vector(op, name, v, y_in);
+  }
+  c10::cuda::CUDAGuard guard(y_in.device());
+  at::Tensor sum_g = at::zeros({y_in.size(1)}, bn_accumulation_options(y_in));
+  at::Tensor sum_gy = at::zeros({y_in.size(1)}, bn_accumulation_options(y_in));
+  at::Tensor masked = store_masked ? empty_channels_last(y_in.sizes(), y_in.options())
+                                   : at::empty({0}, bn_accumulation_options(y_in));
+  BnPassParams p = params(in);
+  const at::Tensor ws = workspace(y_in, p);
+  p.workspace = ws.mutable_data_ptr();
+  p.scale = scale.const_data_ptr();
+  p.shift = shift.const_data_ptr();
+  p.mean = mean.const_data_ptr();
+  p.out = store_masked ? masked.mutable_data_ptr() : nullptr;
+  p.sum0 = sum_g.mutable_data_ptr();
+  p.sum1 = sum_gy.mutable_data_ptr();
+  p.relu = relu;
+  C10_CUDA_CHECK(launch_bn_grad_sums(p, stream_of(y_in)));
+  return {sum_g, sum_gy, masked};
+}
+
+at::Tensor bn_grad_input_cuda(const at::Tensor& g_in, const at::Tensor& y_in, const at::Tensor& scale,
+                              const at::Tensor& shift, const std::optional<at::Tensor>& residual, const at::Tensor& a,
+                              const at::Tensor& b, const at::Tensor& c, bool relu) {
+  const char* op = "bn_grad_input";
+  const NhwcInputs in = nhwc_inputs(op, y_in, g_in, residual);
+  for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"a", a}, {"b", b}, {"c", c}}) {
+    check_bn_vector(op, name, v, y_in);
+  }
+  c10::cuda::CUDAGuard guard(y_in.device());
+  at::Tensor dy = empty_channels_last(y_in.sizes(), y_in.options());
+  BnPassParams p = params(in);
+  p.scale = scale.const_data_ptr();
+  p.shift = shift.const_data_ptr();
+  p.a = a.const_data_ptr();
+  p.b = b.const_data_ptr();
+  p.c = c.const_data_ptr();
+  p.out = dy.mutable_data_ptr();
+  p.relu = relu;
+  C10_CUDA_CHECK(launch_bn_grad_input(p, stream_of(y_in)));
+  return dy;
+}
+
+}  // namespace
+}  // namespace fused_resnet::cuda
+
+TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) {
+  m.impl("bn_stats", &fused_resnet::cuda::bn_stats_cuda);
+  m.impl("bn_normalize", &fused_resnet::cuda::bn_normalize_cuda);
+  m.impl("bn_grad_sums", &fused_resnet::cuda::bn_grad_sums_cuda);
+  m.impl("bn_grad_input", &fused_resnet::cuda::bn_grad_input_cuda);
+}
