@@ -10,10 +10,12 @@ import functools
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from . import backends
 from .models import resnet as fused
+from .models._common import weights_channels_last
 from .models._layers import ResidualLayer, StemMaxPool2d
 from .nn.conv_bn_act import ConvBNAct
 from .nn.folding import clear_fold_cache
@@ -81,7 +83,8 @@ def _convert(model: nn.Module, mapping: dict[type, type], lookalikes: tuple[type
 def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict: bool = False) -> nn.Module:
     """Converts every torchvision ResNet / BasicBlock / Bottleneck inside `model` to its fused twin.
 
-    Outputs are the same (up to the fused kernels' rounding); state_dict keys do not change. Returns a converted
+    Outputs are the same (up to the fused kernels' rounding); state_dict keys and values do not change (conv weights
+    are stored channels_last, as the fused kernels run: the same Parameter objects, other strides). Returns a converted
     deep copy unless inplace=True. Anything ResNet-like that cannot be converted (a subclass with custom code, a
     block with another norm layer, a conv with bias) is left untouched and reported with a FuseWarning, or a
     ValueError when strict=True. A model with nothing to convert is an error.
@@ -92,6 +95,8 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict:
     skipped = _convert(model, _to_fused(), tuple(_to_fused()))
     _retype_layers(model, to_fused=True)
     converted = [m for m in model.modules() if type(m) in _to_torchvision()]
+    for module in converted:
+        weights_channels_last(module)
     _report(skipped, strict, "fuse")
     if not converted:
         raise ValueError(f"fuse() found no torchvision ResNet, BasicBlock or Bottleneck in {type(model).__name__}")
@@ -100,7 +105,8 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict:
 
 
 def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """The inverse of fuse(): fused ResNets/blocks become torchvision's classes again (same parameters)."""
+    """The inverse of fuse(): fused ResNets/blocks become torchvision's classes again (same parameters, conv
+    weights back in the default contiguous layout)."""
     if not inplace:
         model = copy.deepcopy(model)
     skipped = _convert(model, _to_torchvision(), tuple(_to_torchvision()))
@@ -110,6 +116,7 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
         if type(module) in _to_fused():
             module.__dict__.pop("backend", None)
             module.__dict__.pop("_block_kwargs", None)
+            module.to(memory_format=torch.contiguous_format)  # torchvision's layout: a round trip changes nothing
         if isinstance(module, nn.Conv2d):
             clear_fold_cache(module)
     return model

@@ -52,6 +52,19 @@ def test_fuse_inplace_and_round_trip():
         assert torch.equal(back(x), original(x))
 
 
+def test_conv_weights_are_channels_last_in_fused_models_only():
+    cl = torch.channels_last
+    tv = torchvision.models.resnet18()
+    params = list(tv.parameters())
+    fused = fuse(tv, inplace=True)
+    assert list(fused.parameters()) == params  # the same Parameter objects (an optimizer keeps working)
+    convs = [m.weight for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=cl) for w in convs)
+    assert all(w.is_contiguous() for m in unfuse(fused).modules() if isinstance(m, nn.Conv2d) for w in [m.weight])
+    built = [fused_resnet.resnet50(), fused_resnet.resnet20(), fused_resnet.preact_resnet164()]
+    assert all(m.weight.is_contiguous(memory_format=cl) for b in built for m in b.modules() if isinstance(m, nn.Conv2d))
+
+
 def test_unfuse_of_a_built_model_gives_torchvision():
     model = fused_resnet.resnet50().eval()
     stock = unfuse(model)

@@ -75,34 +75,17 @@ def record(
     relu: bool,
     passes: str,
 ) -> None:
-    """Records how `out` was made, unless remaking it would keep a tensor that nothing else keeps or would make
-    the chain KEEP_EVERY long."""
-    recipe = _recipe(out, y, scale, shift, residual, residual_recipe, relu, passes)
-    if recipe is not None:
-        _RECIPES[out] = recipe
-
-
-def _recipe(
-    out: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    residual: torch.Tensor | None,
-    residual_recipe: Recipe | None,
-    relu: bool,
-    passes: str,
-) -> Recipe | None:
-    made = (y, scale, shift)
-    if residual is None:
-        return Recipe(*made, None, relu, passes, out._version, _Memo(), 1)
+    """Records how `out` was made, unless remaking it would keep a residual that nothing else keeps (no ReLU: the
+    unit itself did not keep it) or the chain would reach KEEP_EVERY recipes."""
+    length = 1
     if residual_recipe is not None:
         length = residual_recipe.length + 1
         if length >= KEEP_EVERY:
-            return None
-        return Recipe(*made, residual_recipe, relu, passes, out._version, _Memo(), length)
-    if relu:  # this unit keeps the residual itself for its mask: the recipe may refer to it
-        return Recipe(*made, residual, relu, passes, out._version, _Memo(), 1)
-    return None
+            return
+        residual = residual_recipe
+    elif residual is not None and not relu:
+        return
+    _RECIPES[out] = Recipe(y, scale, shift, residual, relu, passes, out._version, _Memo(), length)
 
 
 def recipe_of(t: torch.Tensor, passes: str | None = None) -> Recipe | None:
