@@ -7,7 +7,7 @@
 // with z = fma(y, scale, shift) [+ r] computed by one helper in every pass, so backward's mask is forward's bit
 // for bit. A block covers 32 channels (one per lane: a warp reads 32 consecutive values of a pixel) x 8 pixel
 // lanes. Reductions write one partial per (chunk of pixels, channel) and a second kernel merges the chunks in
-// order: the result depends on the shape alone, never on the GPU, the timing or the stream.
+// order (lanes of chunks, then the lanes): the result depends on the shape alone, never on the GPU or the timing.
 // Torch-free: compiled by nvcc alone (see launch.h).
 #include <algorithm>
 
@@ -23,7 +23,6 @@ constexpr int kBatch = 8;    // values a stats lane reduces two-pass before merg
 constexpr long long kMaxChunks = 1024;
 constexpr long long kMinChunkRows = 64;
 constexpr long long kMaxElementwiseBlocks = 16384;
-constexpr int kMergeThreads = 128;
 
 // Pixels are split into chunks of chunk_rows (the last one shorter), one reduction partial each.
 struct Chunks {
@@ -107,22 +106,41 @@ __global__ void stats_partials(const T* __restrict__ y, long long rows, long lon
   part_m2[blockIdx.x * channels + c] = m2;
 }
 
-// Chunk counts reach 2^31: they are merged in double, from the chunk geometry.
+// Chan's merge with the counts in double (a channel's count reaches rows, ~2^33: beyond fp32's exact integers).
+template <typename Acc>
+__device__ __forceinline__ void chan_merge_counted(double& n, Acc& mean, Acc& m2, double nb, Acc mb, Acc m2b) {
+  if (nb == 0) return;
+  const double total = n + nb;
+  const Acc delta = mb - mean;
+  mean += delta * static_cast<Acc>(nb / total);
+  m2 += m2b + delta * delta * static_cast<Acc>(n * nb / total);
+  n = total;
+}
+
+// Chunk partials -> per-channel (mean, M2). A block is 32 channels x 8 lanes; lane j merges chunks j, j+8, ... in
+// order, then lane 0 merges the lanes in order: a fixed order for a given shape.
 template <typename Acc>
 __global__ void stats_merge(const Acc* __restrict__ part_mean, const Acc* __restrict__ part_m2, long long rows,
                             long long channels, Chunks chunks, Acc* __restrict__ mean_out, Acc* __restrict__ m2_out) {
-  const long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
+  __shared__ double s_n[kLanesR][kLanesC];
+  __shared__ Acc s_mean[kLanesR][kLanesC], s_m2[kLanesR][kLanesC];
+  const long long c = static_cast<long long>(blockIdx.x) * kLanesC + threadIdx.x;
   double n = 0;
   Acc mean = 0, m2 = 0;
-  for (long long k = 0; k < chunks.count; ++k) {
-    const long long first = k * chunks.rows;
-    const double nb = static_cast<double>((first + chunks.rows < rows ? first + chunks.rows : rows) - first);
-    const double total = n + nb;
-    const Acc delta = part_mean[k * channels + c] - mean;
-    mean += delta * static_cast<Acc>(nb / total);
-    m2 += part_m2[k * channels + c] + delta * delta * static_cast<Acc>(n * nb / total);
-    n = total;
+  if (c < channels) {
+    for (long long k = threadIdx.y; k < chunks.count; k += kLanesR) {
+      const long long first = k * chunks.rows;
+      const double nb = static_cast<double>((first + chunks.rows < rows ? first + chunks.rows : rows) - first);
+      chan_merge_counted(n, mean, m2, nb, part_mean[k * channels + c], part_m2[k * channels + c]);
+    }
+  }
+  s_n[threadIdx.y][threadIdx.x] = n;
+  s_mean[threadIdx.y][threadIdx.x] = mean;
+  s_m2[threadIdx.y][threadIdx.x] = m2;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= channels) return;
+  for (int j = 1; j < kLanesR; ++j) {
+    chan_merge_counted(n, mean, m2, s_n[j][threadIdx.x], s_mean[j][threadIdx.x], s_m2[j][threadIdx.x]);
   }
   mean_out[c] = mean;
   m2_out[c] = m2;
@@ -207,23 +225,34 @@ __global__ void grad_sums_partials(const T* __restrict__ g, const T* __restrict_
   part_gy[blockIdx.x * channels + c] = sum_gy;
 }
 
+// Chunk partials -> per-channel sums, lanes and then lanes' sums in a fixed order (as stats_merge).
 template <typename Acc>
 __global__ void sums_merge(const Acc* __restrict__ part0, const Acc* __restrict__ part1, long long chunks,
                            long long channels, Acc* __restrict__ out0, Acc* __restrict__ out1) {
-  const long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  Acc s0 = 0, s1 = 0;
-  for (long long k = 0; k < chunks; ++k) {
-    s0 += part0[k * channels + c];
-    s1 += part1[k * channels + c];
+  __shared__ Acc s0[kLanesR][kLanesC], s1[kLanesR][kLanesC];
+  const long long c = static_cast<long long>(blockIdx.x) * kLanesC + threadIdx.x;
+  Acc sum0 = 0, sum1 = 0;
+  if (c < channels) {
+    for (long long k = threadIdx.y; k < chunks; k += kLanesR) {
+      sum0 += part0[k * channels + c];
+      sum1 += part1[k * channels + c];
+    }
   }
-  out0[c] = s0;
-  out1[c] = s1;
+  s0[threadIdx.y][threadIdx.x] = sum0;
+  s1[threadIdx.y][threadIdx.x] = sum1;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= channels) return;
+  for (int j = 1; j < kLanesR; ++j) {
+    sum0 += s0[j][threadIdx.x];
+    sum1 += s1[j][threadIdx.x];
+  }
+  out0[c] = sum0;
+  out1[c] = sum1;
 }
 
 // ------------------------------------------------------------------------------------------------ launchers
 unsigned merge_blocks(long long channels) {
-  return static_cast<unsigned>((channels + kMergeThreads - 1) / kMergeThreads);
+  return static_cast<unsigned>((channels + kLanesC - 1) / kLanesC);
 }
 
 long long elementwise_blocks(long long rows) {
@@ -239,7 +268,7 @@ struct Stats {
     Acc* part_m2 = part_mean + chunks.count * p.channels;
     stats_partials<T><<<channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
         static_cast<const T*>(p.y), p.rows, p.channels, chunks.rows, part_mean, part_m2);
-    stats_merge<Acc><<<merge_blocks(p.channels), kMergeThreads, 0, stream>>>(
+    stats_merge<Acc><<<merge_blocks(p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
         part_mean, part_m2, p.rows, p.channels, chunks, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
     return cudaGetLastError();
   }
@@ -267,7 +296,7 @@ struct GradSums {
         static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
         static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.mean), p.relu,
         static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
-    sums_merge<Acc><<<merge_blocks(p.channels), kMergeThreads, 0, stream>>>(
+    sums_merge<Acc><<<merge_blocks(p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
         part_g, part_gy, chunks.count, p.channels, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
     return cudaGetLastError();
   }

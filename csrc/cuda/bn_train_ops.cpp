@@ -2,7 +2,6 @@
 // check, allocate channels_last outputs and the reductions' workspace, launch csrc/cuda/bn_train.cu on the current
 // stream of y's device.
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -55,6 +54,13 @@ at::Tensor workspace(const at::Tensor& y, const BnPassParams& p) {
   return at::empty({bn_workspace_elements(p.rows, p.channels)}, bn_accumulation_options(y));
 }
 
+// A per-channel output the reduction's merge kernel writes whole; zeros where there is nothing to reduce.
+at::Tensor per_channel_result(const at::Tensor& y, const BnPassParams& p) {
+  at::Tensor out = at::empty({y.size(1)}, bn_accumulation_options(y));
+  if (p.rows == 0) out.zero_();
+  return out;
+}
+
 cudaStream_t stream_of(const at::Tensor& y) {
   return c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
 }
@@ -62,9 +68,8 @@ cudaStream_t stream_of(const at::Tensor& y) {
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& y_in) {
   const NhwcInputs in = nhwc_inputs("bn_stats", y_in, std::nullopt, std::nullopt);
   c10::cuda::CUDAGuard guard(y_in.device());
-  at::Tensor mean = at::zeros({y_in.size(1)}, bn_accumulation_options(y_in));
-  at::Tensor m2 = at::zeros({y_in.size(1)}, bn_accumulation_options(y_in));
   BnPassParams p = params(in);
+  at::Tensor mean = per_channel_result(y_in, p), m2 = per_channel_result(y_in, p);
   const at::Tensor ws = workspace(y_in, p);
   p.workspace = ws.mutable_data_ptr();
   p.sum0 = mean.mutable_data_ptr();
@@ -101,11 +106,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cuda(const at::Tenso
     check_bn_vector(op, name, v, y_in);
   }
   c10::cuda::CUDAGuard guard(y_in.device());
-  at::Tensor sum_g = at::zeros({y_in.size(1)}, bn_accumulation_options(y_in));
-  at::Tensor sum_gy = at::zeros({y_in.size(1)}, bn_accumulation_options(y_in));
+  BnPassParams p = params(in);
+  at::Tensor sum_g = per_channel_result(y_in, p), sum_gy = per_channel_result(y_in, p);
   at::Tensor masked = store_masked ? empty_channels_last(y_in.sizes(), y_in.options())
                                    : at::empty({0}, bn_accumulation_options(y_in));
-  BnPassParams p = params(in);
   const at::Tensor ws = workspace(y_in, p);
   p.workspace = ws.mutable_data_ptr();
   p.scale = scale.const_data_ptr();

@@ -1,5 +1,6 @@
 // The torch-free interface between the CUDA kernels (csrc/cuda/*.cu, compiled by nvcc without torch headers)
-// and their torch bindings (csrc/cuda/ops_cuda.cpp, compiled by g++): raw pointers, sizes and a stream.
+// and their torch bindings (csrc/cuda/ops_cuda.cpp, bn_train_ops.cpp; compiled by g++): raw pointers, sizes
+// and a stream.
 #pragma once
 
 #include <cuda_runtime_api.h>

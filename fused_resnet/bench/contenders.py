@@ -45,6 +45,7 @@ _TRAIN_NOTES = {
     "reference": "train: stock ops",
     "triton": "train: stock conv + Triton BN passes",
     "cpu": "train: stock conv + C++ BN passes",
+    "cuda": "train: stock conv + CUDA BN passes (the extension's)",
 }
 
 
@@ -74,7 +75,7 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
         note = ""
         if train:
             # Training runs the stock conv (cuDNN/oneDNN) with the backend's BN passes (fused_resnet/training).
-            note = _TRAIN_NOTES.get(name, "train: stock conv + BN passes in PyTorch ops")
+            note = _TRAIN_NOTES[name]
         out.append(Contender(f"fused:{name}{suffix}", "fused", cl, weights, amp, backend=name, skip=reason, note=note))
     small = device.type == "cuda" and group.batch <= profile.small_batch
     if small and not train:
