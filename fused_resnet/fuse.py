@@ -83,11 +83,12 @@ def _convert(model: nn.Module, mapping: dict[type, type], lookalikes: tuple[type
 def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict: bool = False) -> nn.Module:
     """Converts every torchvision ResNet / BasicBlock / Bottleneck inside `model` to its fused twin.
 
-    Outputs are the same (up to the fused kernels' rounding); state_dict keys and values do not change (conv weights
-    are stored channels_last, as the fused kernels run: the same Parameter objects, other strides). Returns a converted
-    deep copy unless inplace=True. Anything ResNet-like that cannot be converted (a subclass with custom code, a
-    block with another norm layer, a conv with bias) is left untouched and reported with a FuseWarning, or a
-    ValueError when strict=True. A model with nothing to convert is an error.
+    Outputs are the same (up to the fused kernels' rounding); state_dict keys and values do not change. Returns a
+    converted deep copy, its conv weights stored channels_last as the fused kernels run, unless inplace=True: then
+    the model itself, its parameters untouched (an optimizer's state may depend on their layout). Anything ResNet-
+    like that cannot be converted (a subclass with custom code, a block with another norm layer, a conv with bias)
+    is left untouched and reported with a FuseWarning, or a ValueError when strict=True. A model with nothing to
+    convert is an error.
     """
     backends.requested_backend(backend)
     if not inplace:
@@ -95,8 +96,9 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict:
     skipped = _convert(model, _to_fused(), tuple(_to_fused()))
     _retype_layers(model, to_fused=True)
     converted = [m for m in model.modules() if type(m) in _to_torchvision()]
-    for module in converted:
-        weights_channels_last(module)
+    if not inplace:  # in place, a live optimizer's state may pair elements by memory position (fused Adam does)
+        for module in converted:
+            weights_channels_last(module)
     _report(skipped, strict, "fuse")
     if not converted:
         raise ValueError(f"fuse() found no torchvision ResNet, BasicBlock or Bottleneck in {type(model).__name__}")
@@ -105,8 +107,8 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict:
 
 
 def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """The inverse of fuse(): fused ResNets/blocks become torchvision's classes again (same parameters, conv
-    weights back in the default contiguous layout)."""
+    """The inverse of fuse(): fused ResNets/blocks become torchvision's classes again (same parameter values; in a
+    copy, conv weights in the default contiguous layout)."""
     if not inplace:
         model = copy.deepcopy(model)
     skipped = _convert(model, _to_torchvision(), tuple(_to_torchvision()))
@@ -116,7 +118,10 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
         if type(module) in _to_fused():
             module.__dict__.pop("backend", None)
             module.__dict__.pop("_block_kwargs", None)
-            module.to(memory_format=torch.contiguous_format)  # torchvision's layout: a round trip changes nothing
+            if not inplace:  # torchvision's default layout (as for fuse: in place, parameters stay as they are)
+                for conv in module.children():
+                    if isinstance(conv, nn.Conv2d):
+                        conv.to(memory_format=torch.contiguous_format)
         if isinstance(module, nn.Conv2d):
             clear_fold_cache(module)
     return model

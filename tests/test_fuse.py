@@ -52,17 +52,30 @@ def test_fuse_inplace_and_round_trip():
         assert torch.equal(back(x), original(x))
 
 
-def test_conv_weights_are_channels_last_in_fused_models_only():
+def _conv_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_fused_copies_and_built_models_keep_conv_weights_channels_last():
     cl = torch.channels_last
     tv = torchvision.models.resnet18()
-    params = list(tv.parameters())
-    fused = fuse(tv, inplace=True)
-    assert list(fused.parameters()) == params  # the same Parameter objects (an optimizer keeps working)
-    convs = [m.weight for m in fused.modules() if isinstance(m, nn.Conv2d)]
-    assert all(w.is_contiguous(memory_format=cl) for w in convs)
-    assert all(w.is_contiguous() for m in unfuse(fused).modules() if isinstance(m, nn.Conv2d) for w in [m.weight])
+    fused = fuse(tv)
+    assert all(w.is_contiguous(memory_format=cl) for w in _conv_weights(fused))
+    assert all(w.is_contiguous() for w in _conv_weights(tv))  # the original is untouched
+    assert all(w.is_contiguous() for w in _conv_weights(unfuse(fused)))
     built = [fused_resnet.resnet50(), fused_resnet.resnet20(), fused_resnet.preact_resnet164()]
-    assert all(m.weight.is_contiguous(memory_format=cl) for b in built for m in b.modules() if isinstance(m, nn.Conv2d))
+    assert all(w.is_contiguous(memory_format=cl) for b in built for w in _conv_weights(b))
+
+
+def test_in_place_conversion_leaves_the_parameters_alone():
+    # An optimizer may hold per-element state paired by memory position (fused Adam): changing a parameter's
+    # layout under it would silently corrupt the update.
+    tv = torchvision.models.resnet18()
+    params = [(p, p.stride()) for p in tv.parameters()]
+    fused = fuse(tv, inplace=True)
+    assert [(p, p.stride()) for p in fused.parameters()] == params
+    back = unfuse(fused, inplace=True)
+    assert [(p, p.stride()) for p in back.parameters()] == params
 
 
 def test_unfuse_of_a_built_model_gives_torchvision():
