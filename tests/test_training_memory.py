@@ -1,6 +1,7 @@
 """What the fused training path keeps alive for backward, against stock PyTorch: raw conv outputs instead of
 normalized or post-ReLU tensors, and recipes that remake activations and block outputs in backward."""
 
+import contextlib
 import copy
 import dataclasses
 
@@ -21,15 +22,24 @@ from fused_resnet.training.recipes import KEEP_EVERY, recipe_of
 
 
 def _saved(fn) -> tuple[torch.Tensor, dict[int, int]]:
-    """fn()'s output and what autograd saved for backward: {storage pointer: bytes}."""
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+    """fn()'s output and what its autograd graph keeps for backward: {storage pointer: bytes}, read from the graph's
+    nodes (saved-tensor hooks would turn the recipes off). Checked against hooks on stock torchvision: the same."""
+    out = fn()
+    saved, seen, stack = {}, set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        tensors = list(getattr(node, "saved_tensors", None) or ())  # custom Functions
+        for name in dir(node):  # built-in nodes: _saved_self, _saved_weight, _saved_indices, ...
+            if name.startswith("_saved_"):
+                value = getattr(node, name)
+                tensors += value if isinstance(value, (list, tuple)) else [value]
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
     return out, saved
 
 
@@ -143,15 +153,30 @@ def test_each_remade_tensor_is_made_once_and_dropped_after_its_last_use(monkeypa
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
     outs = []
     out = _residual_chain(units, x, outs)
+    made = [r for r in map(recipe_of, outs) if r is not None]
+    assert len(made) == len(outs) - 1  # outs[KEEP_EVERY - 1] has none: it ends a chain
     calls = _counting_normalize(monkeypatch)
     (grad_first,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
-    # outs[:-1] are consumed by the next unit; outs[KEEP_EVERY - 1] is kept: the others are remade.
+    # outs[:-1] are consumed by the next unit; outs[KEEP_EVERY - 1] is kept: the others are remade, once each.
     assert len(calls) == len(outs) - 2
-    recipes = [r for r in map(recipe_of, outs) if r is not None]
-    assert recipes and all(r.memo.tensor is None for r in recipes)
-    # A second backward over the retained graph remakes them again and gives the same gradient.
+    # Each unit's backward released its output's recipe: no tensor is held for it any more, and a new graph would
+    # keep the outputs themselves.
+    assert all(r.y is None and r.residual is None and r.memo.tensor is None for r in made)
+    assert all(recipe_of(o) is None for o in outs)
+    # A second backward over the retained graph remakes them again from its own saved tensors: the same gradient.
     (grad_second,) = torch.autograd.grad(out.sum(), x)
     assert torch.equal(grad_first, grad_second)
+
+
+def test_no_recipes_without_a_graph_or_under_saved_tensor_hooks():
+    unit = ConvBNAct(4, 4, 3, padding=1).train()
+    x = torch.randn(2, 4, 6, 6)
+    assert recipe_of(unit(x)) is not None  # the unit's parameters require grad: it keeps y for its backward
+    unit.requires_grad_(False)
+    assert recipe_of(unit(x)) is None  # no graph: nothing keeps y, a recipe would cost memory
+    unit.requires_grad_(True)
+    with torch.autograd.graph.save_on_cpu():
+        assert recipe_of(unit(x)) is None
 
 
 def test_a_chain_cut_by_an_in_place_change_keeps_the_changed_tensor():
@@ -225,9 +250,11 @@ class _Checkpointed(nn.Module):
         return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=self.reentrant)
 
 
+@pytest.mark.parametrize("under_hooks", [False, True], ids=["plain", "save_on_cpu"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_activation_checkpointing_over_fused_stages_gives_the_same_gradients(reentrant):
-    # torch.utils.checkpoint reruns the stages' forward in backward: the recipes made then must match the first.
+def test_activation_checkpointing_over_fused_stages_gives_the_same_gradients(reentrant, under_hooks):
+    # torch.utils.checkpoint reruns the stages' forward in backward, which must save what the first forward saved;
+    # under saved-tensor hooks (save_on_cpu) the recomputation sees other tensor objects than the first forward.
     fused = fused_resnet.fuse(torchvision.models.resnet18(num_classes=10).double().train())
     checkpointed = copy.deepcopy(fused)
     for name in ("layer2", "layer3"):
@@ -237,6 +264,7 @@ def test_activation_checkpointing_over_fused_stages_gives_the_same_gradients(ree
         x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         x.requires_grad_(True)
         params = [p for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0].replace(".inner", ""))]
-        model(x).square().sum().backward()
+        with torch.autograd.graph.save_on_cpu() if under_hooks else contextlib.nullcontext():
+            model(x).square().sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in params] + [x.grad.flatten()]))
     assert torch.equal(grads[0], grads[1])

@@ -117,6 +117,9 @@ class ConvBNActTrain(torch.autograd.Function):
         finally:  # this unit no longer needs the tensors its recipes remake
             release(ctx.x_spec)
             release(ctx.residual_spec)
+            made = getattr(ctx, "made_recipe", None)  # the recipe of this unit's output: every user has run
+            if made is not None:
+                made.release()
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple:
@@ -181,13 +184,13 @@ def conv_bn_act_train(
     """act(bn(conv(x, weight)) + residual) with batch statistics (global ones where bn is marked for SyncBN),
     updating bn's running stats once; weight=None skips the conv. x, weight and residual share one dtype;
     `passes` names the implementation of the passes over the conv output (training/passes.py)."""
-    tracing = torch.compiler.is_compiling()
-    x_recipe = None if tracing or weight is None else recipe_of(x, passes)
-    residual_recipe = None if tracing or residual is None else recipe_of(residual, passes)
+    plain = torch.compiler.is_compiling() or recipes.hooks_active()  # no recipes: see recipes.py
+    x_recipe = None if plain or weight is None else recipe_of(x, passes)
+    residual_recipe = None if plain or residual is None else recipe_of(residual, passes)
     out, y, scale, shift = ConvBNActTrain.apply(
         x, weight, bn.weight, bn.bias, residual, x_recipe, residual_recipe,
         bn, config or ConvConfig(), relu, sync_group(bn), passes,
     )  # fmt: skip
-    if not tracing and torch.is_grad_enabled():
-        recipes.record(out, y, scale, shift, residual, residual_recipe, relu, passes)
+    if not plain and out.grad_fn is not None:  # only then does the unit keep y for its backward
+        out.grad_fn.made_recipe = recipes.record(out, y, scale, shift, residual, residual_recipe, relu, passes)
     return out

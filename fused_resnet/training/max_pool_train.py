@@ -16,7 +16,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from .recipes import Recipe, recipe_of, release, remade, saved_form
+from .recipes import Recipe, hooks_active, recipe_of, release, remade, saved_form
 
 
 class MaxPoolOfRecipe(torch.autograd.Function):
@@ -58,6 +58,8 @@ def max_pool_train(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor | None:
     """pool(x) through MaxPoolOfRecipe where x is a fused unit's output with a recipe and autograd will need the
     input; None where the stock pool should run."""
     if pool.return_indices or not (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        return None
+    if hooks_active():
         return None
     recipe = recipe_of(x)
     if recipe is None:

@@ -6,6 +6,12 @@ backward (the next conv's input, a residual the ReLU mask needs, the stem's max-
 tensors instead. A side table maps outputs to their recipes (weakly, checked against in-place changes; writes
 through `tensor.data` bypass the version counter and are not seen, as for autograd's own saved tensors).
 
+A recipe exists only while it costs nothing: for an output whose unit keeps y for its own backward (the output is
+part of a graph), until that unit has run its backward (every unit that saved the recipe has run its own by then;
+the recipe then drops its tensors), and never while saved-tensor hooks are active (torch.utils.checkpoint,
+save_on_cpu, user hooks): those decide what is kept, and a checkpoint's recomputation must save exactly what its
+first forward saved, which a recipe bound to a tensor object would not guarantee.
+
 Block outputs make chains: block k's output is remade from block k-1's, remade from block k-2's, ...; every
 KEEP_EVERY-th block output has no recipe and is kept as it is, which bounds the chain. In backward each remade
 tensor is made once and waits in its memo until the last unit that needs it has run its backward.
@@ -31,19 +37,38 @@ class _Memo:
         self.users = 0  # backward passes (of units that saved the recipe) yet to run
 
 
-class Recipe(NamedTuple):
+class Recipe:
     """How a unit's output was made, exactly: PASSES[passes].normalize(y, scale, shift, residual, relu), where the
     residual is None, a tensor, or the recipe of one (a chain through the blocks of a stage)."""
 
-    y: torch.Tensor
-    scale: torch.Tensor
-    shift: torch.Tensor
-    residual: torch.Tensor | Recipe | None
-    relu: bool
-    passes: str
-    version: int  # the output's version counter when made: an in-place change since then voids the recipe
-    memo: _Memo
-    length: int  # recipes in the chain, this one included
+    __slots__ = ("y", "scale", "shift", "residual", "relu", "passes", "version", "memo", "length")
+
+    def __init__(
+        self,
+        y: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        residual: torch.Tensor | Recipe | None,
+        relu: bool,
+        passes: str,
+        version: int,
+        length: int,
+    ) -> None:
+        self.y: torch.Tensor | None = y
+        self.scale, self.shift, self.residual = scale, shift, residual
+        self.relu, self.passes = relu, passes
+        self.version = version  # the output's version counter when made: an in-place change since voids the recipe
+        self.memo = _Memo()
+        self.length = length  # recipes in the chain, this one included
+
+    def alive(self) -> bool:
+        residual = self.residual
+        return self.y is not None and (not isinstance(residual, Recipe) or residual.alive())
+
+    def release(self) -> None:
+        """Drops the tensors: the unit that made the output has run its backward."""
+        self.y = self.scale = self.shift = self.residual = None
+        self.memo.tensor = None
 
 
 class _Spec(NamedTuple):
@@ -65,6 +90,12 @@ KEEP_EVERY = 4
 _RECIPES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def hooks_active() -> bool:
+    """Whether saved-tensor hooks are active (then no recipes are made or used)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
 def record(
     out: torch.Tensor,
     y: torch.Tensor,
@@ -74,24 +105,27 @@ def record(
     residual_recipe: Recipe | None,
     relu: bool,
     passes: str,
-) -> None:
-    """Records how `out` was made, unless remaking it would keep a residual that nothing else keeps (no ReLU: the
-    unit itself did not keep it) or the chain would reach KEEP_EVERY recipes."""
+) -> Recipe | None:
+    """Records how `out` was made and returns the recipe, for its unit to release after its backward; None (no
+    recipe) where remaking it would keep a residual that nothing else keeps (no ReLU: the unit itself did not keep
+    it) or the chain would reach KEEP_EVERY recipes."""
     length = 1
     if residual_recipe is not None:
         length = residual_recipe.length + 1
         if length >= KEEP_EVERY:
-            return
+            return None
         residual = residual_recipe
     elif residual is not None and not relu:
-        return
-    _RECIPES[out] = Recipe(y, scale, shift, residual, relu, passes, out._version, _Memo(), length)
+        return None
+    recipe = Recipe(y, scale, shift, residual, relu, passes, out._version, length)
+    _RECIPES[out] = recipe
+    return recipe
 
 
 def recipe_of(t: torch.Tensor, passes: str | None = None) -> Recipe | None:
     """The recipe that remakes t exactly as it is now (made by the `passes` implementation, if given), or None."""
     recipe = _RECIPES.get(t)
-    if recipe is None or recipe.version != t._version or passes not in (None, recipe.passes):
+    if recipe is None or recipe.version != t._version or passes not in (None, recipe.passes) or not recipe.alive():
         return None
     return recipe
 
