@@ -88,8 +88,9 @@ def test_parity_with_torchvision(name, shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_parity_on_gpu_per_backend(backend, dtype):
     # Eval through the backend's conv kernel, train through its training passes (triton: Triton kernels; cuda: the
-    # extension's CUDA kernels), against torchvision in fp64 on the same GPU.
-    rows = check_model("resnet50", dtype=dtype, device="cuda", shape=(4, 3, 64, 64), backend=backend)
+    # extension's CUDA kernels), against torchvision in fp64 on the same GPU. ResNet-18: fewer conv shapes to compile
+    # (Triton) in the GPU check's time budget; the bench's parity column covers ResNet-50.
+    rows = check_model("resnet18", dtype=dtype, device="cuda", shape=(4, 3, 64, 64), backend=backend)
     failed = [r for r in rows if not r.passed]
     assert not failed, "\n".join(map(str, failed))
 
