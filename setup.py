@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -61,6 +62,13 @@ def _extensions() -> tuple[list, dict]:
     version_chars = ",".join(str(ord(ch)) for ch in torch.__version__)
     # -g0 undoes the -g of Python's own CFLAGS: debug info for torch's templates only slows the build.
     cxx_flags = ["-O3", "-std=c++20", "-g0", f"-DFUSED_RESNET_TORCH_VERSION_CHARS={version_chars}"]
+    # at::parallel_for is inline header code that runs in parallel only where the including file is compiled with
+    # OpenMP (torch's Linux builds use its OpenMP backend): without -fopenmp every CPU pass ran on one thread. The
+    # OpenMP runtime resolves to the libgomp torch has already loaded (same soname).
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [str(ROOT / "csrc")]
 
@@ -80,6 +88,7 @@ def _extensions() -> tuple[list, dict]:
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
         return [ext], {"build_ext": BuildExtension}
 
@@ -97,6 +106,7 @@ def _extensions() -> tuple[list, dict]:
             # The .cu files are torch-free (raw pointers + csrc/cuda/launch.h), so they compile in seconds.
             "nvcc": ["-O3", "-std=c++20", "-lineinfo"],
         },
+        extra_link_args=link_flags,
     )
     return [ext], {"build_ext": BuildExtension}
 
