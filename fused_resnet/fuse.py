@@ -15,7 +15,7 @@ from torch import nn
 
 from . import backends
 from .models import resnet as fused
-from .models._common import weights_channels_last
+from .models._common import set_conv_layout
 from .models._layers import ResidualLayer, StemMaxPool2d
 from .nn.conv_bn_act import ConvBNAct
 from .nn.folding import clear_fold_cache
@@ -97,8 +97,7 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict:
     _retype_layers(model, to_fused=True)
     converted = [m for m in model.modules() if type(m) in _to_torchvision()]
     if not inplace:  # in place, a live optimizer's state may pair elements by memory position (fused Adam does)
-        for module in converted:
-            weights_channels_last(module)
+        set_conv_layout(converted, torch.channels_last)
     _report(skipped, strict, "fuse")
     if not converted:
         raise ValueError(f"fuse() found no torchvision ResNet, BasicBlock or Bottleneck in {type(model).__name__}")
@@ -114,14 +113,13 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     skipped = _convert(model, _to_torchvision(), tuple(_to_torchvision()))
     _retype_layers(model, to_fused=False)
     _report(skipped, strict=False, verb="unfuse")
+    converted = [m for m in model.modules() if type(m) in _to_fused()]
+    for module in converted:
+        module.__dict__.pop("backend", None)
+        module.__dict__.pop("_block_kwargs", None)
+    if not inplace:  # torchvision's default layout (as for fuse: in place, parameters stay as they are)
+        set_conv_layout(converted, torch.contiguous_format)
     for module in model.modules():
-        if type(module) in _to_fused():
-            module.__dict__.pop("backend", None)
-            module.__dict__.pop("_block_kwargs", None)
-            if not inplace:  # torchvision's default layout (as for fuse: in place, parameters stay as they are)
-                for conv in module.children():
-                    if isinstance(conv, nn.Conv2d):
-                        conv.to(memory_format=torch.contiguous_format)
         if isinstance(module, nn.Conv2d):
             clear_fold_cache(module)
     return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -27,8 +29,11 @@ def init_weights(model: nn.Module) -> None:
             nn.init.constant_(m.bias, 0)
 
 
-def weights_channels_last(model: nn.Module) -> nn.Module:
-    """Stores model's conv weights channels_last, in place (the same Parameter objects), as the activations are:
-    in training the stock conv (oneDNN, cuDNN) would otherwise convert each weight and its gradient on every call
-    (measured on CPU: ResNet-50 train step 6 % faster, ResNet-18 10 %)."""
-    return model.to(memory_format=torch.channels_last)
+def set_conv_layout(modules: Iterable[nn.Module], memory_format: torch.memory_format) -> None:
+    """Stores the conv weights inside `modules` in `memory_format`, in place (the same Parameter objects), each conv
+    once. Fused models keep them channels_last, as the activations are: in training the stock conv (oneDNN,
+    cuDNN) would otherwise convert each weight and its gradient on every call (measured on CPU: ResNet-50 train
+    step 6 % faster, ResNet-18 10 %)."""
+    convs = {id(m): m for module in modules for m in module.modules() if isinstance(m, nn.Conv2d)}
+    for conv in convs.values():
+        conv.to(memory_format=memory_format)

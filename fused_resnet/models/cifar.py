@@ -22,7 +22,7 @@ from torch import nn
 
 from ..backends import requested_backend
 from ..nn.functional import conv_bn_act
-from ._common import init_weights, prepare_input, weights_channels_last
+from ._common import init_weights, prepare_input, set_conv_layout
 from ._layers import ResidualLayer
 from ._weights import Weights, load_weights
 from .resnet import conv1x1, conv3x3
@@ -123,7 +123,7 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64 * CifarBasicBlock.expansion, num_classes)
         init_weights(self)
-        weights_channels_last(self)
+        set_conv_layout([self], torch.channels_last)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = [CifarBasicBlock(self.inplanes, planes, stride, self.option, self.backend)]

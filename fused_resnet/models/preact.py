@@ -45,7 +45,7 @@ from torch import nn
 
 from ..backends import requested_backend
 from ..nn.functional import bn_act, conv_bn_act, uses_batch_stats
-from ._common import init_weights, prepare_input, weights_channels_last
+from ._common import init_weights, prepare_input, set_conv_layout
 from ._layers import ResidualLayer
 from ._weights import Weights, load_weights
 from .resnet import conv1x1, conv3x3
@@ -116,7 +116,7 @@ class PreActResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64 * PreActBottleneck.expansion, num_classes)
         init_weights(self)
-        weights_channels_last(self)
+        set_conv_layout([self], torch.channels_last)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = [PreActBottleneck(self.inplanes, planes, stride, self.backend)]

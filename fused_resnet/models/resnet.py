@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.functional import conv_bn_act
-from ._common import init_weights, prepare_input, weights_channels_last
+from ._common import init_weights, prepare_input, set_conv_layout
 from ._layers import ResidualLayer, StemMaxPool2d
 from ._weights import Weights, load_weights
 
@@ -218,7 +218,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(512 * block.expansion, num_classes)
 
         init_weights(self)
-        weights_channels_last(self)
+        set_conv_layout([self], torch.channels_last)
 
         # Zero-initialize the last BN in each residual branch, so that the residual branch starts with zeros and
         # each residual block behaves like an identity (+0.2~0.3% top-1, https://arxiv.org/abs/1706.02677).
