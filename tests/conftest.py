@@ -1,5 +1,5 @@
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 import torch
@@ -17,6 +17,54 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# A kernel fault (illegal address, misaligned access, trap) leaves the process's CUDA context unusable, so every
+# later GPU test in it would fail with the same error and hide which tests really fail. After a failure that left
+# the context broken, the process stops: under pytest-xdist the worker is replaced by a fresh one (its next test
+# is reported as crashed), without xdist the run ends with a message naming the cause.
+_CUDA_FAULT_WORDS = (
+    "CUDA error",
+    "illegal memory access",
+    "misaligned address",
+    "unspecified launch failure",
+    "device-side assert",
+    "CUDA_ERROR",
+)
+
+
+_CUDA_FAULT = pytest.StashKey[str]()  # the node id of the failed test that may have broken the context
+
+
+def _cuda_context_broken() -> bool:
+    try:
+        torch.cuda.synchronize()
+        (torch.ones(1, device="cuda") + 1).item()
+    except RuntimeError:
+        return True
+    return False
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Generator[None, None, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and torch.cuda.is_available() and any(w in str(report.longrepr) for w in _CUDA_FAULT_WORDS):
+        item.config.stash[_CUDA_FAULT] = item.nodeid
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    faulted = item.config.stash.get(_CUDA_FAULT, None)
+    if faulted is None:
+        return
+    if not _cuda_context_broken():  # the failure did not break the context: carry on
+        del item.config.stash[_CUDA_FAULT]
+        return
+    message = f"the CUDA context is broken since {faulted} failed; later GPU tests in this process cannot run"
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        print(message, flush=True)
+        os._exit(70)
+    pytest.exit(message, returncode=70)
 
 
 @pytest.fixture(autouse=True)
