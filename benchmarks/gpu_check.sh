@@ -7,6 +7,7 @@
 #   install     pip install --no-build-isolation --no-deps -e .  (MAX_JOBS=$(nproc), TORCH_CUDA_ARCH_LIST this GPU's
 #               unless set; torch is never touched)
 #   tests       pytest -m gpu, two groups side by side (benchmarks/gpu_tests.sh)
+#   tune        python -m fused_resnet.ops.triton_tune for ResNet-50, batch 256, bf16 (the table lands in OUTDIR too)
 #   bench       python -m fused_resnet.bench --profile gpu-quick
 #   train       training groups (those the bench stage did not run into OUTDIR) + the largest batch that fits
 #               (ResNet-152 224x224, pre-act ResNet-1001 CIFAR)
@@ -23,8 +24,9 @@
 # CPU with the tiny `smoke` profile, and skips the CUDA-only parts with a message. The install stage is skipped
 # there unless GPU_CHECK_INSTALL=1 (it would rebuild the extension in the machine's environment).
 #
-# OUTDIR receives at most 6 files, each under 1 MB: gpu_check.log (each stage's output, trimmed to its last
-# 800 lines, then the summary), results.csv, results.json, report.md, throughput.png, layers.png.
+# OUTDIR receives at most 7 files, each under 1 MB: gpu_check.log (each stage's output, trimmed to its last
+# 800 lines, then the summary), results.csv, results.json, report.md, throughput.png, layers.png and the tune
+# stage's triton_tuned_configs.json.
 set -uo pipefail
 
 usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
@@ -38,7 +40,7 @@ EXTRA=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --stage) [[ $# -ge 2 ]] || usage; STAGES+=("$2"); shift 2 ;;
-        --all-stages) STAGES=(install tests bench memory train sanitize full-bench); shift ;;
+        --all-stages) STAGES=(install tests tune bench memory train sanitize full-bench); shift ;;
         --cpu-dry-run) DRY=1; shift ;;
         --) shift; EXTRA=("$@"); break ;;
         *) usage ;;
@@ -72,7 +74,7 @@ START=$(date +%s)
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 export FUSED_RESNET_BENCH_PLAIN=1 PYTHONUNBUFFERED=1
-: >"$LOG"
+[[ ${GPU_CHECK_APPEND:-0} == 1 ]] || : >"$LOG"  # GPU_CHECK_APPEND=1: a second run adds to the first's log
 
 have_cuda() { "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
 if [[ $DRY != 1 ]] && ! have_cuda; then
@@ -162,6 +164,19 @@ for stage in "${STAGES[@]}"; do
         train)
             run_stage train "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
                 --profile "$PROFILE" --mode train --no-layers --max-batch-search --resume "${EXTRA[@]}"
+            ;;
+        tune)
+            if [[ $DRY == 1 ]]; then skip_stage tune "the tuner needs a GPU"; continue; fi
+            # The Triton conv's table for ResNet-50 at batch 256 in bf16 on this GPU, copied into OUTDIR; later
+            # stages of this run use it (the package is installed in place).
+            # The tuner writes OUTDIR's copy after each shape, so a stage stopped at its limit still returns those.
+            run_stage tune "$limit" bash -c '
+                cp fused_resnet/ops/triton_tuned_configs.json "$1/" || exit 1
+                "$0" -m fused_resnet.ops.triton_tune --models resnet50 --batch 256 --dtypes bf16 \
+                    --out "$1/triton_tuned_configs.json"; rc=$?
+                cp "$1/triton_tuned_configs.json" fused_resnet/ops/
+                exit $rc
+            ' "$PY" "$OUT"
             ;;
         memory)
             if [[ $DRY == 1 ]]; then

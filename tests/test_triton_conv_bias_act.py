@@ -395,6 +395,38 @@ def test_resnet_shapes_match_torchvision():
         assert triton_tune.resnet_conv_shapes(model, batch=2) == list(dict.fromkeys(seen))
 
 
+@triton.jit
+def _round_to_tf32_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tcba._round_to_tf32(tl.load(x_ptr + offs, mask=mask)), mask=mask)
+
+
+def test_tf32_rounding_is_round_to_nearest():
+    _check_tf32_rounding()
+
+
+@gpu
+@needs_gpu
+def test_tf32_rounding_on_gpu():
+    _check_tf32_rounding()
+
+
+def _check_tf32_rounding():
+    # Reference: the 11 significant bits of each value's frexp mantissa, rounded half away from zero.
+    x = torch.cat([torch.randn(4000) * 10.0 ** torch.randint(-30, 30, (4000,)), torch.tensor([1 + 2**-11, -3.0])])
+    x = torch.cat([x, torch.tensor([float("inf"), float("-inf"), 0.0, -0.0])]).to(DEVICE)
+    y = torch.empty_like(x)
+    _round_to_tf32_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    mantissa, exponent = torch.frexp(x.double().cpu())
+    scaled = mantissa * 2**11
+    expected = torch.ldexp(torch.sign(scaled) * torch.floor(scaled.abs() + 0.5) / 2**11, exponent.double())
+    expected = torch.where(x.cpu().isinf(), x.cpu().double(), expected).float()
+    assert torch.equal(y.cpu(), expected)
+    assert y[-6].item() == 1 + 2**-10  # a tie rounds away from zero
+    assert (y.cpu().view(torch.int32) & 0x1FFF).eq(0).all()  # nothing below the 10th mantissa bit
+
+
 def test_tuner_check_config():
     shape = triton_tune.ConvShape(1, 8, 5, 5, 16, 3, 3, 2, 1)
     inputs = triton_tune.make_inputs(shape, torch.float32, DEVICE)
@@ -402,6 +434,16 @@ def test_tuner_check_config():
     assert triton_tune.check_config(shape, inputs, config) <= rtol(torch.float32)
     if not ON_GPU:
         assert triton_tune.main(["--dtypes", "fp32"]) == 2  # refuses to tune without a GPU
+
+
+def test_tuner_checks_side_by_side_as_one_by_one():
+    shape = triton_tune.ConvShape(1, 8, 5, 5, 16, 3, 3, 2, 1)
+    tag = "tf32" if ON_GPU else "fp32"
+    jobs = [(shape, tag, config) for config in triton_tune.candidates_of(shape, torch.float32)[:2]]
+    side_by_side = triton_tune.check_all(jobs, workers=2)
+    assert list(side_by_side) == jobs
+    assert side_by_side == triton_tune.check_all(jobs, workers=1)
+    assert all(error <= rtol(torch.float32) for error in side_by_side.values())
 
 
 _COMPILE_SCRIPT = """

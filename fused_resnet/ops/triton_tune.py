@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import multiprocessing
+import os
 import sys
 from typing import NamedTuple
 
@@ -134,26 +137,70 @@ def check_config(shape: ConvShape, inputs: dict, kernel_config: kernels.KernelCo
     return relative_error(out, expected)
 
 
+def candidates_of(shape: ConvShape, dtype: torch.dtype) -> list[kernels.KernelConfig]:
+    return kernels.candidate_configs(shape.c_in // shape.groups, shape.c_out // shape.groups, shape.kh, shape.kw, dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_inputs(shape: ConvShape, tag: str) -> dict:
+    cuda = torch.cuda.is_available()  # (the CPU under the Triton interpreter: tests)
+    return make_inputs(shape, _DTYPES[tag], torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+
+
+def check_job(job: tuple[ConvShape, str, kernels.KernelConfig]) -> float | str:
+    """One candidate's relative error, or why it cannot run (run in a worker process: this compiles it)."""
+    shape, tag, config = job
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tag == "tf32"
+    try:
+        return check_config(shape, _cached_inputs(shape, tag), config)
+    except triton.runtime.errors.OutOfResources as err:
+        return f"does not fit ({err})"
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def check_all(
+    jobs: list[tuple[ConvShape, str, kernels.KernelConfig]], workers: int
+) -> dict[tuple[ConvShape, str, kernels.KernelConfig], float | str]:
+    """Every job's check, compiled in `workers` processes side by side (compiling is most of a tuning run's time,
+    and one process compiles on one core); Triton's disk cache then hands the kernels to the timing process."""
+    if workers <= 1:
+        return {job: check_job(job) for job in jobs}
+    # spawn: a forked child cannot use CUDA once the parent has.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        # Neighbouring jobs share a shape, so chunks of them reuse one worker's inputs.
+        return dict(zip(jobs, pool.map(check_job, jobs, chunksize=4), strict=True))
+
+
 def tune_shape(
-    shape: ConvShape, dtype: torch.dtype, device: torch.device
+    shape: ConvShape,
+    dtype: torch.dtype,
+    device: torch.device,
+    checks: dict[kernels.KernelConfig, float | str] | None = None,
 ) -> tuple[kernels.KernelConfig | None, list[str]]:
-    """The fastest config that passes the check, and one report line per candidate."""
+    """The fastest config that passes the check, and one report line per candidate. `checks` holds the
+    candidates' checks when they were made already (check_all); otherwise each is checked here first."""
     inputs = make_inputs(shape, dtype, device)
     tolerance = forward_rtol(dtype, device)
     best, best_ms, lines = None, float("inf"), []
-    candidates = kernels.candidate_configs(
-        shape.c_in // shape.groups, shape.c_out // shape.groups, shape.kh, shape.kw, dtype
-    )
-    for config in candidates:
-        try:
-            error = check_config(shape, inputs, config)
-        except triton.runtime.errors.OutOfResources as err:
-            lines.append(f"  {config}: does not fit ({err})")
+    for config in candidates_of(shape, dtype):
+        if checks is not None:
+            error = checks[config]
+        else:
+            try:
+                error = check_config(shape, inputs, config)
+            except triton.runtime.errors.OutOfResources as err:
+                error = f"does not fit ({err})"
+        if isinstance(error, str):
+            lines.append(f"  {config}: {error}")
             continue
         if not error <= tolerance:  # also catches NaN
             lines.append(f"  {config}: WRONG, relative error {error:.3g} > {tolerance:.3g}")
             continue
-        ms = triton.testing.do_bench(lambda config=config: run(shape, inputs, config), return_mode="median")
+        ms = triton.testing.do_bench(
+            lambda config=config: run(shape, inputs, config), warmup=10, rep=40, return_mode="median"
+        )
         lines.append(f"  {config}: {ms:.4f} ms, relative error {error:.2g}")
         if ms < best_ms:
             best, best_ms = config, ms
@@ -168,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "tf32"], choices=sorted(_DTYPES))
     parser.add_argument("--out", default=str(kernels.TUNED_CONFIGS_PATH), help="table to update (default: %(default)s)")
+    parser.add_argument(
+        "--compile-workers",
+        type=int,
+        default=min(12, os.cpu_count() or 1),
+        help="processes that compile and check the candidates side by side before the timing (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or kernels.INTERPRET:
         print("tuning needs a CUDA GPU and TRITON_INTERPRET unset", file=sys.stderr)
@@ -183,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batch
         for shape in resnet_conv_shapes(model, batch, args.image_size)
     )
+    jobs = [
+        (shape, tag, config) for tag in args.dtypes for shape in shapes for config in candidates_of(shape, _DTYPES[tag])
+    ]
+    print(f"checking {len(jobs)} candidates in {args.compile_workers} processes", flush=True)
+    checks = check_all(jobs, args.compile_workers)
     tf32 = torch.backends.cudnn.allow_tf32
     try:
         for tag in args.dtypes:
@@ -192,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 x_shape = (shape.batch, shape.c_in, shape.h, shape.w)
                 w_shape = (shape.c_out, shape.c_in // shape.groups, shape.kh, shape.kw)
                 key = kernels.shape_key(x_shape, w_shape, shape.config, dtype, "cuda")
-                best, lines = tune_shape(shape, dtype, device)
+                shape_checks = {config: checks[(shape, tag, config)] for config in candidates_of(shape, dtype)}
+                best, lines = tune_shape(shape, dtype, device, shape_checks)
                 print(f"{key}: {best}", *lines, sep="\n", flush=True)
                 if best is not None:
                     entries[key] = dataclasses.asdict(best)
