@@ -34,13 +34,14 @@ usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 1 && $1 != -* ]] || usage
 OUT=$1
 shift
+ALL_STAGES=(install tests tune bench memory train sanitize full-bench)  # each has a branch in the loop below
 STAGES=()
 DRY=${GPU_CHECK_CPU_DRY_RUN:-0}
 EXTRA=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --stage) [[ $# -ge 2 ]] || usage; STAGES+=("$2"); shift 2 ;;
-        --all-stages) STAGES=(install tests tune bench memory train sanitize full-bench); shift ;;
+        --all-stages) STAGES=("${ALL_STAGES[@]}"); shift ;;
         --cpu-dry-run) DRY=1; shift ;;
         --) shift; EXTRA=("$@"); break ;;
         *) usage ;;
@@ -52,7 +53,7 @@ if [[ ${#STAGES[@]} -eq 0 ]]; then
     DEFAULT_RUN=1
 fi
 for s in "${STAGES[@]}"; do
-    case $s in install|tests|bench|memory|train|sanitize|full-bench) ;; *) echo "unknown stage: $s"; usage ;; esac
+    [[ " ${ALL_STAGES[*]} " == *" $s "* ]] || { echo "unknown stage: $s"; usage; }
 done
 
 # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper script: point at a real toolkit root.
@@ -205,6 +206,7 @@ for stage in "${STAGES[@]}"; do
             run_stage full-bench "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
                 --profile "$FULL_PROFILE" --resume "${EXTRA[@]}"
             ;;
+        *) echo "gpu_check.sh has no branch for stage $stage"; exit 2 ;;
     esac
 done
 
