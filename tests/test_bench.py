@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision
 
+from fused_resnet import backends
 from fused_resnet.bench import cli, contenders, report, roofline, summary
 from fused_resnet.bench.layers import layer_type, unique_conv_layers
 from fused_resnet.bench.maxbatch import largest_fitting
@@ -154,9 +155,11 @@ def test_contender_plan() -> None:
     assert "fused:cpu" in cpu_train and "compile" not in cpu_train  # a training graph compiles for minutes on CPU
     gpu_small = _names(Group("resnet50", 1, torch.bfloat16, "inference"), "gpu-full", "cuda")
     assert {"compile_max_autotune", "compile_reduce_overhead", "fused:triton", "fused:cuda"} <= set(gpu_small)
-    assert "compile_reduce_overhead" not in _names(
-        Group("resnet50", 256, torch.bfloat16, "inference"), "gpu-full", "cuda"
-    )
+    gpu_large = _names(Group("resnet50", 256, torch.bfloat16, "inference"), "gpu-full", "cuda")
+    assert "compile_reduce_overhead" not in gpu_large
+    graphs = {f"fused:{n}+graph" for n in ("triton", "cuda") if backends.unavailable_reason(n) is None}
+    assert {"eager_cl+graph", *graphs} <= set(gpu_large)
+    assert not any(name.endswith("+graph") for name in cpu_inference)
     train = _names(Group("resnet50", 256, torch.bfloat16, "train"), "gpu-full", "cuda")
     assert train[0] == "eager+autocast" and "bn_folded_cl" not in train and "compile_freezing" not in train
     assert all(name.endswith("+autocast") for name in train)

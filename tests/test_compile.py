@@ -45,8 +45,9 @@ def test_inductor_on_gpu():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture():
-    model = randomize_bn_(fused_resnet.resnet18()).cuda().eval().half()
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture(backend):
+    model = randomize_bn_(fused_resnet.resnet18(backend=backend)).cuda().eval().half()
     x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.half)
     with torch.no_grad():
         model(x)  # warm-up: fold caches, autotuning, lazy init all happen outside the capture

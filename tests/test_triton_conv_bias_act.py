@@ -1,5 +1,6 @@
 """The Triton conv_bias_act op against the reference: under the Triton interpreter on CPU, compiled on a GPU."""
 
+import functools
 import json
 
 import pytest
@@ -360,6 +361,8 @@ def test_tuned_table_lookup(monkeypatch):
     monkeypatch.setattr(tcba, "INTERPRET", False)
     monkeypatch.setattr(tcba, "_gpu_name", lambda index: "Some GPU")
     monkeypatch.setattr(tcba, "tuned_table", lambda: {"Some GPU": {key: vars(tuned)}})
+    # A memo of its own, so that nothing looked up under these patches outlives the test.
+    monkeypatch.setattr(tcba, "_kernel_config_for", functools.lru_cache(tcba._kernel_config_for.__wrapped__))
     cuda = torch.device("cuda", 0)
     assert tcba.kernel_config_for(x_shape, w_shape, config, torch.bfloat16, cuda) == tuned
     heuristic = tcba.kernel_config_for(x_shape, w_shape, config, torch.float16, cuda)
@@ -440,10 +443,44 @@ def test_tuner_checks_side_by_side_as_one_by_one():
     shape = triton_tune.ConvShape(1, 8, 5, 5, 16, 3, 3, 2, 1)
     tag = "tf32" if ON_GPU else "fp32"
     jobs = [(shape, tag, config) for config in triton_tune.candidates_of(shape, torch.float32)[:2]]
-    side_by_side = triton_tune.check_all(jobs, workers=2)
+    with triton_tune.checking_pool(2) as pool:
+        side_by_side = triton_tune.check_all(jobs, pool)
     assert list(side_by_side) == jobs
-    assert side_by_side == triton_tune.check_all(jobs, workers=1)
+    with triton_tune.checking_pool(1) as none:
+        assert none is None
+        assert side_by_side == triton_tune.check_all(jobs, none)
     assert all(error <= rtol(torch.float32) for error in side_by_side.values())
+
+
+def test_tuner_main_checks_times_and_writes_every_shape(monkeypatch, tmp_path):
+    # The GPU-only parts stand in: the device queries, and the timing (which returns the first config that passed
+    # its check). The checks themselves run for real, in two worker processes (the interpreter on a CPU).
+    if not ON_GPU:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
+        monkeypatch.setattr(tcba, "INTERPRET", False)
+    monkeypatch.setattr(
+        triton_tune,
+        "candidates_of",
+        lambda shape, dtype: tcba.candidate_configs(
+            shape.c_in // shape.groups, shape.c_out // shape.groups, shape.kh, shape.kw, dtype
+        )[:1],
+    )
+
+    def first_passing(shape, dtype, device, checks):
+        passing = [c for c, error in checks.items() if not isinstance(error, str) and error <= 1e-2]
+        return (passing[0] if passing else None), [f"  {c}: {e}" for c, e in checks.items()]
+
+    monkeypatch.setattr(triton_tune, "tune_shape", first_passing)
+    out = tmp_path / "table.json"
+    out.write_text("{}")
+    args = ["--models", "resnet18", "--batch", "1", "--image-size", "16", "--dtypes", "fp32", "--out", str(out)]
+    assert triton_tune.main([*args, "--compile-workers", "2"]) == 0
+    (entries,) = json.loads(out.read_text()).values()
+    shapes = triton_tune.resnet_conv_shapes("resnet18", 1, 16)
+    assert len(shapes) > triton_tune._SHAPES_PER_ROUND  # more than one round of checks
+    assert len(entries) == len(shapes)
 
 
 _COMPILE_SCRIPT = """

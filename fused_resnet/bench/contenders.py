@@ -31,7 +31,9 @@ class Contender:
     memory_format: torch.memory_format
     dtype: torch.dtype  # the parameters' dtype
     autocast: torch.dtype | None = None
-    compile_mode: str | None = None  # "default", "freezing", "max-autotune", "reduce-overhead"
+    # "default", "freezing", "max-autotune", "reduce-overhead" (torch.compile), or "graph": the eager step captured
+    # once in a CUDA graph and replayed (its GPU time without host launch overhead; no compiler involved)
+    compile_mode: str | None = None
     backend: str | None = None
     skip: str | None = None  # why it does not run here (reported as a skipped row)
     note: str = ""
@@ -77,6 +79,12 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
             # Training runs the stock conv (cuDNN/oneDNN) with the backend's BN passes (fused_resnet/training).
             note = _TRAIN_NOTES[name]
         out.append(Contender(f"fused:{name}{suffix}", "fused", cl, weights, amp, backend=name, skip=reason, note=note))
+    if device.type == "cuda" and not train:
+        # Replayed CUDA graphs: how much of each eager row is host launch overhead rather than GPU time.
+        out.append(Contender("eager_cl+graph", "eager", cl, weights, compile_mode="graph"))
+        for name in DEVICE_BACKENDS[device.type]:
+            if backends.unavailable_reason(name) is None and name != "reference":
+                out.append(Contender(f"fused:{name}+graph", "fused", cl, weights, compile_mode="graph", backend=name))
     small = device.type == "cuda" and group.batch <= profile.small_batch
     if small and not train:
         for name in DEVICE_BACKENDS[device.type]:
@@ -128,7 +136,7 @@ def network(c: Contender, model: nn.Module, train: bool) -> nn.Module:
     else:
         net = copy.deepcopy(model)
     net = net.to(dtype=c.dtype, memory_format=c.memory_format).train(train)
-    if c.compile_mode is not None:
+    if c.compile_mode is not None and c.compile_mode != "graph":
         net = torch.compile(net, dynamic=False, **_COMPILE_KWARGS[c.compile_mode])
     return net
 
@@ -155,7 +163,7 @@ def make_step(c: Contender, net: nn.Module, x: torch.Tensor, target: torch.Tenso
             with torch.no_grad(), autocast():
                 return net(xin)
 
-        return infer
+        return graphed(infer) if c.compile_mode == "graph" else infer
 
     # A small learning rate: the timed steps must not diverge on random labels.
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
@@ -170,3 +178,24 @@ def make_step(c: Contender, net: nn.Module, x: torch.Tensor, target: torch.Tenso
         return logits.detach()
 
     return train_step
+
+
+def graphed(step: Step) -> Step:
+    """step captured once in a CUDA graph; the returned step replays it and returns the graph's output tensor,
+    which the next replay overwrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # Outside the capture: Triton compiles, cuDNN picks its algorithms, the fold caches fill.
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay

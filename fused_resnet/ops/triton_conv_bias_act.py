@@ -25,6 +25,7 @@ import triton.language as tl
 from .checks import check_conv_bias_act, conv_allows_tf32
 from .conv_bias_act_autograd import SCHEMA, register_fake_and_autograd
 from .conv_config import ConvConfig
+from .launch_math import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -200,7 +201,7 @@ class KernelConfig:
 
 def _pow2_at_least_16(n: int) -> int:
     # tl.dot needs every tile side >= 16 on tensor cores.
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _clamp(config: KernelConfig, c_in_g: int, c_out_g: int, k_max: int) -> KernelConfig:
@@ -240,6 +241,9 @@ CANDIDATES = tuple(
 )
 
 
+_LARGEST_BLOCK_M = max(c.block_m for c in CANDIDATES)
+
+
 def _unroll_allowed(kh: int, kw: int) -> bool:
     # One tap: both loop structures are the same loop. Past 3×3, unrolling compiles for minutes (a 7×7 stem
     # unrolled took over 5 min of ptxas) for loops that are then too short to pipeline anyway.
@@ -271,7 +275,7 @@ def default_config(
     # sm_90): stay at 128×64 or 64×128 by default and leave larger tiles to the tuner.
     config = _clamp(KernelConfig(64 if block_n == 128 else 128, block_n, 64), c_in_g, c_out_g, _k_max(dtype))
     # Per-tap loops of 1–3 channel blocks are too short to pipeline: use the flat loop there.
-    unroll = _unroll_allowed(kh, kw) and triton.cdiv(c_in_g, config.block_k) >= 4
+    unroll = _unroll_allowed(kh, kw) and cdiv(c_in_g, config.block_k) >= 4
     return KernelConfig(config.block_m, config.block_n, config.block_k, 8, unroll, 4, 4)
 
 
@@ -289,7 +293,7 @@ def shape_key(
     n, c, h, w = x_shape
     cout, _, kh, kw = w_shape
     return (
-        f"{dtype_tag(dtype, device_type)}/n{triton.next_power_of_2(n)}/c{c}h{h}w{w}/o{cout}k{kh}x{kw}"
+        f"{dtype_tag(dtype, device_type)}/n{next_power_of_2(n)}/c{c}h{h}w{w}/o{cout}k{kh}x{kw}"
         f"/s{config.stride[0]}x{config.stride[1]}p{config.padding[0]}x{config.padding[1]}"
         f"d{config.dilation[0]}x{config.dilation[1]}g{config.groups}"
     )
@@ -312,10 +316,27 @@ def kernel_config_for(
     x_shape: tuple[int, ...], w_shape: tuple[int, ...], config: ConvConfig, dtype: torch.dtype, device: torch.device
 ) -> KernelConfig:
     """The tuned config of this layer on this GPU, else the heuristic default."""
+    # Memoized: working it out cost ~40 µs of host time per launch. The TF32 flag is part of the key because the
+    # table names fp32 layers by it.
+    tf32 = dtype == torch.float32 and conv_allows_tf32()
+    return _kernel_config_for(x_shape, w_shape, config, dtype, device.type, device.index, tf32, INTERPRET)
+
+
+@functools.lru_cache(maxsize=4096)
+def _kernel_config_for(
+    x_shape: tuple[int, ...],
+    w_shape: tuple[int, ...],
+    config: ConvConfig,
+    dtype: torch.dtype,
+    device_type: str,
+    device_index: int | None,
+    tf32: bool,
+    interpret: bool,
+) -> KernelConfig:
     c_out, c_in_g, kh, kw = w_shape
-    if device.type != "cuda" or INTERPRET:
+    if device_type != "cuda" or interpret:
         return default_config(c_in_g, c_out // config.groups, kh, kw, dtype, interpret=True)
-    entry = tuned_table().get(_gpu_name(device.index), {}).get(shape_key(x_shape, w_shape, config, dtype, "cuda"))
+    entry = tuned_table().get(_gpu_name(device_index), {}).get(shape_key(x_shape, w_shape, config, dtype, "cuda"))
     if entry is not None:
         return KernelConfig(**entry)
     return default_config(c_in_g, c_out // config.groups, kh, kw, dtype)
@@ -362,7 +383,7 @@ def conv_bias_act(
     groups = config.groups
     c_out_g = c_out // groups
     m = n * out_shape[2] * out_shape[3]
-    grid = (triton.cdiv(m, kernel_config.block_m) * triton.cdiv(c_out_g, kernel_config.block_n), groups)
+    grid = (cdiv(m, kernel_config.block_m) * cdiv(c_out_g, kernel_config.block_n), groups)
     # Triton launches on the current device, which need not be x's.
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         _conv_bias_act_kernel[grid](
@@ -413,7 +434,7 @@ def size_limit_reason(x_shape: tuple[int, ...], w_shape: tuple[int, ...], config
     """Why the kernel's index types or grid cannot cover this call (None when they can)."""
     oh, ow = config.output_hw(x_shape[2], x_shape[3], w_shape[2], w_shape[3])
     rows = x_shape[0] * oh * ow
-    if rows > 2**31 - 1 - max(c.block_m for c in CANDIDATES):
+    if rows > 2**31 - 1 - _LARGEST_BLOCK_M:
         return f"N*OH*OW = {rows} output pixels exceed the kernel's 32-bit row index; split the batch"
     if config.groups > 65535:
         return f"groups={config.groups} exceeds the CUDA grid limit of 65535"

@@ -10,10 +10,12 @@ written to the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import sys
 from typing import NamedTuple
@@ -39,6 +41,8 @@ ARCHITECTURES = {
     "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3), 1, 128),
     "wide_resnet101_2": ("bottleneck", (3, 4, 23, 3), 1, 128),
 }
+
+_SHAPES_PER_ROUND = 4
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
 
@@ -161,16 +165,23 @@ def check_job(job: tuple[ConvShape, str, kernels.KernelConfig]) -> float | str:
 
 
 def check_all(
-    jobs: list[tuple[ConvShape, str, kernels.KernelConfig]], workers: int
+    jobs: list[tuple[ConvShape, str, kernels.KernelConfig]], pool: multiprocessing.pool.Pool | None = None
 ) -> dict[tuple[ConvShape, str, kernels.KernelConfig], float | str]:
-    """Every job's check, compiled in `workers` processes side by side (compiling is most of a tuning run's time,
-    and one process compiles on one core); Triton's disk cache then hands the kernels to the timing process."""
-    if workers <= 1:
+    """Every job's check, in the pool's processes side by side when there is one (compiling is most of a tuning
+    run's time, and one process compiles on one core); Triton's disk cache then hands the kernels to the timing
+    process."""
+    if pool is None:
         return {job: check_job(job) for job in jobs}
+    # Neighbouring jobs share a shape, so chunks of them reuse one worker's inputs.
+    return dict(zip(jobs, pool.map(check_job, jobs, chunksize=4), strict=True))
+
+
+def checking_pool(workers: int) -> contextlib.AbstractContextManager[multiprocessing.pool.Pool | None]:
+    """A pool of `workers` processes for check_all (None for one: check in this process)."""
+    if workers <= 1:
+        return contextlib.nullcontext()
     # spawn: a forked child cannot use CUDA once the parent has.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        # Neighbouring jobs share a shape, so chunks of them reuse one worker's inputs.
-        return dict(zip(jobs, pool.map(check_job, jobs, chunksize=4), strict=True))
+    return multiprocessing.get_context("spawn").Pool(workers)
 
 
 def tune_shape(
@@ -230,34 +241,37 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out) as f:
         table = json.load(f)
     entries = table.setdefault(gpu, {})
-    shapes = dict.fromkeys(
-        shape
-        for model in args.models
-        for batch in args.batch
-        for shape in resnet_conv_shapes(model, batch, args.image_size)
+    shapes = list(
+        dict.fromkeys(
+            shape
+            for model in args.models
+            for batch in args.batch
+            for shape in resnet_conv_shapes(model, batch, args.image_size)
+        )
     )
-    jobs = [
-        (shape, tag, config) for tag in args.dtypes for shape in shapes for config in candidates_of(shape, _DTYPES[tag])
-    ]
-    print(f"checking {len(jobs)} candidates in {args.compile_workers} processes", flush=True)
-    checks = check_all(jobs, args.compile_workers)
     tf32 = torch.backends.cudnn.allow_tf32
     try:
-        for tag in args.dtypes:
-            torch.backends.cudnn.allow_tf32 = tag == "tf32"
-            for shape in shapes:
+        with checking_pool(args.compile_workers) as pool:
+            for tag in args.dtypes:
                 dtype = _DTYPES[tag]
-                x_shape = (shape.batch, shape.c_in, shape.h, shape.w)
-                w_shape = (shape.c_out, shape.c_in // shape.groups, shape.kh, shape.kw)
-                key = kernels.shape_key(x_shape, w_shape, shape.config, dtype, "cuda")
-                shape_checks = {config: checks[(shape, tag, config)] for config in candidates_of(shape, dtype)}
-                best, lines = tune_shape(shape, dtype, device, shape_checks)
-                print(f"{key}: {best}", *lines, sep="\n", flush=True)
-                if best is not None:
-                    entries[key] = dataclasses.asdict(best)
-                with open(args.out, "w") as f:
-                    json.dump(table, f, indent=1, sort_keys=True)
-                    f.write("\n")
+                # A few shapes at a time, checked side by side and then timed alone (no checks running on the GPU
+                # meanwhile), each written when timed: a run stopped early keeps what it finished.
+                for first in range(0, len(shapes), _SHAPES_PER_ROUND):
+                    chunk = shapes[first : first + _SHAPES_PER_ROUND]
+                    checks = check_all([(s, tag, c) for s in chunk for c in candidates_of(s, dtype)], pool)
+                    torch.backends.cudnn.allow_tf32 = tag == "tf32"
+                    for shape in chunk:
+                        x_shape = (shape.batch, shape.c_in, shape.h, shape.w)
+                        w_shape = (shape.c_out, shape.c_in // shape.groups, shape.kh, shape.kw)
+                        key = kernels.shape_key(x_shape, w_shape, shape.config, dtype, "cuda")
+                        shape_checks = {c: checks[(shape, tag, c)] for c in candidates_of(shape, dtype)}
+                        best, lines = tune_shape(shape, dtype, device, shape_checks)
+                        print(f"{key}: {best}", *lines, sep="\n", flush=True)
+                        if best is not None:
+                            entries[key] = dataclasses.asdict(best)
+                        with open(args.out, "w") as f:
+                            json.dump(table, f, indent=1, sort_keys=True)
+                            f.write("\n")
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     print(f"wrote {len(entries)} entries for {gpu!r} to {args.out}")

@@ -183,6 +183,7 @@ def _grad_input_kernel(
 # kernel runs only under the interpreter (unsupported() says so) -------------------------------------------------
 
 from ..ops.checks import FLOAT_DTYPES  # noqa: E402
+from ..ops.launch_math import cdiv, next_power_of_2  # noqa: E402
 from ..ops.triton_conv_bias_act import INTERPRET  # noqa: E402  (one definition of "the interpreter is on")
 
 SUPPORTED_DTYPES = FLOAT_DTYPES
@@ -235,13 +236,13 @@ def _like(y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 def _block_c(channels: int) -> int:
-    return min(_MAX_BLOCK_C, max(16, triton.next_power_of_2(channels)))
+    return min(_MAX_BLOCK_C, max(16, next_power_of_2(channels)))
 
 
 def rows_per_program(rows: int, channels: int) -> int:
     """Rows each reducing program covers (a multiple of BLOCK_M): about _TARGET_PROGRAMS programs in all."""
-    programs_along_rows = max(1, _TARGET_PROGRAMS // triton.cdiv(channels, _block_c(channels)))
-    return BLOCK_M * max(1, triton.cdiv(triton.cdiv(rows, BLOCK_M), programs_along_rows))
+    programs_along_rows = max(1, _TARGET_PROGRAMS // cdiv(channels, _block_c(channels)))
+    return BLOCK_M * max(1, cdiv(cdiv(rows, BLOCK_M), programs_along_rows))
 
 
 def _shape(y: torch.Tensor) -> tuple[int, int, int]:
@@ -286,12 +287,12 @@ def bn_partial_stats(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Te
     y, y_strides = _readable(y)
     m, c, hw = _shape(y)
     acc = accumulation_dtype(y.dtype)
-    programs = triton.cdiv(m, rows)
+    programs = cdiv(m, rows)
     mean = torch.empty((programs, c), dtype=acc, device=y.device)
     m2 = torch.empty_like(mean)
     if m and c:
         block_c = _block_c(c)
-        grid = (programs, triton.cdiv(c, block_c))
+        grid = (programs, cdiv(c, block_c))
         _stats_kernel[grid](
             y, mean, m2, m, c, hw, rows, *y_strides,
             DENSE_ROWS=_dense_rows(hw, y_strides), BLOCK_M=BLOCK_M, BLOCK_C=block_c,
@@ -313,7 +314,7 @@ def bn_normalize(
     if m and c:
         r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
         block_c = _block_c(c)
-        grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(c, block_c))
+        grid = (cdiv(m, BLOCK_M), cdiv(c, block_c))
         y_strides = _hw_strides(y)
         _normalize_kernel[grid](
             y, r, out, scale, shift, m, c, hw, *y_strides, *r_strides,
@@ -343,7 +344,7 @@ def bn_grad_sums(
     y = _dense(y)
     m, c, hw = _shape(y)
     acc = accumulation_dtype(y.dtype)
-    programs = triton.cdiv(m, rows)
+    programs = cdiv(m, rows)
     sum_g = torch.empty((programs, c), dtype=acc, device=y.device)
     sum_gy = torch.empty_like(sum_g)
     masked = _like(y, g.dtype) if store_masked else sum_g.new_empty(0)
@@ -351,7 +352,7 @@ def bn_grad_sums(
         g, g_strides = _readable(g)
         r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
         block_c = _block_c(c)
-        grid = (programs, triton.cdiv(c, block_c))
+        grid = (programs, cdiv(c, block_c))
         y_strides = _hw_strides(y)
         _grad_sums_kernel[grid](
             g, y, r, masked if store_masked else g, scale, shift, mean, sum_g, sum_gy, m, c, hw, rows,
@@ -386,7 +387,7 @@ def bn_grad_input(
         g, g_strides = _readable(g)
         r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
         block_c = _block_c(channels)
-        grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(channels, block_c))
+        grid = (cdiv(m, BLOCK_M), cdiv(channels, block_c))
         y_strides = _hw_strides(y)
         _grad_input_kernel[grid](
             g, y, r, dy, scale, shift, a, b, c, m, channels, hw, *g_strides, *y_strides, *r_strides,
@@ -399,7 +400,7 @@ def bn_grad_input(
 @bn_partial_stats.register_fake
 def _(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     m, c, _ = _shape(y)
-    mean = y.new_empty((triton.cdiv(m, rows), c), dtype=accumulation_dtype(y.dtype))
+    mean = y.new_empty((cdiv(m, rows), c), dtype=accumulation_dtype(y.dtype))
     return mean, torch.empty_like(mean)
 
 
