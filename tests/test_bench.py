@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from fused_resnet import backends
-from fused_resnet.bench import cli, contenders, report, roofline, summary
+from fused_resnet.bench import cli, contenders, report, roofline, runner, summary
 from fused_resnet.bench.layers import layer_type, unique_conv_layers
 from fused_resnet.bench.maxbatch import largest_fitting
 from fused_resnet.bench.profiles import PROFILES, Group
@@ -233,6 +233,19 @@ def test_cli_smoke_run_resume_and_failures(tmp_path: object, monkeypatch: pytest
     assert cli.main(["--profile", "smoke", "--out", str(out), "--threads", "1", "--resume"]) == 0
     assert len(report.load(out)["rows"]) == n_rows  # everything was done already
     assert time.monotonic() - start < 20
+
+
+def test_a_fault_during_timing_fails_the_rows_not_the_run(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fault(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner, "time_interleaved", fault)
+    out = tmp_path / "out"
+    args = ["--profile", "smoke", "--out", str(out), "--threads", "1", "--mode", "inference", "--no-layers"]
+    assert cli.main(args) == 0
+    rows = [r for r in report.load(out)["rows"] if r["status"] != "skipped"]
+    assert rows and all(r["status"] == "failed" for r in rows)
+    assert all(r["error"].startswith("during the interleaved timing: RuntimeError: CUDA error") for r in rows)
 
 
 def test_cpu_threads_drop_to_one_on_a_busy_machine(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,9 @@
 - `stock`: the stock convolution followed by the stock kernels a fused op replaces (BN, add, ReLU), as eager
   torchvision runs them;
 - `fused:<backend>`: fused_resnet's conv_bn_act on each backend that runs on the device.
+
+On a GPU each sample is the GPU time of one call (timing.time_block's hide_launch): these rows compare kernels;
+the host's launch overhead shows in the model rows. (Results before 2026-11-26's third H200 run held it here too.)
 """
 
 from __future__ import annotations
@@ -186,8 +189,15 @@ def run_layers(
                 row.update(status="failed", error=one_line(err))
         with torch.no_grad():
             rounds = rounds_for(profile, sum(best.values()), profile.seconds_per_layer)
+            # GPU time alone: these rows compare kernels (a model's host overhead shows in its own rows).
             timings = time_interleaved(
-                steps, device, rounds, flush=flush, budget_s=profile.seconds_per_layer, min_rounds=profile.min_rounds
+                steps,
+                device,
+                rounds,
+                flush=flush,
+                budget_s=profile.seconds_per_layer,
+                min_rounds=profile.min_rounds,
+                hide_launch=True,
             )
         for name, t in timings.items():
             row = case_rows[name]

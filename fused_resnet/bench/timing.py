@@ -2,12 +2,16 @@
 
 GPU: each sample is bracketed by CUDA events after a synchronize (so a sample is the device time of `inner`
 back-to-back calls, launch gaps included), optionally after flushing L2 (what triton.testing.do_bench does).
+With hide_launch, a spin kernel keeps the GPU busy while the host enqueues the calls, so that the sample is the
+calls' GPU time alone: without it, a sample of one call also holds the host's time to launch it, which was most
+of each per-layer sample on an H200 (a fused op's Python path took 0.2-0.5 ms there against 0.1-0.3 ms kernels).
 CPU: perf_counter around `inner` calls. Contenders are interleaved round by round, in a rotating order, so slow
 drifts of the machine (other jobs, clocks) spread over all of them instead of favouring whoever ran first.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -50,13 +54,40 @@ def l2_flusher(device: torch.device) -> Callable[[], None] | None:
     return buffer.zero_
 
 
-def time_block(fn: Callable[[], object], device: torch.device, inner: int, flush: Callable[[], None] | None) -> float:
-    """Milliseconds per call of `inner` back-to-back calls of fn."""
+# Spin time per call enqueued ahead of a hide_launch sample: more than the host needs to launch one call.
+HIDE_LAUNCH_MS_PER_CALL = 3.0
+
+
+@functools.cache
+def _spin_cycles_per_ms(device_index: int) -> float:
+    """torch.cuda._sleep's cycles per millisecond on this GPU, measured once."""
+    cycles = 1_000_000
+    with torch.cuda.device(device_index):
+        torch.cuda._sleep(cycles)  # a first launch, outside the measurement
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        return cycles / start.elapsed_time(end)
+
+
+def time_block(
+    fn: Callable[[], object],
+    device: torch.device,
+    inner: int,
+    flush: Callable[[], None] | None,
+    hide_launch: bool = False,
+) -> float:
+    """Milliseconds per call of `inner` back-to-back calls of fn (GPU time alone with hide_launch, on a GPU)."""
     if flush is not None:
         flush()
     _sync(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if hide_launch:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda._sleep(int(HIDE_LAUNCH_MS_PER_CALL * inner * _spin_cycles_per_ms(index)))
         start.record()
         for _ in range(inner):
             fn()
@@ -88,6 +119,7 @@ def time_interleaved(
     flush: Callable[[], None] | None = None,
     budget_s: float | None = None,
     min_rounds: int = 3,
+    hide_launch: bool = False,
 ) -> dict[str, Timing]:
     """Times every callable once per round, rotating the order each round; returns per-call Timings.
 
@@ -102,7 +134,7 @@ def time_interleaved(
         shift = r % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
             n = inner.get(name, 1) if inner else 1
-            samples[name].append(time_block(fns[name], device, n, flush))
+            samples[name].append(time_block(fns[name], device, n, flush, hide_launch))
     return {name: Timing(tuple(s)) for name, s in samples.items()}
 
 
