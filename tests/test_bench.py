@@ -157,8 +157,15 @@ def test_contender_plan() -> None:
     assert {"compile_max_autotune", "compile_reduce_overhead", "fused:triton", "fused:cuda"} <= set(gpu_small)
     gpu_large = _names(Group("resnet50", 256, torch.bfloat16, "inference"), "gpu-full", "cuda")
     assert "compile_reduce_overhead" not in gpu_large
+    assert not any(name.endswith("+graph") for name in gpu_large)  # only when asked for
+    with_graphs = PROFILES["gpu-full"].with_overrides(graph_replays=True)
+    gpu_graphs = [
+        c.name
+        for c in contenders.plan(Group("resnet50", 256, torch.bfloat16, "inference"), with_graphs, torch.device("cuda"))
+    ]
     graphs = {f"fused:{n}+graph" for n in ("triton", "cuda") if backends.unavailable_reason(n) is None}
-    assert {"eager_cl+graph", *graphs} <= set(gpu_large)
+    assert {"eager_cl+graph", *graphs} <= set(gpu_graphs)
+    assert cli.make_profile(cli.parse_args(["--profile", "gpu-quick", "--graph-replays"])).graph_replays
     assert not any(name.endswith("+graph") for name in cpu_inference)
     train = _names(Group("resnet50", 256, torch.bfloat16, "train"), "gpu-full", "cuda")
     assert train[0] == "eager+autocast" and "bn_folded_cl" not in train and "compile_freezing" not in train

@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--resume", action="store_true", help="skip groups already in --out/results.json")
     p.add_argument(
+        "--graph-replays",
+        action="store_true",
+        help="GPU inference: also time each eager contender captured in a CUDA graph and replayed (its GPU time "
+        "without host launch overhead). Off by default: one such run ended in an illegal memory access, cause "
+        "not yet found",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -105,6 +112,7 @@ def make_profile(args: argparse.Namespace) -> Profile:
         modes=() if args.layers_only else modes,
         layers=layers,
         compile_where={"profile": profile.compile_where, "all": None, "none": ()}[args.compile],
+        graph_replays=args.graph_replays,
     )
 
 

@@ -79,7 +79,7 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
             # Training runs the stock conv (cuDNN/oneDNN) with the backend's BN passes (fused_resnet/training).
             note = _TRAIN_NOTES[name]
         out.append(Contender(f"fused:{name}{suffix}", "fused", cl, weights, amp, backend=name, skip=reason, note=note))
-    if device.type == "cuda" and not train:
+    if device.type == "cuda" and not train and profile.graph_replays:
         # Replayed CUDA graphs: how much of each eager row is host launch overhead rather than GPU time.
         out.append(Contender("eager_cl+graph", "eager", cl, weights, compile_mode="graph"))
         for name in DEVICE_BACKENDS[device.type]:

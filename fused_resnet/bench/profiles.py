@@ -54,6 +54,7 @@ class Profile:
     compile_where: tuple[tuple[str, int], ...] | None = None
     compile_train: bool = True  # whether train groups get them too (compiling a training graph costs minutes on CPU)
     max_autotune: bool = False
+    graph_replays: bool = False  # GPU inference: CUDA-graph replays of the eager contenders (--graph-replays)
     # CUDA-graph contenders (mode="reduce-overhead") at batch <= small_batch, GPU only (0: never).
     small_batch: int = 0
     # (model, batch) whose unique conv layers are benchmarked one by one, for every dtype of the profile.
