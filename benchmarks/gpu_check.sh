@@ -13,6 +13,8 @@
 #               (ResNet-152 224x224, pre-act ResNet-1001 CIFAR)
 #   memory      benchmarks/train_memory.py: peak memory of a ResNet-50 train step (bf16 autocast, batch 256, 224x224),
 #               fused vs stock channels_last
+#   profile     benchmarks/profile_step.py: wall vs kernel time per step (host-bound or not) and the top kernels,
+#               ResNet-50 batch 256 bf16, inference and train, stock channels_last vs each fused backend
 #   sanitize    compute-sanitizer memcheck over `pytest -m gpu -k sanitize` and benchmarks/sanitize_smoke.py
 #   full-bench  gpu-full profile, model by model; rerun the same command to continue (--resume)
 # Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 290; the default run shares 540 s in all).
@@ -34,7 +36,7 @@ usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 1 && $1 != -* ]] || usage
 OUT=$1
 shift
-ALL_STAGES=(install tests tune bench memory train sanitize full-bench)  # each has a branch in the loop below
+ALL_STAGES=(install tests tune bench memory train profile sanitize full-bench)  # each has a branch in the loop below
 STAGES=()
 DRY=${GPU_CHECK_CPU_DRY_RUN:-0}
 EXTRA=()
@@ -184,6 +186,17 @@ for stage in "${STAGES[@]}"; do
                 run_stage memory "$limit" "$PY" benchmarks/train_memory.py --batch 4 --size 64
             else
                 run_stage memory "$limit" "$PY" benchmarks/train_memory.py --device cuda --bf16 --batch 256 --size 224
+            fi
+            ;;
+        profile)
+            if [[ $DRY == 1 ]]; then
+                run_stage profile "$limit" "$PY" benchmarks/profile_step.py --model resnet18 --batch 2 --size 32 \
+                    --steps 2 --mode inference
+            else
+                run_stage profile "$limit" bash -c '
+                    "$0" benchmarks/profile_step.py --bf16 --mode inference || exit 1
+                    "$0" benchmarks/profile_step.py --bf16 --mode train
+                ' "$PY"
             fi
             ;;
         sanitize)

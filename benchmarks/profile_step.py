@@ -1,0 +1,121 @@
+"""Where one step's time goes: host (wall clock per step) against device (kernel time per step), per contender.
+
+A step whose wall time is well above its kernel time is host-bound: the GPU waits for Python to launch work.
+For each contender it prints wall ms/step, kernel ms/step (torch.profiler, the sum of every kernel's device
+time), kernel launches per step, and the kernels that take the most time.
+
+    python benchmarks/profile_step.py --device cuda --bf16 --model resnet50 --batch 256 --mode train
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import fused_resnet
+
+
+def _contenders(model: nn.Module, device: torch.device, backends: list[str]) -> dict[str, nn.Module]:
+    stock = model.to(device, memory_format=torch.channels_last)
+    out = {"stock_cl": stock}
+    for name in backends:
+        out[f"fused:{name}"] = fused_resnet.fuse(stock, backend=name)
+    return out
+
+
+def _step(net: nn.Module, x: torch.Tensor, train: bool, bf16: bool) -> Callable[[], None]:
+    def run() -> None:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16), torch.set_grad_enabled(train):
+            out = net(x)
+        if train:
+            out.float().sum().backward()
+            net.zero_grad(set_to_none=True)
+
+    return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_us(event: object) -> float:
+    # torch >= 2.4 names it device time; older releases cuda time.
+    return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+
+def measure(step: Callable[[], None], device: torch.device, steps: int) -> dict:
+    """Wall ms per step, kernel ms per step, launches per step and the top kernels of `steps` profiled steps."""
+    for _ in range(2):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    events = prof.key_averages()
+    if device.type != "cuda":  # no kernels: the ops that take the most CPU time themselves
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+        rows = [(e.key[:70], e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in top]
+        return {"wall_ms": wall_ms, "kernel_ms": None, "launches": None, "top": rows}
+    kernels = [e for e in events if _device_us(e) > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    top = sorted(kernels, key=_device_us, reverse=True)[:8]
+    return {
+        "wall_ms": wall_ms,
+        "kernel_ms": sum(_device_us(e) for e in kernels) / 1e3 / steps,
+        "launches": sum(e.count for e in kernels) / steps,
+        "top": [(e.key[:70], _device_us(e) / 1e3 / steps, e.count // steps) for e in top],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16: autocast in train mode, bf16 weights in inference")
+    parser.add_argument("--mode", choices=("inference", "train"), default="train")
+    parser.add_argument("--backends", nargs="+", default=None, help="fused backends (default: those of the device)")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    backends = args.backends or (["triton", "cuda"] if device.type == "cuda" else ["cpu"])
+    train = args.mode == "train"
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(num_classes=1000).train(train)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
+    autocast = args.bf16 and train
+    if args.bf16 and not train:
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    print(
+        f"{args.model} {args.mode} batch {args.batch} {args.size}x{args.size} on {device}"
+        f"{' bf16' if args.bf16 else ''}: per step, {args.steps} steps"
+    )
+    for name, net in _contenders(model, device, backends).items():
+        try:
+            r = measure(_step(net.train(train), x, train, autocast), device, args.steps)
+        except Exception as err:  # one failing contender is reported, the others still run
+            print(f"  {name:14s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            continue
+        kernel = "" if r["kernel_ms"] is None else f"  kernels {r['kernel_ms']:8.2f} ms in {r['launches']:.0f} launches"
+        print(f"  {name:14s} wall {r['wall_ms']:8.2f} ms{kernel}")
+        for key, ms, count in r["top"]:
+            print(f"      {ms:7.3f} ms  x{count:<4d} {key}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

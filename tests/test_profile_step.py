@@ -1,0 +1,21 @@
+"""benchmarks/profile_step.py on the CPU: it runs every contender and reports each (on a GPU it adds kernel time)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+_spec = importlib.util.spec_from_file_location("profile_step", _PATH)
+profile_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(profile_step)
+
+
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_reports_every_contender(mode, capsys, one_thread):
+    args = ["--device", "cpu", "--model", "resnet18", "--batch", "2", "--size", "32", "--steps", "1", "--mode", mode]
+    assert profile_step.main([*args, "--backends", "cpu", "reference"]) == 0
+    out = capsys.readouterr().out
+    for name in ("stock_cl", "fused:cpu", "fused:reference"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name))
+        assert "wall" in line and "FAILED" not in line
