@@ -1,5 +1,6 @@
 """The Triton conv_bias_act op against the reference: under the Triton interpreter on CPU, compiled on a GPU."""
 
+import dataclasses
 import functools
 import json
 
@@ -180,6 +181,22 @@ def test_tile_and_loop_variants(kernel_config):
     assert_close(out, ops, config, True, torch.float32)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_both_reduction_orders(name):
+    # The heuristic packs the taps into the reduction only below 16 channels per group; each case also runs the
+    # other order, so both loops see every shape (the tuner may pick either).
+    case = CASES[name]
+    config = case_config(case)
+    c_out, c_in_g, kh, kw = case[1]
+    chosen = tcba.default_config(c_in_g, c_out // config.groups, kh, kw, torch.float32, interpret=True)
+    if kh * kw == 1:
+        pytest.skip("one tap: both orders are the same loop")
+    other = dataclasses.replace(chosen, pack_taps=not chosen.pack_taps, unroll_taps=False)
+    ops = make_operands(case[0], case[1], config, torch.float32)
+    out = tcba.conv_bias_act(*ops.values(), config, True, other)
+    assert_close(out, ops, config, True, torch.float32)
+
+
 def test_memory_formats_and_strided_operands():
     config = ConvConfig((2, 2), (1, 1), (1, 1), 1)
     ops = make_operands((2, 8, 7, 9), (16, 8, 3, 3), config, torch.float32)
@@ -347,9 +364,13 @@ def test_candidate_configs(shape, dtype):
         for size in (config.block_m, config.block_n, config.block_k):
             assert size >= 16 and size & (size - 1) == 0
         assert config.block_n <= max(16, triton.next_power_of_2(c_out_g))
-        assert config.block_k <= max(16, triton.next_power_of_2(c_in_g))
-        assert not config.unroll_taps or kh * kw in range(2, 10)
+        reduction = c_in_g * kh * kw if config.pack_taps else c_in_g
+        assert config.block_k <= max(16, triton.next_power_of_2(reduction))
+        assert not config.unroll_taps or (kh * kw in range(2, 10) and not config.pack_taps)
+        assert not config.pack_taps or (c_in_g < 16 and kh * kw > 1)
     assert tcba.default_config(c_in_g, c_out_g, kh, kw, dtype) in configs
+    packs = {config.pack_taps for config in configs}
+    assert packs == ({False, True} if c_in_g < 16 and kh * kw > 1 else {False})  # the tuner tries both orders
 
 
 def test_tuned_table_lookup(monkeypatch):
@@ -494,6 +515,7 @@ for dtype, (c, k, kh, stride, pad), residual, prologue, config in [
     (torch.bfloat16, (64, 64, 3, 1, 1), True, True, tcba.KernelConfig(64, 64, 32, 8, True, 4, 3)),
     (torch.float32, (3, 64, 7, 2, 3), False, False, tcba.KernelConfig(128, 64, 16, 8, False, 4, 4)),
     (torch.float16, (64, 128, 1, 2, 0), True, False, tcba.KernelConfig(128, 128, 32, 8, False, 8, 3)),
+    (torch.bfloat16, (3, 64, 7, 2, 3), False, True, tcba.KernelConfig(128, 64, 64, 8, False, 4, 4, True)),
 ]:
     conv = ConvConfig((stride, stride), (pad, pad), (1, 1), 1)
     x = torch.zeros(2, c, 9, 9, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -507,7 +529,7 @@ for dtype, (c, k, kh, stride, pad), residual, prologue, config in [
 
 def test_compiles_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
-    assert_compiles(_COMPILE_SCRIPT, expected=3)
+    assert_compiles(_COMPILE_SCRIPT, expected=4)
 
 
 # ------------------------------------------------------------------ GPU: every ResNet layer, every config

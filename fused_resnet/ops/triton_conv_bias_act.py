@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,26 @@ def _round_to_tf32(v):
 
 
 @triton.jit
+def _prologue(a, mask_a, channel, mask_k, scale_ptr, shift_ptr, ACC: tl.constexpr):
+    """relu(a·scale[c] + shift[c]) for a pre-activation unit; `channel` holds each column's input channel."""
+    scale = tl.load(scale_ptr + channel, mask=mask_k, other=0.0).to(ACC)
+    shift = tl.load(shift_ptr + channel, mask=mask_k, other=0.0).to(ACC)
+    pre = a.to(ACC) * scale[None, :] + shift[None, :]
+    pre = tl.where(pre < 0, 0.0, pre)
+    # Zero padding applies after the prologue: padded pixels must stay 0, not relu(shift).
+    return tl.where(mask_a, pre, 0.0).to(a.dtype)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    if INPUT_PRECISION == "tf32":  # (the 16-bit types pass "tf32" too, which they ignore)
+        if DOT_DTYPE == tl.float32:
+            a = _round_to_tf32(a)
+            b = _round_to_tf32(b)
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def _accumulate_channels(
     acc, x_tap, valid, w_tap, mask_n, c0, C_IN_G, c_in_first, scale_ptr, shift_ptr, stride_xc, stride_wc,
     PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -65,18 +85,36 @@ def _accumulate_channels(
     mask_a = valid[:, None] & mask_k[None, :]
     a = tl.load(x_tap[:, None] + offs_k[None, :] * stride_xc, mask=mask_a, other=0.0)
     if PROLOGUE:
-        scale = tl.load(scale_ptr + c_in_first + offs_k, mask=mask_k, other=0.0).to(acc.dtype)
-        shift = tl.load(shift_ptr + c_in_first + offs_k, mask=mask_k, other=0.0).to(acc.dtype)
-        pre = a.to(acc.dtype) * scale[None, :] + shift[None, :]
-        pre = tl.where(pre < 0, 0.0, pre)
-        # Zero padding applies after the prologue: padded pixels must stay 0, not relu(shift).
-        a = tl.where(mask_a, pre, 0.0).to(a.dtype)
+        a = _prologue(a, mask_a, c_in_first + offs_k, mask_k, scale_ptr, shift_ptr, acc.dtype)
     b = tl.load(w_tap[None, :] + offs_k[:, None] * stride_wc, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-    if INPUT_PRECISION == "tf32":  # (the 16-bit types pass "tf32" too, which they ignore)
-        if DOT_DTYPE == tl.float32:
-            a = _round_to_tf32(a)
-            b = _round_to_tf32(b)
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    return _dot(a, b, acc, DOT_DTYPE, INPUT_PRECISION)
+
+
+@triton.jit
+def _accumulate_packed(
+    acc, x_tile, w_cols, ih0, iw0, mask_m, mask_n, k0, K_TOTAL, C_IN_G, H, W, c_in_first, scale_ptr, shift_ptr,
+    stride_xc, stride_xh, stride_xw, stride_wc, stride_wh, stride_ww,
+    KW: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Blocks of the whole reduction KH·KW·Cin (in the weight's channels_last order: kh, kw, then c) instead of
+    # one tap's channels at a time: with few input channels (the 3-channel stem, ResNeXt's 4 per group) a per-tap block
+    # would be mostly masked-off channels, and in NHWC the (kw, c) pairs of one row are contiguous anyway.
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K_TOTAL
+    kh = offs_k // (KW * C_IN_G)
+    kw = (offs_k // C_IN_G) % KW
+    c = offs_k % C_IN_G
+    ih = ih0[:, None] + (kh * DIL_H)[None, :]
+    iw = iw0[:, None] + (kw * DIL_W)[None, :]
+    mask_a = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    x_k = (kh * DIL_H).to(tl.int64) * stride_xh + (kw * DIL_W).to(tl.int64) * stride_xw + c.to(tl.int64) * stride_xc
+    a = tl.load(x_tile[:, None] + x_k[None, :], mask=mask_a, other=0.0)
+    if PROLOGUE:
+        a = _prologue(a, mask_a, c_in_first + c, mask_k, scale_ptr, shift_ptr, acc.dtype)
+    w_k = kh * stride_wh + kw * stride_ww + c * stride_wc
+    b = tl.load(w_cols[None, :] + w_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    return _dot(a, b, acc, DOT_DTYPE, INPUT_PRECISION)
 
 
 @triton.jit
@@ -92,7 +130,7 @@ def _conv_bias_act_kernel(
     HAS_RESIDUAL: tl.constexpr, PROLOGUE: tl.constexpr, RELU: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UNROLL_TAPS: tl.constexpr,
+    UNROLL_TAPS: tl.constexpr, PACK_TAPS: tl.constexpr,
 ):  # fmt: skip
     # ----------------------------------------------------------- program id -> (conv group, output tile)
     pid = tl.program_id(0)
@@ -123,7 +161,15 @@ def _conv_bias_act_kernel(
 
     # ----------------------------------------------------------- accumulate over taps × channel blocks
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    if UNROLL_TAPS:
+    if PACK_TAPS:
+        k_total = KH * KW * C_IN_G
+        for k0 in range(0, k_total, BLOCK_K):
+            acc = _accumulate_packed(
+                acc, x_tile, w_cols, ih0, iw0, mask_m, mask_n, k0, k_total, C_IN_G, H, W, c_in_first, scale_ptr,
+                shift_ptr, stride_xc, stride_xh, stride_xw, stride_wc, stride_wh, stride_ww,
+                KW, DIL_H, DIL_W, PROLOGUE, DOT_DTYPE, INPUT_PRECISION, BLOCK_K,
+            )  # fmt: skip
+    elif UNROLL_TAPS:
         for kh in tl.static_range(KH):
             for kw in tl.static_range(KW):
                 x_tap, w_tap, valid = _tap(
@@ -197,6 +243,8 @@ class KernelConfig:
     unroll_taps: bool = True
     num_warps: int = 4
     num_stages: int = 3
+    # Reduction blocks span the taps (kh, kw, c) instead of one tap's channels: for layers with few channels.
+    pack_taps: bool = False
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -204,15 +252,17 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, next_power_of_2(n))
 
 
-def _clamp(config: KernelConfig, c_in_g: int, c_out_g: int, k_max: int) -> KernelConfig:
+def _clamp(config: KernelConfig, c_in_g: int, c_out_g: int, taps: int, k_max: int) -> KernelConfig:
+    reduction = c_in_g * taps if config.pack_taps else c_in_g
     return KernelConfig(
         block_m=config.block_m,
         block_n=min(config.block_n, _pow2_at_least_16(c_out_g)),
-        block_k=min(config.block_k, _pow2_at_least_16(c_in_g), k_max),
+        block_k=min(config.block_k, _pow2_at_least_16(reduction), k_max),
         group_m=config.group_m,
-        unroll_taps=config.unroll_taps,
+        unroll_taps=config.unroll_taps and not config.pack_taps,  # packed: there are no per-tap loops to unroll
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        pack_taps=config.pack_taps,
     )
 
 
@@ -250,15 +300,23 @@ def _unroll_allowed(kh: int, kw: int) -> bool:
     return 1 < kh * kw <= 9
 
 
+def _packing_allowed(c_in_g: int, kh: int, kw: int) -> bool:
+    # Fewer channels than the smallest MMA reduction (16): a per-tap block would be mostly masked-off lanes (the
+    # 3-channel stem used 3 of every 16). One tap: packing changes nothing.
+    return c_in_g < 16 and kh * kw > 1
+
+
 def candidate_configs(c_in_g: int, c_out_g: int, kh: int, kw: int, dtype: torch.dtype) -> list[KernelConfig]:
-    """The autotune list for one layer: the candidates clamped to the layer's channels, without duplicates."""
+    """The autotune list for one layer: the candidates clamped to the layer's channels, without duplicates
+    (with both reduction orders where packing the taps is allowed)."""
     configs = []
     for config in CANDIDATES:
         if config.unroll_taps and not _unroll_allowed(kh, kw):
             continue
-        clamped = _clamp(config, c_in_g, c_out_g, _k_max(dtype))
-        if clamped not in configs:
-            configs.append(clamped)
+        for pack in (False, True) if _packing_allowed(c_in_g, kh, kw) else (False,):
+            clamped = _clamp(replace(config, pack_taps=pack), c_in_g, c_out_g, kh * kw, _k_max(dtype))
+            if clamped not in configs:
+                configs.append(clamped)
     return configs
 
 
@@ -266,17 +324,20 @@ def default_config(
     c_in_g: int, c_out_g: int, kh: int, kw: int, dtype: torch.dtype, interpret: bool = False
 ) -> KernelConfig:
     """The heuristic config used when the tuned table has no entry (and always under the interpreter)."""
+    pack = _packing_allowed(c_in_g, kh, kw)
     if interpret:
         # The interpreter's cost is Python work per program and loop step, nearly independent of the tile size:
         # few programs are fast, while 32-wide channel blocks still give the small test shapes several blocks.
-        return _clamp(KernelConfig(64, 32, 32, group_m=4, unroll_taps=_unroll_allowed(kh, kw)), c_in_g, c_out_g, 32)
+        config = KernelConfig(64, 32, 32, group_m=4, unroll_taps=_unroll_allowed(kh, kw), pack_taps=pack)
+        return _clamp(config, c_in_g, c_out_g, kh * kw, 32)
     block_n = min(128, _pow2_at_least_16(c_out_g))
     # 128×128 fp32 accumulators with 4 warps spill once the residual tile joins them in the epilogue (ptxas,
     # sm_90): stay at 128×64 or 64×128 by default and leave larger tiles to the tuner.
-    config = _clamp(KernelConfig(64 if block_n == 128 else 128, block_n, 64), c_in_g, c_out_g, _k_max(dtype))
+    tiles = KernelConfig(64 if block_n == 128 else 128, block_n, 64, pack_taps=pack)
+    config = _clamp(tiles, c_in_g, c_out_g, kh * kw, _k_max(dtype))
     # Per-tap loops of 1–3 channel blocks are too short to pipeline: use the flat loop there.
-    unroll = _unroll_allowed(kh, kw) and cdiv(c_in_g, config.block_k) >= 4
-    return KernelConfig(config.block_m, config.block_n, config.block_k, 8, unroll, 4, 4)
+    unroll = not pack and _unroll_allowed(kh, kw) and cdiv(c_in_g, config.block_k) >= 4
+    return KernelConfig(config.block_m, config.block_n, config.block_k, 8, unroll, 4, 4, pack)
 
 
 def dtype_tag(dtype: torch.dtype, device_type: str) -> str:
@@ -401,7 +462,7 @@ def conv_bias_act(
             DOT_DTYPE=dot_dtype,
             INPUT_PRECISION="ieee" if exact_fp32 else "tf32",
             BLOCK_M=kernel_config.block_m, BLOCK_N=kernel_config.block_n, BLOCK_K=kernel_config.block_k,
-            GROUP_M=kernel_config.group_m, UNROLL_TAPS=kernel_config.unroll_taps,
+            GROUP_M=kernel_config.group_m, UNROLL_TAPS=kernel_config.unroll_taps, PACK_TAPS=kernel_config.pack_taps,
             num_warps=kernel_config.num_warps, num_stages=kernel_config.num_stages,
         )  # fmt: skip
     return y
