@@ -187,7 +187,11 @@ def test_passes_for_each_backend(monkeypatch):
     cuda_tensor = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # no GPU needed to choose
     monkeypatch.setattr(passes, "_unsupported", lambda name, device_type, dtype: None)
     assert passes.passes_for("cuda", cuda_tensor) == "cpp"
-    assert passes.passes_for("auto", cuda_tensor) == "triton"
+    assert passes.passes_for("auto", cuda_tensor) == "cpp"  # measured faster than Triton's on an H200
+    assert passes.passes_for("triton", cuda_tensor) == "triton"
+    monkeypatch.setattr(passes, "_unsupported", lambda name, device_type, dtype: "no" if name == "cpp" else None)
+    assert passes.passes_for("auto", cuda_tensor) == "triton"  # without the extension's CUDA part
+    monkeypatch.setattr(passes, "_unsupported", lambda name, device_type, dtype: None)
     monkeypatch.setattr(passes, "_unsupported", lambda name, device_type, dtype: f"no {name} here")
     for backend, name in (("triton", "triton"), ("cpu", "cpp")):
         with pytest.raises(backends.BackendError, match=f"'{backend}' backend cannot train here: no {name} here"):
