@@ -54,16 +54,18 @@ def l2_flusher(device: torch.device) -> Callable[[], None] | None:
     return buffer.zero_
 
 
-# Spin time per call enqueued ahead of a hide_launch sample: more than the host needs to launch one call.
-HIDE_LAUNCH_MS_PER_CALL = 3.0
+# Spin time per call enqueued ahead of a hide_launch sample: several times what the host needs to launch one
+# call (0.2-0.5 ms seen on an H200 machine), so that a calibration at lower clocks still leaves enough.
+HIDE_LAUNCH_MS_PER_CALL = 5.0
 
 
 @functools.cache
 def _spin_cycles_per_ms(device_index: int) -> float:
-    """torch.cuda._sleep's cycles per millisecond on this GPU, measured once."""
-    cycles = 1_000_000
+    """torch.cuda._sleep's cycles per millisecond on this GPU, measured once (after a longer spin, so that the
+    clocks have left their idle level: an idle H200 reads 345 MHz against 1980 MHz under load)."""
+    cycles = 4_000_000
     with torch.cuda.device(device_index):
-        torch.cuda._sleep(cycles)  # a first launch, outside the measurement
+        torch.cuda._sleep(4 * cycles)  # outside the measurement: a first launch, and time for the clocks to rise
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         torch.cuda._sleep(cycles)
