@@ -1,4 +1,4 @@
-"""The elementwise and reduction passes of the training path, one interface with two implementations.
+"""The elementwise and reduction passes of the training path, one interface with three implementations.
 
 "torch" runs PyTorch ops (torch_passes.py: any device, dtype and layout); "cpp" the extension's CPU and CUDA
 kernels (cpp_passes.py, channels_last); "triton" the kernels of triton_passes.py (CUDA, or CPU under the Triton
