@@ -435,37 +435,54 @@ def conv_bias_act(
     if prologue:
         in_scale, in_shift = in_scale.contiguous(), in_shift.contiguous()
 
-    dtype = _TL_DTYPES[x.dtype]
-    # The triton 3.8 interpreter keeps bf16 as raw uint16 and its tl.dot multiplies those integers: upcast
-    # bf16 tiles to fp32 there (exact, and what the tensor cores compute) so the interpreter stays a reference.
-    dot_dtype = tl.float32 if INTERPRET and dtype == tl.bfloat16 else dtype
-    # Only fp32 operands read the precision; the interpreter always computes exact fp32 products.
-    exact_fp32 = INTERPRET or (x.dtype == torch.float32 and not conv_allows_tf32())
-    groups = config.groups
-    c_out_g = c_out // groups
+    tf32 = x.dtype == torch.float32 and conv_allows_tf32()
+    has_residual = residual is not None
+    consts = _constexprs(x.dtype, tf32, INTERPRET, (kh, kw), config, has_residual, prologue, relu, kernel_config)
     m = n * out_shape[2] * out_shape[3]
-    grid = (cdiv(m, kernel_config.block_m) * cdiv(c_out_g, kernel_config.block_n), groups)
+    c_out_g = c_out // config.groups
+    grid = (cdiv(m, kernel_config.block_m) * cdiv(c_out_g, kernel_config.block_n), config.groups)
     # Triton launches on the current device, which need not be x's.
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         _conv_bias_act_kernel[grid](
             x, weight, bias, residual, in_scale, in_shift, y,
             m, h, w, out_shape[2], out_shape[3], c_in_g, c_out_g,
-            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-            weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
-            y.stride(0), y.stride(1), y.stride(2), y.stride(3),
-            KH=kh, KW=kw,
-            STRIDE_H=config.stride[0], STRIDE_W=config.stride[1],
-            PAD_H=config.padding[0], PAD_W=config.padding[1],
-            DIL_H=config.dilation[0], DIL_W=config.dilation[1],
-            HAS_RESIDUAL=residual is not None, PROLOGUE=prologue, RELU=relu,
-            ACC_DTYPE=tl.float64 if dtype == tl.float64 else tl.float32,
-            DOT_DTYPE=dot_dtype,
-            INPUT_PRECISION="ieee" if exact_fp32 else "tf32",
-            BLOCK_M=kernel_config.block_m, BLOCK_N=kernel_config.block_n, BLOCK_K=kernel_config.block_k,
-            GROUP_M=kernel_config.group_m, UNROLL_TAPS=kernel_config.unroll_taps, PACK_TAPS=kernel_config.pack_taps,
-            num_warps=kernel_config.num_warps, num_stages=kernel_config.num_stages,
+            *x.stride(), *weight.stride(), *y.stride(),
+            **consts,
         )  # fmt: skip
     return y
+
+
+@functools.lru_cache(maxsize=1024)
+def _constexprs(
+    dtype: torch.dtype,
+    tf32: bool,
+    interpret: bool,
+    kernel_hw: tuple[int, int],
+    config: ConvConfig,
+    has_residual: bool,
+    prologue: bool,
+    relu: bool,
+    kernel_config: KernelConfig,
+) -> dict[str, Any]:
+    """The kernel's compile-time arguments and launch options for one kind of call (memoized: working them out
+    took a tenth of the launcher's host time)."""
+    tl_dtype = _TL_DTYPES[dtype]
+    return dict(
+        KH=kernel_hw[0], KW=kernel_hw[1],
+        STRIDE_H=config.stride[0], STRIDE_W=config.stride[1],
+        PAD_H=config.padding[0], PAD_W=config.padding[1],
+        DIL_H=config.dilation[0], DIL_W=config.dilation[1],
+        HAS_RESIDUAL=has_residual, PROLOGUE=prologue, RELU=relu,
+        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        # The triton 3.8 interpreter keeps bf16 as raw uint16 and its tl.dot multiplies those integers: upcast
+        # bf16 tiles to fp32 there (exact, and what the tensor cores compute) so the interpreter stays a reference.
+        DOT_DTYPE=tl.float32 if interpret and dtype == torch.bfloat16 else tl_dtype,
+        # Only fp32 operands read the precision; the interpreter always computes exact fp32 products.
+        INPUT_PRECISION="ieee" if interpret or (dtype == torch.float32 and not tf32) else "tf32",
+        BLOCK_M=kernel_config.block_m, BLOCK_N=kernel_config.block_n, BLOCK_K=kernel_config.block_k,
+        GROUP_M=kernel_config.group_m, UNROLL_TAPS=kernel_config.unroll_taps, PACK_TAPS=kernel_config.pack_taps,
+        num_warps=kernel_config.num_warps, num_stages=kernel_config.num_stages,
+    )  # fmt: skip
 
 
 def _conv_config(stride: list[int], padding: list[int], dilation: list[int], groups: int) -> ConvConfig:
