@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +34,13 @@ class ConvConfig:
             raise ValueError(f"only padding_mode='zeros' is supported, got {conv.padding_mode!r}")
         if isinstance(conv.padding, str):
             raise ValueError(f"string padding {conv.padding!r} is not supported; give explicit integers")
-        return ConvConfig(
-            stride=_pair(conv.stride, "stride"),
-            padding=_pair(conv.padding, "padding"),
-            dilation=_pair(conv.dilation, "dilation"),
-            groups=int(conv.groups),
-        )
+        args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        if torch.compiler.is_compiling():  # traced once, and Dynamo warns about lru_cache wrappers
+            return _config_of.__wrapped__(*args)
+        try:
+            return _config_of(*args)
+        except TypeError:  # unhashable (lists set by hand): not worth caching
+            return _config_of.__wrapped__(*args)
 
     def output_hw(self, h: int, w: int, kh: int, kw: int) -> tuple[int, int]:
         oh = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
@@ -48,3 +50,9 @@ class ConvConfig:
     def output_shape(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int]:
         oh, ow = self.output_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
         return (x.shape[0], weight.shape[0], oh, ow)
+
+
+@functools.lru_cache(maxsize=256)
+def _config_of(stride: object, padding: object, dilation: object, groups: int) -> ConvConfig:
+    # Cached: every fused call asks, and building one cost a few µs of host time (a ResNet has few distinct ones).
+    return ConvConfig(_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), int(groups))
