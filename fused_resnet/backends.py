@@ -50,6 +50,9 @@ class Backend:
     unsupported(x, weight, residual, config, prologue: bool) why it cannot run this call (None if it can).
     conv_bias_act_into_residual, where a backend has it: the same arguments and result, written into `residual`
     (which it returns) instead of a new tensor; no autograd, for callers whose residual is dead after the call.
+    launch, where a backend has it: conv_bias_act without the op's dispatch (no autograd, no fake tensors, no
+    argument checks) for eager callers that need no gradient and have checked the operands; the dispatcher's
+    layers cost more host time than a kernel of a small layer takes (see nn/functional.py).
     """
 
     name: str
@@ -57,6 +60,7 @@ class Backend:
     unavailable: Callable[[], str | None]
     unsupported: Callable[..., str | None]
     conv_bias_act_into_residual: ConvBiasActFn | None = None
+    launch: ConvBiasActFn | None = None
 
 
 class BackendError(RuntimeError):

@@ -100,6 +100,16 @@ def _conv_bias_act_op(*args: Any) -> torch.Tensor:
 conv_bias_act = call_with_config(_conv_bias_act_op)
 
 
+def _op_below_autograd(*args: Any) -> torch.Tensor:
+    # Without autograd the op's Python autograd kernel would only redispatch below itself: start there.
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fused_resnet_C.conv_bias_act.default(*args)
+
+
+# The same without autograd (Backend.launch: eager callers that need no gradient).
+launch = call_with_config(_op_below_autograd)
+
+
 def _into_residual_op(*args: Any) -> torch.Tensor:
     torch.ops.fused_resnet_C.conv_bias_act_into_residual(*args)
     residual = args[3]  # now holding the result
@@ -175,4 +185,5 @@ def backend(name: str) -> Backend:
         unavailable=functools.partial(unavailable, name),
         unsupported=functools.partial(_unsupported, name),
         conv_bias_act_into_residual=conv_bias_act_into_residual if name == "cpu" else None,
+        launch=launch,
     )
