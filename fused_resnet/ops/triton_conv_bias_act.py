@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_gemm_tma
 from .checks import check_conv_bias_act, conv_allows_tf32
 from .conv_bias_act_autograd import SCHEMA, register_fake_and_autograd
 from .conv_config import ConvConfig
@@ -245,6 +246,8 @@ class KernelConfig:
     num_stages: int = 3
     # Reduction blocks span the taps (kh, kw, c) instead of one tap's channels: for layers with few channels.
     pack_taps: bool = False
+    # 1×1 stride-1 layers as a plain GEMM with TMA copies (triton_gemm_tma.py): chosen by the tuner only.
+    tma: bool = False
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -263,6 +266,7 @@ def _clamp(config: KernelConfig, c_in_g: int, c_out_g: int, taps: int, k_max: in
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         pack_taps=config.pack_taps,
+        tma=config.tma,
     )
 
 
@@ -306,15 +310,41 @@ def _packing_allowed(c_in_g: int, kh: int, kw: int) -> bool:
     return c_in_g < 16 and kh * kw > 1
 
 
-def candidate_configs(c_in_g: int, c_out_g: int, kh: int, kw: int, dtype: torch.dtype) -> list[KernelConfig]:
+# The TMA GEMM's search space (1×1 stride-1 layers, 16-bit dtypes, GPUs with TMA): (BLOCK_M, BLOCK_N, BLOCK_K,
+# warps, stages). Shared memory per stage is (BLOCK_M + BLOCK_N)·BLOCK_K·2 bytes, plus the output tile's. The
+# two-stage entries are for layers with one or two K blocks (Cin 64, 128), which have nothing to pipeline: their
+# smaller footprint lets more programs share an SM, so one's epilogue overlaps another's loads.
+TMA_CANDIDATES = tuple(
+    KernelConfig(bm, bn, bk, 8, False, warps, stages, tma=True)
+    for bm, bn, bk, warps, stages in (
+        (128, 128, 64, 4, 4),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 128, 64, 4, 2),
+        (128, 256, 64, 8, 2),
+    )
+)
+
+
+def candidate_configs(
+    c_in_g: int, c_out_g: int, kh: int, kw: int, dtype: torch.dtype, tma: bool = False
+) -> list[KernelConfig]:
     """The autotune list for one layer: the candidates clamped to the layer's channels, without duplicates
-    (with both reduction orders where packing the taps is allowed)."""
+    (with both reduction orders where packing the taps is allowed). tma=True (the caller checked that the layer is
+    a GEMM and the GPU has TMA) adds the TMA GEMM's candidates for 16-bit dtypes."""
     configs = []
     for config in CANDIDATES:
         if config.unroll_taps and not _unroll_allowed(kh, kw):
             continue
         for pack in (False, True) if _packing_allowed(c_in_g, kh, kw) else (False,):
             clamped = _clamp(replace(config, pack_taps=pack), c_in_g, c_out_g, kh * kw, _k_max(dtype))
+            if clamped not in configs:
+                configs.append(clamped)
+    if tma and dtype in (torch.float16, torch.bfloat16):
+        for config in TMA_CANDIDATES:
+            clamped = _clamp(config, c_in_g, c_out_g, kh * kw, _k_max(dtype))
             if clamped not in configs:
                 configs.append(clamped)
     return configs
@@ -434,6 +464,9 @@ def conv_bias_act(
     prologue = in_scale is not None
     if prologue:
         in_scale, in_shift = in_scale.contiguous(), in_shift.contiguous()
+    elif kernel_config.tma and triton_gemm_tma.takes(x, weight, residual, config):
+        triton_gemm_tma.launch(x, weight, bias, residual, y, relu, kernel_config, INTERPRET)
+        return y
 
     tf32 = x.dtype == torch.float32 and conv_allows_tf32()
     has_residual = residual is not None

@@ -24,7 +24,7 @@ import torch
 import triton
 
 from ..tolerances import forward_rtol, relative_error
-from . import reference
+from . import reference, triton_gemm_tma
 from . import triton_conv_bias_act as kernels
 from .conv_config import ConvConfig
 
@@ -142,7 +142,10 @@ def check_config(shape: ConvShape, inputs: dict, kernel_config: kernels.KernelCo
 
 
 def candidates_of(shape: ConvShape, dtype: torch.dtype) -> list[kernels.KernelConfig]:
-    return kernels.candidate_configs(shape.c_in // shape.groups, shape.c_out // shape.groups, shape.kh, shape.kw, dtype)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tma = triton_gemm_tma.is_gemm(shape.kh, shape.kw, shape.config) and triton_gemm_tma.has_tma(device)
+    c_in_g, c_out_g = shape.c_in // shape.groups, shape.c_out // shape.groups
+    return kernels.candidate_configs(c_in_g, c_out_g, shape.kh, shape.kw, dtype, tma=tma)
 
 
 @functools.lru_cache(maxsize=1)
