@@ -473,6 +473,26 @@ def test_tuner_checks_side_by_side_as_one_by_one():
     assert all(error <= rtol(torch.float32) for error in side_by_side.values())
 
 
+def test_a_candidate_that_cannot_launch_is_reported_not_fatal(monkeypatch):
+    shape = triton_tune.ConvShape(1, 8, 5, 5, 16, 3, 3, 2, 1)
+    broken, working = triton_tune.candidates_of(shape, torch.float32)[:2]
+    monkeypatch.setattr(triton_tune, "candidates_of", lambda shape, dtype: [broken, working])
+    real = triton_tune.check_config
+
+    def check(shape, inputs, config):
+        if config == broken:
+            raise RuntimeError("cuTensorMapEncodeTiled failed\nsecond line")
+        return real(shape, inputs, config)
+
+    monkeypatch.setattr(triton_tune, "check_config", check)
+    tag = "tf32" if ON_GPU else "fp32"
+    assert triton_tune.check_job((shape, tag, broken)) == "failed (RuntimeError: cuTensorMapEncodeTiled failed)"
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: (fn(), 1.0)[1])
+    best, lines = triton_tune.tune_shape(shape, torch.float32, DEVICE)
+    assert best == working
+    assert f"  {broken}: failed (RuntimeError: cuTensorMapEncodeTiled failed)" in lines
+
+
 def test_tuner_main_checks_times_and_writes_every_shape(monkeypatch, tmp_path):
     # The GPU-only parts stand in: the device queries, and the timing (which returns the first config that passed
     # its check). The checks themselves run for real, in two worker processes (the interpreter on a CPU).

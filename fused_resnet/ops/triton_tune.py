@@ -154,6 +154,13 @@ def _cached_inputs(shape: ConvShape, tag: str) -> dict:
     return make_inputs(shape, _DTYPES[tag], torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
 
 
+def _why_failed(err: Exception) -> str:
+    if isinstance(err, triton.runtime.errors.OutOfResources):
+        return f"does not fit ({err})"
+    first_line = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"failed ({type(err).__name__}: {first_line})"
+
+
 def check_job(job: tuple[ConvShape, str, kernels.KernelConfig]) -> float | str:
     """One candidate's relative error, or why it cannot run (run in a worker process: this compiles it)."""
     shape, tag, config = job
@@ -161,8 +168,8 @@ def check_job(job: tuple[ConvShape, str, kernels.KernelConfig]) -> float | str:
     torch.backends.cudnn.allow_tf32 = tag == "tf32"
     try:
         return check_config(shape, _cached_inputs(shape, tag), config)
-    except triton.runtime.errors.OutOfResources as err:
-        return f"does not fit ({err})"
+    except Exception as err:  # a candidate that cannot compile or launch here is reported, not the end of the run
+        return _why_failed(err)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
 
@@ -204,8 +211,8 @@ def tune_shape(
         else:
             try:
                 error = check_config(shape, inputs, config)
-            except triton.runtime.errors.OutOfResources as err:
-                error = f"does not fit ({err})"
+            except Exception as err:  # as in check_job
+                error = _why_failed(err)
         if isinstance(error, str):
             lines.append(f"  {config}: {error}")
             continue
