@@ -188,6 +188,45 @@ def _row(**fields: object) -> dict:
     }
 
 
+def test_target_lines_compare_each_fused_backend_with_the_named_baseline() -> None:
+    def row(mode: str, batch: int, contender: str, img_s: float, **fields: object) -> dict:
+        return _row(
+            model="resnet50", dtype="bf16", mode=mode, batch=batch, contender=contender, images_per_s=img_s, **fields
+        )
+
+    rows = [
+        row("inference", 256, "compile_max_autotune", 1000.0),
+        row("inference", 256, "eager_cl+autocast", 500.0),
+        row("inference", 256, "fused:triton", 1300.0),
+        row("inference", 256, "fused:cuda", 900.0),
+        row("inference", 256, "fused:cuda+graph", 1100.0),  # the backend's best variant counts
+        row("inference", 256, "fused:reference", 5000.0),  # the reference is no fused engine
+        row("inference", 256, "fused:triton+graph", 9999.0, status="failed"),
+        row("train", 256, "eager+autocast", 100.0, peak_mem_mb=1000.0),
+        row("train", 256, "fused:cuda+autocast", 140.0, peak_mem_mb=700.0),
+        row("train", 256, "compile+autocast", 150.0),
+        _row(model="resnet50", dtype="fp32", mode="train", batch=256, contender="fused:cuda", images_per_s=1e6),
+    ]
+    lines = summary.target_lines(rows)
+    assert (
+        "target resnet50 bf16 inference b=256: fused:triton 1,300 img/s = 1.3x compile_max_autotune (1,000); "
+        "target >= 1.25x: met" in lines
+    )
+    assert any(
+        line.startswith("target resnet50 bf16 inference b=256: fused:cuda+graph") and "MISSED" in line for line in lines
+    )
+    assert any("fused:triton 1,300 img/s = 2.6x eager_cl+autocast" in line and line.endswith("met") for line in lines)
+    assert "target resnet50 bf16 inference b=32: fused >= 1.2x compile_max_autotune: not measured" in lines[4]
+    assert any(
+        "fused:cuda+autocast 140 img/s = 1.4x eager+autocast" in line and line.endswith(": met") for line in lines
+    )
+    assert any(
+        "1.4x eager+autocast" not in line and "0.933x compile+autocast" in line and "MISSED" in line for line in lines
+    )
+    assert lines[-1].endswith("= 0.7x eager+autocast; target <= 0.75x: met")
+    assert not any("reference" in line or "9,999" in line or "1e+06" in line for line in lines)
+
+
 def test_report_writers(tmp_path: object) -> None:
     rows = [
         _row(images_per_s=10.0, ms_p50=200.0, ms_p20=190.0, ms_p80=210.0, rel_err=0.0),
