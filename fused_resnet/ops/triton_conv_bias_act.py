@@ -27,6 +27,7 @@ from .checks import check_conv_bias_act, conv_allows_tf32
 from .conv_bias_act_autograd import SCHEMA, register_fake_and_autograd
 from .conv_config import ConvConfig
 from .launch_math import cdiv, next_power_of_2
+from .triton_tiles import grouped_tile
 
 
 @triton.jit
@@ -134,15 +135,8 @@ def _conv_bias_act_kernel(
     UNROLL_TAPS: tl.constexpr, PACK_TAPS: tl.constexpr,
 ):  # fmt: skip
     # ----------------------------------------------------------- program id -> (conv group, output tile)
-    pid = tl.program_id(0)
     group = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(C_OUT_G, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, C_OUT_G, BLOCK_M, BLOCK_N, GROUP_M)
 
     # ----------------------------------------------------------- output pixels (rows), channels (columns)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -23,6 +23,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .checks import cuda_capability
 from .conv_config import ConvConfig
 from .launch_math import cdiv
+from .triton_tiles import grouped_tile
 
 if TYPE_CHECKING:
     from .triton_conv_bias_act import KernelConfig
@@ -36,15 +37,7 @@ def _gemm_bias_act_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # Tiles in groups of GROUP_M rows of tiles, so that neighbouring programs share weight tiles in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
 
