@@ -166,6 +166,9 @@ def test_contender_plan() -> None:
     graphs = {f"fused:{n}+graph" for n in ("triton", "cuda") if backends.unavailable_reason(n) is None}
     assert {"eager_cl+graph", *graphs} <= set(gpu_graphs)
     assert cli.make_profile(cli.parse_args(["--profile", "gpu-quick", "--graph-replays"])).graph_replays
+    assert not PROFILES["gpu-quick"].max_autotune
+    assert cli.make_profile(cli.parse_args(["--profile", "gpu-quick", "--max-autotune"])).max_autotune
+    assert cli.make_profile(cli.parse_args(["--profile", "gpu-full"])).max_autotune
     assert not any(name.endswith("+graph") for name in cpu_inference)
     train = _names(Group("resnet50", 256, torch.bfloat16, "train"), "gpu-full", "cuda")
     assert train[0] == "eager+autocast" and "bn_folded_cl" not in train and "compile_freezing" not in train

@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "not yet found",
     )
     p.add_argument(
+        "--max-autotune",
+        action="store_true",
+        help="GPU: also torch.compile(mode='max-autotune') wherever the compile contenders run (the issues' inference "
+        "baseline; its compile takes minutes per model and batch)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -113,6 +119,7 @@ def make_profile(args: argparse.Namespace) -> Profile:
         layers=layers,
         compile_where={"profile": profile.compile_where, "all": None, "none": ()}[args.compile],
         graph_replays=args.graph_replays,
+        max_autotune=args.max_autotune or profile.max_autotune,
     )
 
 
