@@ -114,6 +114,7 @@ def test_the_launch_is_not_taken_while_torch_compile_traces(spied: tuple[str, st
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:.*torch.jit.trace.* is deprecated:FutureWarning")
 def test_a_torchscript_trace_records_the_op(spied: tuple[str, str, _Spy]) -> None:
     # Launched directly, the conv would be missing from the trace, its output frozen in as a constant.
     name, device, spy = spied
