@@ -1,6 +1,7 @@
 """Fused training: train-mode conv → BatchNorm → [+ residual] → [ReLU] with batch statistics.
 
 stats.py     per-channel (count, mean, M2) partials, Chan's merge, and finalize (running-stat update, once)
+channel_math.py       finalize + scale/shift, and backward's coefficients, as one Triton launch each (eager CUDA)
 sync.py      synchronized statistics across processes (enable_sync_bn)
 conv_bn_act_train.py  the autograd Function: recompute-instead-of-store backward
 recipes.py   how a unit's output is remade in backward instead of kept (chains through the blocks)

@@ -3,7 +3,7 @@
 Forward, in the order the GPU kernels will run it:
   1. y = conv(x)                              (raw conv output; its kernel's epilogue will emit the partials)
   2. per-channel (count, mean, M2) partials of y, merged with Chan's formula [+ all-gathered for SyncBN]
-  3. finalize: mean, invstd and the running-stat update, once
+  3. finalize: mean, invstd and the running-stat update, once (with scale/shift one launch on CUDA: channel_math.py)
   4. out = act(y·scale + shift + residual)    (one elementwise pass; scale = γ·invstd, shift = β − mean·scale)
 Saved for backward: x, the conv weight, y, mean, invstd (per channel), γ, β, and the residual only where a ReLU
 follows the add (the mask needs it; an identity shortcut is the block input, whose storage the block's first
@@ -31,8 +31,17 @@ from ..ops.conv_config import ConvConfig
 from . import recipes
 from .passes import PASSES
 from .recipes import Recipe, recipe_of, release, remade, saved_form
-from .stats import finalize, total_count
+from .stats import check_count, finalize, total_count
 from .sync import all_gather_stats, all_reduce_sum, sync_group
+
+try:
+    from . import channel_math
+except ImportError:  # triton is optional: the per-channel arithmetic then runs as PyTorch ops
+    channel_math = None
+
+
+def _one_launch(y: torch.Tensor, passes: str) -> bool:
+    return channel_math is not None and channel_math.applies(y, passes)
 
 
 def _scale_shift(
@@ -82,8 +91,15 @@ class ConvBNActTrain(torch.autograd.Function):
             if group is not None:
                 stats = all_gather_stats(stats, group)
                 count = total_count(stats)
-            mean, invstd = finalize(stats, bn, count)
-            scale, shift = _scale_shift(mean, invstd, gamma, beta)
+            if _one_launch(y, passes):  # the same arithmetic as below, in one launch
+                check_count(count)
+                mean = stats.mean.contiguous()
+                invstd, scale, shift = channel_math.finalize_scale_shift(
+                    mean, stats.m2.contiguous(), count, bn, gamma, beta
+                )
+            else:
+                mean, invstd = finalize(stats, bn, count)
+                scale, shift = _scale_shift(mean, invstd, gamma, beta)
             out = run.normalize(y, scale, shift, residual, relu)
         ctx.config, ctx.relu, ctx.group, ctx.passes = config, relu, group, passes
         ctx.count = count
@@ -97,7 +113,7 @@ class ConvBNActTrain(torch.autograd.Function):
         saved_x, ctx.x_spec = saved_form(x_item)
         saved_residual, ctx.residual_spec = saved_form(residual_item)
         ctx.n_x, ctx.n_residual = len(saved_x), len(saved_residual)
-        ctx.save_for_backward(*saved_x, *saved_residual, weight, y, mean, invstd, gamma, beta)
+        ctx.save_for_backward(*saved_x, *saved_residual, weight, y, mean, invstd, gamma, beta, scale, shift)
         # Without a conv y is the input x: autograd wants a distinct tensor object for an output.
         return out, y if weight is not None else y.detach(), scale, shift
 
@@ -125,13 +141,12 @@ class ConvBNActTrain(torch.autograd.Function):
 def _backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple:
     saved = ctx.saved_tensors
     n_x, n_kept = ctx.n_x, ctx.n_x + ctx.n_residual
-    weight, y, mean, invstd, gamma, beta = saved[n_kept:]
+    weight, y, mean, invstd, gamma, beta, scale, shift = saved[n_kept:]
     need_x, need_w, need_gamma, need_beta, need_r = ctx.needs_input_grad[:5]
     if grad_out is None:  # only the non-differentiable outputs were used
         return (None,) * 12
     residual = remade(saved[n_x:n_kept], ctx.residual_spec)
     run = PASSES[ctx.passes]
-    scale, shift = _scale_shift(mean, invstd, gamma, beta)
     sum_g, sum_gy, masked = run.grad_sums(
         grad_out, y, scale, shift, residual, mean, ctx.relu, ctx.relu and need_r and ctx.has_residual
     )
@@ -144,8 +159,11 @@ def _backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple:
         if ctx.group is not None:
             sum_g, sum_gy = all_reduce_sum(torch.stack([sum_g, sum_gy]), ctx.group).unbind(0)
         a = scale
-        k = invstd.square() * sum_gy / ctx.count
-        b, c = -a * k, a * (k * mean - sum_g / ctx.count)
+        if _one_launch(y, ctx.passes):
+            b, c = channel_math.coefficients(a, sum_g.contiguous(), sum_gy.contiguous(), invstd, mean, ctx.count)
+        else:
+            k = invstd.square() * sum_gy / ctx.count
+            b, c = -a * k, a * (k * mean - sum_g / ctx.count)
         if masked is not None:  # g' is at hand: no need to recompute the mask
             dy = run.grad_input(masked, y, scale, shift, None, a, b, c, False)
         else:

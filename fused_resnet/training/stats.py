@@ -64,6 +64,12 @@ def total_count(stats: BatchStats) -> int:
     return int(stats.count.reshape(-1)[0].item()) if stats.count.numel() else 0
 
 
+def check_count(count: int) -> None:
+    """nn.BatchNorm2d's refusal of a batch with one value per channel (its variance is undefined)."""
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} value(s) per channel")
+
+
 def finalize(stats: BatchStats, bn: nn.BatchNorm2d, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, invstd) to normalize with, and the running-stat update of nn.BatchNorm2d.forward, done once.
 
@@ -74,8 +80,7 @@ def finalize(stats: BatchStats, bn: nn.BatchNorm2d, count: int | None = None) ->
     """
     if count is None:
         count = total_count(stats)
-    if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {count} value(s) per channel")
+    check_count(count)
     mean = stats.mean
     invstd = torch.rsqrt(stats.m2 / count + bn.eps)
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
