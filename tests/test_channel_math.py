@@ -74,10 +74,11 @@ def test_finalize_leaves_running_stats_alone_where_batchnorm_would():
 
 def test_low_precision_running_stats_round_like_aten():
     # A bf16 BN module: ATen rounds the new mean/var to bf16, lerps in fp32, rounds again. Compiled, the kernel's
-    # casts round to nearest as ATen's do: equal bits. The triton 3.8 interpreter's fp32 -> bf16 cast truncates
+    # casts round to nearest as ATen's do, but its fp32 division may differ from ATen's by an ulp, which can move
+    # a bf16 rounding by one step (2^-7 relative). The triton 3.8 interpreter's fp32 -> bf16 cast truncates
     # (measured: -0.33175 became -0.33008, not -0.33203), twice here: the new mean (|mean| < 10, a bf16 step of
-    # up to 2^-4, times momentum 0.1) and the result (2^-7 relative); that much is allowed there.
-    tol = dict(rtol=0, atol=0) if DEVICE.type == "cuda" else dict(rtol=2**-7, atol=2**-4 * 0.1)
+    # up to 2^-4, times momentum 0.1) and the result; that much is allowed there.
+    tol = dict(rtol=2**-7, atol=0) if DEVICE.type == "cuda" else dict(rtol=2**-7, atol=2**-4 * 0.1)
     kernel_bn = _bn(64, 0.1, torch.bfloat16)
     torch_bn = copy.deepcopy(kernel_bn)
     mean, m2 = _stats(64, torch.float32)
