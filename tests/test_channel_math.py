@@ -1,7 +1,7 @@
 """The per-channel arithmetic kernels (training/channel_math.py) against the PyTorch formulas they replace
 (stats.finalize, conv_bn_act_train._scale_shift and backward's coefficients), under the Triton interpreter on CPU
-or compiled on a GPU. fp64 must agree to rounding (1e-12); fp32 to a few ulps (the division and square root may
-round differently from ATen's)."""
+or compiled on a GPU; fp32 statistics (fp64 units keep the PyTorch formulas). The kernels divide and take square
+roots correctly rounded, ATen's rsqrt may be off by an ulp or two: a few ulps of tolerance."""
 
 import copy
 
@@ -17,7 +17,7 @@ from fused_resnet.training.stats import BatchStats, finalize
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not channel_math.INTERPRET:
     pytest.skip("without a GPU these tests need TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
-TOL = {torch.float64: dict(rtol=1e-12, atol=1e-15), torch.float32: dict(rtol=1e-6, atol=1e-7)}
+TOL = dict(rtol=1e-6, atol=1e-5)  # shift = beta - mean·scale may cancel: absolute error ~ |mean·scale|·ulps
 
 
 def _bn(c: int, momentum: float | None, dtype: torch.dtype, affine: bool = True) -> nn.BatchNorm2d:
@@ -37,10 +37,10 @@ def _stats(c: int, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, m2
 
 
-@pytest.mark.parametrize("acc", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("momentum", [0.1, 0.7, None])
 @pytest.mark.parametrize("affine", [True, False])
-def test_finalize_matches_the_pytorch_formulas(acc, momentum, affine):
+def test_finalize_matches_the_pytorch_formulas(momentum, affine):
+    acc = torch.float32
     # 300 channels: more than one block of the kernel, the last one partial.
     kernel_bn = _bn(300, momentum, acc, affine)
     torch_bn = copy.deepcopy(kernel_bn)
@@ -54,9 +54,9 @@ def test_finalize_matches_the_pytorch_formulas(acc, momentum, affine):
         want_mean, want_invstd = finalize(stats, torch_bn, count)
         want_scale, want_shift = _scale_shift(want_mean, want_invstd, torch_bn.weight, torch_bn.bias)
         for got, want in ((invstd, want_invstd), (scale, want_scale), (shift, want_shift)):
-            torch.testing.assert_close(got, want, **TOL[acc])
+            torch.testing.assert_close(got, want, **TOL)
     for name in ("running_mean", "running_var"):
-        torch.testing.assert_close(getattr(kernel_bn, name), getattr(torch_bn, name), **TOL[acc])
+        torch.testing.assert_close(getattr(kernel_bn, name), getattr(torch_bn, name), **TOL)
     assert int(kernel_bn.num_batches_tracked) == int(torch_bn.num_batches_tracked) == 3
 
 
@@ -67,7 +67,7 @@ def test_finalize_leaves_running_stats_alone_where_batchnorm_would():
         before = {k: v.clone() for k, v in bn.state_dict().items()}
         mean, m2 = _stats(8, torch.float32)
         invstd, _, _ = channel_math.finalize_scale_shift(mean, m2, 10, bn, None, None)
-        torch.testing.assert_close(invstd, torch.rsqrt(m2 / 10 + bn.eps), **TOL[torch.float32])
+        torch.testing.assert_close(invstd, torch.rsqrt(m2 / 10 + bn.eps), **TOL)
         for k, v in bn.state_dict().items():
             assert torch.equal(v, before[k]), k
 
@@ -88,14 +88,14 @@ def test_low_precision_running_stats_round_like_aten():
     torch.testing.assert_close(kernel_bn.running_var, torch_bn.running_var, **tol)
 
 
-@pytest.mark.parametrize("acc", [torch.float64, torch.float32], ids=str)
-def test_backward_coefficients_match_the_pytorch_formulas(acc):
+def test_backward_coefficients_match_the_pytorch_formulas():
+    acc = torch.float32
     a, sum_g, sum_gy, mean = (torch.randn(300, dtype=acc, device=DEVICE) for _ in range(4))
     invstd = torch.rand(300, dtype=acc, device=DEVICE) + 0.5
     b, c = channel_math.coefficients(a, sum_g, sum_gy, invstd, mean, 50)
     k = invstd.square() * sum_gy / 50
-    torch.testing.assert_close(b, -a * k, **TOL[acc])
-    torch.testing.assert_close(c, a * (k * mean - sum_g / 50), **TOL[acc])
+    torch.testing.assert_close(b, -a * k, **TOL)
+    torch.testing.assert_close(c, a * (k * mean - sum_g / 50), **TOL)
 
 
 def test_where_the_kernels_run():
@@ -105,6 +105,7 @@ def test_where_the_kernels_run():
     else:  # CPU tensors: only the Triton passes, under the interpreter (the others stay on PyTorch ops)
         assert channel_math.applies(y, "triton")
         assert not channel_math.applies(y, "cpp") and not channel_math.applies(y, "torch")
+    assert not channel_math.applies(y.double(), "triton")  # fp64 units keep the PyTorch formulas
     assert not torch.compile(lambda t: torch.tensor(channel_math.applies(t, "triton")), backend="eager")(y)
 
 

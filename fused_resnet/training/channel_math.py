@@ -6,8 +6,9 @@ dL/dy = a·g' + b·y + c. As PyTorch ops that is about 25 tiny kernels per unit 
 ResNet-50 train step against stock's 727, counted on CPU), each a launch of a few µs on a GPU. Here each direction
 is one launch. The formulas are stats.finalize's, conv_bn_act_train's and torch.lerp's, in the same order.
 
-Used in eager mode on CUDA tensors, and under the Triton interpreter by the triton passes (which is how CPU
-tests reach the kernels); torch.compile traces the PyTorch formulas instead, which Inductor fuses itself.
+Used in eager mode on CUDA tensors of 16- and 32-bit dtypes (statistics in fp32), and under the Triton
+interpreter by the triton passes (which is how CPU tests reach the kernels); torch.compile traces the PyTorch
+formulas instead, which Inductor fuses itself.
 """
 
 from __future__ import annotations
@@ -41,14 +42,15 @@ def _finalize_kernel(
     mask = offs < C
     mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
     m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0)
-    acc = mean.dtype
-    invstd = 1.0 / tl.sqrt(m2 / count + eps)
+    acc: tl.constexpr = tl.float32
+    # IEEE division and square root (Triton's `/` and tl.sqrt are the approximate PTX forms), as ATen's are.
+    invstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(m2, count) + eps))
     if UPDATE:
         # ATen rounds the new values to the running stats' dtype before the lerp, which runs in fp32 (or fp64).
         rm = tl.load(running_mean_ptr + offs, mask=mask, other=0.0)
         rv = tl.load(running_var_ptr + offs, mask=mask, other=0.0)
         new_mean = mean.to(rm.dtype).to(acc)
-        new_var = (m2 / (count - 1)).to(rv.dtype).to(acc)
+        new_var = tl.div_rn(m2, count - 1).to(rv.dtype).to(acc)
         tl.store(running_mean_ptr + offs, _lerp(rm.to(acc), new_mean, factor).to(rm.dtype), mask=mask)
         tl.store(running_var_ptr + offs, _lerp(rv.to(acc), new_var, factor).to(rv.dtype), mask=mask)
     scale = invstd
@@ -70,16 +72,17 @@ def _coefficients_kernel(
     mask = offs < C
     a = tl.load(a_ptr + offs, mask=mask, other=0.0)
     invstd = tl.load(invstd_ptr + offs, mask=mask, other=0.0)
-    k = invstd * invstd * tl.load(sum_gy_ptr + offs, mask=mask, other=0.0) / count
+    k = tl.div_rn(invstd * invstd * tl.load(sum_gy_ptr + offs, mask=mask, other=0.0), count)
     mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
     sum_g = tl.load(sum_g_ptr + offs, mask=mask, other=0.0)
     tl.store(b_ptr + offs, -a * k, mask=mask)
-    tl.store(c_ptr + offs, a * (k * mean - sum_g / count), mask=mask)
+    tl.store(c_ptr + offs, a * (k * mean - tl.div_rn(sum_g, count)), mask=mask)
 
 
 def applies(y: torch.Tensor, passes: str) -> bool:
-    """Whether this unit's per-channel arithmetic runs as the kernels here (else as PyTorch ops)."""
-    if torch.compiler.is_compiling():
+    """Whether this unit's per-channel arithmetic runs as the kernels here (else as PyTorch ops). Not for fp64
+    units: the kernels compute in fp32 (Triton passes Python floats such as eps and momentum as fp32)."""
+    if torch.compiler.is_compiling() or y.dtype == torch.float64:
         return False
     if y.device.type == "cuda":
         return not INTERPRET
