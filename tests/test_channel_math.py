@@ -17,6 +17,8 @@ from fused_resnet.training.stats import BatchStats, finalize
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not channel_math.INTERPRET:
     pytest.skip("without a GPU these tests need TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
+# On a GPU these run the compiled kernels, in the GPU check's `pytest -m gpu` too.
+pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
 TOL = dict(rtol=1e-6, atol=1e-5)  # shift = beta - mean·scale may cancel: absolute error ~ |mean·scale|·ulps
 
 
@@ -124,6 +126,7 @@ compiles(lambda: channel_math.coefficients(mean, mean, mean, m2, mean, 10), "coe
 """
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the tests above compile the kernels for real")
 def test_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     assert_compiles(_COMPILE_SCRIPT, expected=3)

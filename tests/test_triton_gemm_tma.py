@@ -25,6 +25,9 @@ needs_tma = pytest.mark.skipif(
     not (ON_GPU and triton_gemm_tma.has_tma(DEVICE)), reason="needs a GPU with TMA (sm_90 or newer)"
 )
 
+# On a GPU every test here runs the compiled kernel (edges included), in the GPU check's `pytest -m gpu` too.
+pytestmark = [gpu, needs_tma] if DEVICE.type == "cuda" else []
+
 
 def _operands(n, c, h, w, k, dtype, residual=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -111,6 +114,7 @@ for dtype, residual, config in [(torch.bfloat16, True, c) for c in tcba.TMA_CAND
 """
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the tests here compile the kernel for real")
 def test_tma_candidates_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     assert_compiles(_COMPILE_SCRIPT, expected=len(tcba.TMA_CANDIDATES) + 1)
