@@ -7,9 +7,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sm90_compile import assert_compiles
 from torch import nn
 
+from fused_resnet.nn import ConvBNAct
 from fused_resnet.training import channel_math
 from fused_resnet.training.conv_bn_act_train import _scale_shift
 from fused_resnet.training.stats import BatchStats, finalize
@@ -130,3 +132,26 @@ compiles(lambda: channel_math.coefficients(mean, mean, mean, m2, mean, 10), "coe
 def test_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     assert_compiles(_COMPILE_SCRIPT, expected=3)
+
+
+def test_running_stat_updates_invalidate_the_eval_fold():
+    # The kernel writes the running stats through pointers; their version counters must still move, or the
+    # eval-mode fold cached before a train-mode forward (BN recalibration, no optimizer step) would stay stale.
+    bn = _bn(8, 0.1, torch.float32)
+    versions = (bn.running_mean._version, bn.running_var._version)
+    mean, m2 = _stats(8, torch.float32)
+    channel_math.finalize_scale_shift(mean, m2, 10, bn, bn.weight, bn.bias)
+    assert bn.running_mean._version > versions[0] and bn.running_var._version > versions[1]
+
+
+def test_eval_after_a_train_forward_uses_the_new_running_stats():
+    torch.manual_seed(0)
+    unit = ConvBNAct(4, 8, 3, padding=1, backend="triton").to(DEVICE)
+    x = torch.randn(2, 4, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        unit.eval()(x)  # folds BN into the conv and caches the fold
+        unit.train()(x * 3 + 1)  # moves the running stats (through the kernel), no optimizer step
+        got = unit.eval()(x)
+    bn = unit.bn
+    want = F.batch_norm(F.conv2d(x, unit.conv.weight, padding=1), bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    torch.testing.assert_close(got, torch.relu(want), rtol=1e-4, atol=1e-5)

@@ -121,6 +121,12 @@ def finalize_scale_shift(
             mean.numel(), float(count), float(bn.eps), float(factor),
             HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, UPDATE=update, BLOCK=_BLOCK,
         )  # fmt: skip
+    if update:
+        # The kernel wrote through pointers: bump the version counters as lerp_ would, or caches keyed on them
+        # (the eval-mode BN fold, nn/folding.py) would keep folding the old statistics.
+        for t in (running_mean, running_var):
+            if not t.is_inference():
+                torch.autograd.graph.increment_version(t)
     return invstd, scale, shift
 
 
