@@ -16,6 +16,7 @@ import torchvision
 from sm90_compile import assert_compiles
 from test_training_passes import _tensor, assert_stats
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.resnet import BasicBlock
 
 import fused_resnet
@@ -195,6 +196,41 @@ def test_bf16_autocast_training_on_triton_matches_the_pytorch_passes():
     assert ((out_t - out_c).abs() <= 2.0**-7 * out_c.abs()).all()
     assert relative_error(gx_t, gx_c) < 2.0**-6
     torch.testing.assert_close(rv_t, rv_c, rtol=1e-6, atol=1e-7)
+
+
+@interpreter_only
+def test_eager_training_runs_the_pass_bodies_without_the_ops_dispatch(monkeypatch):
+    # Eager: the implementations directly (the op's dispatch cost more host time than the kernels take on a GPU);
+    # a dispatch mode, like torch.compile, sees the ops.
+    bodies = []
+    for name in ("_partial_stats", "_normalize", "_grad_sums", "_grad_input"):
+        real = getattr(triton_passes, name)
+        monkeypatch.setattr(triton_passes, name, lambda *a, real=real, name=name: bodies.append(name) or real(*a))
+    m = randomize_bn_(ConvBNAct(4, 4, 3, padding=1, backend="triton"))
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    m(x).square().sum().backward()
+    assert sorted(set(bodies)) == ["_grad_input", "_grad_sums", "_normalize", "_partial_stats"]
+
+    class SeesOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    bodies.clear()
+    with SeesOps() as mode:
+        m(x).square().sum().backward()
+    assert not bodies
+    ops = {
+        "fused_resnet.bn_partial_stats",
+        "fused_resnet.bn_normalize",
+        "fused_resnet.bn_grad_sums",
+        "fused_resnet.bn_grad_input",
+    }
+    assert ops <= mode.ops
 
 
 @interpreter_only

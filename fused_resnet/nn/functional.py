@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backends
 from ..ops import reference
 from ..ops.checks import check_activation, check_conv_bias_act
 from ..ops.conv_config import ConvConfig
+from ..ops.eager import plain_eager_call
 from ..training.conv_bn_act_train import conv_bn_act_train
 from ..training.passes import passes_for
 from ..training.sync import sync_group
@@ -103,23 +103,8 @@ def conv_bn_act(
     chosen = backends.select(backend, x, weight, residual, config, pre_bn is not None, allow_fallback)
     if donate_residual and chosen.conv_bias_act_into_residual is not None and _writable(residual):
         return chosen.conv_bias_act_into_residual(x, weight, bias, residual, config, relu, in_scale, in_shift)
-    run = chosen.launch if chosen.launch is not None and _plain_inference_call(x) else chosen.conv_bias_act
+    run = chosen.launch if chosen.launch is not None and plain_eager_call(x) else chosen.conv_bias_act
     return run(x, weight, bias, residual, config, relu, in_scale, in_shift)
-
-
-def _plain_inference_call(x: torch.Tensor) -> bool:
-    # The op's dispatch (autograd and fake-tensor layers, a second round of argument checks) cost ~30 µs of host
-    # time per call on the CI machine. Eager calls without autograd skip it; anything that must see the op keeps
-    # it: torch.compile, export and TorchScript tracing, tensor subclasses and dispatch modes (fake tensors,
-    # FlopCounterMode), and the profiler (whose trace names the op).
-    return (
-        not torch.is_grad_enabled()
-        and type(x) is torch.Tensor
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and _get_current_dispatch_mode() is None
-        and not torch.autograd._profiler_enabled()
-    )
 
 
 def _writable(residual: torch.Tensor | None) -> bool:

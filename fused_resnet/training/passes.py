@@ -61,9 +61,9 @@ except ImportError as err:  # triton is optional
 else:
     PASSES["triton"] = Passes(
         triton_passes.batch_stats,
-        triton_passes.bn_normalize,
+        triton_passes.normalize,
         triton_passes.grad_sums,
-        triton_passes.bn_grad_input,
+        triton_passes.grad_input,
         triton_passes.unsupported,
     )
 from . import cpp_passes  # noqa: E402  (needs torch_passes, imported above)

@@ -16,6 +16,7 @@ Chan's pairwise update as it goes; the P partials are merged by stats.merge_part
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -183,6 +184,7 @@ def _grad_input_kernel(
 # kernel runs only under the interpreter (unsupported() says so) -------------------------------------------------
 
 from ..ops.checks import FLOAT_DTYPES  # noqa: E402
+from ..ops.eager import plain_eager_call  # noqa: E402
 from ..ops.launch_math import cdiv, next_power_of_2  # noqa: E402
 from ..ops.triton_conv_bias_act import INTERPRET  # noqa: E402  (one definition of "the interpreter is on")
 
@@ -278,8 +280,7 @@ def _check_y(y: torch.Tensor) -> None:
 _OP = {"mutates_args": (), "device_types": ("cuda", "cpu")}
 
 
-@torch.library.custom_op("fused_resnet::bn_partial_stats", **_OP)
-def bn_partial_stats(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _partial_stats(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-program (mean, M2) partials of y per channel, each [P, C]; program p covers rows [p·rows, (p+1)·rows)."""
     _check_y(y)
     if rows <= 0 or rows % BLOCK_M:
@@ -300,8 +301,7 @@ def bn_partial_stats(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Te
     return mean, m2
 
 
-@torch.library.custom_op("fused_resnet::bn_normalize", **_OP)
-def bn_normalize(
+def _normalize(
     y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
 ) -> torch.Tensor:
     """act(y·scale + shift [+ residual]) in y's dtype and layout."""
@@ -324,8 +324,7 @@ def bn_normalize(
     return out
 
 
-@torch.library.custom_op("fused_resnet::bn_grad_sums", **_OP)
-def bn_grad_sums(
+def _grad_sums(
     g: torch.Tensor,
     y: torch.Tensor,
     scale: torch.Tensor,
@@ -363,8 +362,7 @@ def bn_grad_sums(
     return sum_g.sum(0), sum_gy.sum(0), masked
 
 
-@torch.library.custom_op("fused_resnet::bn_grad_input", **_OP)
-def bn_grad_input(
+def _grad_input(
     g: torch.Tensor,
     y: torch.Tensor,
     scale: torch.Tensor,
@@ -397,6 +395,14 @@ def bn_grad_input(
     return dy
 
 
+# The implementations above as torch.library ops, which torch.compile traces (with the fakes below) and autograd,
+# dispatch modes and the profiler see; plain eager calls run the implementations directly (see _eager_or_op).
+bn_partial_stats = torch.library.custom_op("fused_resnet::bn_partial_stats", _partial_stats, **_OP)
+bn_normalize = torch.library.custom_op("fused_resnet::bn_normalize", _normalize, **_OP)
+bn_grad_sums = torch.library.custom_op("fused_resnet::bn_grad_sums", _grad_sums, **_OP)
+bn_grad_input = torch.library.custom_op("fused_resnet::bn_grad_input", _grad_input, **_OP)
+
+
 @bn_partial_stats.register_fake
 def _(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     m, c, _ = _shape(y)
@@ -421,11 +427,38 @@ def _(g: torch.Tensor, y: torch.Tensor, *args: Any) -> torch.Tensor:
     return _like(_dense(y))
 
 
+def _run(op: Any, impl: Callable[..., Any], *args: Any) -> Any:
+    # The op's dispatch costs more host time than these kernels take on a GPU: skipped where nothing needs it.
+    return impl(*args) if plain_eager_call(args[0]) else op(*args)
+
+
+def normalize(
+    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
+) -> torch.Tensor:
+    """act(y·scale + shift [+ residual]) in y's dtype and layout (the bn_normalize op, or its body directly)."""
+    return _run(bn_normalize, _normalize, y, scale, shift, residual, relu)
+
+
+def grad_input(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    relu: bool,
+) -> torch.Tensor:
+    """a·g' + b·y + c per channel (the bn_grad_input op, or its body directly)."""
+    return _run(bn_grad_input, _grad_input, g, y, scale, shift, residual, a, b, c, relu)
+
+
 def batch_stats(y: torch.Tensor, rows: int | None = None) -> BatchStats:
     """Per-channel (count, mean, M2) of y over N, H, W: the kernel's per-program partials merged by Chan's formula."""
     m, c, _ = _shape(y)
     rows = rows or rows_per_program(m, c)
-    mean, m2 = bn_partial_stats(y, rows)
+    mean, m2 = _run(bn_partial_stats, _partial_stats, y, rows)
     starts = torch.arange(mean.shape[0], device=y.device, dtype=mean.dtype) * rows
     count = (m - starts).clamp(max=rows)[:, None].expand_as(mean)
     return merge_partials(BatchStats(count, mean, m2), dim=0)
@@ -442,5 +475,6 @@ def grad_sums(
     store_masked: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     m, c, _ = _shape(y)
-    sum_g, sum_gy, masked = bn_grad_sums(g, y, scale, shift, residual, mean, relu, store_masked, rows_per_program(m, c))
+    rows = rows_per_program(m, c)
+    sum_g, sum_gy, masked = _run(bn_grad_sums, _grad_sums, g, y, scale, shift, residual, mean, relu, store_masked, rows)
     return sum_g, sum_gy, masked if store_masked else None
