@@ -39,24 +39,12 @@ def _unsupported(
     return kernels.size_limit_reason(tuple(x.shape), tuple(weight.shape), config)
 
 
-def _launch(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    residual: torch.Tensor | None,
-    config: ConvConfig,
-    relu: bool,
-    in_scale: torch.Tensor | None = None,
-    in_shift: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return kernels.conv_bias_act(x, weight, bias, residual, in_scale, in_shift, config, relu)
-
-
 def backend(name: str = "triton") -> Backend:
     return Backend(
         name="triton",
         conv_bias_act=call_with_config(kernels.triton_conv_bias_act),
         unavailable=_unavailable,
         unsupported=_unsupported,
-        launch=_launch,
+        # the launcher itself, its arguments in Backend order
+        launch=lambda x, w, b, r, config, relu, s=None, t=None: kernels.conv_bias_act(x, w, b, r, s, t, config, relu),
     )

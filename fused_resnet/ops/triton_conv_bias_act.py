@@ -448,8 +448,12 @@ def conv_bias_act(
     y = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     if y.numel() == 0:
         return y
+    # Read once per launch: it keys both the config lookup and the kernel's MMA precision.
+    tf32 = x.dtype == torch.float32 and conv_allows_tf32()
     if kernel_config is None:
-        kernel_config = kernel_config_for(tuple(x.shape), tuple(weight.shape), config, x.dtype, x.device)
+        kernel_config = _kernel_config_for(
+            tuple(x.shape), tuple(weight.shape), config, x.dtype, x.device.type, x.device.index, tf32, INTERPRET
+        )
     x = x.contiguous(memory_format=torch.channels_last)
     weight = weight.contiguous(memory_format=torch.channels_last)
     bias = bias.contiguous()
@@ -462,7 +466,6 @@ def conv_bias_act(
         triton_gemm_tma.launch(x, weight, bias, residual, y, relu, kernel_config, INTERPRET)
         return y
 
-    tf32 = x.dtype == torch.float32 and conv_allows_tf32()
     has_residual = residual is not None
     consts = _constexprs(x.dtype, tf32, INTERPRET, (kh, kw), config, has_residual, prologue, relu, kernel_config)
     m = n * out_shape[2] * out_shape[3]
