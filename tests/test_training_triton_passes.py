@@ -200,37 +200,30 @@ def test_bf16_autocast_training_on_triton_matches_the_pytorch_passes():
 
 @interpreter_only
 def test_eager_training_runs_the_pass_bodies_without_the_ops_dispatch(monkeypatch):
-    # Eager: the implementations directly (the op's dispatch cost more host time than the kernels take on a GPU);
-    # a dispatch mode, like torch.compile, sees the ops.
-    bodies = []
-    for name in ("_partial_stats", "_normalize", "_grad_sums", "_grad_input"):
-        real = getattr(triton_passes, name)
-        monkeypatch.setattr(triton_passes, name, lambda *a, real=real, name=name: bodies.append(name) or real(*a))
+    # Eager: the bodies directly (the op's dispatch cost more host time than the kernels take on a GPU); a
+    # dispatch mode, like torch.compile, goes through the ops.
+    entered = []
+    op_call = type(triton_passes.bn_normalize).__call__
+
+    def watched(op, *args, **kwargs):
+        entered.append(str(getattr(op, "_qualname", op)))
+        return op_call(op, *args, **kwargs)
+
+    monkeypatch.setattr(type(triton_passes.bn_normalize), "__call__", watched)
     m = randomize_bn_(ConvBNAct(4, 4, 3, padding=1, backend="triton"))
     x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     m(x).square().sum().backward()
-    assert sorted(set(bodies)) == ["_grad_input", "_grad_sums", "_normalize", "_partial_stats"]
+    assert entered == []
 
     class SeesOps(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: set[str] = set()
-
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            self.ops.add(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    bodies.clear()
-    with SeesOps() as mode:
+    with SeesOps():
         m(x).square().sum().backward()
-    assert not bodies
-    ops = {
-        "fused_resnet.bn_partial_stats",
-        "fused_resnet.bn_normalize",
-        "fused_resnet.bn_grad_sums",
-        "fused_resnet.bn_grad_input",
-    }
-    assert ops <= mode.ops
+    names = " ".join(entered)
+    for op in ("bn_partial_stats", "bn_normalize", "bn_grad_sums", "bn_grad_input"):
+        assert op in names, (op, names)
 
 
 @interpreter_only

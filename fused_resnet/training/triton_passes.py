@@ -427,38 +427,29 @@ def _(g: torch.Tensor, y: torch.Tensor, *args: Any) -> torch.Tensor:
     return _like(_dense(y))
 
 
-def _run(op: Any, impl: Callable[..., Any], *args: Any) -> Any:
-    # The op's dispatch costs more host time than these kernels take on a GPU: skipped where nothing needs it.
-    return impl(*args) if plain_eager_call(args[0]) else op(*args)
+def _eager_or_op(op: Any, body: Callable[..., Any]) -> Callable[..., Any]:
+    """The op, or in plain eager calls its body directly: the op's dispatch costs more host time than these
+    kernels take on a GPU, and nothing needs it there (ops/eager.py)."""
+
+    def run(*args: Any) -> Any:
+        return body(*args) if plain_eager_call(args[0]) else op(*args)
+
+    run.__doc__ = body.__doc__
+    return run
 
 
-def normalize(
-    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
-) -> torch.Tensor:
-    """act(y·scale + shift [+ residual]) in y's dtype and layout (the bn_normalize op, or its body directly)."""
-    return _run(bn_normalize, _normalize, y, scale, shift, residual, relu)
-
-
-def grad_input(
-    g: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    residual: torch.Tensor | None,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
-    relu: bool,
-) -> torch.Tensor:
-    """a·g' + b·y + c per channel (the bn_grad_input op, or its body directly)."""
-    return _run(bn_grad_input, _grad_input, g, y, scale, shift, residual, a, b, c, relu)
+# The passes' entries (see passes.py for their arguments).
+normalize = _eager_or_op(bn_normalize, _normalize)
+grad_input = _eager_or_op(bn_grad_input, _grad_input)
+_partial_stats_call = _eager_or_op(bn_partial_stats, _partial_stats)
+_grad_sums_call = _eager_or_op(bn_grad_sums, _grad_sums)
 
 
 def batch_stats(y: torch.Tensor, rows: int | None = None) -> BatchStats:
     """Per-channel (count, mean, M2) of y over N, H, W: the kernel's per-program partials merged by Chan's formula."""
     m, c, _ = _shape(y)
     rows = rows or rows_per_program(m, c)
-    mean, m2 = _run(bn_partial_stats, _partial_stats, y, rows)
+    mean, m2 = _partial_stats_call(y, rows)
     starts = torch.arange(mean.shape[0], device=y.device, dtype=mean.dtype) * rows
     count = (m - starts).clamp(max=rows)[:, None].expand_as(mean)
     return merge_partials(BatchStats(count, mean, m2), dim=0)
@@ -476,5 +467,5 @@ def grad_sums(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     m, c, _ = _shape(y)
     rows = rows_per_program(m, c)
-    sum_g, sum_gy, masked = _run(bn_grad_sums, _grad_sums, g, y, scale, shift, residual, mean, relu, store_masked, rows)
+    sum_g, sum_gy, masked = _grad_sums_call(g, y, scale, shift, residual, mean, relu, store_masked, rows)
     return sum_g, sum_gy, masked if store_masked else None
