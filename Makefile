@@ -8,6 +8,8 @@ export CUDA_HOME
 MAX_JOBS ?= $(shell nproc)
 export MAX_JOBS
 BENCH_ARGS ?=
+# CUTLASS's C++ headers for the extension's Hopper engine (the wheel's Python dependencies are not needed for them).
+CUTLASS_WHEEL := nvidia-cutlass==4.2.0.0
 
 .PHONY: setup test bench
 
@@ -15,6 +17,7 @@ $(VENV)/.installed: requirements-test.txt setup.py $(shell find csrc -type f)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps $(CUTLASS_WHEEL)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -6,11 +6,14 @@ Environment:
     FUSED_RESNET_SKIP_EXT=1    build no extension (the package runs without _C, on its Triton/reference backends)
     FUSED_RESNET_CPU_ONLY=1    build only the CPU part of _C even where nvcc is available
     TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0a": A100-class and H100; no GPU needed to build)
+    CUTLASS_PATH               a CUTLASS source tree (include/, tools/util/include/) for the Hopper engine, when the
+                               nvidia-cutlass wheel is not installed; the engine is built where 9.0a is in the list
     MAX_JOBS                   parallel compile jobs (ninja)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -48,6 +51,20 @@ def _nvcc(cuda_home: str | None) -> str | None:
     nvcc = Path(cuda_home) / "bin" / "nvcc"
     headers = Path(cuda_home) / "include" / "cuda_runtime.h"
     return str(nvcc) if nvcc.exists() and headers.exists() else None
+
+
+def _cutlass_include_dirs() -> list[str] | None:
+    """CUTLASS's header directories: from CUTLASS_PATH, else from the installed nvidia-cutlass wheel (its
+    cutlass_library package carries the source tree). None when neither has them."""
+    roots = [Path(os.environ["CUTLASS_PATH"])] if os.environ.get("CUTLASS_PATH") else []
+    # find_spec locates the package without importing it (its __init__ pulls in the whole kernel generator).
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        roots += [Path(location) / "source" for location in spec.submodule_search_locations]
+    for root in roots:
+        if (root / "include" / "cutlass" / "cutlass.h").exists():
+            return [str(root / "include"), str(root / "tools" / "util" / "include")]
+    return None
 
 
 def _extensions() -> tuple[list, dict]:
@@ -96,15 +113,33 @@ def _extensions() -> tuple[list, dict]:
     # one, torch would ask the (possibly absent) GPU. sm_80 SASS also runs on sm_86/89; sm_90a is the H100's.
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    cuda_sources = [src for src in _sources("csrc/cuda/*.cu") if not Path(src).name.startswith("conv_sm90_")]
+    define_macros = [("FUSED_RESNET_WITH_CUDA", "1")]
+    # The Hopper engine (CUTLASS sm90 kernels) exists only in sm_90a code; each of its two files takes about a
+    # minute of nvcc on one core.
+    if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";"):
+        cutlass_dirs = _cutlass_include_dirs()
+        if cutlass_dirs is None:
+            warnings.warn(
+                "CUTLASS headers not found (pip install nvidia-cutlass==4.2.0.0, or set CUTLASS_PATH): building "
+                "fused_resnet._C without its Hopper (sm90) engine",
+                stacklevel=1,
+            )
+        else:
+            cuda_sources += _sources("csrc/cuda/conv_sm90_*.cu")
+            include_dirs += cutlass_dirs
+            define_macros.append(("FUSED_RESNET_WITH_CUTLASS", "1"))
     ext = CUDAExtension(
         "fused_resnet._C",
-        sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
+        sources + _sources("csrc/cuda/*.cpp") + cuda_sources,
         include_dirs=include_dirs,
-        define_macros=[("FUSED_RESNET_WITH_CUDA", "1")],
+        define_macros=define_macros,
         extra_compile_args={
             "cxx": cxx_flags,
-            # The .cu files are torch-free (raw pointers + csrc/cuda/launch.h), so they compile in seconds.
-            "nvcc": ["-O3", "-std=c++20", "-lineinfo"],
+            # The .cu files are torch-free (raw pointers + csrc/cuda/launch.h), so they compile in seconds (CUTLASS's
+            # excepted). -DNDEBUG: device-side asserts in CUTLASS's kernels are calls that make ptxas serialize the
+            # wgmma pipeline (warning C7510); our own kernels assert nothing at run time.
+            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "-DNDEBUG", "--expt-relaxed-constexpr"],
         },
         extra_link_args=link_flags,
     )

@@ -1,8 +1,16 @@
 // The Python module fused_resnet._C: build facts and the CPU weight cache's controls. Importing it also runs
 // the TORCH_LIBRARY registrations of every other file in the extension.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
 
 #include "cpu/weight_cache.h"
+#ifdef FUSED_RESNET_WITH_CUDA
+#include "cuda/launch.h"
+#endif
 
 namespace {
 
@@ -17,12 +25,84 @@ bool has_cuda() {
 #endif
 }
 
+// The Hopper engine (csrc/cuda/conv_sm90_cutlass.cuh): built, enabled, and how many calls it has run.
+bool has_sm90_engine() {
+#ifdef FUSED_RESNET_WITH_CUDA
+  return fused_resnet::cuda::sm90_engine_built();
+#else
+  return false;
+#endif
+}
+
+bool sm90_engine_enabled() {
+#ifdef FUSED_RESNET_WITH_CUDA
+  return fused_resnet::cuda::sm90_engine_enabled();
+#else
+  return false;
+#endif
+}
+
+void set_sm90_engine_enabled(bool enabled) {
+#ifdef FUSED_RESNET_WITH_CUDA
+  fused_resnet::cuda::set_sm90_engine_enabled(enabled);
+#else
+  (void)enabled;
+#endif
+}
+
+long long sm90_engine_launches() {
+#ifdef FUSED_RESNET_WITH_CUDA
+  return fused_resnet::cuda::sm90_engine_launches();
+#else
+  return 0;
+#endif
+}
+
+// Whether the sm90 engine would take a call of these shapes (its host-side checks: no device needed). dtype is
+// "float16" or "bfloat16" (others: false); x is (N, C, H, W), weight (Cout, C/groups, KH, KW); the tensors are
+// taken to be 16-byte aligned, dense channels_last.
+bool sm90_engine_accepts(const std::string& dtype, std::array<int, 4> x, std::array<int, 4> weight,
+                         std::array<int, 2> stride, std::array<int, 2> padding, std::array<int, 2> dilation,
+                         int groups, bool residual, bool prologue) {
+#ifdef FUSED_RESNET_WITH_CUDA
+  using fused_resnet::cuda::DType;
+  if (dtype != "float16" && dtype != "bfloat16") return false;
+  fused_resnet::cuda::ConvBiasActParams p{};
+  // Stand-in addresses: aligned, never dereferenced by the checks.
+  void* const aligned = reinterpret_cast<void*>(uintptr_t{1} << 20);
+  p.x = p.weight = p.y = aligned;
+  p.bias = static_cast<const float*>(aligned);
+  p.residual = residual ? aligned : nullptr;
+  p.in_scale = p.in_shift = prologue ? static_cast<const float*>(aligned) : nullptr;
+  p.n = x[0], p.c = x[1], p.h = x[2], p.w = x[3];
+  p.cout = weight[0], p.kh = weight[2], p.kw = weight[3];
+  p.stride_h = stride[0], p.stride_w = stride[1], p.pad_h = padding[0], p.pad_w = padding[1];
+  p.dil_h = dilation[0], p.dil_w = dilation[1], p.groups = groups;
+  p.oh = (p.h + 2 * p.pad_h - p.dil_h * (p.kh - 1) - 1) / p.stride_h + 1;
+  p.ow = (p.w + 2 * p.pad_w - p.dil_w * (p.kw - 1) - 1) / p.stride_w + 1;
+  p.relu = true;
+  return fused_resnet::cuda::sm90_engine_accepts(dtype == "float16" ? DType::kHalf : DType::kBFloat16, p);
+#else
+  (void)dtype, (void)x, (void)weight, (void)stride, (void)padding, (void)dilation, (void)groups, (void)residual,
+      (void)prologue;
+  return false;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_resnet C++/CUDA ops (registered as torch.ops.fused_resnet_C.*)";
   m.def("torch_version", [] { return std::string(kTorchVersion); }, "torch.__version__ this extension was built with");
   m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
+  m.def("has_sm90_engine", &has_sm90_engine, "whether the CUTLASS sm90 conv engine was compiled in (needs sm_90a)");
+  m.def("sm90_engine_enabled", &sm90_engine_enabled, "whether CUDA convs are offered to the sm90 engine first");
+  m.def("set_sm90_engine_enabled", &set_sm90_engine_enabled, "offer CUDA convs to the sm90 engine first (or not)");
+  m.def("sm90_engine_accepts", &sm90_engine_accepts, "whether the sm90 engine would take a call of these shapes",
+        pybind11::arg("dtype"), pybind11::arg("x_shape"), pybind11::arg("w_shape"), pybind11::arg("stride"),
+        pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"), pybind11::arg("residual"),
+        pybind11::arg("prologue"));
+  m.def("sm90_engine_launches", &sm90_engine_launches, "calls the sm90 engine has run in this process");
   m.def("clear_weight_cache", &fused_resnet::cpu::clear_weight_cache,
         "drop every prepacked (oneDNN-layout) CPU weight");
   m.def("weight_cache_size", &fused_resnet::cpu::weight_cache_size, "number of prepacked CPU weights held");

@@ -3,6 +3,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 
 #include "cuda/conv_bias_act_kernel.cuh"
 #include "cuda/elem.cuh"
@@ -21,6 +23,60 @@ cudaError_t launch_conv_bias_act(DType dtype, const ConvBiasActParams& p, cudaSt
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The Hopper engine's entry: which calls it takes (conv_sm90_<dtype>.cu hold its kernels).
+// ---------------------------------------------------------------------------------------------------------
+#ifdef FUSED_RESNET_WITH_CUTLASS
+cudaError_t launch_conv_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+cudaError_t launch_conv_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+#endif
+
+namespace {
+std::atomic<long long> sm90_launches{0};
+std::atomic<bool> sm90_enabled{false};
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
+#ifdef FUSED_RESNET_WITH_CUTLASS
+  // TMA moves 16-byte granules: channel counts and every base address must keep rows on them.
+  const bool takes = p.groups == 1 && p.in_scale == nullptr && p.c % 8 == 0 && p.cout % 8 == 0 && aligned16(p.x) &&
+                     aligned16(p.weight) && aligned16(p.y) && (p.residual == nullptr || aligned16(p.residual)) &&
+                     aligned16(p.bias);
+  if (!takes) return cudaErrorNotSupported;
+  if (dtype == DType::kHalf) return launch_conv_sm90_half(p, stream, check_only);
+  if (dtype == DType::kBFloat16) return launch_conv_sm90_bfloat16(p, stream, check_only);
+#else
+  (void)dtype, (void)p, (void)stream, (void)check_only;
+#endif
+  return cudaErrorNotSupported;
+}
+}  // namespace
+
+bool sm90_engine_built() {
+#ifdef FUSED_RESNET_WITH_CUTLASS
+  return true;
+#else
+  return false;
+#endif
+}
+
+long long sm90_engine_launches() { return sm90_launches.load(std::memory_order_relaxed); }
+
+void set_sm90_engine_enabled(bool enabled) { sm90_enabled.store(enabled, std::memory_order_relaxed); }
+
+bool sm90_engine_enabled() { return sm90_enabled.load(std::memory_order_relaxed); }
+
+bool sm90_engine_accepts(DType dtype, const ConvBiasActParams& p) {
+  return sm90_call(dtype, p, nullptr, /*check_only=*/true) == cudaSuccess;
+}
+
+cudaError_t launch_conv_bias_act_sm90(DType dtype, const ConvBiasActParams& p, cudaStream_t stream) {
+  const cudaError_t err = sm90_call(dtype, p, stream, /*check_only=*/false);
+  if (err == cudaSuccess) sm90_launches.fetch_add(1, std::memory_order_relaxed);
+  return err;
 }
 
 // ---------------------------------------------------------------------------------------------------------

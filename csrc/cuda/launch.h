@@ -34,6 +34,22 @@ struct ConvBiasActParams {
 // Callers guarantee N*OH*OW < 2^31 - 256 and groups <= 65535. Returns the launch error, if any.
 cudaError_t launch_conv_bias_act(DType dtype, const ConvBiasActParams& p, cudaStream_t stream);
 
+// The Hopper engine (csrc/cuda/conv_sm90_cutlass.cuh): the same op through CUTLASS's sm90 implicit-GEMM conv (TMA,
+// warp-specialized wgmma) with the fused epilogue, for the calls it can take: float16/bfloat16, ungrouped, no
+// prologue, Cin and Cout multiples of 8, 16-byte aligned tensors, on a compute capability 9.0 device (the
+// caller checks the device). Returns cudaErrorNotSupported for any other call, and always where the extension
+// was built without CUTLASS or without sm_90a; the caller then runs launch_conv_bias_act.
+bool sm90_engine_built();
+cudaError_t launch_conv_bias_act_sm90(DType dtype, const ConvBiasActParams& p, cudaStream_t stream);
+// Whether launch_conv_bias_act_sm90 would take the call, by its host-side checks alone (no device needed).
+bool sm90_engine_accepts(DType dtype, const ConvBiasActParams& p);
+// Calls the Hopper engine ran (tests use it to tell which engine took a call).
+long long sm90_engine_launches();
+// Whether the CUDA op offers its calls to the Hopper engine first (process-wide; off until the engine has passed
+// the GPU check: see fused_resnet/ops/cpp_backend.py, set_cuda_engine).
+void set_sm90_engine_enabled(bool enabled);
+bool sm90_engine_enabled();
+
 // out = act(y + bias[c] + residual) over `rows` NHWC pixels of `channels` channels; out may be y.
 // bias is fp64 for kDouble, fp32 otherwise.
 cudaError_t launch_bias_residual_relu(DType dtype, const void* y, const void* bias, const void* residual, void* out,

@@ -106,6 +106,14 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
   p.relu = relu;
   p.sm_count = info.sm_count;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  // sm_90a code (the Hopper engine) runs on compute capability 9.0 exactly.
+  if (sm90_engine_enabled() && info.major == 9 && info.minor == 0) {
+    const cudaError_t err = launch_conv_bias_act_sm90(kernel_dtype(dtype), p, stream);
+    if (err != cudaErrorNotSupported) {
+      C10_CUDA_CHECK(err);
+      return out;
+    }
+  }
   C10_CUDA_CHECK(launch_conv_bias_act(kernel_dtype(dtype), p, stream));
   return out;
 }

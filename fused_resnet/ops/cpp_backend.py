@@ -8,8 +8,11 @@ themselves unavailable. An extension built against another torch is refused with
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import os
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -134,6 +137,48 @@ def bias_residual_relu(
 ) -> torch.Tensor:
     """act(y + bias[c] + residual), channels_last, in y's dtype (the conv epilogue alone)."""
     return torch.ops.fused_resnet_C.bias_residual_relu(y, bias, residual, relu)
+
+
+# The CUDA op's engines: "mma", the hand-written tensor-core kernel (csrc/cuda/conv_bias_act_kernel.cuh, compute
+# capability 8.0+, every call); "cutlass", the Hopper engine (csrc/cuda/conv_sm90_cutlass.cuh) for the calls it
+# can take on a compute capability 9.0 GPU, the hand-written kernel for the others. "mma" is the default until the
+# Hopper engine has passed the GPU tests (tests/test_cuda_sm90_engine.py).
+CUDA_ENGINES = ("mma", "cutlass")
+DEFAULT_CUDA_ENGINE = "mma"
+
+
+def set_cuda_engine(name: str) -> str:
+    """Chooses the CUDA op's engine for this process (see CUDA_ENGINES); returns the previous choice. The choice
+    applies when a kernel launches: a CUDA graph replays the engine that ran at capture."""
+    if name not in CUDA_ENGINES:
+        raise ValueError(f"unknown CUDA engine {name!r}; choose one of {', '.join(map(repr, CUDA_ENGINES))}")
+    previous = cuda_engine()
+    if name == "cutlass":
+        if _C is None or not _C.has_sm90_engine():
+            why = _MISSING or f"fused_resnet._C was built without it (needs CUTLASS and sm_90a); {REBUILD_HINT}"
+            raise RuntimeError(f"the 'cutlass' CUDA engine is not available: {why}")
+    if _C is not None:
+        _C.set_sm90_engine_enabled(name == "cutlass")
+    return previous
+
+
+def cuda_engine() -> str:
+    """The CUDA op's engine now in use (see CUDA_ENGINES)."""
+    return "cutlass" if _C is not None and _C.sm90_engine_enabled() else "mma"
+
+
+@contextlib.contextmanager
+def using_cuda_engine(name: str) -> Iterator[None]:
+    """set_cuda_engine(name) for the body of a with-statement, then the previous engine again."""
+    previous = set_cuda_engine(name)
+    try:
+        yield
+    finally:
+        set_cuda_engine(previous)
+
+
+if os.environ.get("FUSED_RESNET_CUDA_ENGINE"):
+    set_cuda_engine(os.environ["FUSED_RESNET_CUDA_ENGINE"])
 
 
 def unavailable(device_type: str) -> str | None:

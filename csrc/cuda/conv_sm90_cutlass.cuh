@@ -1,0 +1,136 @@
+// conv + folded-BN bias + [residual] + [ReLU] on Hopper through CUTLASS's sm90 implicit-GEMM convolution: TMA
+// im2col loads of the activation, warp-specialized wgmma main loop, and the fused epilogue
+//   y = act(1·acc + beta·residual + bias[c])      (LinCombPerColBiasEltAct: the bias is per output channel)
+// stored by TMA. It is the engine for the 16-bit layers that TMA can address (Cin and Cout multiples of 8,
+// ungrouped, no pre-activation prologue); conv_bias_act_kernel.cuh handles everything else.
+//
+// CUTLASS's sm90 kernels exist only in sm_90a code: for any other architecture the kernel body is a stub, so the
+// host side checks the device before launching (launch_conv_bias_act_sm90 in launch.h).
+//
+// Torch-free, like every .cu here (see launch.h); the CUTLASS headers come from the nvidia-cutlass wheel or
+// CUTLASS_PATH (setup.py).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+// CUTLASS headers assume these two come first (the conv builders use KernelHardwareInfo without including it).
+#include "cutlass/cutlass.h"
+#include "cutlass/kernel_hardware_info.hpp"
+
+#include "cute/tensor.hpp"
+#include "cutlass/conv/collective/collective_builder.hpp"
+#include "cutlass/conv/convnd_problem_shape.hpp"
+#include "cutlass/conv/device/conv_universal_adapter.hpp"
+#include "cutlass/conv/dispatch_policy.hpp"
+#include "cutlass/conv/kernel/conv_universal.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/thread/activation.h"
+#include "cuda/launch.h"
+
+namespace fused_resnet::cuda::sm90 {
+
+template <bool kRelu>
+struct Activation {
+  template <class T>
+  using Fn = cutlass::epilogue::thread::ReLu<T>;  // max(v, 0) with NaN kept, as torch.relu
+};
+
+template <>
+struct Activation<false> {
+  template <class T>
+  using Fn = cutlass::epilogue::thread::Identity<T>;
+};
+
+// One kernel per (element type, residual or not, ReLU or not). Without a residual the source operand is `void`,
+// so the epilogue never reads C at all (beta·C with beta = 0 would still read it, and 0·NaN is NaN).
+template <class Element, bool kResidual, bool kRelu>
+struct ConvKernel {
+  using Layout = cutlass::layout::TensorNHWC;  // activations NHWC; the filter [Cout, KH, KW, Cin] alike
+  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte TMA granules
+  using ElementSource = std::conditional_t<kResidual, Element, void>;
+  // 128×128 output tiles, 64-deep K steps (four 16-deep wgmma steps): the tile design.md §2 measured to build in
+  // ~36 s without spilling; 128×256 spills.
+  using TileShape = cute::Shape<cute::_128, cute::_128, cute::Shape<cute::_64>>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+
+  using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Activation<kRelu>::template Fn, Element, float,
+                                                                    float, Element, float>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementSource, Layout, kAlignment, Element,
+      Layout, kAlignment, cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
+
+  using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, Element, Layout,
+      kAlignment, Element, Layout, kAlignment, float, TileShape, ClusterShape,
+      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::conv::KernelImplicitTmaWarpSpecializedSm90>::CollectiveOp;
+
+  using ProblemShape = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, Mainloop::NumSpatialDimensions>;
+  using Kernel = cutlass::conv::kernel::ConvUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+};
+
+// Runs the call, or with check_only only decides whether this kernel can take it (host-side checks alone: no
+// device is touched, so CPU tests can ask). cudaErrorNotSupported: it cannot.
+template <class Element, bool kResidual, bool kRelu>
+cudaError_t launch(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
+  using K = ConvKernel<Element, kResidual, kRelu>;
+  using Conv = typename K::Conv;
+  using ProblemShape = typename K::ProblemShape;
+
+  const ProblemShape shape(cutlass::conv::Mode::kCrossCorrelation, {p.n, p.h, p.w, p.c}, {p.cout, p.kh, p.kw, p.c},
+                           {p.pad_h, p.pad_w}, {p.pad_h, p.pad_w}, {p.stride_h, p.stride_w}, {p.dil_h, p.dil_w}, 1);
+  // The output extents CUTLASS derives must be the ones the caller allocated (torch's formula; a mismatch would
+  // write out of bounds): shape_C is [n, p, q, k].
+  if (shape.shape_C[1] != p.oh || shape.shape_C[2] != p.ow || shape.shape_C[3] != p.cout) {
+    return cudaErrorNotSupported;
+  }
+
+  // Output strides (q, p, n) of the packed NHWC output, innermost first; the residual has the output's layout.
+  typename Conv::ConvKernel::StrideD stride_d{};
+  cute::for_each(cute::make_seq<cute::rank<0>(typename Conv::ConvKernel::StrideD{})>{},
+                 [&](auto i) { cute::get<0, i>(stride_d) = shape.stride_C[ProblemShape::RankT - 2 - i]; });
+  typename Conv::ConvKernel::StrideC stride_c{};
+  if constexpr (kResidual) {
+    cute::for_each(cute::make_seq<cute::rank<0>(typename Conv::ConvKernel::StrideC{})>{},
+                   [&](auto i) { cute::get<0, i>(stride_c) = shape.stride_C[ProblemShape::RankT - 2 - i]; });
+  }
+
+  typename Conv::Arguments args{
+      shape,
+      {static_cast<const Element*>(p.x), static_cast<const Element*>(p.weight)},
+      {{}, static_cast<const typename K::ElementSource*>(p.residual), stride_c, static_cast<Element*>(p.y), stride_d}};
+  args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.beta = kResidual ? 1.f : 0.f;
+  args.epilogue.thread.bias_ptr = p.bias;
+
+  // The non-persistent sm90 conv needs no workspace; if a CUTLASS version ever asks for one, decline the call
+  // (the caller falls back) rather than pass a null workspace.
+  if (Conv::get_workspace_size(args) != 0) return cudaErrorNotSupported;
+  if (Conv::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+  if (check_only) return cudaSuccess;
+  Conv conv;
+  if (conv.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+  if (conv.run(stream) != cutlass::Status::kSuccess) {
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : cudaErrorLaunchFailure;
+  }
+  return cudaGetLastError();
+}
+
+// The entry point of one element type (instantiated in conv_sm90_<dtype>.cu); the caller checked the rest of what
+// the engine needs (launch_conv_bias_act_sm90 in launch.cu).
+template <class Element>
+cudaError_t launch_typed(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
+  if (p.residual != nullptr) {
+    return p.relu ? launch<Element, true, true>(p, stream, check_only)
+                  : launch<Element, true, false>(p, stream, check_only);
+  }
+  return p.relu ? launch<Element, false, true>(p, stream, check_only)
+                : launch<Element, false, false>(p, stream, check_only);
+}
+
+}  // namespace fused_resnet::cuda::sm90

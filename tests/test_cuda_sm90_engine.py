@@ -1,0 +1,267 @@
+"""The CUDA op's Hopper engine (CUTLASS sm90 implicit GEMM, csrc/cuda/conv_sm90_cutlass.cuh) and the engine choice.
+
+Without a GPU: the engine is compiled wherever CI builds the extension, and the choice (set_cuda_engine, the
+FUSED_RESNET_CUDA_ENGINE variable) behaves. On a compute capability 9.0 GPU (gpu-marked, run by the GPU check):
+every ResNet-family conv shape the engine takes, against cuDNN in fp32 on the same rounded inputs with
+test_cpp_ops' tolerances, each call checked to have run on the engine (its launch counter), and the calls it must
+decline (grouped, the 3-channel stem, the prologue, misaligned or fp32 tensors) checked to run on the hand-written
+kernel, still right.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_cpp_ops import CONV_KINDS, GPU_BATCH, HAS_CUDA, RESNET_SHAPES, _check_cuda, _cuda_case, _make, _shape_id
+
+from fused_resnet.check import check_model
+from fused_resnet.ops import cpp_backend
+
+_C = cpp_backend._C
+REQUIRE_EXT = os.environ.get("FUSED_RESNET_REQUIRE_EXT", "0") not in ("", "0")
+ON_SM90 = HAS_CUDA and _C.has_sm90_engine() and torch.cuda.get_device_capability() == (9, 0)
+gpu = pytest.mark.gpu
+needs_sm90 = pytest.mark.skipif(not ON_SM90, reason="needs a compute capability 9.0 GPU and _C built with CUTLASS")
+ENGINE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@pytest.fixture
+def cutlass_engine():
+    with cpp_backend.using_cuda_engine("cutlass"):
+        yield
+
+
+def _takes(shape) -> bool:
+    cin, _, cout, _, _, _, _, groups = shape
+    return groups == 1 and cin % 8 == 0 and cout % 8 == 0
+
+
+# ------------------------------------------------------------------------------------------------- no GPU needed
+def test_engine_is_built_where_ci_builds_the_extension():
+    # CI builds for the default arch list (with sm_90a) with the nvidia-cutlass headers installed (Makefile).
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a").replace(" ", ";").split(";")
+    if not (REQUIRE_EXT and _C.has_cuda() and "9.0a" in arch_list):
+        pytest.skip("only where the extension must have been built with CUDA for sm_90a")
+    assert _C.has_sm90_engine()
+
+
+def test_default_engine_is_the_hand_written_kernel():
+    assert cpp_backend.DEFAULT_CUDA_ENGINE == "mma"
+    if not os.environ.get("FUSED_RESNET_CUDA_ENGINE"):
+        assert cpp_backend.cuda_engine() == "mma"
+        assert not _C.sm90_engine_enabled()
+
+
+def test_engine_choice_round_trip():
+    if not _C.has_sm90_engine():
+        pytest.skip("_C was built without the sm90 engine")
+    start = cpp_backend.cuda_engine()
+    try:
+        assert cpp_backend.set_cuda_engine("cutlass") == start
+        assert cpp_backend.cuda_engine() == "cutlass" and _C.sm90_engine_enabled()
+        with pytest.raises(KeyError), cpp_backend.using_cuda_engine("mma"):
+            assert cpp_backend.cuda_engine() == "mma" and not _C.sm90_engine_enabled()
+            raise KeyError("the body fails: the engine must still be restored")
+        assert cpp_backend.cuda_engine() == "cutlass"
+    finally:
+        cpp_backend.set_cuda_engine(start)
+
+
+def test_unknown_engine_is_refused_and_changes_nothing():
+    start = cpp_backend.cuda_engine()
+    with pytest.raises(ValueError, match="unknown CUDA engine 'cudnn'"):
+        cpp_backend.set_cuda_engine("cudnn")
+    assert cpp_backend.cuda_engine() == start
+
+
+def test_cutlass_is_refused_where_it_was_not_built(monkeypatch):
+    class WithoutEngine:
+        def has_sm90_engine(self):
+            return False
+
+        def sm90_engine_enabled(self):
+            return False
+
+        def set_sm90_engine_enabled(self, enabled):
+            assert not enabled, "an engine that was not built must not be enabled"
+
+    monkeypatch.setattr(cpp_backend, "_C", WithoutEngine())
+    with pytest.raises(RuntimeError, match="'cutlass' CUDA engine is not available.*CUTLASS and sm_90a"):
+        cpp_backend.set_cuda_engine("cutlass")
+    assert cpp_backend.set_cuda_engine("mma") == "mma"
+
+
+def _engine_in_fresh_process(value: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FUSED_RESNET_CUDA_ENGINE": value}
+    code = "from fused_resnet.ops import cpp_backend; print(cpp_backend.cuda_engine())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_environment_variable_chooses_the_engine():
+    if not _C.has_sm90_engine():
+        pytest.skip("_C was built without the sm90 engine")
+    result = _engine_in_fresh_process("cutlass")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "cutlass"
+    result = _engine_in_fresh_process("fastest")
+    assert result.returncode != 0 and "unknown CUDA engine 'fastest'" in result.stderr
+
+
+def _accepts(shape_or_kind, dtype="bfloat16", residual=True, prologue=False, n=GPU_BATCH, hw=None):
+    if len(shape_or_kind) == 8:  # a RESNET_SHAPES entry
+        cin, size, cout, k, stride, padding, dilation, groups = shape_or_kind
+        hw = (size, size)
+    else:  # a CONV_KINDS / EDGE_KINDS entry
+        cin, cout, k, stride, padding, dilation, groups = shape_or_kind
+    return _C.sm90_engine_accepts(
+        dtype, (n, cin, *hw), (cout, cin // groups, k, k), (stride, stride), (padding, padding), (dilation, dilation),
+        groups, residual, prologue,
+    )  # fmt: skip
+
+
+needs_engine_built = pytest.mark.skipif(not _C.has_sm90_engine(), reason="_C was built without the sm90 engine")
+
+
+@needs_engine_built
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+def test_engine_takes_every_resnet_conv_that_tma_can_address(residual):
+    # CUTLASS's own host-side checks (can_implement: TMA alignment, im2col padding and corner limits; the output
+    # extents it derives): every layer of the family with Cin and Cout multiples of 8 must pass them, so that on
+    # the GPU these layers run on the engine rather than silently on the fallback.
+    for dtype in ("bfloat16", "float16"):
+        for shape in RESNET_SHAPES:
+            assert _accepts(shape, dtype, residual) == _takes(shape), (dtype, shape)
+        for batch in (1, 256):
+            assert _accepts((64, 56, 256, 1, 1, 0, 1, 1), dtype, residual, n=batch)
+
+
+@needs_engine_built
+def test_engine_takes_the_edge_cases_and_declines_what_it_cannot_do():
+    for kind in EDGE_KINDS.values():
+        assert _accepts(kind, hw=(13, 10), n=3)
+    layer = (64, 56, 64, 3, 1, 1, 1, 1)
+    assert not _accepts(layer, "float32")
+    assert not _accepts(layer, prologue=True)
+    assert not _accepts(CONV_KINDS["stem7x7s2"], hw=(13, 10))
+    assert not _accepts(CONV_KINDS["grouped3x3"], hw=(13, 10))
+    assert not _accepts((12, 8, 1, 1, 0, 1, 1), hw=(13, 10))  # Cin 12: rows off the 16-byte grid
+    # TMA's im2col mode limits the padding (at most 256 per side for 2-D convs).
+    assert not _accepts((8, 8, 3, 1, 300, 1, 1), hw=(13, 10))
+
+
+# ------------------------------------------------------------------------------------------------- on the GPU
+def _check_on_engine(args, relu, dtype, expect_engine: bool):
+    before = _C.sm90_engine_launches()
+    _check_cuda(args, relu, dtype)
+    took = _C.sm90_engine_launches() - before
+    assert took == (1 if expect_engine else 0), f"the sm90 engine ran {took} times, expected {int(expect_engine)}"
+
+
+@gpu
+@needs_sm90
+@pytest.mark.usefixtures("cutlass_engine")
+@pytest.mark.parametrize("residual", [True, False], ids=["res-relu", "plain"])
+@pytest.mark.parametrize("dtype", ENGINE_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", RESNET_SHAPES, ids=_shape_id)
+def test_resnet_shapes(shape, dtype, residual):
+    _check_on_engine(_cuda_case(shape, dtype, residual), residual, dtype, expect_engine=_takes(shape))
+
+
+# Partial tiles in every direction (M, N and K smaller than or not a multiple of the 128×128×64 tile), padding 0,
+# strides and dilations, at the smallest channel counts the engine takes (multiples of 8).
+EDGE_KINDS = {
+    "3x3s1-c8": (8, 8, 3, 1, 1, 1, 1),
+    "3x3s2-c16o24": (16, 24, 3, 2, 1, 1, 1),
+    "1x1s1-c8o16": (8, 16, 1, 1, 0, 1, 1),
+    "1x1s2-c16o8": (16, 8, 1, 2, 0, 1, 1),
+    "3x3-nopad-c24o136": (24, 136, 3, 1, 0, 1, 1),
+    "dilated3x3d2": (8, 8, 3, 1, 2, 2, 1),
+    "dilated3x3d4": (16, 8, 3, 1, 4, 4, 1),
+    "5x5s1-c72o40": (72, 40, 5, 1, 2, 1, 1),
+}
+
+
+@gpu
+@needs_sm90
+@pytest.mark.usefixtures("cutlass_engine")
+@pytest.mark.parametrize("epilogue", [(False, True), (True, True), (False, False), (True, False)], ids=str)
+@pytest.mark.parametrize("dtype", ENGINE_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", EDGE_KINDS.values(), ids=EDGE_KINDS.keys())
+def test_partial_tiles_and_epilogues(kind, dtype, epilogue):
+    residual, relu = epilogue
+    args = _make(kind, dtype, "cuda", residual=residual, n=3, hw=(13, 10))
+    _check_on_engine(args, relu, dtype, expect_engine=True)
+
+
+@gpu
+@needs_sm90
+@pytest.mark.usefixtures("cutlass_engine")
+@pytest.mark.parametrize("dtype", (*ENGINE_DTYPES, torch.float32), ids=str)
+def test_declined_calls_run_on_the_hand_written_kernel(dtype):
+    fp32 = dtype == torch.float32
+    for kind in ("stem7x7s2", "grouped3x3", "3x3s1"):  # Cin 3; groups 4; Cout 12
+        _check_on_engine(_make(CONV_KINDS[kind], dtype, "cuda", n=2, hw=(13, 10)), True, dtype, expect_engine=False)
+    prologue = _make(EDGE_KINDS["3x3s1-c8"], dtype, "cuda", prologue=True, n=2, hw=(13, 10))
+    _check_on_engine(prologue, True, dtype, expect_engine=False)
+    x, w, b, r, config, s, t = _cuda_case((64, 28, 64, 3, 1, 1, 1, 1), dtype, residual=True, n=2)
+    # A residual view 2 bytes off a 16-byte boundary: TMA cannot address it.
+    buf = torch.empty(r.numel() + 1, dtype=dtype, device="cuda")
+    r_mis = buf[1:].view(r.shape[0], r.shape[2], r.shape[3], r.shape[1]).permute(0, 3, 1, 2).copy_(r)
+    assert r_mis.data_ptr() % 16 != 0
+    _check_on_engine((x, w, b, r_mis, config, s, t), True, dtype, expect_engine=False)
+    _check_on_engine((x, w, b, r, config, s, t), True, dtype, expect_engine=not fp32)
+
+
+@gpu
+@needs_sm90
+@pytest.mark.usefixtures("cutlass_engine")
+def test_relu_keeps_nan_and_padding_stays_zero():
+    x, w, b, _, config, _, _ = _make(EDGE_KINDS["3x3s1-c8"], torch.bfloat16, "cuda", residual=False, n=1, hw=(6, 6))
+    x[0, :, 0, 0] = float("nan")
+    out = cpp_backend.conv_bias_act(x, w, b, None, config, True)
+    expected = torch.relu(torch.nn.functional.conv2d(x.float(), w.float(), b, padding=1))
+    assert torch.equal(out.isnan(), expected.isnan())  # NaN reaches exactly the windows that hold the pixel
+    assert out.isnan().any()
+
+
+@gpu
+@needs_sm90
+@pytest.mark.usefixtures("cutlass_engine")
+def test_cuda_graph_replay_matches_eager():
+    x, w, b, r, config, _, _ = _cuda_case((256, 14, 256, 3, 1, 1, 1, 1), torch.bfloat16, residual=True, n=4)
+    eager = cpp_backend.conv_bias_act(x, w, b, r, config, True)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cpp_backend.conv_bias_act(x, w, b, r, config, True)  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    before = _C.sm90_engine_launches()
+    with torch.cuda.graph(graph):
+        captured = cpp_backend.conv_bias_act(x, w, b, r, config, True)
+    assert _C.sm90_engine_launches() == before + 1
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+@gpu
+@needs_sm90
+@pytest.mark.usefixtures("cutlass_engine")
+@pytest.mark.parametrize("model", ["resnet18", "resnet50"])
+def test_model_parity_against_torchvision(model):
+    before = _C.sm90_engine_launches()
+    rows = check_model(model, dtype=torch.bfloat16, device="cuda", shape=(GPU_BATCH, 3, 64, 64), backend="cuda")
+    failed = [r for r in rows if not r.passed]
+    assert not failed, "\n".join(map(str, failed))
+    assert _C.sm90_engine_launches() > before
+
+
+def test_edge_kinds_are_ones_the_engine_takes():
+    # The edge cases above must stay inside what launch_conv_bias_act_sm90 accepts, or they test the fallback.
+    for cin, cout, *_, groups in EDGE_KINDS.values():
+        assert groups == 1 and cin % 8 == 0 and cout % 8 == 0
