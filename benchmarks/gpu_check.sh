@@ -5,7 +5,9 @@
 #
 # Stages (default: install tests memory bench, at most 9 minutes on an H100 including the build: run it with a 600 s limit):
 #   install     pip install --no-build-isolation --no-deps -e .  (MAX_JOBS=$(nproc), TORCH_CUDA_ARCH_LIST this GPU's
-#               unless set; torch is never touched)
+#               unless set; torch is never touched). The extension's Hopper engine needs CUTLASS's headers: where
+#               nvidia-cutlass is not installed and CUTLASS_PATH is unset, the wheel is taken from .whl/ (fetch it
+#               beforehand with `pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl` and carry .whl along)
 #   tests       pytest -m gpu, two groups side by side (benchmarks/gpu_tests.sh)
 #   tune        python -m fused_resnet.ops.triton_tune for ResNet-50, batch 256, bf16 (the table lands in OUTDIR too)
 #   bench       python -m fused_resnet.bench --profile gpu-quick
@@ -145,6 +147,16 @@ for stage in "${STAGES[@]}"; do
                 skip_stage install "CPU dry run leaves this environment alone (GPU_CHECK_INSTALL=1 runs it)"
                 continue
             fi
+            # CUTLASS's headers (the extension's Hopper engine): the GPU machine has no network, so the nvidia-cutlass
+            # wheel travels in .whl/ (see the top of this file); unpacked only for the build.
+            if [[ -z ${CUTLASS_PATH:-} ]] && ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)"; then
+                wheel=$(compgen -G ".whl/nvidia_cutlass-*.whl" | head -1)
+                if [[ -n $wheel ]]; then
+                    "$PY" -m zipfile -e "$wheel" "$TMP/cutlass" && export CUTLASS_PATH=$TMP/cutlass/cutlass_library/source
+                else
+                    echo "no CUTLASS headers (.whl/nvidia_cutlass-*.whl not carried): the build leaves out the sm90 engine" | tee -a "$LOG"
+                fi
+            fi
             run_stage install "$limit" bash -c '
                 before=$("$0" -c "import torch; print(torch.__version__)")
                 # Only this GPU'"'"'s architecture (sm_90a on a Hopper): half the nvcc work of the default list.
@@ -155,6 +167,7 @@ for stage in "${STAGES[@]}"; do
                 after=$("$0" -c "import torch; print(torch.__version__)")
                 [[ $before == "$after" ]] || { echo "torch changed: $before -> $after"; exit 1; }
                 "$0" -c "import fused_resnet, fused_resnet.backends as b; print(\"backends here:\", b.available_backends())"
+                "$0" -c "from fused_resnet import _C; print(\"sm90 engine built:\", _C.has_sm90_engine())"
             ' "$PY"
             ;;
         tests)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fused_resnet import backends, models
+from fused_resnet.bench.contenders import engine_scope, hopper_engine_runs
 from fused_resnet.nn.functional import conv_bn_act
 from fused_resnet.tolerances import forward_rtol, relative_error
 
@@ -77,31 +78,43 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = [b for b in DEVICE_BACKENDS[device.type] if backends.unavailable_reason(b) is None]
     print(f"device {device}, backends {names or 'none besides reference'}")
+    # (label, backend, the cuda backend's engine): the Hopper engine (CUTLASS sm90 convs) where it runs.
+    variants = [(b, b, None) for b in ["reference", *names]]
+    if "cuda" in names and hopper_engine_runs(device):
+        variants.append(("cutlass", "cuda", "cutlass"))
     failures = 0
-    for backend in ["reference", *names]:
-        for dtype in (torch.float32, torch.bfloat16):
-            tol = forward_rtol(dtype, device)
-            for shape in SHAPES:
-                try:
-                    err = _case(shape, backend, device, dtype)
-                    ok = err <= tol
-                except Exception as exc:  # report every case, then fail
-                    err, ok = f"{type(exc).__name__}: {exc}".splitlines()[0][:200], False
-                failures += not ok
-                print(f"{'ok ' if ok else 'BAD'} {backend:9s} {str(dtype):15s} {shape}: rel err {err} (tol {tol})")
-        model = models.resnet18(backend=backend).to(device).train()
-        x = torch.randn(2, 3, 64, 64, device=device)
-        model(x).sum().backward()
-        print(f"ok  {backend:9s} resnet18 train step (64x64, batch 2)")
-        if device.type == "cuda":
-            err = _graph_case(backend, device)
-            ok = err <= forward_rtol(torch.bfloat16, device)
-            failures += not ok
-            print(f"{'ok ' if ok else 'BAD'} {backend:9s} resnet18 eval bf16 CUDA-graph replay vs eager: rel err {err}")
+    for label, backend, engine in variants:
+        with engine_scope(engine):
+            failures += _check_backend(label, backend, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     print("FAILED" if failures else "all cases ok")
     return 1 if failures else 0
+
+
+def _check_backend(label: str, backend: str, device: torch.device) -> int:
+    """Runs every case on one backend, prints a line per case; returns the number of failures."""
+    failures = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        tol = forward_rtol(dtype, device)
+        for shape in SHAPES:
+            try:
+                err = _case(shape, backend, device, dtype)
+                ok = err <= tol
+            except Exception as exc:  # report every case, then fail
+                err, ok = f"{type(exc).__name__}: {exc}".splitlines()[0][:200], False
+            failures += not ok
+            print(f"{'ok ' if ok else 'BAD'} {label:9s} {str(dtype):15s} {shape}: rel err {err} (tol {tol})")
+    model = models.resnet18(backend=backend).to(device).train()
+    x = torch.randn(2, 3, 64, 64, device=device)
+    model(x).sum().backward()
+    print(f"ok  {label:9s} resnet18 train step (64x64, batch 2)")
+    if device.type == "cuda":
+        err = _graph_case(backend, device)
+        ok = err <= forward_rtol(torch.bfloat16, device)
+        failures += not ok
+        print(f"{'ok ' if ok else 'BAD'} {label:9s} resnet18 eval bf16 CUDA-graph replay vs eager: rel err {err}")
+    return failures
 
 
 if __name__ == "__main__":

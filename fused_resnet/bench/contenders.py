@@ -37,6 +37,8 @@ class Contender:
     backend: str | None = None
     skip: str | None = None  # why it does not run here (reported as a skipped row)
     note: str = ""
+    # The "cuda" backend's engine (fused_resnet.ops.cpp_backend.CUDA_ENGINES) for this contender's steps.
+    cuda_engine: str | None = None
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -79,6 +81,11 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
             # Training runs the stock conv (cuDNN/oneDNN) with the backend's BN passes (fused_resnet/training).
             note = _TRAIN_NOTES[name]
         out.append(Contender(f"fused:{name}{suffix}", "fused", cl, weights, amp, backend=name, skip=reason, note=note))
+    if not train and hopper_engine_runs(device):
+        # The "cuda" backend on its Hopper engine (CUTLASS sm90 convs; the default engine is the hand-written one).
+        note = "the cuda backend's 'cutlass' engine"
+        out.append(Contender(f"fused:cuda+cutlass{suffix}", "fused", cl, weights, amp, backend="cuda", note=note,
+                             cuda_engine="cutlass"))  # fmt: skip
     if device.type == "cuda" and not train and profile.graph_replays:
         # Replayed CUDA graphs: how much of each eager row is host launch overhead rather than GPU time.
         out.append(Contender("eager_cl+graph", "eager", cl, weights, compile_mode="graph"))
@@ -103,6 +110,24 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
     if small and not train:
         out.append(Contender("compile_reduce_overhead", "compile", cl, weights, compile_mode="reduce-overhead"))
     return out
+
+
+def hopper_engine_runs(device: torch.device) -> bool:
+    """Whether the "cuda" backend's Hopper engine (CUTLASS sm90 convs) runs on this device."""
+    if backends.unavailable_reason("cuda") is not None:
+        return False
+    from ..ops import cpp_backend
+
+    return cpp_backend.sm90_engine_runs_on(device)
+
+
+def engine_scope(cuda_engine: str | None) -> contextlib.AbstractContextManager:
+    """The "cuda" backend on this engine for the body of a with-statement (None: leave the engine alone)."""
+    if cuda_engine is None:
+        return contextlib.nullcontext()
+    from ..ops import cpp_backend
+
+    return cpp_backend.using_cuda_engine(cuda_engine)
 
 
 def fused_model(model: nn.Module, backend: str) -> nn.Module:
@@ -160,7 +185,7 @@ def make_step(c: Contender, net: nn.Module, x: torch.Tensor, target: torch.Tenso
     if not train:
 
         def infer() -> torch.Tensor:
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), autocast(), engine_scope(c.cuda_engine):
                 return net(xin)
 
         return graphed(infer) if c.compile_mode == "graph" else infer
@@ -169,7 +194,7 @@ def make_step(c: Contender, net: nn.Module, x: torch.Tensor, target: torch.Tenso
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
 
     def train_step() -> torch.Tensor:
-        with autocast():
+        with autocast(), engine_scope(c.cuda_engine):
             logits = net(xin)
             loss = F.cross_entropy(logits.float(), target)
         loss.backward()

@@ -25,7 +25,7 @@ from .. import backends
 from ..nn.functional import conv_bn_act
 from ..tolerances import max_abs_error, relative_error
 from . import roofline
-from .contenders import DEVICE_BACKENDS
+from .contenders import DEVICE_BACKENDS, engine_scope, hopper_engine_runs
 from .profiles import Profile, dtype_name
 from .progress import Progress
 from .runner import OUT_OF_TIME, free_memory, layers_of, one_line, rounds_for, strict_fp32, timing_fields
@@ -96,6 +96,13 @@ def _functions(
     for name in DEVICE_BACKENDS[device.type]:
         if backends.unavailable_reason(name) is None:
             fns[f"fused:{name}"] = lambda x, name=name: conv_bn_act(x, conv, bn, residual, layer.relu, backend=name)
+    if "fused:cuda" in fns and hopper_engine_runs(device):
+
+        def on_hopper_engine(x: torch.Tensor) -> torch.Tensor:
+            with engine_scope("cutlass"):
+                return conv_bn_act(x, conv, bn, residual, layer.relu, backend="cuda")
+
+        fns["fused:cuda+cutlass"] = on_hopper_engine
     return fns
 
 

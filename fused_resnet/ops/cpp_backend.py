@@ -167,6 +167,14 @@ def cuda_engine() -> str:
     return "cutlass" if _C is not None and _C.sm90_engine_enabled() else "mma"
 
 
+def sm90_engine_runs_on(device: torch.device) -> bool:
+    """Whether the 'cutlass' engine can run convs on this device: built into _C, and a compute capability 9.0 GPU
+    (its kernels are sm_90a code)."""
+    if device.type != "cuda" or _C is None or not _C.has_sm90_engine():
+        return False
+    return cuda_capability(device) == (9, 0)
+
+
 @contextlib.contextmanager
 def using_cuda_engine(name: str) -> Iterator[None]:
     """set_cuda_engine(name) for the body of a with-statement, then the previous engine again."""
