@@ -157,6 +157,42 @@ def test_expanded_gradient(impl):
     assert torch.equal(masked.bool(), mask)
 
 
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values as channels_last t, one element off every 16-byte boundary."""
+    n, c, h, w = t.shape
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(n, h, w, c).permute(0, 3, 1, 2).copy_(t)
+    assert view.is_contiguous(memory_format=torch.channels_last) and view.data_ptr() % 16 != 0
+    return view
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [8, 40, 64, 2048])
+def test_cuda_vectorized_passes_equal_the_scalar_ones(dtype, channels):
+    # csrc/cuda/bn_train.cu runs normalize and grad_input 16 bytes per access where the channels are a multiple
+    # of the vector width and every tensor is aligned; misaligned copies of the same tensors take the scalar
+    # kernels. Same arithmetic per value: the results must be bit for bit equal, and match the formula.
+    reason = passes._unsupported("cpp", "cuda", dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    run = passes.PASSES["cpp"]
+    shape = (3, channels, 9, 7)  # 189 pixels: the last block of pixel rows is partial
+    y, g, r = (_tensor(shape, dtype, torch.channels_last, "cuda") for _ in range(3))
+    scale, shift, a, b, c = (_vector(channels, dtype, "cuda") for _ in range(5))
+    for residual in (None, r):
+        res_mis = None if residual is None else _misaligned(residual)
+        out = run.normalize(y, scale, shift, residual, True)
+        assert torch.equal(out, run.normalize(_misaligned(y), scale, shift, res_mis, True))
+        z = _z(y, scale, shift, residual)
+        assert _within(out, torch.relu(z), _z_terms(y, scale, shift, residual))
+        dy = run.grad_input(g, y, scale, shift, residual, a, b, c, True)
+        assert torch.equal(dy, run.grad_input(_misaligned(g), _misaligned(y), scale, shift, res_mis, a, b, c, True))
+        g_masked = torch.where(z > 0, g.double(), 0.0)
+        terms = (_ch(a) * g_masked).abs() + (_ch(b) * y.double()).abs() + _ch(c).abs()
+        assert _within(dy, _ch(a) * g_masked + _ch(b) * y.double() + _ch(c), terms)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_extension_ops_opcheck(device):
     reason = passes._unsupported("cpp", device, torch.float32)

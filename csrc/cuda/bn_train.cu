@@ -6,10 +6,15 @@
 //   grad_input   a*g' + b*y + c
 // with z = fma(y, scale, shift) [+ r] computed by one helper in every pass, so backward's mask is forward's bit
 // for bit. A block covers 32 channels (one per lane: a warp reads 32 consecutive values of a pixel) x 8 pixel
-// lanes. Reductions write one partial per (chunk of pixels, channel) and a second kernel merges the chunks in
-// order (lanes of chunks, then the lanes): the result depends on the shape alone, never on the GPU or the timing.
+// lanes; normalize and grad_input have 16-byte twins (a thread owns a vector of channels) for the common case of
+// channels a multiple of the vector width. Reductions write one partial per (chunk of pixels, channel) and a
+// second kernel merges the chunks in order (lanes of chunks, then the lanes): the result depends on the shape
+// alone, never on the GPU or the timing.
 // Torch-free: compiled by nvcc alone (see launch.h).
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
 
 #include "cuda/elem.cuh"
 #include "cuda/launch.h"
@@ -43,13 +48,19 @@ dim3 channel_grid(long long blocks_x, long long channels) {
 template <typename T>
 using AccOf = typename AccMath<T>::Acc;
 
-// z = y*scale + shift [+ r]: the one definition of the pre-activation.
+// z = y*scale + shift [+ r]: the one definition of the pre-activation (r_value is read only with a residual).
+template <typename T>
+__device__ __forceinline__ AccOf<T> pre_activation_of(AccOf<T> y, AccOf<T> scale, AccOf<T> shift, bool has_residual,
+                                                      AccOf<T> r_value) {
+  AccOf<T> z = AccMath<T>::fma(y, scale, shift);
+  if (has_residual) z += r_value;
+  return z;
+}
+
 template <typename T>
 __device__ __forceinline__ AccOf<T> pre_activation(AccOf<T> y, AccOf<T> scale, AccOf<T> shift, const T* r,
                                                    long long i) {
-  AccOf<T> z = AccMath<T>::fma(y, scale, shift);
-  if (r != nullptr) z += AccMath<T>::load(r[i]);
-  return z;
+  return pre_activation_of<T>(y, scale, shift, r != nullptr, r != nullptr ? AccMath<T>::load(r[i]) : AccOf<T>(0));
 }
 
 // Chan's merge of (nb, mb, m2b) into the running (n, mean, m2).
@@ -189,6 +200,108 @@ __global__ void grad_input_kernel(const T* __restrict__ g, const T* __restrict__
   }
 }
 
+// ------------------------------------------------------------------------------------------------ 16-byte vectors
+// The elementwise passes above move one value per thread per access: too few bytes in flight per SM to cover the
+// memory latency, whatever the occupancy. Where the channels are a multiple of the vector width and the tensors
+// 16-byte aligned, these twins move 16 bytes per access instead: a thread owns kWidth consecutive channels of
+// every pixel it visits (a vector never straddles two pixels), with the same arithmetic per value, so their
+// results are bit for bit the scalar kernels'.
+template <typename T>
+struct alignas(16) Vec {
+  static constexpr int kWidth = 16 / static_cast<int>(sizeof(T));
+  T v[kWidth];
+};
+
+template <typename T>
+__device__ __forceinline__ Vec<T> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T>*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T>& value) {
+  *reinterpret_cast<Vec<T>*>(p) = value;
+}
+
+// Block: kVecThreads threads, (channel vectors of a pixel) x (pixels); the first channel of this thread's vector.
+constexpr int kVecThreads = 256;
+
+__device__ __forceinline__ long long vec_first_channel(int width) {
+  return (static_cast<long long>(blockIdx.y) * blockDim.x + threadIdx.x) * width;
+}
+
+template <typename T>
+__global__ void normalize_vec_kernel(const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
+                                     const AccOf<T>* __restrict__ shift, const T* __restrict__ residual,
+                                     T* __restrict__ out, long long rows, long long channels, bool relu) {
+  using Acc = AccOf<T>;
+  constexpr int W = Vec<T>::kWidth;
+  const long long c0 = vec_first_channel(W);
+  if (c0 >= channels) return;
+  Acc s[W], t[W];
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    s[j] = scale[c0 + j];
+    t[j] = shift[c0 + j];
+  }
+  const bool has_residual = residual != nullptr;
+  const long long step = static_cast<long long>(gridDim.x) * blockDim.y;
+  for (long long r = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows; r += step) {
+    const long long i = r * channels + c0;
+    const Vec<T> yv = load_vec(y + i);
+    Vec<T> rv;
+    if (has_residual) rv = load_vec(residual + i);
+    Vec<T> o;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const Acc rj = has_residual ? AccMath<T>::load(rv.v[j]) : Acc(0);
+      const Acc z = pre_activation_of<T>(AccMath<T>::load(yv.v[j]), s[j], t[j], has_residual, rj);
+      o.v[j] = AccMath<T>::store(relu && z < Acc(0) ? Acc(0) : z);  // keeps NaN, as torch.relu does
+    }
+    store_vec(out + i, o);
+  }
+}
+
+template <typename T>
+__global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restrict__ y,
+                                      const AccOf<T>* __restrict__ scale, const AccOf<T>* __restrict__ shift,
+                                      const T* __restrict__ residual, const AccOf<T>* __restrict__ a,
+                                      const AccOf<T>* __restrict__ b, const AccOf<T>* __restrict__ cc,
+                                      T* __restrict__ dy, long long rows, long long channels, bool relu) {
+  using Acc = AccOf<T>;
+  constexpr int W = Vec<T>::kWidth;
+  const long long c0 = vec_first_channel(W);
+  if (c0 >= channels) return;
+  Acc s[W], t[W], ac[W], bc[W], ccc[W];
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    s[j] = scale[c0 + j];
+    t[j] = shift[c0 + j];
+    ac[j] = a[c0 + j];
+    bc[j] = b[c0 + j];
+    ccc[j] = cc[c0 + j];
+  }
+  const bool has_residual = residual != nullptr;
+  const long long step = static_cast<long long>(gridDim.x) * blockDim.y;
+  for (long long r = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows; r += step) {
+    const long long i = r * channels + c0;
+    const Vec<T> gv = load_vec(g + i);
+    const Vec<T> yv = load_vec(y + i);
+    Vec<T> rv;
+    if (has_residual) rv = load_vec(residual + i);
+    Vec<T> o;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const Acc yj = AccMath<T>::load(yv.v[j]);
+      const Acc rj = has_residual ? AccMath<T>::load(rv.v[j]) : Acc(0);
+      // masked_grad's rule: g where forward's z > 0 (NaN z: 0), or g itself without ReLU.
+      const bool pass = !relu || pre_activation_of<T>(yj, s[j], t[j], has_residual, rj) > Acc(0);
+      const Acc gm = pass ? AccMath<T>::load(gv.v[j]) : Acc(0);
+      o.v[j] = AccMath<T>::store(AccMath<T>::fma(ac[j], gm, AccMath<T>::fma(bc[j], yj, ccc[j])));
+    }
+    store_vec(dy + i, o);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ backward sums
 template <typename T>
 __global__ void grad_sums_partials(const T* __restrict__ g, const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
@@ -274,10 +387,37 @@ struct Stats {
   }
 };
 
+// Whether the 16-byte kernels can take a pass: channels a multiple of the vector width, every tensor aligned.
+template <typename T>
+bool vectorizable(long long channels, std::initializer_list<const void*> tensors) {
+  if (channels % Vec<T>::kWidth != 0) return false;
+  for (const void* t : tensors) {
+    if (t != nullptr && reinterpret_cast<uintptr_t>(t) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Threads over a pixel's channel vectors (all of them, up to 32) x pixels, kVecThreads per block.
+template <typename T>
+std::pair<dim3, dim3> vec_launch_shape(long long rows, long long channels) {
+  const long long vectors = channels / Vec<T>::kWidth;
+  const int x = static_cast<int>(std::min<long long>(vectors, 32));
+  const int y = kVecThreads / x;
+  const long long blocks_x = std::min(kMaxElementwiseBlocks, std::max(1LL, (rows + y - 1) / y));
+  return {dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>((vectors + x - 1) / x)), dim3(x, y)};
+}
+
 template <typename T>
 struct Normalize {
   static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
     using Acc = AccOf<T>;
+    if (vectorizable<T>(p.channels, {p.y, p.residual, p.out})) {
+      const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels);
+      normalize_vec_kernel<T><<<grid, block, 0, stream>>>(
+          static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale), static_cast<const Acc*>(p.shift),
+          static_cast<const T*>(p.residual), static_cast<T*>(p.out), p.rows, p.channels, p.relu);
+      return cudaGetLastError();
+    }
     normalize_kernel<T><<<channel_grid(elementwise_blocks(p.rows), p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
         static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale), static_cast<const Acc*>(p.shift),
         static_cast<const T*>(p.residual), static_cast<T*>(p.out), p.rows, p.channels, p.relu);
@@ -306,6 +446,15 @@ template <typename T>
 struct GradInput {
   static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
     using Acc = AccOf<T>;
+    if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out})) {
+      const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels);
+      grad_input_vec_kernel<T><<<grid, block, 0, stream>>>(
+          static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
+          static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.a),
+          static_cast<const Acc*>(p.b), static_cast<const Acc*>(p.c), static_cast<T*>(p.out), p.rows, p.channels,
+          p.relu);
+      return cudaGetLastError();
+    }
     grad_input_kernel<T><<<channel_grid(elementwise_blocks(p.rows), p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
         static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
         static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.a),
