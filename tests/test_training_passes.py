@@ -168,27 +168,41 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("channels", [8, 40, 64, 2048])
-def test_cuda_vectorized_passes_equal_the_scalar_ones(dtype, channels):
-    # csrc/cuda/bn_train.cu runs normalize and grad_input 16 bytes per access where the channels are a multiple
-    # of the vector width and every tensor is aligned; misaligned copies of the same tensors take the scalar
-    # kernels. Same arithmetic per value: the results must be bit for bit equal, and match the formula.
+@pytest.mark.parametrize("channels", [8, 40, 64, 264, 2048])
+def test_cuda_vectorized_passes(dtype, channels):
+    # csrc/cuda/bn_train.cu runs every pass 16 bytes per access where the channels are a multiple of the vector
+    # width and every tensor is aligned (264 channels of 16-bit values: 33 vectors, a second block of channel
+    # vectors with one active column); misaligned copies of the same tensors take the scalar kernels. The
+    # elementwise passes do the same arithmetic per value in both: bit for bit equal. The reductions sum in another
+    # order: both must match the formulas.
     reason = passes._unsupported("cpp", "cuda", dtype)
     if reason is not None:
         pytest.skip(reason)
     run = passes.PASSES["cpp"]
-    shape = (3, channels, 9, 7)  # 189 pixels: the last block of pixel rows is partial
+    shape = (3, channels, 9, 7)  # 189 pixels: the last block of pixel rows and the last chunk are partial
     y, g, r = (_tensor(shape, dtype, torch.channels_last, "cuda") for _ in range(3))
-    scale, shift, a, b, c = (_vector(channels, dtype, "cuda") for _ in range(5))
+    scale, shift, mean, a, b, c = (_vector(channels, dtype, "cuda") for _ in range(6))
+    y_stats = _tensor(shape, dtype, torch.channels_last, "cuda", offset=300.0, scale=0.5)
+    assert_stats(run.stats(y_stats), y_stats)
+    assert_stats(run.stats(_misaligned(y_stats)), y_stats)
     for residual in (None, r):
         res_mis = None if residual is None else _misaligned(residual)
+        z = _z(y, scale, shift, residual)
         out = run.normalize(y, scale, shift, residual, True)
         assert torch.equal(out, run.normalize(_misaligned(y), scale, shift, res_mis, True))
-        z = _z(y, scale, shift, residual)
         assert _within(out, torch.relu(z), _z_terms(y, scale, shift, residual))
+
+        g_masked = torch.where(z > 0, g.double(), 0.0)
+        want_g, want_gy = g_masked.sum((0, 2, 3)), (g_masked * (y.double() - _ch(mean))).sum((0, 2, 3))
+        bound = 256 * torch.finfo(_acc(dtype)).eps * g.double().abs().sum((0, 2, 3))
+        for g_in, y_in, r_in in ((g, y, residual), (_misaligned(g), _misaligned(y), res_mis)):
+            sum_g, sum_gy, masked = run.grad_sums(g_in, y_in, scale, shift, r_in, mean, True, True)
+            assert ((sum_g.double() - want_g).abs() <= bound).all()
+            assert ((sum_gy.double() - want_gy).abs() <= bound).all()
+            assert torch.equal(masked.double(), g_masked)
+
         dy = run.grad_input(g, y, scale, shift, residual, a, b, c, True)
         assert torch.equal(dy, run.grad_input(_misaligned(g), _misaligned(y), scale, shift, res_mis, a, b, c, True))
-        g_masked = torch.where(z > 0, g.double(), 0.0)
         terms = (_ch(a) * g_masked).abs() + (_ch(b) * y.double()).abs() + _ch(c).abs()
         assert _within(dy, _ch(a) * g_masked + _ch(b) * y.double() + _ch(c), terms)
 

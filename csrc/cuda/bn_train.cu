@@ -6,8 +6,8 @@
 //   grad_input   a*g' + b*y + c
 // with z = fma(y, scale, shift) [+ r] computed by one helper in every pass, so backward's mask is forward's bit
 // for bit. A block covers 32 channels (one per lane: a warp reads 32 consecutive values of a pixel) x 8 pixel
-// lanes; normalize and grad_input have 16-byte twins (a thread owns a vector of channels) for the common case of
-// channels a multiple of the vector width. Reductions write one partial per (chunk of pixels, channel) and a
+// lanes; every pass has a 16-byte twin (a thread owns a vector of channels) for the common case of channels a
+// multiple of the vector width and aligned tensors. Reductions write one partial per (chunk of pixels, channel) and a
 // second kernel merges the chunks in order (lanes of chunks, then the lanes): the result depends on the shape
 // alone, never on the GPU or the timing.
 // Torch-free: compiled by nvcc alone (see launch.h).
@@ -302,6 +302,142 @@ __global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restri
   }
 }
 
+// The reductions' twins: a thread owns a vector of channels and reduces its pixels of a chunk (stats: batches of
+// kBatch vectors in flight, each merged as the scalar kernel merges its batches); the block's pixel lanes are then
+// merged in lane order and one partial per (chunk, channel) is written, for the same merge kernels. Per shape the
+// result is as deterministic as the scalar kernels', though not bit for bit theirs (another summation order).
+template <typename T>
+__global__ void stats_partials_vec(const T* __restrict__ y, long long rows, long long channels, long long chunk_rows,
+                                   AccOf<T>* __restrict__ part_mean, AccOf<T>* __restrict__ part_m2) {
+  using Acc = AccOf<T>;
+  constexpr int W = Vec<T>::kWidth;
+  __shared__ Acc s_n[kVecThreads][W], s_mean[kVecThreads][W], s_m2[kVecThreads][W];
+  const long long c0 = vec_first_channel(W);
+  const bool active = c0 < channels;  // inactive threads still reach the barrier
+  const long long begin = static_cast<long long>(blockIdx.x) * chunk_rows;
+  const long long end = begin + chunk_rows < rows ? begin + chunk_rows : rows;
+  Acc n[W], mean[W], m2[W];
+#pragma unroll
+  for (int ch = 0; ch < W; ++ch) n[ch] = mean[ch] = m2[ch] = Acc(0);
+  if (active) {
+    for (long long r0 = begin + threadIdx.y; r0 < end; r0 += static_cast<long long>(blockDim.y) * kBatch) {
+      Vec<T> v[kBatch];
+      int k = 0;  // rows grow with j: the valid loads are j < k
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const long long r = r0 + static_cast<long long>(j) * blockDim.y;
+        if (r < end) {
+          v[j] = load_vec(y + r * channels + c0);
+          ++k;
+        }
+      }
+#pragma unroll
+      for (int ch = 0; ch < W; ++ch) {
+        Acc sum = 0;
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) sum += j < k ? AccMath<T>::load(v[j].v[ch]) : Acc(0);
+        const Acc mb = sum / Acc(k);
+        Acc m2b = 0;
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const Acc d = j < k ? AccMath<T>::load(v[j].v[ch]) - mb : Acc(0);
+          m2b += d * d;
+        }
+        chan_merge(n[ch], mean[ch], m2[ch], Acc(k), mb, m2b);
+      }
+    }
+  }
+  const int lane = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int ch = 0; ch < W; ++ch) {
+    s_n[lane][ch] = n[ch];
+    s_mean[lane][ch] = mean[ch];
+    s_m2[lane][ch] = m2[ch];
+  }
+  __syncthreads();
+  if (threadIdx.y != 0 || !active) return;
+  for (unsigned j = 1; j < blockDim.y; ++j) {
+    const int other = j * blockDim.x + threadIdx.x;
+#pragma unroll
+    for (int ch = 0; ch < W; ++ch) chan_merge(n[ch], mean[ch], m2[ch], s_n[other][ch], s_mean[other][ch], s_m2[other][ch]);
+  }
+#pragma unroll
+  for (int ch = 0; ch < W; ++ch) {
+    part_mean[blockIdx.x * channels + c0 + ch] = mean[ch];
+    part_m2[blockIdx.x * channels + c0 + ch] = m2[ch];
+  }
+}
+
+template <typename T>
+__global__ void grad_sums_partials_vec(const T* __restrict__ g, const T* __restrict__ y,
+                                       const AccOf<T>* __restrict__ scale, const AccOf<T>* __restrict__ shift,
+                                       const T* __restrict__ residual, const AccOf<T>* __restrict__ mean, bool relu,
+                                       T* __restrict__ masked, long long rows, long long channels,
+                                       long long chunk_rows, AccOf<T>* __restrict__ part_g,
+                                       AccOf<T>* __restrict__ part_gy) {
+  using Acc = AccOf<T>;
+  constexpr int W = Vec<T>::kWidth;
+  __shared__ Acc s_g[kVecThreads][W], s_gy[kVecThreads][W];
+  const long long c0 = vec_first_channel(W);
+  const bool active = c0 < channels;  // inactive threads still reach the barrier
+  const long long begin = static_cast<long long>(blockIdx.x) * chunk_rows;
+  const long long end = begin + chunk_rows < rows ? begin + chunk_rows : rows;
+  Acc sum_g[W], sum_gy[W];
+#pragma unroll
+  for (int ch = 0; ch < W; ++ch) sum_g[ch] = sum_gy[ch] = Acc(0);
+  if (active) {
+    Acc s[W], t[W], mu[W];
+#pragma unroll
+    for (int ch = 0; ch < W; ++ch) {
+      s[ch] = scale[c0 + ch];
+      t[ch] = shift[c0 + ch];
+      mu[ch] = mean[c0 + ch];
+    }
+    const bool has_residual = residual != nullptr;
+    for (long long r = begin + threadIdx.y; r < end; r += blockDim.y) {
+      const long long i = r * channels + c0;
+      const Vec<T> gv = load_vec(g + i);
+      const Vec<T> yv = load_vec(y + i);
+      Vec<T> rv;
+      if (has_residual) rv = load_vec(residual + i);
+      Vec<T> o;
+#pragma unroll
+      for (int ch = 0; ch < W; ++ch) {
+        const Acc yj = AccMath<T>::load(yv.v[ch]);
+        const Acc rj = has_residual ? AccMath<T>::load(rv.v[ch]) : Acc(0);
+        // masked_grad's rule: g where forward's z > 0 (NaN z: 0), or g itself without ReLU.
+        const bool pass = !relu || pre_activation_of<T>(yj, s[ch], t[ch], has_residual, rj) > Acc(0);
+        const Acc gm = pass ? AccMath<T>::load(gv.v[ch]) : Acc(0);
+        o.v[ch] = AccMath<T>::store(gm);
+        sum_g[ch] += gm;
+        sum_gy[ch] += gm * (yj - mu[ch]);
+      }
+      if (masked != nullptr) store_vec(masked + i, o);
+    }
+  }
+  const int lane = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int ch = 0; ch < W; ++ch) {
+    s_g[lane][ch] = sum_g[ch];
+    s_gy[lane][ch] = sum_gy[ch];
+  }
+  __syncthreads();
+  if (threadIdx.y != 0 || !active) return;
+  for (unsigned j = 1; j < blockDim.y; ++j) {
+    const int other = j * blockDim.x + threadIdx.x;
+#pragma unroll
+    for (int ch = 0; ch < W; ++ch) {
+      sum_g[ch] += s_g[other][ch];
+      sum_gy[ch] += s_gy[other][ch];
+    }
+  }
+#pragma unroll
+  for (int ch = 0; ch < W; ++ch) {
+    part_g[blockIdx.x * channels + c0 + ch] = sum_g[ch];
+    part_gy[blockIdx.x * channels + c0 + ch] = sum_gy[ch];
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ backward sums
 template <typename T>
 __global__ void grad_sums_partials(const T* __restrict__ g, const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
@@ -372,21 +508,6 @@ long long elementwise_blocks(long long rows) {
   return std::min(kMaxElementwiseBlocks, std::max(1LL, (rows + kLanesR - 1) / kLanesR));
 }
 
-template <typename T>
-struct Stats {
-  static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
-    using Acc = AccOf<T>;
-    const Chunks chunks = chunks_for(p.rows);
-    Acc* part_mean = static_cast<Acc*>(p.workspace);
-    Acc* part_m2 = part_mean + chunks.count * p.channels;
-    stats_partials<T><<<channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
-        static_cast<const T*>(p.y), p.rows, p.channels, chunks.rows, part_mean, part_m2);
-    stats_merge<Acc><<<merge_blocks(p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
-        part_mean, part_m2, p.rows, p.channels, chunks, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
-    return cudaGetLastError();
-  }
-};
-
 // Whether the 16-byte kernels can take a pass: channels a multiple of the vector width, every tensor aligned.
 template <typename T>
 bool vectorizable(long long channels, std::initializer_list<const void*> tensors) {
@@ -397,15 +518,38 @@ bool vectorizable(long long channels, std::initializer_list<const void*> tensors
   return true;
 }
 
-// Threads over a pixel's channel vectors (all of them, up to 32) x pixels, kVecThreads per block.
+// Threads over a pixel's channel vectors (all of them, up to 32) x pixels, kVecThreads per block; grid.x covers
+// the rows (elementwise: grid-stride) or is one block per chunk (rows_are_blocks: `rows` is the chunk count).
 template <typename T>
-std::pair<dim3, dim3> vec_launch_shape(long long rows, long long channels) {
+std::pair<dim3, dim3> vec_launch_shape(long long rows, long long channels, bool rows_are_blocks = false) {
   const long long vectors = channels / Vec<T>::kWidth;
   const int x = static_cast<int>(std::min<long long>(vectors, 32));
   const int y = kVecThreads / x;
-  const long long blocks_x = std::min(kMaxElementwiseBlocks, std::max(1LL, (rows + y - 1) / y));
+  const long long blocks_x =
+      rows_are_blocks ? rows : std::min(kMaxElementwiseBlocks, std::max(1LL, (rows + y - 1) / y));
   return {dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>((vectors + x - 1) / x)), dim3(x, y)};
 }
+
+template <typename T>
+struct Stats {
+  static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
+    using Acc = AccOf<T>;
+    const Chunks chunks = chunks_for(p.rows);
+    Acc* part_mean = static_cast<Acc*>(p.workspace);
+    Acc* part_m2 = part_mean + chunks.count * p.channels;
+    if (vectorizable<T>(p.channels, {p.y})) {
+      const auto [grid, block] = vec_launch_shape<T>(chunks.count, p.channels, /*rows_are_blocks=*/true);
+      stats_partials_vec<T><<<grid, block, 0, stream>>>(static_cast<const T*>(p.y), p.rows, p.channels, chunks.rows,
+                                                         part_mean, part_m2);
+    } else {
+      stats_partials<T><<<channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
+          static_cast<const T*>(p.y), p.rows, p.channels, chunks.rows, part_mean, part_m2);
+    }
+    stats_merge<Acc><<<merge_blocks(p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
+        part_mean, part_m2, p.rows, p.channels, chunks, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
+    return cudaGetLastError();
+  }
+};
 
 template <typename T>
 struct Normalize {
@@ -432,10 +576,18 @@ struct GradSums {
     const Chunks chunks = chunks_for(p.rows);
     Acc* part_g = static_cast<Acc*>(p.workspace);
     Acc* part_gy = part_g + chunks.count * p.channels;
-    grad_sums_partials<T><<<channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
-        static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
-        static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.mean), p.relu,
-        static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
+    if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out})) {
+      const auto [grid, block] = vec_launch_shape<T>(chunks.count, p.channels, /*rows_are_blocks=*/true);
+      grad_sums_partials_vec<T><<<grid, block, 0, stream>>>(
+          static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
+          static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.mean), p.relu,
+          static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
+    } else {
+      grad_sums_partials<T><<<channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
+          static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
+          static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.mean), p.relu,
+          static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
+    }
     sums_merge<Acc><<<merge_blocks(p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
         part_g, part_gy, chunks.count, p.channels, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
     return cudaGetLastError();
