@@ -176,9 +176,15 @@ __global__ void normalize_kernel(const T* __restrict__ y, const AccOf<T>* __rest
 
 // g where forward's z > 0 (NaN z: 0), or g itself without ReLU.
 template <typename T>
+__device__ __forceinline__ AccOf<T> masked_grad_of(AccOf<T> g, AccOf<T> y, AccOf<T> s, AccOf<T> t, bool has_residual,
+                                                   AccOf<T> r_value, bool relu) {
+  return relu && !(pre_activation_of<T>(y, s, t, has_residual, r_value) > AccOf<T>(0)) ? AccOf<T>(0) : g;
+}
+
+template <typename T>
 __device__ __forceinline__ AccOf<T> masked_grad(AccOf<T> g, AccOf<T> y, AccOf<T> s, AccOf<T> t, const T* r,
                                                 long long i, bool relu) {
-  return relu && !(pre_activation<T>(y, s, t, r, i) > AccOf<T>(0)) ? AccOf<T>(0) : g;
+  return masked_grad_of<T>(g, y, s, t, r != nullptr, r != nullptr ? AccMath<T>::load(r[i]) : AccOf<T>(0), relu);
 }
 
 template <typename T>
@@ -222,6 +228,13 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T>& value) {
   *reinterpret_cast<Vec<T>*>(p) = value;
 }
 
+// A thread's kWidth values of a per-channel vector, from channel c0 on.
+template <int W, typename Acc>
+__device__ __forceinline__ void load_channels(Acc (&dst)[W], const Acc* __restrict__ src, long long c0) {
+#pragma unroll
+  for (int j = 0; j < W; ++j) dst[j] = src[c0 + j];
+}
+
 // Block: kVecThreads threads, (channel vectors of a pixel) x (pixels); the first channel of this thread's vector.
 constexpr int kVecThreads = 256;
 
@@ -238,11 +251,8 @@ __global__ void normalize_vec_kernel(const T* __restrict__ y, const AccOf<T>* __
   const long long c0 = vec_first_channel(W);
   if (c0 >= channels) return;
   Acc s[W], t[W];
-#pragma unroll
-  for (int j = 0; j < W; ++j) {
-    s[j] = scale[c0 + j];
-    t[j] = shift[c0 + j];
-  }
+  load_channels(s, scale, c0);
+  load_channels(t, shift, c0);
   const bool has_residual = residual != nullptr;
   const long long step = static_cast<long long>(gridDim.x) * blockDim.y;
   for (long long r = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows; r += step) {
@@ -272,14 +282,11 @@ __global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restri
   const long long c0 = vec_first_channel(W);
   if (c0 >= channels) return;
   Acc s[W], t[W], ac[W], bc[W], ccc[W];
-#pragma unroll
-  for (int j = 0; j < W; ++j) {
-    s[j] = scale[c0 + j];
-    t[j] = shift[c0 + j];
-    ac[j] = a[c0 + j];
-    bc[j] = b[c0 + j];
-    ccc[j] = cc[c0 + j];
-  }
+  load_channels(s, scale, c0);
+  load_channels(t, shift, c0);
+  load_channels(ac, a, c0);
+  load_channels(bc, b, c0);
+  load_channels(ccc, cc, c0);
   const bool has_residual = residual != nullptr;
   const long long step = static_cast<long long>(gridDim.x) * blockDim.y;
   for (long long r = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows; r += step) {
@@ -293,9 +300,7 @@ __global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restri
     for (int j = 0; j < W; ++j) {
       const Acc yj = AccMath<T>::load(yv.v[j]);
       const Acc rj = has_residual ? AccMath<T>::load(rv.v[j]) : Acc(0);
-      // masked_grad's rule: g where forward's z > 0 (NaN z: 0), or g itself without ReLU.
-      const bool pass = !relu || pre_activation_of<T>(yj, s[j], t[j], has_residual, rj) > Acc(0);
-      const Acc gm = pass ? AccMath<T>::load(gv.v[j]) : Acc(0);
+      const Acc gm = masked_grad_of<T>(AccMath<T>::load(gv.v[j]), yj, s[j], t[j], has_residual, rj, relu);
       o.v[j] = AccMath<T>::store(AccMath<T>::fma(ac[j], gm, AccMath<T>::fma(bc[j], yj, ccc[j])));
     }
     store_vec(dy + i, o);
@@ -387,12 +392,9 @@ __global__ void grad_sums_partials_vec(const T* __restrict__ g, const T* __restr
   for (int ch = 0; ch < W; ++ch) sum_g[ch] = sum_gy[ch] = Acc(0);
   if (active) {
     Acc s[W], t[W], mu[W];
-#pragma unroll
-    for (int ch = 0; ch < W; ++ch) {
-      s[ch] = scale[c0 + ch];
-      t[ch] = shift[c0 + ch];
-      mu[ch] = mean[c0 + ch];
-    }
+    load_channels(s, scale, c0);
+    load_channels(t, shift, c0);
+    load_channels(mu, mean, c0);
     const bool has_residual = residual != nullptr;
     for (long long r = begin + threadIdx.y; r < end; r += blockDim.y) {
       const long long i = r * channels + c0;
@@ -405,9 +407,7 @@ __global__ void grad_sums_partials_vec(const T* __restrict__ g, const T* __restr
       for (int ch = 0; ch < W; ++ch) {
         const Acc yj = AccMath<T>::load(yv.v[ch]);
         const Acc rj = has_residual ? AccMath<T>::load(rv.v[ch]) : Acc(0);
-        // masked_grad's rule: g where forward's z > 0 (NaN z: 0), or g itself without ReLU.
-        const bool pass = !relu || pre_activation_of<T>(yj, s[ch], t[ch], has_residual, rj) > Acc(0);
-        const Acc gm = pass ? AccMath<T>::load(gv.v[ch]) : Acc(0);
+        const Acc gm = masked_grad_of<T>(AccMath<T>::load(gv.v[ch]), yj, s[ch], t[ch], has_residual, rj, relu);
         o.v[ch] = AccMath<T>::store(gm);
         sum_g[ch] += gm;
         sum_gy[ch] += gm * (yj - mu[ch]);
