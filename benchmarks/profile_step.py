@@ -19,19 +19,26 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import fused_resnet
+from fused_resnet.bench.contenders import engine_scope, hopper_engine_runs
 
 
-def _contenders(model: nn.Module, device: torch.device, backends: list[str]) -> dict[str, nn.Module]:
+def _contenders(model: nn.Module, device: torch.device, backends: list[str]) -> dict[str, tuple[nn.Module, str | None]]:
+    """{name: (network, the cuda backend's engine or None)}; a backend may be named "cuda+cutlass" (that engine)."""
     stock = model.to(device, memory_format=torch.channels_last)
-    out = {"stock_cl": stock}
+    out: dict[str, tuple[nn.Module, str | None]] = {"stock_cl": (stock, None)}
     for name in backends:
-        out[f"fused:{name}"] = fused_resnet.fuse(stock, backend=name)
+        backend, _, engine = name.partition("+")
+        out[f"fused:{name}"] = (fused_resnet.fuse(stock, backend=backend), engine or None)
     return out
 
 
-def _step(net: nn.Module, x: torch.Tensor, train: bool, bf16: bool) -> Callable[[], None]:
+def _step(net: nn.Module, x: torch.Tensor, train: bool, bf16: bool, engine: str | None) -> Callable[[], None]:
     def run() -> None:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16), torch.set_grad_enabled(train):
+        with (
+            torch.autocast(x.device.type, torch.bfloat16, enabled=bf16),
+            torch.set_grad_enabled(train),
+            engine_scope(engine),
+        ):
             out = net(x)
         if train:
             out.float().sum().backward()
@@ -88,12 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16: autocast in train mode, bf16 weights in inference")
     parser.add_argument("--mode", choices=("inference", "train"), default="train")
-    parser.add_argument("--backends", nargs="+", default=None, help="fused backends (default: those of the device)")
+    parser.add_argument(
+        "--backends", nargs="+", default=None,
+        help="fused backends, cuda+cutlass for the cuda backend's Hopper engine (default: those of the device)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    backends = args.backends or (["triton", "cuda"] if device.type == "cuda" else ["cpu"])
     train = args.mode == "train"
+    backends = args.backends or (["triton", "cuda"] if device.type == "cuda" else ["cpu"])
+    if args.backends is None and not train and hopper_engine_runs(device):
+        backends.append("cuda+cutlass")  # the cuda backend's Hopper engine (its convs; training convs are stock)
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(num_classes=1000).train(train)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
@@ -104,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model} {args.mode} batch {args.batch} {args.size}x{args.size} on {device}"
         f"{' bf16' if args.bf16 else ''}: per step, {args.steps} steps"
     )
-    for name, net in _contenders(model, device, backends).items():
+    for name, (net, engine) in _contenders(model, device, backends).items():
         try:
-            r = measure(_step(net.train(train), x, train, autocast), device, args.steps)
+            r = measure(_step(net.train(train), x, train, autocast, engine), device, args.steps)
         except Exception as err:  # one failing contender is reported, the others still run
             print(f"  {name:14s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             continue

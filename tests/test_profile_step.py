@@ -19,3 +19,13 @@ def test_reports_every_contender(mode, capsys, one_thread):
     for name in ("stock_cl", "fused:cpu", "fused:reference"):
         line = next(line for line in out.splitlines() if line.strip().startswith(name))
         assert "wall" in line and "FAILED" not in line
+
+
+def test_a_backend_name_may_carry_the_cuda_engine():
+    import torchvision
+
+    nets = profile_step._contenders(torchvision.models.resnet18(), profile_step.torch.device("cpu"), ["reference+mma"])
+    assert nets["stock_cl"][1] is None
+    net, engine = nets["fused:reference+mma"]
+    fused_units = [m for m in net.modules() if hasattr(m, "backend")]
+    assert engine == "mma" and fused_units and all(m.backend == "reference" for m in fused_units)
