@@ -116,8 +116,15 @@ def _extensions() -> tuple[list, dict]:
     cuda_sources = [src for src in _sources("csrc/cuda/*.cu") if not Path(src).name.startswith("conv_sm90_")]
     define_macros = [("FUSED_RESNET_WITH_CUDA", "1")]
     # The Hopper engine (CUTLASS sm90 kernels) exists only in sm_90a code; each of its two files takes about a
-    # minute of nvcc on one core.
-    if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";"):
+    # minute of nvcc on one core. Not with a plain 9.0 entry beside it: an H100 could load that cubin, in which
+    # CUTLASS's kernels are stubs that write nothing.
+    arches = [a.split("+")[0] for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")]
+    if "9.0a" in arches and "9.0" in arches:
+        warnings.warn(
+            "TORCH_CUDA_ARCH_LIST lists both 9.0 and 9.0a: building fused_resnet._C without its Hopper (sm90) engine",
+            stacklevel=1,
+        )
+    elif "9.0a" in arches:
         cutlass_dirs = _cutlass_include_dirs()
         if cutlass_dirs is None:
             warnings.warn(

@@ -168,6 +168,9 @@ for stage in "${STAGES[@]}"; do
                 [[ $before == "$after" ]] || { echo "torch changed: $before -> $after"; exit 1; }
                 "$0" -c "import fused_resnet, fused_resnet.backends as b; print(\"backends here:\", b.available_backends())"
                 "$0" -c "from fused_resnet import _C; print(\"sm90 engine built:\", _C.has_sm90_engine())"
+                # On a Hopper GPU a build without the engine would skip its tests: fail here instead.
+                "$0" -c "import sys, torch; from fused_resnet import _C; sys.exit(torch.cuda.get_device_capability() == (9, 0) and not _C.has_sm90_engine())" \
+                    || { echo "the sm90 engine was not built on this Hopper GPU: carry .whl/ (nvidia-cutlass) or set CUTLASS_PATH"; exit 1; }
             ' "$PY"
             ;;
         tests)

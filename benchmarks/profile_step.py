@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     train = args.mode == "train"
     backends = args.backends or (["triton", "cuda"] if device.type == "cuda" else ["cpu"])
-    if args.backends is None and not train and hopper_engine_runs(device):
+    if args.backends is None and not train and args.bf16 and hopper_engine_runs(device):
         backends.append("cuda+cutlass")  # the cuda backend's Hopper engine (its convs; training convs are stock)
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(num_classes=1000).train(train)

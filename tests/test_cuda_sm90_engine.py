@@ -149,11 +149,23 @@ def test_engine_takes_the_edge_cases_and_declines_what_it_cannot_do():
     assert not _accepts(CONV_KINDS["stem7x7s2"], hw=(13, 10))
     assert not _accepts(CONV_KINDS["grouped3x3"], hw=(13, 10))
     assert not _accepts((12, 8, 1, 1, 0, 1, 1), hw=(13, 10))  # Cin 12: rows off the 16-byte grid
-    # TMA's im2col mode limits the padding (at most 256 per side for 2-D convs).
+    # TMA's im2col mode limits the padding (at most 256 per side for 2-D convs) and the stride (at most 8).
     assert not _accepts((8, 8, 3, 1, 300, 1, 1), hw=(13, 10))
+    assert _accepts((8, 8, 1, 8, 0, 1, 1), hw=(40, 40))
+    assert not _accepts((8, 8, 1, 9, 0, 1, 1), hw=(40, 40))
+    assert not _accepts((64, 64, 16, 16, 0, 1, 1), hw=(64, 64))  # a patchify conv
 
 
 # ------------------------------------------------------------------------------------------------- on the GPU
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and _C built with CUDA")
+def test_engine_is_built_for_this_hopper_gpu():
+    # Without this, a build that left the engine out (no CUTLASS headers on the GPU machine) skips every test below.
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("not a compute capability 9.0 GPU")
+    assert _C.has_sm90_engine(), "_C lacks the sm90 engine: build with CUTLASS's headers (see benchmarks/gpu_check.sh)"
+
+
 def _check_on_engine(args, relu, dtype, expect_engine: bool):
     before = _C.sm90_engine_launches()
     _check_cuda(args, relu, dtype)
@@ -259,9 +271,3 @@ def test_model_parity_against_torchvision(model):
     failed = [r for r in rows if not r.passed]
     assert not failed, "\n".join(map(str, failed))
     assert _C.sm90_engine_launches() > before
-
-
-def test_edge_kinds_are_ones_the_engine_takes():
-    # The edge cases above must stay inside what launch_conv_bias_act_sm90 accepts, or they test the fallback.
-    for cin, cout, *_, groups in EDGE_KINDS.values():
-        assert groups == 1 and cin % 8 == 0 and cout % 8 == 0

@@ -207,6 +207,35 @@ def test_cuda_vectorized_passes(dtype, channels):
         assert _within(dy, _ch(a) * g_masked + _ch(b) * y.double() + _ch(c), terms)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("relu", [True, False])
+def test_cuda_vectorized_passes_over_many_rows(dtype, relu):
+    # 2×512×520 pixels of 64 channels: the elementwise kernels' grid-stride loops go round more than once (over
+    # 16384 blocks × 32 pixel lanes) and each statistics lane merges several batches into its running triple.
+    reason = passes._unsupported("cpp", "cuda", dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    run = passes.PASSES["cpp"]
+    shape = (2, 64, 512, 520)
+    y, g, r = (_tensor(shape, dtype, torch.channels_last, "cuda") for _ in range(3))
+    scale, shift, mean, a, b, c = (_vector(64, dtype, "cuda") for _ in range(6))
+    y_stats = _tensor(shape, dtype, torch.channels_last, "cuda", offset=300.0, scale=0.5)
+    assert_stats(run.stats(y_stats), y_stats)
+    z = _z(y, scale, shift, r)
+    out = run.normalize(y, scale, shift, r, relu)
+    assert _within(out, torch.relu(z) if relu else z, _z_terms(y, scale, shift, r))
+    g_masked = torch.where(z > 0, g.double(), 0.0) if relu else g.double()
+    sum_g, sum_gy, masked = run.grad_sums(g, y, scale, shift, r, mean, relu, True)
+    bound = 256 * torch.finfo(_acc(dtype)).eps * g.double().abs().sum((0, 2, 3))
+    assert ((sum_g.double() - g_masked.sum((0, 2, 3))).abs() <= bound).all()
+    assert ((sum_gy.double() - (g_masked * (y.double() - _ch(mean))).sum((0, 2, 3))).abs() <= bound).all()
+    assert torch.equal(masked.double(), g_masked)
+    dy = run.grad_input(g, y, scale, shift, r, a, b, c, relu)
+    terms = (_ch(a) * g_masked).abs() + (_ch(b) * y.double()).abs() + _ch(c).abs()
+    assert _within(dy, _ch(a) * g_masked + _ch(b) * y.double() + _ch(c), terms)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_extension_ops_opcheck(device):
     reason = passes._unsupported("cpp", device, torch.float32)

@@ -112,13 +112,13 @@ cudaError_t launch(const ConvBiasActParams& p, cudaStream_t stream, bool check_o
   if (Conv::get_workspace_size(args) != 0) return cudaErrorNotSupported;
   if (Conv::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   if (check_only) return cudaSuccess;
+  // Past the checks above a failure is a fault (e.g. no sm_90a image, a TMA descriptor refused), not a call to
+  // hand to the other engine: report it.
   Conv conv;
-  if (conv.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-  if (conv.run(stream) != cutlass::Status::kSuccess) {
-    const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : cudaErrorLaunchFailure;
-  }
-  return cudaGetLastError();
+  const cutlass::Status status = conv.initialize(args, nullptr, stream);
+  if (status == cutlass::Status::kSuccess && conv.run(stream) == cutlass::Status::kSuccess) return cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
+  return err != cudaSuccess && err != cudaErrorNotSupported ? err : cudaErrorLaunchFailure;
 }
 
 // The entry point of one element type (instantiated in conv_sm90_<dtype>.cu); the caller checked the rest of what

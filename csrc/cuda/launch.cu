@@ -41,10 +41,12 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
 #ifdef FUSED_RESNET_WITH_CUTLASS
-  // TMA moves 16-byte granules: channel counts and every base address must keep rows on them.
-  const bool takes = p.groups == 1 && p.in_scale == nullptr && p.c % 8 == 0 && p.cout % 8 == 0 && aligned16(p.x) &&
-                     aligned16(p.weight) && aligned16(p.y) && (p.residual == nullptr || aligned16(p.residual)) &&
-                     aligned16(p.bias);
+  // TMA moves 16-byte granules: channel counts and every base address must keep rows on them. Its im2col mode
+  // traverses at most 8 elements per step (cuTensorMapEncodeIm2col's elementStrides), which CUTLASS's
+  // can_implement does not check: larger conv strides would get a broken descriptor.
+  const bool takes = p.groups == 1 && p.in_scale == nullptr && p.c % 8 == 0 && p.cout % 8 == 0 && p.stride_h <= 8 &&
+                     p.stride_w <= 8 && aligned16(p.x) && aligned16(p.weight) && aligned16(p.y) &&
+                     (p.residual == nullptr || aligned16(p.residual)) && aligned16(p.bias);
   if (!takes) return cudaErrorNotSupported;
   if (dtype == DType::kHalf) return launch_conv_sm90_half(p, stream, check_only);
   if (dtype == DType::kBFloat16) return launch_conv_sm90_bfloat16(p, stream, check_only);

@@ -81,7 +81,7 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
             # Training runs the stock conv (cuDNN/oneDNN) with the backend's BN passes (fused_resnet/training).
             note = _TRAIN_NOTES[name]
         out.append(Contender(f"fused:{name}{suffix}", "fused", cl, weights, amp, backend=name, skip=reason, note=note))
-    if not train and hopper_engine_runs(device):
+    if not train and half and hopper_engine_runs(device):  # the engine runs 16-bit convs only
         # The "cuda" backend on its Hopper engine (CUTLASS sm90 convs; the default engine is the hand-written one).
         note = "the cuda backend's 'cutlass' engine"
         out.append(Contender(f"fused:cuda+cutlass{suffix}", "fused", cl, weights, amp, backend="cuda", note=note,
