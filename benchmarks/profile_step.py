@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("inference", "train"), default="train")
     parser.add_argument(
         "--backends", nargs="+", default=None,
-        help="fused backends, cuda+cutlass for the cuda backend's Hopper engine (default: those of the device)",
+        help="fused backends; cuda+mma or cuda+cutlass pins the cuda backend's engine (default: those of the device)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     train = args.mode == "train"
     backends = args.backends or (["triton", "cuda"] if device.type == "cuda" else ["cpu"])
     if args.backends is None and not train and args.bf16 and hopper_engine_runs(device):
-        backends.append("cuda+cutlass")  # the cuda backend's Hopper engine (its convs; training convs are stock)
+        backends.append("cuda+mma")  # the cuda backend's hand-written engine beside its default, the Hopper one
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(num_classes=1000).train(train)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)

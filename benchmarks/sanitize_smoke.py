@@ -78,10 +78,11 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = [b for b in DEVICE_BACKENDS[device.type] if backends.unavailable_reason(b) is None]
     print(f"device {device}, backends {names or 'none besides reference'}")
-    # (label, backend, the cuda backend's engine): the Hopper engine (CUTLASS sm90 convs) where it runs.
+    # (label, backend, the cuda backend's engine): where the Hopper engine (CUTLASS sm90 convs) runs, "cuda" is on
+    # it by default, and the hand-written engine runs as well.
     variants = [(b, b, None) for b in ["reference", *names]]
     if "cuda" in names and hopper_engine_runs(device):
-        variants.append(("cutlass", "cuda", "cutlass"))
+        variants.append(("cuda+mma", "cuda", "mma"))
     failures = 0
     for label, backend, engine in variants:
         with engine_scope(engine):

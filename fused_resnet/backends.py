@@ -53,6 +53,8 @@ class Backend:
     launch, where a backend has it: conv_bias_act without the op's dispatch (no autograd, no fake tensors, no
     argument checks) for eager callers that need no gradient and have checked the operands; the dispatcher's
     layers cost more host time than a kernel of a small layer takes (see nn/functional.py).
+    auto_first(x), where a backend has it: True where "auto" should try this backend before AUTO_ORDER's first,
+    because it has a faster engine for such inputs here (the cuda backend's Hopper engine).
     """
 
     name: str
@@ -61,6 +63,7 @@ class Backend:
     unsupported: Callable[..., str | None]
     conv_bias_act_into_residual: ConvBiasActFn | None = None
     launch: ConvBiasActFn | None = None
+    auto_first: Callable[[torch.Tensor], bool] | None = None
 
 
 class BackendError(RuntimeError):
@@ -136,6 +139,18 @@ def _why_not(
     return get_backend(name).unsupported(x, weight, residual, config, prologue)
 
 
+def auto_order(x: torch.Tensor) -> tuple[str, ...]:
+    """The backends "auto" tries for x, in order: AUTO_ORDER for x's device, with a backend whose auto_first(x)
+    holds moved to the front."""
+    order = AUTO_ORDER.get(x.device.type, ("reference",))
+    for candidate in order:
+        if unavailable_reason(candidate) is None:
+            first = get_backend(candidate).auto_first
+            if first is not None and first(x):
+                return (candidate, *(n for n in order if n != candidate))
+    return order
+
+
 def select(
     backend: str,
     x: torch.Tensor,
@@ -149,7 +164,7 @@ def select(
     name = requested_backend(backend)
     if name == "auto":
         reasons = []
-        for candidate in AUTO_ORDER.get(x.device.type, ("reference",)):
+        for candidate in auto_order(x):
             why = _why_not(candidate, x, weight, residual, config, prologue)
             if why is None:
                 return get_backend(candidate)

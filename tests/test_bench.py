@@ -181,9 +181,11 @@ def test_hopper_engine_contender_runs_its_steps_on_that_engine(monkeypatch: pyte
     monkeypatch.setattr(contenders, "hopper_engine_runs", lambda device: True)
     profile = PROFILES["gpu-quick"]
     inference = contenders.plan(Group("resnet50", 256, torch.bfloat16, "inference"), profile, torch.device("cuda"))
-    (hopper,) = [c for c in inference if c.cuda_engine is not None]
-    assert (hopper.name, hopper.backend, hopper.cuda_engine) == ("fused:cuda+cutlass", "cuda", "cutlass")
-    assert summary._backend_of(hopper.name) == "cuda"  # the targets count it as a variant of the cuda backend
+    (pinned,) = [c for c in inference if c.cuda_engine is not None]
+    assert (pinned.name, pinned.backend, pinned.cuda_engine) == ("fused:cuda+mma", "cuda", "mma")
+    assert summary._backend_of(pinned.name) == "cuda"  # the targets count it as a variant of the cuda backend
+    fp32 = contenders.plan(Group("resnet50", 256, torch.float32, "inference"), profile, torch.device("cuda"))
+    assert all(c.cuda_engine is None for c in fp32)  # the Hopper engine runs 16-bit convs only
     train = contenders.plan(Group("resnet50", 256, torch.bfloat16, "train"), profile, torch.device("cuda"))
     assert all(c.cuda_engine is None for c in train)  # training runs stock convs: no engine to choose
     if cpp_backend._C is None or not cpp_backend._C.has_sm90_engine():
@@ -196,12 +198,13 @@ def test_hopper_engine_contender_runs_its_steps_on_that_engine(monkeypatch: pyte
             self.engines.append(cpp_backend.cuda_engine())
             return x
 
-    on_cpu = contenders.Contender("fused:cuda+cutlass", "fused", torch.channels_last, torch.float32,
-                                  backend="cuda", cuda_engine="cutlass")  # fmt: skip
     before = cpp_backend.cuda_engine()
-    step = contenders.make_step(on_cpu, Recorder(), torch.zeros(1, 3, 4, 4), torch.zeros(1), train=False)
-    step()
-    assert Recorder.engines == ["cutlass"] and cpp_backend.cuda_engine() == before
+    for engine in ("mma", "cutlass"):
+        on_cpu = contenders.Contender(f"fused:cuda+{engine}", "fused", torch.channels_last, torch.float32,
+                                      backend="cuda", cuda_engine=engine)  # fmt: skip
+        step = contenders.make_step(on_cpu, Recorder(), torch.zeros(1, 3, 4, 4), torch.zeros(1), train=False)
+        step()
+        assert Recorder.engines[-1] == engine and cpp_backend.cuda_engine() == before
 
 
 def _row(**fields: object) -> dict:

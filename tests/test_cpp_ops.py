@@ -35,6 +35,16 @@ if cpp_backend._C is None:
 
 _C = cpp_backend._C
 ops = torch.ops.fused_resnet_C
+
+
+@pytest.fixture(autouse=True)
+def _hand_written_engine():
+    # These tests cover the CUDA op's hand-written engine; the Hopper one (the default on an H100/H200) has
+    # tests/test_cuda_sm90_engine.py.
+    with cpp_backend.using_cuda_engine("mma"):
+        yield
+
+
 HAS_CUDA = _C.has_cuda() and torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and _C built with CUDA")

@@ -49,11 +49,31 @@ def test_engine_is_built_where_ci_builds_the_extension():
     assert _C.has_sm90_engine()
 
 
-def test_default_engine_is_the_hand_written_kernel():
-    assert cpp_backend.DEFAULT_CUDA_ENGINE == "mma"
-    if not os.environ.get("FUSED_RESNET_CUDA_ENGINE"):
-        assert cpp_backend.cuda_engine() == "mma"
-        assert not _C.sm90_engine_enabled()
+def test_default_engine_is_the_hopper_one_where_built():
+    if os.environ.get("FUSED_RESNET_CUDA_ENGINE"):
+        pytest.skip("FUSED_RESNET_CUDA_ENGINE chose the engine")
+    # A fresh process: other tests change the engine of this one.
+    result = subprocess.run(
+        [sys.executable, "-c", "from fused_resnet.ops import cpp_backend as c; print(c.cuda_engine())"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == ("cutlass" if _C.has_sm90_engine() else "mma")
+
+
+def test_auto_takes_the_cuda_backend_first_where_the_hopper_engine_runs(monkeypatch):
+    from types import SimpleNamespace
+
+    from fused_resnet import backends
+
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)  # no GPU needed to choose
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name: None)
+    monkeypatch.setattr(cpp_backend, "_hopper_engine_enabled", lambda index: True)
+    assert backends.auto_order(x)[:2] == ("cuda", "triton")
+    assert backends.auto_order(SimpleNamespace(device=x.device, dtype=torch.float32))[0] == "triton"
+    monkeypatch.setattr(cpp_backend, "_hopper_engine_enabled", lambda index: False)
+    assert backends.auto_order(x) == backends.AUTO_ORDER["cuda"]
+    assert backends.auto_order(SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16))[0] == "cpu"
 
 
 def test_engine_choice_round_trip():

@@ -81,11 +81,11 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
             # Training runs the stock conv (cuDNN/oneDNN) with the backend's BN passes (fused_resnet/training).
             note = _TRAIN_NOTES[name]
         out.append(Contender(f"fused:{name}{suffix}", "fused", cl, weights, amp, backend=name, skip=reason, note=note))
-    if not train and half and hopper_engine_runs(device):  # the engine runs 16-bit convs only
-        # The "cuda" backend on its Hopper engine (CUTLASS sm90 convs; the default engine is the hand-written one).
-        note = "the cuda backend's 'cutlass' engine"
-        out.append(Contender(f"fused:cuda+cutlass{suffix}", "fused", cl, weights, amp, backend="cuda", note=note,
-                             cuda_engine="cutlass"))  # fmt: skip
+    if not train and half and hopper_engine_runs(device):  # the Hopper engine runs 16-bit convs only
+        # fused:cuda runs the default engine, CUTLASS's sm90 convs here; this row, the hand-written one, for comparison.
+        note = "the cuda backend's hand-written 'mma' engine"
+        out.append(Contender(f"fused:cuda+mma{suffix}", "fused", cl, weights, amp, backend="cuda", note=note,
+                             cuda_engine="mma"))  # fmt: skip
     if device.type == "cuda" and not train and profile.graph_replays:
         # Replayed CUDA graphs: how much of each eager row is host launch overhead rather than GPU time.
         out.append(Contender("eager_cl+graph", "eager", cl, weights, compile_mode="graph"))

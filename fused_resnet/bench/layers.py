@@ -97,12 +97,13 @@ def _functions(
         if backends.unavailable_reason(name) is None:
             fns[f"fused:{name}"] = lambda x, name=name: conv_bn_act(x, conv, bn, residual, layer.relu, backend=name)
     if "fused:cuda" in fns and hopper_engine_runs(device):
+        # fused:cuda runs the default engine (CUTLASS's sm90 convs here); the hand-written one beside it.
 
-        def on_hopper_engine(x: torch.Tensor) -> torch.Tensor:
-            with engine_scope("cutlass"):
+        def on_mma_engine(x: torch.Tensor) -> torch.Tensor:
+            with engine_scope("mma"):
                 return conv_bn_act(x, conv, bn, residual, layer.relu, backend="cuda")
 
-        fns["fused:cuda+cutlass"] = on_hopper_engine
+        fns["fused:cuda+mma"] = on_mma_engine
     return fns
 
 
