@@ -148,6 +148,11 @@ CUDA_ENGINES = ("mma", "cutlass")
 DEFAULT_CUDA_ENGINE = "cutlass"
 
 
+def sm90_engine_built() -> bool:
+    """Whether _C holds the Hopper engine (built with CUTLASS's headers for sm_90a)."""
+    return _C is not None and _C.has_sm90_engine()
+
+
 def set_cuda_engine(name: str) -> str:
     """Chooses the CUDA op's engine for this process (see CUDA_ENGINES); returns the previous choice. The choice
     applies when a kernel launches: a CUDA graph replays the engine that ran at capture."""
@@ -184,10 +189,6 @@ def using_cuda_engine(name: str) -> Iterator[None]:
         yield
     finally:
         set_cuda_engine(previous)
-
-
-def sm90_engine_built() -> bool:
-    return _C is not None and _C.has_sm90_engine()
 
 
 if os.environ.get("FUSED_RESNET_CUDA_ENGINE"):
