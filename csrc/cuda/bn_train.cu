@@ -24,6 +24,9 @@ namespace {
 
 constexpr int kLanesC = 32;  // channels per block
 constexpr int kLanesR = 8;   // pixel lanes per block
+// Lanes per block of the merge kernels, each merging every kMergeLanes-th chunk partial: the merges are a chain of
+// dependent steps, and with 8 lanes 1,024 chunks took 45 µs per 64-channel layer on an H200 (2 blocks in all).
+constexpr int kMergeLanes = 32;
 constexpr int kBatch = 8;    // values a stats lane reduces two-pass before merging them into its running (mean, M2)
 constexpr long long kMaxChunks = 1024;
 constexpr long long kMinChunkRows = 64;
@@ -128,18 +131,19 @@ __device__ __forceinline__ void chan_merge_counted(double& n, Acc& mean, Acc& m2
   n = total;
 }
 
-// Chunk partials -> per-channel (mean, M2). A block is 32 channels x 8 lanes; lane j merges chunks j, j+8, ... in
-// order, then lane 0 merges the lanes in order: a fixed order for a given shape.
+// Chunk partials -> per-channel (mean, M2). A block is 32 channels x kMergeLanes lanes; lane j merges chunks j,
+// j+kMergeLanes, ... in order, then lane 0 merges the lanes in order: a fixed order for a given shape.
 template <typename Acc>
-__global__ void stats_merge(const Acc* __restrict__ part_mean, const Acc* __restrict__ part_m2, long long rows,
-                            long long channels, Chunks chunks, Acc* __restrict__ mean_out, Acc* __restrict__ m2_out) {
-  __shared__ double s_n[kLanesR][kLanesC];
-  __shared__ Acc s_mean[kLanesR][kLanesC], s_m2[kLanesR][kLanesC];
+__global__ void __launch_bounds__(kLanesC* kMergeLanes)
+    stats_merge(const Acc* __restrict__ part_mean, const Acc* __restrict__ part_m2, long long rows, long long channels,
+                Chunks chunks, Acc* __restrict__ mean_out, Acc* __restrict__ m2_out) {
+  __shared__ double s_n[kMergeLanes][kLanesC];
+  __shared__ Acc s_mean[kMergeLanes][kLanesC], s_m2[kMergeLanes][kLanesC];
   const long long c = static_cast<long long>(blockIdx.x) * kLanesC + threadIdx.x;
   double n = 0;
   Acc mean = 0, m2 = 0;
   if (c < channels) {
-    for (long long k = threadIdx.y; k < chunks.count; k += kLanesR) {
+    for (long long k = threadIdx.y; k < chunks.count; k += kMergeLanes) {
       const long long first = k * chunks.rows;
       const double nb = static_cast<double>((first + chunks.rows < rows ? first + chunks.rows : rows) - first);
       chan_merge_counted(n, mean, m2, nb, part_mean[k * channels + c], part_m2[k * channels + c]);
@@ -150,7 +154,7 @@ __global__ void stats_merge(const Acc* __restrict__ part_mean, const Acc* __rest
   s_m2[threadIdx.y][threadIdx.x] = m2;
   __syncthreads();
   if (threadIdx.y != 0 || c >= channels) return;
-  for (int j = 1; j < kLanesR; ++j) {
+  for (int j = 1; j < kMergeLanes; ++j) {
     chan_merge_counted(n, mean, m2, s_n[j][threadIdx.x], s_mean[j][threadIdx.x], s_m2[j][threadIdx.x]);
   }
   mean_out[c] = mean;
@@ -364,7 +368,9 @@ __global__ void stats_partials_vec(const T* __restrict__ y, long long rows, long
   for (unsigned j = 1; j < blockDim.y; ++j) {
     const int other = j * blockDim.x + threadIdx.x;
 #pragma unroll
-    for (int ch = 0; ch < W; ++ch) chan_merge(n[ch], mean[ch], m2[ch], s_n[other][ch], s_mean[other][ch], s_m2[other][ch]);
+    for (int ch = 0; ch < W; ++ch) {
+      chan_merge(n[ch], mean[ch], m2[ch], s_n[other][ch], s_mean[other][ch], s_m2[other][ch]);
+    }
   }
 #pragma unroll
   for (int ch = 0; ch < W; ++ch) {
@@ -476,13 +482,14 @@ __global__ void grad_sums_partials(const T* __restrict__ g, const T* __restrict_
 
 // Chunk partials -> per-channel sums, lanes and then lanes' sums in a fixed order (as stats_merge).
 template <typename Acc>
-__global__ void sums_merge(const Acc* __restrict__ part0, const Acc* __restrict__ part1, long long chunks,
-                           long long channels, Acc* __restrict__ out0, Acc* __restrict__ out1) {
-  __shared__ Acc s0[kLanesR][kLanesC], s1[kLanesR][kLanesC];
+__global__ void __launch_bounds__(kLanesC* kMergeLanes)
+    sums_merge(const Acc* __restrict__ part0, const Acc* __restrict__ part1, long long chunks, long long channels,
+               Acc* __restrict__ out0, Acc* __restrict__ out1) {
+  __shared__ Acc s0[kMergeLanes][kLanesC], s1[kMergeLanes][kLanesC];
   const long long c = static_cast<long long>(blockIdx.x) * kLanesC + threadIdx.x;
   Acc sum0 = 0, sum1 = 0;
   if (c < channels) {
-    for (long long k = threadIdx.y; k < chunks; k += kLanesR) {
+    for (long long k = threadIdx.y; k < chunks; k += kMergeLanes) {
       sum0 += part0[k * channels + c];
       sum1 += part1[k * channels + c];
     }
@@ -491,7 +498,7 @@ __global__ void sums_merge(const Acc* __restrict__ part0, const Acc* __restrict_
   s1[threadIdx.y][threadIdx.x] = sum1;
   __syncthreads();
   if (threadIdx.y != 0 || c >= channels) return;
-  for (int j = 1; j < kLanesR; ++j) {
+  for (int j = 1; j < kMergeLanes; ++j) {
     sum0 += s0[j][threadIdx.x];
     sum1 += s1[j][threadIdx.x];
   }
@@ -545,7 +552,7 @@ struct Stats {
       stats_partials<T><<<channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
           static_cast<const T*>(p.y), p.rows, p.channels, chunks.rows, part_mean, part_m2);
     }
-    stats_merge<Acc><<<merge_blocks(p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
+    stats_merge<Acc><<<merge_blocks(p.channels), dim3(kLanesC, kMergeLanes), 0, stream>>>(
         part_mean, part_m2, p.rows, p.channels, chunks, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
     return cudaGetLastError();
   }
@@ -588,7 +595,7 @@ struct GradSums {
           static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.mean), p.relu,
           static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
     }
-    sums_merge<Acc><<<merge_blocks(p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
+    sums_merge<Acc><<<merge_blocks(p.channels), dim3(kLanesC, kMergeLanes), 0, stream>>>(
         part_g, part_gy, chunks.count, p.channels, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
     return cudaGetLastError();
   }
