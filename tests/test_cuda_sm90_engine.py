@@ -74,6 +74,18 @@ def test_auto_takes_the_cuda_backend_first_where_the_hopper_engine_runs(monkeypa
     monkeypatch.setattr(cpp_backend, "_hopper_engine_enabled", lambda index: False)
     assert backends.auto_order(x) == backends.AUTO_ORDER["cuda"]
     assert backends.auto_order(SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16))[0] == "cpu"
+    monkeypatch.undo()
+    if not _C.has_sm90_engine():
+        return
+    # The real check: the engine chosen, and a compute capability 9.0 device.
+    monkeypatch.setattr(cpp_backend, "cuda_capability", lambda device: (9, 0))
+    with cpp_backend.using_cuda_engine("cutlass"):
+        assert cpp_backend._hopper_engine_enabled(0)
+    with cpp_backend.using_cuda_engine("mma"):
+        assert not cpp_backend._hopper_engine_enabled(0)
+    monkeypatch.setattr(cpp_backend, "cuda_capability", lambda device: (8, 0))
+    with cpp_backend.using_cuda_engine("cutlass"):
+        assert not cpp_backend._hopper_engine_enabled(0)
 
 
 def test_engine_choice_round_trip():

@@ -200,9 +200,7 @@ elif sm90_engine_built():
 @torch.compiler.assume_constant_result
 def _hopper_engine_enabled(device_index: int) -> bool:
     # Constant under torch.compile: choose the engine before compiling.
-    if not (sm90_engine_built() and _C.sm90_engine_enabled()):
-        return False
-    return cuda_capability(torch.device("cuda", device_index)) == (9, 0)
+    return cuda_engine() == "cutlass" and sm90_engine_runs_on(torch.device("cuda", device_index))
 
 
 def prefer_on_hopper(x: torch.Tensor) -> bool:
