@@ -19,7 +19,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import fused_resnet
-from fused_resnet.bench.contenders import engine_scope, hopper_engine_runs
+from fused_resnet.bench.contenders import engine_scope, hopper_engine_runs, other_cuda_engines
 
 
 def _contenders(model: nn.Module, device: torch.device, backends: list[str]) -> dict[str, tuple[nn.Module, str | None]]:
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("inference", "train"), default="train")
     parser.add_argument(
         "--backends", nargs="+", default=None,
-        help="fused backends; cuda+mma or cuda+cutlass pins the cuda backend's engine (default: those of the device)",
+        help="fused backends; cuda+<engine> (mma, cutlass, cutlass_gemm) pins the cuda backend's engine "
+        "(default: those of the device)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     train = args.mode == "train"
     backends = args.backends or (["triton", "cuda"] if device.type == "cuda" else ["cpu"])
     if args.backends is None and not train and args.bf16 and hopper_engine_runs(device):
-        backends.append("cuda+mma")  # the cuda backend's hand-written engine beside its default, the Hopper one
+        # the cuda backend's other engines beside the one in use (by default the Hopper one)
+        backends += [f"cuda+{engine}" for engine in other_cuda_engines()]
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(num_classes=1000).train(train)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fused_resnet import backends, models
-from fused_resnet.bench.contenders import engine_scope, hopper_engine_runs
+from fused_resnet.bench.contenders import engine_scope, hopper_engine_runs, other_cuda_engines
 from fused_resnet.nn.functional import conv_bn_act
 from fused_resnet.tolerances import forward_rtol, relative_error
 
@@ -25,6 +25,7 @@ SHAPES = [
     (1, 16, 11, 11, 8, 3, 2, False),
     (2, 4, 8, 8, 16, 1, 2, False),
     (1, 3, 17, 15, 16, 7, 2, False),
+    (2, 16, 9, 7, 24, 1, 1, True),  # 1x1 stride 1: the Hopper engine's GEMM path ('cutlass_gemm')
 ]
 DEVICE_BACKENDS = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
@@ -79,10 +80,10 @@ def main() -> int:
     names = [b for b in DEVICE_BACKENDS[device.type] if backends.unavailable_reason(b) is None]
     print(f"device {device}, backends {names or 'none besides reference'}")
     # (label, backend, the cuda backend's engine): where the Hopper engine (CUTLASS sm90 convs) runs, "cuda" is on
-    # it by default, and the hand-written engine runs as well.
+    # it by default, and the other engines run as well.
     variants = [(b, b, None) for b in ["reference", *names]]
     if "cuda" in names and hopper_engine_runs(device):
-        variants.append(("cuda+mma", "cuda", "mma"))
+        variants += [(f"cuda+{engine}", "cuda", engine) for engine in other_cuda_engines()]
     failures = 0
     for label, backend, engine in variants:
         with engine_scope(engine):

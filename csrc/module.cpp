@@ -58,15 +58,40 @@ long long sm90_engine_launches() {
 #endif
 }
 
-// Whether the sm90 engine would take a call of these shapes (its host-side checks: no device needed). dtype is
-// "float16" or "bfloat16" (others: false); x is (N, C, H, W), weight (Cout, C/groups, KH, KW); the tensors are
-// taken to be 16-byte aligned, dense channels_last.
-bool sm90_engine_accepts(const std::string& dtype, std::array<int, 4> x, std::array<int, 4> weight,
-                         std::array<int, 2> stride, std::array<int, 2> padding, std::array<int, 2> dilation,
-                         int groups, bool residual, bool prologue) {
+long long sm90_engine_gemm_launches() {
+#ifdef FUSED_RESNET_WITH_CUDA
+  return fused_resnet::cuda::sm90_engine_gemm_launches();
+#else
+  return 0;
+#endif
+}
+
+bool sm90_gemm_enabled() {
+#ifdef FUSED_RESNET_WITH_CUDA
+  return fused_resnet::cuda::sm90_gemm_enabled();
+#else
+  return false;
+#endif
+}
+
+void set_sm90_gemm_enabled(bool enabled) {
+#ifdef FUSED_RESNET_WITH_CUDA
+  fused_resnet::cuda::set_sm90_gemm_enabled(enabled);
+#else
+  (void)enabled;
+#endif
+}
+
+// Which sm90 kernel would take a call of these shapes (its host-side checks: no device needed): "gemm", "conv", or
+// "" where the engine declines it. dtype is "float16" or "bfloat16" (others: ""); x is (N, C, H, W), weight
+// (Cout, C/groups, KH, KW); the tensors are taken to be 16-byte aligned, dense channels_last.
+std::string sm90_engine_route(const std::string& dtype, std::array<int, 4> x, std::array<int, 4> weight,
+                              std::array<int, 2> stride, std::array<int, 2> padding, std::array<int, 2> dilation,
+                              int groups, bool residual, bool prologue) {
 #ifdef FUSED_RESNET_WITH_CUDA
   using fused_resnet::cuda::DType;
-  if (dtype != "float16" && dtype != "bfloat16") return false;
+  using fused_resnet::cuda::Sm90Route;
+  if (dtype != "float16" && dtype != "bfloat16") return "";
   fused_resnet::cuda::ConvBiasActParams p{};
   // Stand-in addresses: aligned, never dereferenced by the checks.
   void* const aligned = reinterpret_cast<void*>(uintptr_t{1} << 20);
@@ -81,11 +106,19 @@ bool sm90_engine_accepts(const std::string& dtype, std::array<int, 4> x, std::ar
   p.oh = (p.h + 2 * p.pad_h - p.dil_h * (p.kh - 1) - 1) / p.stride_h + 1;
   p.ow = (p.w + 2 * p.pad_w - p.dil_w * (p.kw - 1) - 1) / p.stride_w + 1;
   p.relu = true;
-  return fused_resnet::cuda::sm90_engine_accepts(dtype == "float16" ? DType::kHalf : DType::kBFloat16, p);
+  switch (fused_resnet::cuda::sm90_engine_route(dtype == "float16" ? DType::kHalf : DType::kBFloat16, p)) {
+    case Sm90Route::kGemm:
+      return "gemm";
+    case Sm90Route::kConv:
+      return "conv";
+    case Sm90Route::kNone:
+      break;
+  }
+  return "";
 #else
   (void)dtype, (void)x, (void)weight, (void)stride, (void)padding, (void)dilation, (void)groups, (void)residual,
       (void)prologue;
-  return false;
+  return "";
 #endif
 }
 
@@ -98,11 +131,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_sm90_engine", &has_sm90_engine, "whether the CUTLASS sm90 conv engine was compiled in (needs sm_90a)");
   m.def("sm90_engine_enabled", &sm90_engine_enabled, "whether CUDA convs are offered to the sm90 engine first");
   m.def("set_sm90_engine_enabled", &set_sm90_engine_enabled, "offer CUDA convs to the sm90 engine first (or not)");
-  m.def("sm90_engine_accepts", &sm90_engine_accepts, "whether the sm90 engine would take a call of these shapes",
+  m.def("sm90_gemm_enabled", &sm90_gemm_enabled, "whether the sm90 engine runs 1x1 stride-1 convs as a GEMM");
+  m.def("set_sm90_gemm_enabled", &set_sm90_gemm_enabled, "run 1x1 stride-1 convs on the sm90 GEMM path (or not)");
+  m.def("sm90_engine_route", &sm90_engine_route,
+        "which sm90 kernel would take a call of these shapes: 'gemm', 'conv' or '' (declined)",
         pybind11::arg("dtype"), pybind11::arg("x_shape"), pybind11::arg("w_shape"), pybind11::arg("stride"),
         pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"), pybind11::arg("residual"),
         pybind11::arg("prologue"));
   m.def("sm90_engine_launches", &sm90_engine_launches, "calls the sm90 engine has run in this process");
+  m.def("sm90_engine_gemm_launches", &sm90_engine_gemm_launches,
+        "calls the sm90 engine has run on its GEMM path in this process");
   m.def("clear_weight_cache", &fused_resnet::cpu::clear_weight_cache,
         "drop every prepacked (oneDNN-layout) CPU weight");
   m.def("weight_cache_size", &fused_resnet::cpu::weight_cache_size, "number of prepacked CPU weights held");

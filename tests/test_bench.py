@@ -181,9 +181,12 @@ def test_hopper_engine_contender_runs_its_steps_on_that_engine(monkeypatch: pyte
     monkeypatch.setattr(contenders, "hopper_engine_runs", lambda device: True)
     profile = PROFILES["gpu-quick"]
     inference = contenders.plan(Group("resnet50", 256, torch.bfloat16, "inference"), profile, torch.device("cuda"))
-    (pinned,) = [c for c in inference if c.cuda_engine is not None]
-    assert (pinned.name, pinned.backend, pinned.cuda_engine) == ("fused:cuda+mma", "cuda", "mma")
-    assert summary._backend_of(pinned.name) == "cuda"  # the targets count it as a variant of the cuda backend
+    pinned = [c for c in inference if c.cuda_engine is not None]
+    others = [e for e in cpp_backend.CUDA_ENGINES if e != cpp_backend.cuda_engine()]
+    assert [(c.name, c.backend, c.cuda_engine) for c in pinned] == [(f"fused:cuda+{e}", "cuda", e) for e in others]
+    assert len(pinned) == len(cpp_backend.CUDA_ENGINES) - 1
+    for c in pinned:
+        assert summary._backend_of(c.name) == "cuda"  # the targets count it as a variant of the cuda backend
     fp32 = contenders.plan(Group("resnet50", 256, torch.float32, "inference"), profile, torch.device("cuda"))
     assert all(c.cuda_engine is None for c in fp32)  # the Hopper engine runs 16-bit convs only
     train = contenders.plan(Group("resnet50", 256, torch.bfloat16, "train"), profile, torch.device("cuda"))
@@ -199,7 +202,7 @@ def test_hopper_engine_contender_runs_its_steps_on_that_engine(monkeypatch: pyte
             return x
 
     before = cpp_backend.cuda_engine()
-    for engine in ("mma", "cutlass"):
+    for engine in cpp_backend.CUDA_ENGINES:
         on_cpu = contenders.Contender(f"fused:cuda+{engine}", "fused", torch.channels_last, torch.float32,
                                       backend="cuda", cuda_engine=engine)  # fmt: skip
         step = contenders.make_step(on_cpu, Recorder(), torch.zeros(1, 3, 4, 4), torch.zeros(1), train=False)

@@ -1,4 +1,5 @@
-"""The CUDA op's Hopper engine (CUTLASS sm90 implicit GEMM, csrc/cuda/conv_sm90_cutlass.cuh) and the engine choice.
+"""The CUDA op's Hopper engine (CUTLASS sm90 implicit-GEMM conv, csrc/cuda/conv_sm90_cutlass.cuh; with the
+'cutlass_gemm' engine, 1x1 stride-1 convs on a persistent GEMM, csrc/cuda/conv_sm90_gemm.cuh) and the engine choice.
 
 Without a GPU: the engine is compiled wherever CI builds the extension, and the choice (set_cuda_engine, the
 FUSED_RESNET_CUDA_ENGINE variable) behaves. On a compute capability 9.0 GPU (gpu-marked, run by the GPU check):
@@ -29,10 +30,10 @@ needs_sm90 = pytest.mark.skipif(not ON_SM90, reason="needs a compute capability 
 ENGINE_DTYPES = (torch.bfloat16, torch.float16)
 
 
-@pytest.fixture
-def cutlass_engine():
-    with cpp_backend.using_cuda_engine("cutlass"):
-        yield
+@pytest.fixture(params=cpp_backend.HOPPER_ENGINES)
+def cutlass_engine(request):
+    with cpp_backend.using_cuda_engine(request.param):
+        yield request.param
 
 
 def _takes(shape) -> bool:
@@ -99,6 +100,10 @@ def test_engine_choice_round_trip():
             assert cpp_backend.cuda_engine() == "mma" and not _C.sm90_engine_enabled()
             raise KeyError("the body fails: the engine must still be restored")
         assert cpp_backend.cuda_engine() == "cutlass"
+        assert cpp_backend.set_cuda_engine("cutlass_gemm") == "cutlass"
+        assert cpp_backend.cuda_engine() == "cutlass_gemm" and _C.sm90_engine_enabled() and _C.sm90_gemm_enabled()
+        assert cpp_backend.set_cuda_engine("mma") == "cutlass_gemm"
+        assert not _C.sm90_engine_enabled() and not _C.sm90_gemm_enabled()
     finally:
         cpp_backend.set_cuda_engine(start)
 
@@ -121,9 +126,16 @@ def test_cutlass_is_refused_where_it_was_not_built(monkeypatch):
         def set_sm90_engine_enabled(self, enabled):
             assert not enabled, "an engine that was not built must not be enabled"
 
+        def sm90_gemm_enabled(self):
+            return False
+
+        def set_sm90_gemm_enabled(self, enabled):
+            assert not enabled, "an engine that was not built must not be enabled"
+
     monkeypatch.setattr(cpp_backend, "_C", WithoutEngine())
-    with pytest.raises(RuntimeError, match="'cutlass' CUDA engine is not available.*CUTLASS and sm_90a"):
-        cpp_backend.set_cuda_engine("cutlass")
+    for engine in cpp_backend.HOPPER_ENGINES:
+        with pytest.raises(RuntimeError, match=f"'{engine}' CUDA engine is not available.*CUTLASS and sm_90a"):
+            cpp_backend.set_cuda_engine(engine)
     assert cpp_backend.set_cuda_engine("mma") == "mma"
 
 
@@ -136,42 +148,71 @@ def _engine_in_fresh_process(value: str) -> subprocess.CompletedProcess:
 def test_environment_variable_chooses_the_engine():
     if not _C.has_sm90_engine():
         pytest.skip("_C was built without the sm90 engine")
-    result = _engine_in_fresh_process("cutlass")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "cutlass"
+    for engine in cpp_backend.CUDA_ENGINES:
+        result = _engine_in_fresh_process(engine)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip().splitlines()[-1] == engine
     result = _engine_in_fresh_process("fastest")
     assert result.returncode != 0 and "unknown CUDA engine 'fastest'" in result.stderr
 
 
-def _accepts(shape_or_kind, dtype="bfloat16", residual=True, prologue=False, n=GPU_BATCH, hw=None):
+def _route(shape_or_kind, dtype="bfloat16", residual=True, prologue=False, n=GPU_BATCH, hw=None) -> str:
+    """The sm90 kernel that would take the call under the engine in use: "gemm", "conv" or "" (declined)."""
     if len(shape_or_kind) == 8:  # a RESNET_SHAPES entry
         cin, size, cout, k, stride, padding, dilation, groups = shape_or_kind
         hw = (size, size)
     else:  # a CONV_KINDS / EDGE_KINDS entry
         cin, cout, k, stride, padding, dilation, groups = shape_or_kind
-    return _C.sm90_engine_accepts(
+    return _C.sm90_engine_route(
         dtype, (n, cin, *hw), (cout, cin // groups, k, k), (stride, stride), (padding, padding), (dilation, dilation),
         groups, residual, prologue,
     )  # fmt: skip
+
+
+def _accepts(*args, **kwargs) -> bool:
+    return _route(*args, **kwargs) != ""
+
+
+def _pointwise(shape_or_kind) -> bool:
+    """A 1x1 stride-1 unpadded conv: the GEMM path's calls."""
+    k, stride, padding = shape_or_kind[3:6] if len(shape_or_kind) == 8 else shape_or_kind[2:5]
+    return (k, stride, padding) == (1, 1, 0)
 
 
 needs_engine_built = pytest.mark.skipif(not _C.has_sm90_engine(), reason="_C was built without the sm90 engine")
 
 
 @needs_engine_built
+@pytest.mark.usefixtures("cutlass_engine")
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
 def test_engine_takes_every_resnet_conv_that_tma_can_address(residual):
     # CUTLASS's own host-side checks (can_implement: TMA alignment, im2col padding and corner limits; the output
     # extents it derives): every layer of the family with Cin and Cout multiples of 8 must pass them, so that on
     # the GPU these layers run on the engine rather than silently on the fallback.
+    gemm = cpp_backend.cuda_engine() == "cutlass_gemm"
     for dtype in ("bfloat16", "float16"):
         for shape in RESNET_SHAPES:
-            assert _accepts(shape, dtype, residual) == _takes(shape), (dtype, shape)
+            expected = ("gemm" if gemm and _pointwise(shape) else "conv") if _takes(shape) else ""
+            assert _route(shape, dtype, residual) == expected, (dtype, shape)
         for batch in (1, 256):
-            assert _accepts((64, 56, 256, 1, 1, 0, 1, 1), dtype, residual, n=batch)
+            assert _route((64, 56, 256, 1, 1, 0, 1, 1), dtype, residual, n=batch) == ("gemm" if gemm else "conv")
 
 
 @needs_engine_built
+def test_gemm_path_takes_only_pointwise_convs():
+    with cpp_backend.using_cuda_engine("cutlass_gemm"):
+        assert _route((64, 64, 1, 1, 0, 1, 1), hw=(56, 56)) == "gemm"
+        assert _route((64, 64, 1, 2, 0, 1, 1), hw=(56, 56)) == "conv"  # stride 2: pixels skipped, not a GEMM
+        assert _route((64, 64, 1, 1, 1, 1, 1), hw=(56, 56)) == "conv"  # padded: a zero border, not a GEMM
+        assert _route((64, 64, 3, 1, 1, 1, 1), hw=(56, 56)) == "conv"
+        assert _route((64, 64, 1, 1, 0, 2, 1), hw=(56, 56)) == "gemm"  # dilation means nothing for 1x1
+        assert _route((12, 64, 1, 1, 0, 1, 1), hw=(56, 56)) == ""  # Cin 12: rows off the 16-byte grid
+        assert _route((64, 64, 1, 1, 0, 1, 1), "float32", hw=(56, 56)) == ""
+        assert _route((64, 64, 1, 1, 0, 1, 1), prologue=True, hw=(56, 56)) == ""
+
+
+@needs_engine_built
+@pytest.mark.usefixtures("cutlass_engine")
 def test_engine_takes_the_edge_cases_and_declines_what_it_cannot_do():
     for kind in EDGE_KINDS.values():
         assert _accepts(kind, hw=(13, 10), n=3)
@@ -199,10 +240,15 @@ def test_engine_is_built_for_this_hopper_gpu():
 
 
 def _check_on_engine(args, relu, dtype, expect_engine: bool):
-    before = _C.sm90_engine_launches()
+    x, w, _, _, config, _, _ = args
+    # The GEMM path takes the engine's 1x1 stride-1 unpadded calls under 'cutlass_gemm'.
+    pointwise = w.shape[2:] == (1, 1) and config.stride == (1, 1) and config.padding == (0, 0)
+    expect_gemm = expect_engine and pointwise and cpp_backend.cuda_engine() == "cutlass_gemm"
+    before, before_gemm = _C.sm90_engine_launches(), _C.sm90_engine_gemm_launches()
     _check_cuda(args, relu, dtype)
-    took = _C.sm90_engine_launches() - before
+    took, took_gemm = _C.sm90_engine_launches() - before, _C.sm90_engine_gemm_launches() - before_gemm
     assert took == (1 if expect_engine else 0), f"the sm90 engine ran {took} times, expected {int(expect_engine)}"
+    assert took_gemm == int(expect_gemm), f"its GEMM path ran {took_gemm} times, expected {int(expect_gemm)}"
 
 
 @gpu
@@ -221,6 +267,7 @@ EDGE_KINDS = {
     "3x3s1-c8": (8, 8, 3, 1, 1, 1, 1),
     "3x3s2-c16o24": (16, 24, 3, 2, 1, 1, 1),
     "1x1s1-c8o16": (8, 16, 1, 1, 0, 1, 1),
+    "1x1s1-c136o264": (136, 264, 1, 1, 0, 1, 1),  # GEMM path: partial tiles in M, N and K, 3 tiles along N and K
     "1x1s2-c16o8": (16, 8, 1, 2, 0, 1, 1),
     "3x3-nopad-c24o136": (24, 136, 3, 1, 0, 1, 1),
     "dilated3x3d2": (8, 8, 3, 1, 2, 2, 1),
@@ -275,8 +322,9 @@ def test_relu_keeps_nan_and_padding_stays_zero():
 @gpu
 @needs_sm90
 @pytest.mark.usefixtures("cutlass_engine")
-def test_cuda_graph_replay_matches_eager():
-    x, w, b, r, config, _, _ = _cuda_case((256, 14, 256, 3, 1, 1, 1, 1), torch.bfloat16, residual=True, n=4)
+@pytest.mark.parametrize("shape", [(256, 14, 256, 3, 1, 1, 1, 1), (256, 14, 1024, 1, 1, 0, 1, 1)], ids=_shape_id)
+def test_cuda_graph_replay_matches_eager(shape):
+    x, w, b, r, config, _, _ = _cuda_case(shape, torch.bfloat16, residual=True, n=4)
     eager = cpp_backend.conv_bias_act(x, w, b, r, config, True)
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()

@@ -31,15 +31,28 @@ cudaError_t launch_conv_bias_act(DType dtype, const ConvBiasActParams& p, cudaSt
 #ifdef FUSED_RESNET_WITH_CUTLASS
 cudaError_t launch_conv_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_conv_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+cudaError_t launch_gemm_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+cudaError_t launch_gemm_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 #endif
 
 namespace {
 std::atomic<long long> sm90_launches{0};
+std::atomic<long long> sm90_gemm_launches{0};
 std::atomic<bool> sm90_enabled{false};
+std::atomic<bool> sm90_gemm_on{false};
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
+// A 1x1, stride-1, unpadded conv is a plain GEMM over the NHWC pixels (conv_sm90_gemm.cuh says why it has its own
+// kernel).
+bool pointwise(const ConvBiasActParams& p) {
+  return p.kh == 1 && p.kw == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 && p.pad_w == 0;
+}
+
+// Runs (or with check_only, only checks) the call on the Hopper kernel that takes it, and says which in *route.
+cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stream, bool check_only,
+                      Sm90Route* route) {
+  *route = Sm90Route::kNone;
 #ifdef FUSED_RESNET_WITH_CUTLASS
   // TMA moves 16-byte granules: channel counts and every base address must keep rows on them. Its im2col mode
   // traverses at most 8 elements per step (cuTensorMapEncodeIm2col's elementStrides), which CUTLASS's
@@ -47,13 +60,23 @@ cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stre
   const bool takes = p.groups == 1 && p.in_scale == nullptr && p.c % 8 == 0 && p.cout % 8 == 0 && p.stride_h <= 8 &&
                      p.stride_w <= 8 && aligned16(p.x) && aligned16(p.weight) && aligned16(p.y) &&
                      (p.residual == nullptr || aligned16(p.residual)) && aligned16(p.bias);
-  if (!takes) return cudaErrorNotSupported;
-  if (dtype == DType::kHalf) return launch_conv_sm90_half(p, stream, check_only);
-  if (dtype == DType::kBFloat16) return launch_conv_sm90_bfloat16(p, stream, check_only);
+  if (!takes || (dtype != DType::kHalf && dtype != DType::kBFloat16)) return cudaErrorNotSupported;
+  if (sm90_gemm_on.load(std::memory_order_relaxed) && pointwise(p)) {
+    const cudaError_t err = dtype == DType::kHalf ? launch_gemm_sm90_half(p, stream, check_only)
+                                                  : launch_gemm_sm90_bfloat16(p, stream, check_only);
+    if (err != cudaErrorNotSupported) {
+      if (err == cudaSuccess) *route = Sm90Route::kGemm;
+      return err;
+    }
+  }
+  const cudaError_t err = dtype == DType::kHalf ? launch_conv_sm90_half(p, stream, check_only)
+                                                : launch_conv_sm90_bfloat16(p, stream, check_only);
+  if (err == cudaSuccess) *route = Sm90Route::kConv;
+  return err;
 #else
   (void)dtype, (void)p, (void)stream, (void)check_only;
-#endif
   return cudaErrorNotSupported;
+#endif
 }
 }  // namespace
 
@@ -67,17 +90,29 @@ bool sm90_engine_built() {
 
 long long sm90_engine_launches() { return sm90_launches.load(std::memory_order_relaxed); }
 
+long long sm90_engine_gemm_launches() { return sm90_gemm_launches.load(std::memory_order_relaxed); }
+
 void set_sm90_engine_enabled(bool enabled) { sm90_enabled.store(enabled, std::memory_order_relaxed); }
 
 bool sm90_engine_enabled() { return sm90_enabled.load(std::memory_order_relaxed); }
 
-bool sm90_engine_accepts(DType dtype, const ConvBiasActParams& p) {
-  return sm90_call(dtype, p, nullptr, /*check_only=*/true) == cudaSuccess;
+void set_sm90_gemm_enabled(bool enabled) { sm90_gemm_on.store(enabled, std::memory_order_relaxed); }
+
+bool sm90_gemm_enabled() { return sm90_gemm_on.load(std::memory_order_relaxed); }
+
+Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p) {
+  Sm90Route route;
+  sm90_call(dtype, p, nullptr, /*check_only=*/true, &route);
+  return route;
 }
 
 cudaError_t launch_conv_bias_act_sm90(DType dtype, const ConvBiasActParams& p, cudaStream_t stream) {
-  const cudaError_t err = sm90_call(dtype, p, stream, /*check_only=*/false);
-  if (err == cudaSuccess) sm90_launches.fetch_add(1, std::memory_order_relaxed);
+  Sm90Route route;
+  const cudaError_t err = sm90_call(dtype, p, stream, /*check_only=*/false, &route);
+  if (err == cudaSuccess) {
+    sm90_launches.fetch_add(1, std::memory_order_relaxed);
+    if (route == Sm90Route::kGemm) sm90_gemm_launches.fetch_add(1, std::memory_order_relaxed);
+  }
   return err;
 }
 

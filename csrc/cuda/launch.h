@@ -34,21 +34,28 @@ struct ConvBiasActParams {
 // Callers guarantee N*OH*OW < 2^31 - 256 and groups <= 65535. Returns the launch error, if any.
 cudaError_t launch_conv_bias_act(DType dtype, const ConvBiasActParams& p, cudaStream_t stream);
 
-// The Hopper engine (csrc/cuda/conv_sm90_cutlass.cuh): the same op through CUTLASS's sm90 implicit-GEMM conv (TMA,
-// warp-specialized wgmma) with the fused epilogue, for the calls it can take: float16/bfloat16, ungrouped, no
-// prologue, Cin and Cout multiples of 8, 16-byte aligned tensors, on a compute capability 9.0 device (the
-// caller checks the device). Returns cudaErrorNotSupported for any other call, and always where the extension
-// was built without CUTLASS or without sm_90a; the caller then runs launch_conv_bias_act.
+// The Hopper engine: the same op through CUTLASS's sm90 kernels (TMA, warp-specialized wgmma) with the fused
+// epilogue, for the calls it can take: float16/bfloat16, ungrouped, no prologue, Cin and Cout multiples of 8,
+// 16-byte aligned tensors, on a compute capability 9.0 device (the caller checks the device). 1x1 stride-1
+// unpadded convs run as a persistent GEMM (conv_sm90_gemm.cuh) unless that path is switched off, the others as an
+// implicit-GEMM conv (conv_sm90_cutlass.cuh). Returns cudaErrorNotSupported for any other call, and always where
+// the extension was built without CUTLASS or without sm_90a; the caller then runs launch_conv_bias_act.
 bool sm90_engine_built();
 cudaError_t launch_conv_bias_act_sm90(DType dtype, const ConvBiasActParams& p, cudaStream_t stream);
-// Whether launch_conv_bias_act_sm90 would take the call, by its host-side checks alone (no device needed).
-bool sm90_engine_accepts(DType dtype, const ConvBiasActParams& p);
-// Calls the Hopper engine ran (tests use it to tell which engine took a call).
+// Which of its kernels would take the call, by its host-side checks alone (no device needed).
+enum class Sm90Route { kNone, kConv, kGemm };
+Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p);
+// Calls the Hopper engine ran, and how many of them on its GEMM path (tests use these to tell which kernel took a
+// call).
 long long sm90_engine_launches();
+long long sm90_engine_gemm_launches();
 // Whether the CUDA op offers its calls to the Hopper engine first (process-wide; off until the engine has passed
-// the GPU check: see fused_resnet/ops/cpp_backend.py, set_cuda_engine).
+// the GPU check: see fused_resnet/ops/cpp_backend.py, set_cuda_engine), and whether that engine sends 1x1 convs
+// to its GEMM path (off by default: until it has passed the GPU check, see cpp_backend.py).
 void set_sm90_engine_enabled(bool enabled);
 bool sm90_engine_enabled();
+void set_sm90_gemm_enabled(bool enabled);
+bool sm90_gemm_enabled();
 
 // out = act(y + bias[c] + residual) over `rows` NHWC pixels of `channels` channels; out may be y.
 // bias is fp64 for kDouble, fp32 otherwise.

@@ -82,10 +82,11 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
             note = _TRAIN_NOTES[name]
         out.append(Contender(f"fused:{name}{suffix}", "fused", cl, weights, amp, backend=name, skip=reason, note=note))
     if not train and half and hopper_engine_runs(device):  # the Hopper engine runs 16-bit convs only
-        # fused:cuda runs the default engine, CUTLASS's sm90 convs here; this row, the hand-written one, for comparison.
-        note = "the cuda backend's hand-written 'mma' engine"
-        out.append(Contender(f"fused:cuda+mma{suffix}", "fused", cl, weights, amp, backend="cuda", note=note,
-                             cuda_engine="mma"))  # fmt: skip
+        # fused:cuda runs the engine in use (by default CUTLASS's sm90 convs here); these rows, the others.
+        for engine in other_cuda_engines():
+            note = f"the cuda backend's {engine!r} engine"
+            out.append(Contender(f"fused:cuda+{engine}{suffix}", "fused", cl, weights, amp, backend="cuda", note=note,
+                                 cuda_engine=engine))  # fmt: skip
     if device.type == "cuda" and not train and profile.graph_replays:
         # Replayed CUDA graphs: how much of each eager row is host launch overhead rather than GPU time.
         out.append(Contender("eager_cl+graph", "eager", cl, weights, compile_mode="graph"))
@@ -119,6 +120,13 @@ def hopper_engine_runs(device: torch.device) -> bool:
     from ..ops import cpp_backend
 
     return cpp_backend.sm90_engine_runs_on(device)
+
+
+def other_cuda_engines() -> list[str]:
+    """The "cuda" backend's engines other than the one in use, each benchmarked in its own row beside it."""
+    from ..ops import cpp_backend
+
+    return [engine for engine in cpp_backend.CUDA_ENGINES if engine != cpp_backend.cuda_engine()]
 
 
 def engine_scope(cuda_engine: str | None) -> contextlib.AbstractContextManager:

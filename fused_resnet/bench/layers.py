@@ -25,7 +25,7 @@ from .. import backends
 from ..nn.functional import conv_bn_act
 from ..tolerances import max_abs_error, relative_error
 from . import roofline
-from .contenders import DEVICE_BACKENDS, engine_scope, hopper_engine_runs
+from .contenders import DEVICE_BACKENDS, engine_scope, hopper_engine_runs, other_cuda_engines
 from .profiles import Profile, dtype_name
 from .progress import Progress
 from .runner import OUT_OF_TIME, free_memory, layers_of, one_line, rounds_for, strict_fp32, timing_fields
@@ -97,13 +97,14 @@ def _functions(
         if backends.unavailable_reason(name) is None:
             fns[f"fused:{name}"] = lambda x, name=name: conv_bn_act(x, conv, bn, residual, layer.relu, backend=name)
     if "fused:cuda" in fns and hopper_engine_runs(device):
-        # fused:cuda runs the default engine (CUTLASS's sm90 convs here); the hand-written one beside it.
+        # fused:cuda runs the engine in use (by default CUTLASS's sm90 convs here); the others beside it.
+        for engine in other_cuda_engines():
 
-        def on_mma_engine(x: torch.Tensor) -> torch.Tensor:
-            with engine_scope("mma"):
-                return conv_bn_act(x, conv, bn, residual, layer.relu, backend="cuda")
+            def on_engine(x: torch.Tensor, engine: str = engine) -> torch.Tensor:
+                with engine_scope(engine):
+                    return conv_bn_act(x, conv, bn, residual, layer.relu, backend="cuda")
 
-        fns["fused:cuda+mma"] = on_mma_engine
+            fns[f"fused:cuda+{engine}"] = on_engine
     return fns
 
 

@@ -139,12 +139,19 @@ def bias_residual_relu(
     return torch.ops.fused_resnet_C.bias_residual_relu(y, bias, residual, relu)
 
 
-# The CUDA op's engines: "mma", the hand-written tensor-core kernel (csrc/cuda/conv_bias_act_kernel.cuh, compute
-# capability 8.0+, every call); "cutlass", the Hopper engine (csrc/cuda/conv_sm90_cutlass.cuh) for the calls it
-# can take on a compute capability 9.0 GPU, the hand-written kernel for the others. "cutlass" is the default where
-# it was built: it passed the GPU tests and the sanitizer on an H200 and ran ResNet-50 b256 bf16 inference at
-# 21,703 img/s against the mma engine's 14,075 (benchmarks/results/2026-11-27_H200_run1).
-CUDA_ENGINES = ("mma", "cutlass")
+# The CUDA op's engines:
+# - "mma": the hand-written tensor-core kernel (csrc/cuda/conv_bias_act_kernel.cuh, compute capability 8.0+, every
+#   call);
+# - "cutlass": the Hopper engine's implicit-GEMM conv (csrc/cuda/conv_sm90_cutlass.cuh) for the calls it can take
+#   on a compute capability 9.0 GPU, the hand-written kernel for the others;
+# - "cutlass_gemm": as "cutlass", but 1x1 stride-1 convs run as a persistent ping-pong GEMM
+#   (csrc/cuda/conv_sm90_gemm.cuh), whose epilogues overlap its main loops.
+# "cutlass" is the default where it was built: it passed the GPU tests and the sanitizer on an H200 and ran
+# ResNet-50 b256 bf16 inference at 21,703 img/s against the mma engine's 14,075
+# (benchmarks/results/2026-11-27_H200_run1). "cutlass_gemm" has not yet run on a GPU: it becomes the default only
+# once the GPU check has passed it and measured it faster.
+CUDA_ENGINES = ("mma", "cutlass", "cutlass_gemm")
+HOPPER_ENGINES = ("cutlass", "cutlass_gemm")
 DEFAULT_CUDA_ENGINE = "cutlass"
 
 
@@ -159,18 +166,20 @@ def set_cuda_engine(name: str) -> str:
     if name not in CUDA_ENGINES:
         raise ValueError(f"unknown CUDA engine {name!r}; choose one of {', '.join(map(repr, CUDA_ENGINES))}")
     previous = cuda_engine()
-    if name == "cutlass":
-        if not sm90_engine_built():
-            why = _MISSING or f"fused_resnet._C was built without it (needs CUTLASS and sm_90a); {REBUILD_HINT}"
-            raise RuntimeError(f"the 'cutlass' CUDA engine is not available: {why}")
+    if name in HOPPER_ENGINES and not sm90_engine_built():
+        why = _MISSING or f"fused_resnet._C was built without it (needs CUTLASS and sm_90a); {REBUILD_HINT}"
+        raise RuntimeError(f"the {name!r} CUDA engine is not available: {why}")
     if _C is not None:
-        _C.set_sm90_engine_enabled(name == "cutlass")
+        _C.set_sm90_gemm_enabled(name == "cutlass_gemm")
+        _C.set_sm90_engine_enabled(name in HOPPER_ENGINES)
     return previous
 
 
 def cuda_engine() -> str:
     """The CUDA op's engine now in use (see CUDA_ENGINES)."""
-    return "cutlass" if _C is not None and _C.sm90_engine_enabled() else "mma"
+    if _C is None or not _C.sm90_engine_enabled():
+        return "mma"
+    return "cutlass_gemm" if _C.sm90_gemm_enabled() else "cutlass"
 
 
 def sm90_engine_runs_on(device: torch.device) -> bool:
@@ -200,7 +209,7 @@ elif sm90_engine_built():
 @torch.compiler.assume_constant_result
 def _hopper_engine_enabled(device_index: int) -> bool:
     # Constant under torch.compile: choose the engine before compiling.
-    return cuda_engine() == "cutlass" and sm90_engine_runs_on(torch.device("cuda", device_index))
+    return cuda_engine() in HOPPER_ENGINES and sm90_engine_runs_on(torch.device("cuda", device_index))
 
 
 def prefer_on_hopper(x: torch.Tensor) -> bool:

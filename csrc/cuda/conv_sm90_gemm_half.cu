@@ -1,0 +1,8 @@
+// The float16 kernels of the sm90 engine's 1×1 path (one dtype per file: nvcc builds them in parallel).
+#include "cuda/conv_sm90_gemm.cuh"
+
+namespace fused_resnet::cuda {
+cudaError_t launch_gemm_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
+  return sm90_gemm::launch_typed<cutlass::half_t>(p, stream, check_only);
+}
+}  // namespace fused_resnet::cuda
