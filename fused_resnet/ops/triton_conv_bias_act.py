@@ -348,20 +348,23 @@ def default_config(
     c_in_g: int, c_out_g: int, kh: int, kw: int, dtype: torch.dtype, interpret: bool = False
 ) -> KernelConfig:
     """The heuristic config used when the tuned table has no entry (and always under the interpreter)."""
-    pack = _packing_allowed(c_in_g, kh, kw)
     if interpret:
         # The interpreter's cost is Python work per program and loop step, nearly independent of the tile size:
         # few programs are fast, while 32-wide channel blocks still give the small test shapes several blocks.
+        pack = _packing_allowed(c_in_g, kh, kw)
         config = KernelConfig(64, 32, 32, group_m=4, unroll_taps=_unroll_allowed(kh, kw), pack_taps=pack)
         return _clamp(config, c_in_g, c_out_g, kh * kw, 32)
+    # On the GPU the per-tap reduction order, packing being a tuner candidate only: for the ResNet-50 stem (Cin 3,
+    # 7×7) on an H200 the packed order took 8.46 ms per b256 bf16 call (benchmarks/results/2026-11-27_H200_run2)
+    # against 3.8 ms for the per-tap config the tuner had chosen, which is what this heuristic gives that layer.
     block_n = min(128, _pow2_at_least_16(c_out_g))
     # 128×128 fp32 accumulators with 4 warps spill once the residual tile joins them in the epilogue (ptxas,
     # sm_90): stay at 128×64 or 64×128 by default and leave larger tiles to the tuner.
-    tiles = KernelConfig(64 if block_n == 128 else 128, block_n, 64, pack_taps=pack)
+    tiles = KernelConfig(64 if block_n == 128 else 128, block_n, 64)
     config = _clamp(tiles, c_in_g, c_out_g, kh * kw, _k_max(dtype))
     # Per-tap loops of 1–3 channel blocks are too short to pipeline: use the flat loop there.
-    unroll = not pack and _unroll_allowed(kh, kw) and cdiv(c_in_g, config.block_k) >= 4
-    return KernelConfig(config.block_m, config.block_n, config.block_k, 8, unroll, 4, 4, pack)
+    unroll = _unroll_allowed(kh, kw) and cdiv(c_in_g, config.block_k) >= 4
+    return KernelConfig(config.block_m, config.block_n, config.block_k, 8, unroll, 4, 4)
 
 
 def dtype_tag(dtype: torch.dtype, device_type: str) -> str:
