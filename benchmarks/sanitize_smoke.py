@@ -25,7 +25,7 @@ SHAPES = [
     (1, 16, 11, 11, 8, 3, 2, False),
     (2, 4, 8, 8, 16, 1, 2, False),
     (1, 3, 17, 15, 16, 7, 2, False),
-    (2, 16, 9, 7, 24, 1, 1, True),  # 1x1 stride 1: the Hopper engine's GEMM path ('cutlass_gemm')
+    (2, 16, 9, 7, 24, 1, 1, True),  # 1x1 stride 1: the Hopper engine's GEMM path ('cutlass_next')
 ]
 DEVICE_BACKENDS = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 

@@ -66,25 +66,26 @@ long long sm90_engine_gemm_launches() {
 #endif
 }
 
-bool sm90_gemm_enabled() {
+bool sm90_next_enabled() {
 #ifdef FUSED_RESNET_WITH_CUDA
-  return fused_resnet::cuda::sm90_gemm_enabled();
+  return fused_resnet::cuda::sm90_next_enabled();
 #else
   return false;
 #endif
 }
 
-void set_sm90_gemm_enabled(bool enabled) {
+void set_sm90_next_enabled(bool enabled) {
 #ifdef FUSED_RESNET_WITH_CUDA
-  fused_resnet::cuda::set_sm90_gemm_enabled(enabled);
+  fused_resnet::cuda::set_sm90_next_enabled(enabled);
 #else
   (void)enabled;
 #endif
 }
 
-// Which sm90 kernel would take a call of these shapes (its host-side checks: no device needed): "gemm", "conv", or
-// "" where the engine declines it. dtype is "float16" or "bfloat16" (others: ""); x is (N, C, H, W), weight
-// (Cout, C/groups, KH, KW); the tensors are taken to be 16-byte aligned, dense channels_last.
+// Which sm90 kernel would take a call of these shapes (its host-side checks: no device needed): "gemm", "conv",
+// "padded" (one of them, on copies with the channels padded to 8), or "" where the engine declines it. dtype is
+// "float16" or "bfloat16" (others: ""); x is (N, C, H, W), weight (Cout, C/groups, KH, KW); the tensors are taken
+// to be 16-byte aligned, dense channels_last.
 std::string sm90_engine_route(const std::string& dtype, std::array<int, 4> x, std::array<int, 4> weight,
                               std::array<int, 2> stride, std::array<int, 2> padding, std::array<int, 2> dilation,
                               int groups, bool residual, bool prologue) {
@@ -111,6 +112,8 @@ std::string sm90_engine_route(const std::string& dtype, std::array<int, 4> x, st
       return "gemm";
     case Sm90Route::kConv:
       return "conv";
+    case Sm90Route::kPadded:
+      return "padded";
     case Sm90Route::kNone:
       break;
   }
@@ -131,10 +134,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_sm90_engine", &has_sm90_engine, "whether the CUTLASS sm90 conv engine was compiled in (needs sm_90a)");
   m.def("sm90_engine_enabled", &sm90_engine_enabled, "whether CUDA convs are offered to the sm90 engine first");
   m.def("set_sm90_engine_enabled", &set_sm90_engine_enabled, "offer CUDA convs to the sm90 engine first (or not)");
-  m.def("sm90_gemm_enabled", &sm90_gemm_enabled, "whether the sm90 engine runs 1x1 stride-1 convs as a GEMM");
-  m.def("set_sm90_gemm_enabled", &set_sm90_gemm_enabled, "run 1x1 stride-1 convs on the sm90 GEMM path (or not)");
+  m.def("sm90_next_enabled", &sm90_next_enabled,
+        "whether the sm90 engine uses its next kernels (1x1 convs as a GEMM, inputs under 8 channels padded)");
+  m.def("set_sm90_next_enabled", &set_sm90_next_enabled, "use the sm90 engine's next kernels (or not)");
   m.def("sm90_engine_route", &sm90_engine_route,
-        "which sm90 kernel would take a call of these shapes: 'gemm', 'conv' or '' (declined)",
+        "which sm90 kernel would take a call of these shapes: 'gemm', 'conv', 'padded' or '' (declined)",
         pybind11::arg("dtype"), pybind11::arg("x_shape"), pybind11::arg("w_shape"), pybind11::arg("stride"),
         pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"), pybind11::arg("residual"),
         pybind11::arg("prologue"));

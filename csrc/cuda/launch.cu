@@ -36,10 +36,11 @@ cudaError_t launch_gemm_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t s
 #endif
 
 namespace {
+constexpr int kPaddedChannels = 8;  // 16-byte pixel rows in 16-bit dtypes: what TMA moves
 std::atomic<long long> sm90_launches{0};
 std::atomic<long long> sm90_gemm_launches{0};
 std::atomic<bool> sm90_enabled{false};
-std::atomic<bool> sm90_gemm_on{false};
+std::atomic<bool> sm90_next_on{false};
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
@@ -61,7 +62,7 @@ cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stre
                      p.stride_w <= 8 && aligned16(p.x) && aligned16(p.weight) && aligned16(p.y) &&
                      (p.residual == nullptr || aligned16(p.residual)) && aligned16(p.bias);
   if (!takes || (dtype != DType::kHalf && dtype != DType::kBFloat16)) return cudaErrorNotSupported;
-  if (sm90_gemm_on.load(std::memory_order_relaxed) && pointwise(p)) {
+  if (sm90_next_on.load(std::memory_order_relaxed) && pointwise(p)) {
     const cudaError_t err = dtype == DType::kHalf ? launch_gemm_sm90_half(p, stream, check_only)
                                                   : launch_gemm_sm90_bfloat16(p, stream, check_only);
     if (err != cudaErrorNotSupported) {
@@ -96,12 +97,25 @@ void set_sm90_engine_enabled(bool enabled) { sm90_enabled.store(enabled, std::me
 
 bool sm90_engine_enabled() { return sm90_enabled.load(std::memory_order_relaxed); }
 
-void set_sm90_gemm_enabled(bool enabled) { sm90_gemm_on.store(enabled, std::memory_order_relaxed); }
+void set_sm90_next_enabled(bool enabled) { sm90_next_on.store(enabled, std::memory_order_relaxed); }
 
-bool sm90_gemm_enabled() { return sm90_gemm_on.load(std::memory_order_relaxed); }
+bool sm90_next_enabled() { return sm90_next_on.load(std::memory_order_relaxed); }
+
+int sm90_padded_channels(DType dtype, const ConvBiasActParams& p) {
+  const bool pads = sm90_next_on.load(std::memory_order_relaxed) &&
+                    (dtype == DType::kHalf || dtype == DType::kBFloat16) && p.groups == 1 && p.c < kPaddedChannels &&
+                    p.in_scale == nullptr;
+  return pads ? kPaddedChannels : 0;
+}
 
 Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p) {
   Sm90Route route;
+  if (const int padded = sm90_padded_channels(dtype, p); padded > 0) {
+    ConvBiasActParams q = p;
+    q.c = padded;  // the caller's padded copies: fresh allocations, aligned
+    sm90_call(dtype, q, nullptr, /*check_only=*/true, &route);
+    return route == Sm90Route::kNone ? Sm90Route::kNone : Sm90Route::kPadded;
+  }
   sm90_call(dtype, p, nullptr, /*check_only=*/true, &route);
   return route;
 }
@@ -114,6 +128,42 @@ cudaError_t launch_conv_bias_act_sm90(DType dtype, const ConvBiasActParams& p, c
     if (route == Sm90Route::kGemm) sm90_gemm_launches.fetch_add(1, std::memory_order_relaxed);
   }
   return err;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Channel padding for the Hopper engine: a thread per pixel builds its 8-channel row (16 bytes) in registers and
+// stores it at once.
+// ---------------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void pad_channels_kernel(const T* __restrict__ x, T* __restrict__ out, long long pixels, int channels) {
+  static_assert(sizeof(T) * kPaddedChannels == sizeof(uint4), "a padded row is one 16-byte store");
+  const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < pixels; i += step) {
+    uint4 row = make_uint4(0, 0, 0, 0);  // all-zero bits: +0 in half and bfloat16
+    T* values = reinterpret_cast<T*>(&row);
+    for (int c = 0; c < channels; ++c) values[c] = x[i * channels + c];
+    reinterpret_cast<uint4*>(out)[i] = row;
+  }
+}
+
+cudaError_t launch_pad_channels(DType dtype, const void* x, void* out, int64_t pixels, int channels, int padded,
+                                cudaStream_t stream) {
+  if (padded != kPaddedChannels || channels < 1 || channels > padded) return cudaErrorInvalidValue;
+  if (pixels == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const unsigned blocks = static_cast<unsigned>(std::min<long long>((pixels + kThreads - 1) / kThreads, 1ll << 16));
+  switch (dtype) {
+    case DType::kHalf:
+      pad_channels_kernel<__half>
+          <<<blocks, kThreads, 0, stream>>>(static_cast<const __half*>(x), static_cast<__half*>(out), pixels, channels);
+      return cudaGetLastError();
+    case DType::kBFloat16:
+      pad_channels_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(
+          static_cast<const __nv_bfloat16*>(x), static_cast<__nv_bfloat16*>(out), pixels, channels);
+      return cudaGetLastError();
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------

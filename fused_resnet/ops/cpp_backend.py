@@ -144,14 +144,15 @@ def bias_residual_relu(
 #   call);
 # - "cutlass": the Hopper engine's implicit-GEMM conv (csrc/cuda/conv_sm90_cutlass.cuh) for the calls it can take
 #   on a compute capability 9.0 GPU, the hand-written kernel for the others;
-# - "cutlass_gemm": as "cutlass", but 1x1 stride-1 convs run as a persistent ping-pong GEMM
-#   (csrc/cuda/conv_sm90_gemm.cuh), whose epilogues overlap its main loops.
+# - "cutlass_next": the Hopper engine's next kernels, on top of "cutlass": 1x1 stride-1 convs run as a persistent
+#   ping-pong GEMM (csrc/cuda/conv_sm90_gemm.cuh), whose epilogues overlap its main loops; inputs of under 8
+#   channels (an RGB stem) are zero-padded to 8 so that the implicit conv takes them (launch.cu, ops_cuda.cpp).
 # "cutlass" is the default where it was built: it passed the GPU tests and the sanitizer on an H200 and ran
 # ResNet-50 b256 bf16 inference at 21,703 img/s against the mma engine's 14,075
-# (benchmarks/results/2026-11-27_H200_run1). "cutlass_gemm" has not yet run on a GPU: it becomes the default only
+# (benchmarks/results/2026-11-27_H200_run1). "cutlass_next" has not yet run on a GPU: it becomes the default only
 # once the GPU check has passed it and measured it faster.
-CUDA_ENGINES = ("mma", "cutlass", "cutlass_gemm")
-HOPPER_ENGINES = ("cutlass", "cutlass_gemm")
+CUDA_ENGINES = ("mma", "cutlass", "cutlass_next")
+HOPPER_ENGINES = ("cutlass", "cutlass_next")
 DEFAULT_CUDA_ENGINE = "cutlass"
 
 
@@ -170,7 +171,7 @@ def set_cuda_engine(name: str) -> str:
         why = _MISSING or f"fused_resnet._C was built without it (needs CUTLASS and sm_90a); {REBUILD_HINT}"
         raise RuntimeError(f"the {name!r} CUDA engine is not available: {why}")
     if _C is not None:
-        _C.set_sm90_gemm_enabled(name == "cutlass_gemm")
+        _C.set_sm90_next_enabled(name == "cutlass_next")
         _C.set_sm90_engine_enabled(name in HOPPER_ENGINES)
     return previous
 
@@ -179,7 +180,7 @@ def cuda_engine() -> str:
     """The CUDA op's engine now in use (see CUDA_ENGINES)."""
     if _C is None or not _C.sm90_engine_enabled():
         return "mma"
-    return "cutlass_gemm" if _C.sm90_gemm_enabled() else "cutlass"
+    return "cutlass_next" if _C.sm90_next_enabled() else "cutlass"
 
 
 def sm90_engine_runs_on(device: torch.device) -> bool:
