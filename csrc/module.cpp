@@ -5,7 +5,9 @@
 
 #include <array>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "cpu/weight_cache.h"
 #ifdef FUSED_RESNET_WITH_CUDA
@@ -50,18 +52,32 @@ void set_sm90_engine_enabled(bool enabled) {
 #endif
 }
 
-long long sm90_engine_launches() {
 #ifdef FUSED_RESNET_WITH_CUDA
-  return fused_resnet::cuda::sm90_engine_launches();
-#else
-  return 0;
-#endif
-}
+// The names Python sees for the sm90 engine's kernels (launch.h, Sm90Route).
+constexpr std::array<std::pair<fused_resnet::cuda::Sm90Route, const char*>, 4> kRouteNames = {{
+    {fused_resnet::cuda::Sm90Route::kNone, ""},
+    {fused_resnet::cuda::Sm90Route::kConv, "conv"},
+    {fused_resnet::cuda::Sm90Route::kNarrowConv, "narrow-conv"},
+    {fused_resnet::cuda::Sm90Route::kGemm, "gemm"},
+}};
 
-long long sm90_engine_gemm_launches() {
+std::string route_name(fused_resnet::cuda::Sm90Route route) {
+  for (const auto& [value, name] : kRouteNames) {
+    if (value == route) return name;
+  }
+  return "";
+}
+#endif
+
+// Calls the sm90 engine has run: on the kernel of that name ("conv", "narrow-conv", "gemm"), or on any ("").
+long long sm90_engine_launches(const std::string& kernel) {
 #ifdef FUSED_RESNET_WITH_CUDA
-  return fused_resnet::cuda::sm90_engine_gemm_launches();
+  for (const auto& [value, name] : kRouteNames) {
+    if (kernel == name) return fused_resnet::cuda::sm90_engine_launches(value);
+  }
+  throw std::invalid_argument("unknown sm90 kernel '" + kernel + "'; choose conv, narrow-conv or gemm");
 #else
+  (void)kernel;
   return 0;
 #endif
 }
@@ -82,16 +98,15 @@ void set_sm90_next_enabled(bool enabled) {
 #endif
 }
 
-// Which sm90 kernel would take a call of these shapes (its host-side checks: no device needed): "gemm", "conv",
-// "padded" (one of them, on copies with the channels padded to 8), or "" where the engine declines it. dtype is
-// "float16" or "bfloat16" (others: ""); x is (N, C, H, W), weight (Cout, C/groups, KH, KW); the tensors are taken
-// to be 16-byte aligned, dense channels_last.
+// Which sm90 kernel would take a call of these shapes (its host-side checks: no device needed): "conv",
+// "narrow-conv", "gemm", or "" where the engine declines it (or the shapes make no conv). dtype is "float16" or
+// "bfloat16" (others: ""); x is (N, C, H, W), weight (Cout, C/groups, KH, KW); the tensors are taken to be 16-byte
+// aligned, dense channels_last.
 std::string sm90_engine_route(const std::string& dtype, std::array<int, 4> x, std::array<int, 4> weight,
                               std::array<int, 2> stride, std::array<int, 2> padding, std::array<int, 2> dilation,
                               int groups, bool residual, bool prologue) {
 #ifdef FUSED_RESNET_WITH_CUDA
   using fused_resnet::cuda::DType;
-  using fused_resnet::cuda::Sm90Route;
   if (dtype != "float16" && dtype != "bfloat16") return "";
   fused_resnet::cuda::ConvBiasActParams p{};
   // Stand-in addresses: aligned, never dereferenced by the checks.
@@ -104,20 +119,15 @@ std::string sm90_engine_route(const std::string& dtype, std::array<int, 4> x, st
   p.cout = weight[0], p.kh = weight[2], p.kw = weight[3];
   p.stride_h = stride[0], p.stride_w = stride[1], p.pad_h = padding[0], p.pad_w = padding[1];
   p.dil_h = dilation[0], p.dil_w = dilation[1], p.groups = groups;
+  for (int v : {p.n, p.c, p.h, p.w, p.cout, p.kh, p.kw, p.stride_h, p.stride_w, p.dil_h, p.dil_w, groups}) {
+    if (v <= 0) return "";
+  }
+  if (p.pad_h < 0 || p.pad_w < 0) return "";
   p.oh = (p.h + 2 * p.pad_h - p.dil_h * (p.kh - 1) - 1) / p.stride_h + 1;
   p.ow = (p.w + 2 * p.pad_w - p.dil_w * (p.kw - 1) - 1) / p.stride_w + 1;
+  if (p.oh <= 0 || p.ow <= 0) return "";
   p.relu = true;
-  switch (fused_resnet::cuda::sm90_engine_route(dtype == "float16" ? DType::kHalf : DType::kBFloat16, p)) {
-    case Sm90Route::kGemm:
-      return "gemm";
-    case Sm90Route::kConv:
-      return "conv";
-    case Sm90Route::kPadded:
-      return "padded";
-    case Sm90Route::kNone:
-      break;
-  }
-  return "";
+  return route_name(fused_resnet::cuda::sm90_engine_route(dtype == "float16" ? DType::kHalf : DType::kBFloat16, p));
 #else
   (void)dtype, (void)x, (void)weight, (void)stride, (void)padding, (void)dilation, (void)groups, (void)residual,
       (void)prologue;
@@ -135,16 +145,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sm90_engine_enabled", &sm90_engine_enabled, "whether CUDA convs are offered to the sm90 engine first");
   m.def("set_sm90_engine_enabled", &set_sm90_engine_enabled, "offer CUDA convs to the sm90 engine first (or not)");
   m.def("sm90_next_enabled", &sm90_next_enabled,
-        "whether the sm90 engine uses its next kernels (1x1 convs as a GEMM, inputs under 8 channels padded)");
+        "whether the sm90 engine uses its next kernels (1x1 convs as a GEMM, narrow tiles)");
   m.def("set_sm90_next_enabled", &set_sm90_next_enabled, "use the sm90 engine's next kernels (or not)");
   m.def("sm90_engine_route", &sm90_engine_route,
-        "which sm90 kernel would take a call of these shapes: 'gemm', 'conv', 'padded' or '' (declined)",
+        "which sm90 kernel would take a call of these shapes: 'conv', 'narrow-conv', 'gemm' or '' (declined)",
         pybind11::arg("dtype"), pybind11::arg("x_shape"), pybind11::arg("w_shape"), pybind11::arg("stride"),
         pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"), pybind11::arg("residual"),
         pybind11::arg("prologue"));
-  m.def("sm90_engine_launches", &sm90_engine_launches, "calls the sm90 engine has run in this process");
-  m.def("sm90_engine_gemm_launches", &sm90_engine_gemm_launches,
-        "calls the sm90 engine has run on its GEMM path in this process");
+  m.def("sm90_engine_launches", &sm90_engine_launches,
+        "calls the sm90 engine has run in this process: on the kernel of that name ('conv', 'narrow-conv', 'gemm'), "
+        "or on any ('')",
+        pybind11::arg("kernel") = "");
   m.def("clear_weight_cache", &fused_resnet::cpu::clear_weight_cache,
         "drop every prepacked (oneDNN-layout) CPU weight");
   m.def("weight_cache_size", &fused_resnet::cpu::weight_cache_size, "number of prepacked CPU weights held");

@@ -1,6 +1,6 @@
 """The CUDA op's Hopper engine (CUTLASS sm90 implicit-GEMM conv, csrc/cuda/conv_sm90_cutlass.cuh; with the
-'cutlass_next' engine, 1x1 stride-1 convs on a persistent GEMM, csrc/cuda/conv_sm90_gemm.cuh, and inputs of under 8
-channels padded to 8 for the conv) and the engine choice.
+'cutlass_next' engine also narrow 128x64 conv tiles for at most 64 output channels, and 1x1 stride-1 convs on a
+persistent GEMM, csrc/cuda/conv_sm90_gemm.cuh) and the engine choice.
 
 Without a GPU: the engine is compiled wherever CI builds the extension, and the choice (set_cuda_engine, the
 FUSED_RESNET_CUDA_ENGINE variable) behaves. On a compute capability 9.0 GPU (gpu-marked, run by the GPU check):
@@ -38,10 +38,8 @@ def cutlass_engine(request):
 
 
 def _takes(shape) -> bool:
-    """Whether the engine in use takes this RESNET_SHAPES entry (without a prologue)."""
     cin, _, cout, _, _, _, _, groups = shape
-    padded = cin < 8 and cpp_backend.cuda_engine() == "cutlass_next"
-    return groups == 1 and (cin % 8 == 0 or padded) and cout % 8 == 0
+    return groups == 1 and cin % 8 == 0 and cout % 8 == 0
 
 
 # ------------------------------------------------------------------------------------------------- no GPU needed
@@ -107,6 +105,8 @@ def test_engine_choice_round_trip():
         assert cpp_backend.cuda_engine() == "cutlass_next" and _C.sm90_engine_enabled() and _C.sm90_next_enabled()
         assert cpp_backend.set_cuda_engine("mma") == "cutlass_next"
         assert not _C.sm90_engine_enabled() and not _C.sm90_next_enabled()
+        with pytest.raises(ValueError, match="unknown sm90 kernel 'cudnn'"):
+            _C.sm90_engine_launches("cudnn")
     finally:
         cpp_backend.set_cuda_engine(start)
 
@@ -160,7 +160,8 @@ def test_environment_variable_chooses_the_engine():
 
 
 def _route(shape_or_kind, dtype="bfloat16", residual=True, prologue=False, n=GPU_BATCH, hw=None) -> str:
-    """The sm90 kernel that would take the call under the engine in use: "gemm", "conv" or "" (declined)."""
+    """The sm90 kernel that would take the call under the engine in use: "conv", "narrow-conv", "gemm" or ""
+    (declined)."""
     if len(shape_or_kind) == 8:  # a RESNET_SHAPES entry
         cin, size, cout, k, stride, padding, dilation, groups = shape_or_kind
         hw = (size, size)
@@ -176,10 +177,13 @@ def _accepts(*args, **kwargs) -> bool:
     return _route(*args, **kwargs) != ""
 
 
-def _pointwise(shape_or_kind) -> bool:
-    """A 1x1 stride-1 unpadded conv: the GEMM path's calls."""
-    k, stride, padding = shape_or_kind[3:6] if len(shape_or_kind) == 8 else shape_or_kind[2:5]
-    return (k, stride, padding) == (1, 1, 0)
+def _expected_kernel(cout: int, k: int, stride: int, padding: int) -> str:
+    """The tests' own statement of which sm90 kernel the engine in use runs a call it takes on."""
+    if cpp_backend.cuda_engine() != "cutlass_next":
+        return "conv"
+    if (k, stride, padding) == (1, 1, 0):
+        return "gemm"  # a 1x1 stride-1 unpadded conv is a GEMM over the pixels
+    return "narrow-conv" if cout <= 64 else "conv"
 
 
 needs_engine_built = pytest.mark.skipif(not _C.has_sm90_engine(), reason="_C was built without the sm90 engine")
@@ -192,39 +196,25 @@ def test_engine_takes_every_resnet_conv_that_tma_can_address(residual):
     # CUTLASS's own host-side checks (can_implement: TMA alignment, im2col padding and corner limits; the output
     # extents it derives): every layer of the family with Cin and Cout multiples of 8 must pass them, so that on
     # the GPU these layers run on the engine rather than silently on the fallback.
-    next_kernels = cpp_backend.cuda_engine() == "cutlass_next"
     for dtype in ("bfloat16", "float16"):
         for shape in RESNET_SHAPES:
-            expected = ""
-            if _takes(shape):
-                expected = "padded" if shape[0] < 8 else "gemm" if next_kernels and _pointwise(shape) else "conv"
+            _, _, cout, k, stride, padding, _, _ = shape
+            expected = _expected_kernel(cout, k, stride, padding) if _takes(shape) else ""
             assert _route(shape, dtype, residual) == expected, (dtype, shape)
         for batch in (1, 256):
-            expected = "gemm" if next_kernels else "conv"
+            expected = _expected_kernel(256, 1, 1, 0)
             assert _route((64, 56, 256, 1, 1, 0, 1, 1), dtype, residual, n=batch) == expected
-
-
-@needs_engine_built
-def test_stem_is_padded_only_by_the_next_kernels():
-    stem = (3, 64, 7, 2, 3, 1, 1)
-    with cpp_backend.using_cuda_engine("cutlass_next"):
-        assert _route(stem, hw=(224, 224), n=256) == "padded"
-        assert _route((1, 16, 3, 1, 1, 1, 1), hw=(32, 32)) == "padded"  # grayscale CIFAR stem
-        assert _route(stem, "float32", hw=(224, 224)) == ""
-        assert _route(stem, prologue=True, hw=(224, 224)) == ""  # the padded copy would skip the prologue
-        assert _route((3, 12, 7, 2, 3, 1, 1), hw=(224, 224)) == ""  # Cout 12: output rows off the 16-byte grid
-        assert _route((12, 16, 3, 1, 1, 1, 1), hw=(32, 32)) == ""  # 12 channels: not padded (only under 8)
-    with cpp_backend.using_cuda_engine("cutlass"):
-        assert _route(stem, hw=(224, 224)) == ""
 
 
 @needs_engine_built
 def test_gemm_path_takes_only_pointwise_convs():
     with cpp_backend.using_cuda_engine("cutlass_next"):
         assert _route((64, 64, 1, 1, 0, 1, 1), hw=(56, 56)) == "gemm"
-        assert _route((64, 64, 1, 2, 0, 1, 1), hw=(56, 56)) == "conv"  # stride 2: pixels skipped, not a GEMM
-        assert _route((64, 64, 1, 1, 1, 1, 1), hw=(56, 56)) == "conv"  # padded: a zero border, not a GEMM
-        assert _route((64, 64, 3, 1, 1, 1, 1), hw=(56, 56)) == "conv"
+        assert _route((64, 128, 1, 2, 0, 1, 1), hw=(56, 56)) == "conv"  # stride 2: pixels skipped, not a GEMM
+        assert _route((64, 128, 1, 1, 1, 1, 1), hw=(56, 56)) == "conv"  # padded: a zero border, not a GEMM
+        assert _route((64, 128, 3, 1, 1, 1, 1), hw=(56, 56)) == "conv"
+        assert _route((64, 64, 3, 1, 1, 1, 1), hw=(56, 56)) == "narrow-conv"  # at most 64 output channels
+        assert _route((64, 72, 3, 1, 1, 1, 1), hw=(56, 56)) == "conv"
         assert _route((64, 64, 1, 1, 0, 2, 1), hw=(56, 56)) == "gemm"  # dilation means nothing for 1x1
         assert _route((12, 64, 1, 1, 0, 1, 1), hw=(56, 56)) == ""  # Cin 12: rows off the 16-byte grid
         assert _route((64, 64, 1, 1, 0, 1, 1), "float32", hw=(56, 56)) == ""
@@ -239,8 +229,7 @@ def test_engine_takes_the_edge_cases_and_declines_what_it_cannot_do():
     layer = (64, 56, 64, 3, 1, 1, 1, 1)
     assert not _accepts(layer, "float32")
     assert not _accepts(layer, prologue=True)
-    padded = cpp_backend.cuda_engine() == "cutlass_next"  # pads the 3-channel stem to 8 channels
-    assert _route(CONV_KINDS["stem7x7s2"], hw=(13, 10)) == ("padded" if padded else "")
+    assert not _accepts(CONV_KINDS["stem7x7s2"], hw=(13, 10))
     assert not _accepts(CONV_KINDS["grouped3x3"], hw=(13, 10))
     assert not _accepts((12, 8, 1, 1, 0, 1, 1), hw=(13, 10))  # Cin 12: rows off the 16-byte grid
     # TMA's im2col mode limits the padding (at most 256 per side for 2-D convs) and the stride (at most 8).
@@ -248,6 +237,8 @@ def test_engine_takes_the_edge_cases_and_declines_what_it_cannot_do():
     assert _accepts((8, 8, 1, 8, 0, 1, 1), hw=(40, 40))
     assert not _accepts((8, 8, 1, 9, 0, 1, 1), hw=(40, 40))
     assert not _accepts((64, 64, 16, 16, 0, 1, 1), hw=(64, 64))  # a patchify conv
+    assert _route((8, 8, 3, 0, 1, 1, 1), hw=(13, 10)) == ""  # stride 0: no conv (and no crash)
+    assert _route((8, 8, 3, 1, 1, 1, 1), hw=(1, 1), n=0) == ""
 
 
 # ------------------------------------------------------------------------------------------------- on the GPU
@@ -261,15 +252,15 @@ def test_engine_is_built_for_this_hopper_gpu():
 
 
 def _check_on_engine(args, relu, dtype, expect_engine: bool):
-    x, w, _, _, config, _, _ = args
-    # The GEMM path takes the engine's 1x1 stride-1 unpadded calls under 'cutlass_next'.
-    pointwise = w.shape[2:] == (1, 1) and config.stride == (1, 1) and config.padding == (0, 0)
-    expect_gemm = expect_engine and pointwise and cpp_backend.cuda_engine() == "cutlass_next"
-    before, before_gemm = _C.sm90_engine_launches(), _C.sm90_engine_gemm_launches()
+    _, w, _, _, config, _, _ = args
+    kernels = ("", "conv", "narrow-conv", "gemm")  # "": any
+    before = {k: _C.sm90_engine_launches(k) for k in kernels}
     _check_cuda(args, relu, dtype)
-    took, took_gemm = _C.sm90_engine_launches() - before, _C.sm90_engine_gemm_launches() - before_gemm
-    assert took == (1 if expect_engine else 0), f"the sm90 engine ran {took} times, expected {int(expect_engine)}"
-    assert took_gemm == int(expect_gemm), f"its GEMM path ran {took_gemm} times, expected {int(expect_gemm)}"
+    took = {k: _C.sm90_engine_launches(k) - before[k] for k in kernels}
+    assert took[""] == int(expect_engine), f"the sm90 engine ran {took['']} times, expected {int(expect_engine)}"
+    if expect_engine:
+        kernel = _expected_kernel(w.shape[0], w.shape[2], config.stride[0], config.padding[0])
+        assert took[kernel] == 1, f"expected the call on the {kernel!r} kernel, the launches were {took}"
 
 
 @gpu
@@ -315,10 +306,8 @@ def test_partial_tiles_and_epilogues(kind, dtype, epilogue):
 @pytest.mark.parametrize("dtype", (*ENGINE_DTYPES, torch.float32), ids=str)
 def test_declined_calls_run_on_the_hand_written_kernel(dtype):
     fp32 = dtype == torch.float32
-    padded = cpp_backend.cuda_engine() == "cutlass_next"  # pads the 3-channel stem to 8 channels
     for kind in ("stem7x7s2", "grouped3x3", "3x3s1"):  # Cin 3; groups 4; Cout 12
-        expect = padded and kind == "stem7x7s2" and not fp32
-        _check_on_engine(_make(CONV_KINDS[kind], dtype, "cuda", n=2, hw=(13, 10)), True, dtype, expect_engine=expect)
+        _check_on_engine(_make(CONV_KINDS[kind], dtype, "cuda", n=2, hw=(13, 10)), True, dtype, expect_engine=False)
     prologue = _make(EDGE_KINDS["3x3s1-c8"], dtype, "cuda", prologue=True, n=2, hw=(13, 10))
     _check_on_engine(prologue, True, dtype, expect_engine=False)
     x, w, b, r, config, s, t = _cuda_case((64, 28, 64, 3, 1, 1, 1, 1), dtype, residual=True, n=2)
@@ -328,46 +317,6 @@ def test_declined_calls_run_on_the_hand_written_kernel(dtype):
     assert r_mis.data_ptr() % 16 != 0
     _check_on_engine((x, w, b, r_mis, config, s, t), True, dtype, expect_engine=False)
     _check_on_engine((x, w, b, r, config, s, t), True, dtype, expect_engine=not fp32)
-
-
-# Inputs of under 8 channels, which the next kernels pad to 8 (x and weight copies) for the conv.
-PADDED_KINDS = {
-    "stem7x7s2-c3o64": (3, 64, 7, 2, 3, 1, 1),
-    "3x3s1-c1o16": (1, 16, 3, 1, 1, 1, 1),
-    "3x3s2-c5o24": (5, 24, 3, 2, 1, 1, 1),
-}
-
-
-@gpu
-@needs_sm90
-@pytest.mark.parametrize("epilogue", [(False, True), (True, True), (True, False)], ids=str)
-@pytest.mark.parametrize("dtype", ENGINE_DTYPES, ids=str)
-@pytest.mark.parametrize("kind", PADDED_KINDS.values(), ids=PADDED_KINDS.keys())
-def test_padded_inputs(kind, dtype, epilogue):
-    residual, relu = epilogue
-    with cpp_backend.using_cuda_engine("cutlass_next"):
-        args = _make(kind, dtype, "cuda", residual=residual, n=3, hw=(29, 22))
-        _check_on_engine(args, relu, dtype, expect_engine=True)
-
-
-@gpu
-@needs_sm90
-def test_padded_stem_keeps_nan_and_replays_in_a_graph():
-    with cpp_backend.using_cuda_engine("cutlass_next"):
-        x, w, b, _, config, _, _ = _make(PADDED_KINDS["stem7x7s2-c3o64"], torch.bfloat16, "cuda", residual=False,
-                                         n=2, hw=(16, 16))  # fmt: skip
-        x[0, 1, 5, 5] = float("nan")
-        out = cpp_backend.conv_bias_act(x, w, b, None, config, False)
-        expected = torch.nn.functional.conv2d(x.float(), w.float(), b, stride=2, padding=3)
-        assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
-        x = torch.randn_like(x)
-        eager = cpp_backend.conv_bias_act(x, w, b, None, config, True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # the padded copies are allocated inside the capture
-            captured = cpp_backend.conv_bias_act(x, w, b, None, config, True)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(captured, eager)
 
 
 @gpu

@@ -13,6 +13,7 @@
 
 #include <cuda_runtime.h>
 
+#include <limits>
 #include <type_traits>
 
 // CUTLASS headers assume these two come first (the conv builders use KernelHardwareInfo without including it).
@@ -43,29 +44,49 @@ struct Activation<false> {
   using Fn = cutlass::epilogue::thread::Identity<T>;
 };
 
-// One kernel per (element type, residual or not, ReLU or not). Without a residual the source operand is `void`,
-// so the epilogue never reads C at all (beta·C with beta = 0 would still read it, and 0·NaN is NaN).
-template <class Element, bool kResidual, bool kRelu>
+// The output tile and the main loop's pipeline depth (0: as many stages as shared memory holds).
+// Wide: 128×128 tiles, 64-deep K steps (four 16-deep wgmma steps): the tile design.md §2 measured to build in ~36 s
+// without spilling; 128×256 spills. One CTA per SM (168 registers per thread, shared memory full of stages).
+struct WideTile {
+  using Shape = cute::Shape<cute::_128, cute::_128, cute::Shape<cute::_64>>;
+  static constexpr int kStages = 0;
+};
+// Narrow: 128×64 tiles for layers of at most 64 output channels, which fill half of a wide tile. 4 stages keep a
+// CTA at 98,816 bytes of shared memory and 116 registers per thread (ptxas, sm_90a), so two CTAs share an SM and
+// one's pipeline fill and epilogue overlap the other's main loop.
+struct NarrowTile {
+  using Shape = cute::Shape<cute::_128, cute::_64, cute::Shape<cute::_64>>;
+  static constexpr int kStages = 4;
+};
+
+// One kernel per (element type, residual or not, activation, tile). Without a residual the source operand is
+// `void`, so the epilogue never reads C at all (beta·C with beta = 0 would still read it, and 0·NaN is NaN).
+// Activation Clamp takes its bounds at run time (ReLU: [0, +inf), none: (-inf, +inf); NaN propagates), so one
+// kernel serves both; the wide kernels keep a kernel per activation, as they passed the GPU check.
+template <class Element, bool kResidual, template <class> class ActivationFn, class Tile>
 struct ConvKernel {
   using Layout = cutlass::layout::TensorNHWC;  // activations NHWC; the filter [Cout, KH, KW, Cin] alike
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte TMA granules
+  static constexpr bool kRuntimeActivation =
+      std::is_same_v<ActivationFn<float>, cutlass::epilogue::thread::Clamp<float>>;
   using ElementSource = std::conditional_t<kResidual, Element, void>;
-  // 128×128 output tiles, 64-deep K steps (four 16-deep wgmma steps): the tile design.md §2 measured to build in
-  // ~36 s without spilling; 128×256 spills.
-  using TileShape = cute::Shape<cute::_128, cute::_128, cute::Shape<cute::_64>>;
+  using TileShape = typename Tile::Shape;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
 
-  using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Activation<kRelu>::template Fn, Element, float,
-                                                                    float, Element, float>;
+  using Fusion =
+      cutlass::epilogue::fusion::LinCombPerColBiasEltAct<ActivationFn, Element, float, float, Element, float>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementSource, Layout, kAlignment, Element,
       Layout, kAlignment, cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
 
+  using Stages = std::conditional_t<
+      Tile::kStages == 0,
+      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::conv::collective::StageCount<(Tile::kStages > 0 ? Tile::kStages : 1)>>;
   using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, Element, Layout,
-      kAlignment, Element, Layout, kAlignment, float, TileShape, ClusterShape,
-      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      kAlignment, Element, Layout, kAlignment, float, TileShape, ClusterShape, Stages,
       cutlass::conv::KernelImplicitTmaWarpSpecializedSm90>::CollectiveOp;
 
   using ProblemShape = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, Mainloop::NumSpatialDimensions>;
@@ -75,11 +96,11 @@ struct ConvKernel {
 
 // Runs the call, or with check_only only decides whether this kernel can take it (host-side checks alone: no
 // device is touched, so CPU tests can ask). cudaErrorNotSupported: it cannot.
-template <class Element, bool kResidual, bool kRelu>
+template <class Element, class K>
 cudaError_t launch(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
-  using K = ConvKernel<Element, kResidual, kRelu>;
   using Conv = typename K::Conv;
   using ProblemShape = typename K::ProblemShape;
+  constexpr bool kResidual = !std::is_void_v<typename K::ElementSource>;
 
   const ProblemShape shape(cutlass::conv::Mode::kCrossCorrelation, {p.n, p.h, p.w, p.c}, {p.cout, p.kh, p.kw, p.c},
                            {p.pad_h, p.pad_w}, {p.pad_h, p.pad_w}, {p.stride_h, p.stride_w}, {p.dil_h, p.dil_w}, 1);
@@ -106,6 +127,10 @@ cudaError_t launch(const ConvBiasActParams& p, cudaStream_t stream, bool check_o
   args.epilogue.thread.alpha = 1.f;
   args.epilogue.thread.beta = kResidual ? 1.f : 0.f;
   args.epilogue.thread.bias_ptr = p.bias;
+  if constexpr (K::kRuntimeActivation) {
+    args.epilogue.thread.activation.lower_bound = p.relu ? 0.f : -std::numeric_limits<float>::infinity();
+    args.epilogue.thread.activation.upper_bound = std::numeric_limits<float>::infinity();
+  }
 
   // The non-persistent sm90 conv needs no workspace; if a CUTLASS version ever asks for one, decline the call
   // (the caller falls back) rather than pass a null workspace.
@@ -121,16 +146,28 @@ cudaError_t launch(const ConvBiasActParams& p, cudaStream_t stream, bool check_o
   return err != cudaSuccess && err != cudaErrorNotSupported ? err : cudaErrorLaunchFailure;
 }
 
-// The entry point of one element type (instantiated in conv_sm90_<dtype>.cu); the caller checked the rest of what
-// the engine needs (launch_conv_bias_act_sm90 in launch.cu).
+// The entry points of one element type (instantiated in conv_sm90_<dtype>.cu and conv_sm90_narrow_<dtype>.cu);
+// the caller checked the rest of what the engine needs (sm90_call in launch.cu).
+template <class Element, bool kResidual, bool kRelu>
+using WideKernel = ConvKernel<Element, kResidual, Activation<kRelu>::template Fn, WideTile>;
+
+template <class Element, bool kResidual>
+using NarrowKernel = ConvKernel<Element, kResidual, cutlass::epilogue::thread::Clamp, NarrowTile>;
+
 template <class Element>
 cudaError_t launch_typed(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
   if (p.residual != nullptr) {
-    return p.relu ? launch<Element, true, true>(p, stream, check_only)
-                  : launch<Element, true, false>(p, stream, check_only);
+    return p.relu ? launch<Element, WideKernel<Element, true, true>>(p, stream, check_only)
+                  : launch<Element, WideKernel<Element, true, false>>(p, stream, check_only);
   }
-  return p.relu ? launch<Element, false, true>(p, stream, check_only)
-                : launch<Element, false, false>(p, stream, check_only);
+  return p.relu ? launch<Element, WideKernel<Element, false, true>>(p, stream, check_only)
+                : launch<Element, WideKernel<Element, false, false>>(p, stream, check_only);
+}
+
+template <class Element>
+cudaError_t launch_narrow_typed(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
+  return p.residual != nullptr ? launch<Element, NarrowKernel<Element, true>>(p, stream, check_only)
+                               : launch<Element, NarrowKernel<Element, false>>(p, stream, check_only);
 }
 
 }  // namespace fused_resnet::cuda::sm90

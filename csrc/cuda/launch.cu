@@ -31,14 +31,16 @@ cudaError_t launch_conv_bias_act(DType dtype, const ConvBiasActParams& p, cudaSt
 #ifdef FUSED_RESNET_WITH_CUTLASS
 cudaError_t launch_conv_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_conv_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+cudaError_t launch_conv_sm90_narrow_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+cudaError_t launch_conv_sm90_narrow_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_gemm_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_gemm_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 #endif
 
 namespace {
-constexpr int kPaddedChannels = 8;  // 16-byte pixel rows in 16-bit dtypes: what TMA moves
-std::atomic<long long> sm90_launches{0};
-std::atomic<long long> sm90_gemm_launches{0};
+constexpr int kNarrowMaxCout = 64;  // the narrow conv tile's width
+constexpr int kRoutes = static_cast<int>(Sm90Route::kGemm) + 1;
+std::atomic<long long> sm90_route_launches[kRoutes] = {};
 std::atomic<bool> sm90_enabled{false};
 std::atomic<bool> sm90_next_on{false};
 
@@ -62,22 +64,32 @@ cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stre
                      p.stride_w <= 8 && aligned16(p.x) && aligned16(p.weight) && aligned16(p.y) &&
                      (p.residual == nullptr || aligned16(p.residual)) && aligned16(p.bias);
   if (!takes || (dtype != DType::kHalf && dtype != DType::kBFloat16)) return cudaErrorNotSupported;
-  if (sm90_next_on.load(std::memory_order_relaxed) && pointwise(p)) {
-    const cudaError_t err = dtype == DType::kHalf ? launch_gemm_sm90_half(p, stream, check_only)
-                                                  : launch_gemm_sm90_bfloat16(p, stream, check_only);
-    if (err != cudaErrorNotSupported) {
-      if (err == cudaSuccess) *route = Sm90Route::kGemm;
-      return err;
-    }
+  using Launcher = cudaError_t (*)(const ConvBiasActParams&, cudaStream_t, bool);
+  struct Kernel {
+    bool offered;
+    Sm90Route route;
+    Launcher half, bfloat16;
+  };
+  // In the order they are offered the call; each declines what its host-side checks refuse. The next kernels
+  // first, where they are on.
+  const bool next = sm90_next_on.load(std::memory_order_relaxed);
+  const Kernel kernels[] = {
+      {next && pointwise(p), Sm90Route::kGemm, launch_gemm_sm90_half, launch_gemm_sm90_bfloat16},
+      {next && p.cout <= kNarrowMaxCout, Sm90Route::kNarrowConv, launch_conv_sm90_narrow_half,
+       launch_conv_sm90_narrow_bfloat16},
+      {true, Sm90Route::kConv, launch_conv_sm90_half, launch_conv_sm90_bfloat16},
+  };
+  for (const Kernel& kernel : kernels) {
+    if (!kernel.offered) continue;
+    const cudaError_t err = (dtype == DType::kHalf ? kernel.half : kernel.bfloat16)(p, stream, check_only);
+    if (err == cudaErrorNotSupported) continue;
+    if (err == cudaSuccess) *route = kernel.route;
+    return err;
   }
-  const cudaError_t err = dtype == DType::kHalf ? launch_conv_sm90_half(p, stream, check_only)
-                                                : launch_conv_sm90_bfloat16(p, stream, check_only);
-  if (err == cudaSuccess) *route = Sm90Route::kConv;
-  return err;
 #else
   (void)dtype, (void)p, (void)stream, (void)check_only;
-  return cudaErrorNotSupported;
 #endif
+  return cudaErrorNotSupported;
 }
 }  // namespace
 
@@ -89,9 +101,12 @@ bool sm90_engine_built() {
 #endif
 }
 
-long long sm90_engine_launches() { return sm90_launches.load(std::memory_order_relaxed); }
-
-long long sm90_engine_gemm_launches() { return sm90_gemm_launches.load(std::memory_order_relaxed); }
+long long sm90_engine_launches(Sm90Route route) {
+  if (route != Sm90Route::kNone) return sm90_route_launches[static_cast<int>(route)].load(std::memory_order_relaxed);
+  long long total = 0;
+  for (const auto& count : sm90_route_launches) total += count.load(std::memory_order_relaxed);
+  return total;
+}
 
 void set_sm90_engine_enabled(bool enabled) { sm90_enabled.store(enabled, std::memory_order_relaxed); }
 
@@ -101,21 +116,8 @@ void set_sm90_next_enabled(bool enabled) { sm90_next_on.store(enabled, std::memo
 
 bool sm90_next_enabled() { return sm90_next_on.load(std::memory_order_relaxed); }
 
-int sm90_padded_channels(DType dtype, const ConvBiasActParams& p) {
-  const bool pads = sm90_next_on.load(std::memory_order_relaxed) &&
-                    (dtype == DType::kHalf || dtype == DType::kBFloat16) && p.groups == 1 && p.c < kPaddedChannels &&
-                    p.in_scale == nullptr;
-  return pads ? kPaddedChannels : 0;
-}
-
 Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p) {
   Sm90Route route;
-  if (const int padded = sm90_padded_channels(dtype, p); padded > 0) {
-    ConvBiasActParams q = p;
-    q.c = padded;  // the caller's padded copies: fresh allocations, aligned
-    sm90_call(dtype, q, nullptr, /*check_only=*/true, &route);
-    return route == Sm90Route::kNone ? Sm90Route::kNone : Sm90Route::kPadded;
-  }
   sm90_call(dtype, p, nullptr, /*check_only=*/true, &route);
   return route;
 }
@@ -123,47 +125,8 @@ Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p) {
 cudaError_t launch_conv_bias_act_sm90(DType dtype, const ConvBiasActParams& p, cudaStream_t stream) {
   Sm90Route route;
   const cudaError_t err = sm90_call(dtype, p, stream, /*check_only=*/false, &route);
-  if (err == cudaSuccess) {
-    sm90_launches.fetch_add(1, std::memory_order_relaxed);
-    if (route == Sm90Route::kGemm) sm90_gemm_launches.fetch_add(1, std::memory_order_relaxed);
-  }
+  if (err == cudaSuccess) sm90_route_launches[static_cast<int>(route)].fetch_add(1, std::memory_order_relaxed);
   return err;
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Channel padding for the Hopper engine: a thread per pixel builds its 8-channel row (16 bytes) in registers and
-// stores it at once.
-// ---------------------------------------------------------------------------------------------------------
-template <typename T>
-__global__ void pad_channels_kernel(const T* __restrict__ x, T* __restrict__ out, long long pixels, int channels) {
-  static_assert(sizeof(T) * kPaddedChannels == sizeof(uint4), "a padded row is one 16-byte store");
-  const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < pixels; i += step) {
-    uint4 row = make_uint4(0, 0, 0, 0);  // all-zero bits: +0 in half and bfloat16
-    T* values = reinterpret_cast<T*>(&row);
-    for (int c = 0; c < channels; ++c) values[c] = x[i * channels + c];
-    reinterpret_cast<uint4*>(out)[i] = row;
-  }
-}
-
-cudaError_t launch_pad_channels(DType dtype, const void* x, void* out, int64_t pixels, int channels, int padded,
-                                cudaStream_t stream) {
-  if (padded != kPaddedChannels || channels < 1 || channels > padded) return cudaErrorInvalidValue;
-  if (pixels == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  const unsigned blocks = static_cast<unsigned>(std::min<long long>((pixels + kThreads - 1) / kThreads, 1ll << 16));
-  switch (dtype) {
-    case DType::kHalf:
-      pad_channels_kernel<__half>
-          <<<blocks, kThreads, 0, stream>>>(static_cast<const __half*>(x), static_cast<__half*>(out), pixels, channels);
-      return cudaGetLastError();
-    case DType::kBFloat16:
-      pad_channels_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(x), static_cast<__nv_bfloat16*>(out), pixels, channels);
-      return cudaGetLastError();
-    default:
-      return cudaErrorInvalidValue;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -36,32 +36,24 @@ cudaError_t launch_conv_bias_act(DType dtype, const ConvBiasActParams& p, cudaSt
 
 // The Hopper engine: the same op through CUTLASS's sm90 kernels (TMA, warp-specialized wgmma) with the fused
 // epilogue, for the calls it can take: float16/bfloat16, ungrouped, no prologue, Cin and Cout multiples of 8,
-// 16-byte aligned tensors, on a compute capability 9.0 device (the caller checks the device). With the next
-// kernels on, 1x1 stride-1 unpadded convs run as a persistent GEMM (conv_sm90_gemm.cuh); the others run as an
-// implicit-GEMM conv (conv_sm90_cutlass.cuh). Returns cudaErrorNotSupported for any other call, and always where
+// 16-byte aligned tensors, on a compute capability 9.0 device (the caller checks the device). The convs run as an
+// implicit GEMM (conv_sm90_cutlass.cuh); with the next kernels on, 1x1 stride-1 unpadded convs run as a persistent
+// GEMM (conv_sm90_gemm.cuh) and those of at most 64 output channels on narrower tiles. Returns cudaErrorNotSupported for any other call, and always where
 // the extension was built without CUTLASS or without sm_90a; the caller then runs launch_conv_bias_act.
 bool sm90_engine_built();
 cudaError_t launch_conv_bias_act_sm90(DType dtype, const ConvBiasActParams& p, cudaStream_t stream);
-// Which of its kernels would take the call, by its host-side checks alone (no device needed). kPadded: one of them,
-// once the caller has padded the input channels to sm90_padded_channels(dtype, p) (below).
-enum class Sm90Route { kNone, kConv, kGemm, kPadded };
+// Which of its kernels would take the call, by its host-side checks alone (no device needed): the implicit conv
+// with 128x128 tiles (kConv) or, with the next kernels on, 128x64 tiles (kNarrowConv: at most 64 output channels),
+// or the GEMM (kGemm).
+enum class Sm90Route { kNone, kConv, kNarrowConv, kGemm };
 Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p);
-// The channel count to zero-pad a call's input (and weight) to so that the Hopper engine can take it, or 0 for none:
-// with the next kernels on (below), 16-bit ungrouped convs with fewer than 8 input channels and no prologue (an
-// RGB stem): TMA needs 16-byte pixel rows. The padded channels hold zeros in x and weight, so the result is the
-// unpadded conv's.
-int sm90_padded_channels(DType dtype, const ConvBiasActParams& p);
-// out[pixel, 0:padded] = (x[pixel, 0:channels], 0, ..., 0) over `pixels` NHWC pixels (16-bit dtypes).
-cudaError_t launch_pad_channels(DType dtype, const void* x, void* out, int64_t pixels, int channels, int padded,
-                                cudaStream_t stream);
-// Calls the Hopper engine ran, and how many of them on its GEMM path (tests use these to tell which kernel took a
-// call).
-long long sm90_engine_launches();
-long long sm90_engine_gemm_launches();
+// Calls the Hopper engine ran on one of its kernels, or on all of them for kNone (tests use these to tell which
+// kernel took a call).
+long long sm90_engine_launches(Sm90Route route = Sm90Route::kNone);
 // Whether the CUDA op offers its calls to the Hopper engine first (process-wide; off until the engine has passed
 // the GPU check: see fused_resnet/ops/cpp_backend.py, set_cuda_engine), and whether that engine uses its next
-// kernels: 1x1 convs on the GEMM path, inputs of under 8 channels padded to 8 (off by default: until they have
-// passed the GPU check, see cpp_backend.py).
+// kernels: 1x1 convs on the GEMM path, narrow tiles (off by default: until they have passed the GPU check, see
+// cpp_backend.py).
 void set_sm90_engine_enabled(bool enabled);
 bool sm90_engine_enabled();
 void set_sm90_next_enabled(bool enabled);

@@ -41,32 +41,6 @@ int narrow(int64_t v) {
   return static_cast<int>(v);
 }
 
-// The Hopper engine's padded path (launch.h, sm90_padded_channels): x and the weight copied with their channels
-// zero-padded to what TMA can move, then the engine's conv on the copies. False where the engine does not take the
-// call this way (nothing was launched).
-bool run_padded_on_sm90(const at::Tensor& x_cl, const at::Tensor& w_cl, const ConvBiasActParams& p,
-                        cudaStream_t stream) {
-  const DType dtype = kernel_dtype(x_cl.scalar_type());
-  const int padded = sm90_padded_channels(dtype, p);
-  if (padded == 0) return false;
-  const at::Tensor x_padded =
-      empty_channels_last({int64_t{p.n}, int64_t{padded}, int64_t{p.h}, int64_t{p.w}}, x_cl.options());
-  at::Tensor w_padded =
-      empty_channels_last({int64_t{p.cout}, int64_t{padded}, int64_t{p.kh}, int64_t{p.kw}}, w_cl.options());
-  ConvBiasActParams q = p;
-  q.c = padded;
-  q.x = x_padded.const_data_ptr();
-  q.weight = w_padded.const_data_ptr();
-  if (sm90_engine_route(dtype, q) == Sm90Route::kNone) return false;  // nothing launched yet
-  C10_CUDA_CHECK(launch_pad_channels(dtype, x_cl.const_data_ptr(), x_padded.mutable_data_ptr(),
-                                     static_cast<int64_t>(p.n) * p.h * p.w, p.c, padded, stream));
-  // The weight is small (Cout x KH x KW x 8): padded with stock ops.
-  w_padded.zero_();
-  w_padded.narrow(1, 0, p.c).copy_(w_cl);
-  C10_CUDA_CHECK(launch_conv_bias_act_sm90(dtype, q, stream));
-  return true;
-}
-
 at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                               const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& in_scale,
                               const std::optional<at::Tensor>& in_shift, c10::IntArrayRef stride,
@@ -134,7 +108,6 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   // sm_90a code (the Hopper engine) runs on compute capability 9.0 exactly.
   if (sm90_engine_enabled() && info.major == 9 && info.minor == 0) {
-    if (run_padded_on_sm90(x_cl, w_cl, p, stream)) return out;
     const cudaError_t err = launch_conv_bias_act_sm90(kernel_dtype(dtype), p, stream);
     if (err != cudaErrorNotSupported) {
       C10_CUDA_CHECK(err);
