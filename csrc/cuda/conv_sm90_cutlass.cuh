@@ -52,8 +52,8 @@ struct WideTile {
   static constexpr int kStages = 0;
 };
 // Narrow: 128×64 tiles for layers of at most 64 output channels, which fill half of a wide tile. 4 stages keep a
-// CTA at 98,816 bytes of shared memory and 116 registers per thread (ptxas, sm_90a), so two CTAs share an SM and
-// one's pipeline fill and epilogue overlap the other's main loop.
+// CTA at 98,816 bytes of shared memory and 116 registers per thread (95 without a residual; ptxas, sm_90a), so
+// two CTAs share an SM and one's pipeline fill and epilogue overlap the other's main loop.
 struct NarrowTile {
   using Shape = cute::Shape<cute::_128, cute::_64, cute::Shape<cute::_64>>;
   static constexpr int kStages = 4;
