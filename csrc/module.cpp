@@ -54,11 +54,12 @@ void set_sm90_engine_enabled(bool enabled) {
 
 #ifdef FUSED_RESNET_WITH_CUDA
 // The names Python sees for the sm90 engine's kernels (launch.h, Sm90Route).
-constexpr std::array<std::pair<fused_resnet::cuda::Sm90Route, const char*>, 4> kRouteNames = {{
+constexpr std::array<std::pair<fused_resnet::cuda::Sm90Route, const char*>, 5> kRouteNames = {{
     {fused_resnet::cuda::Sm90Route::kNone, ""},
     {fused_resnet::cuda::Sm90Route::kConv, "conv"},
     {fused_resnet::cuda::Sm90Route::kNarrowConv, "narrow-conv"},
     {fused_resnet::cuda::Sm90Route::kGemm, "gemm"},
+    {fused_resnet::cuda::Sm90Route::kIm2colGemm, "im2col-gemm"},
 }};
 
 std::string route_name(fused_resnet::cuda::Sm90Route route) {
@@ -73,7 +74,10 @@ std::string route_name(fused_resnet::cuda::Sm90Route route) {
 long long sm90_engine_launches(const std::string& kernel) {
 #ifdef FUSED_RESNET_WITH_CUDA
   for (const auto& [value, name] : kRouteNames) {
-    if (kernel == name) return fused_resnet::cuda::sm90_engine_launches(value);
+    // The im2col path counts its launches as the GEMM's.
+    if (kernel == name && value != fused_resnet::cuda::Sm90Route::kIm2colGemm) {
+      return fused_resnet::cuda::sm90_engine_launches(value);
+    }
   }
   throw std::invalid_argument("unknown sm90 kernel '" + kernel + "'; choose conv, narrow-conv or gemm");
 #else
@@ -99,7 +103,8 @@ void set_sm90_next_enabled(bool enabled) {
 }
 
 // Which sm90 kernel would take a call of these shapes (its host-side checks: no device needed): "conv",
-// "narrow-conv", "gemm", or "" where the engine declines it (or the shapes make no conv). dtype is "float16" or
+// "narrow-conv", "gemm", "im2col-gemm" (the GEMM over im2col rows), or "" where the engine declines it (or the
+// shapes make no conv). dtype is "float16" or
 // "bfloat16" (others: ""); x is (N, C, H, W), weight (Cout, C/groups, KH, KW); the tensors are taken to be 16-byte
 // aligned, dense channels_last.
 std::string sm90_engine_route(const std::string& dtype, std::array<int, 4> x, std::array<int, 4> weight,
@@ -145,10 +150,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sm90_engine_enabled", &sm90_engine_enabled, "whether CUDA convs are offered to the sm90 engine first");
   m.def("set_sm90_engine_enabled", &set_sm90_engine_enabled, "offer CUDA convs to the sm90 engine first (or not)");
   m.def("sm90_next_enabled", &sm90_next_enabled,
-        "whether the sm90 engine uses its next kernels (1x1 convs as a GEMM, narrow tiles)");
+        "whether the sm90 engine uses its next kernels (1x1 convs as a GEMM, narrow tiles, im2col for small inputs)");
   m.def("set_sm90_next_enabled", &set_sm90_next_enabled, "use the sm90 engine's next kernels (or not)");
   m.def("sm90_engine_route", &sm90_engine_route,
-        "which sm90 kernel would take a call of these shapes: 'conv', 'narrow-conv', 'gemm' or '' (declined)",
+        "which sm90 kernel would take a call of these shapes: 'conv', 'narrow-conv', 'gemm', 'im2col-gemm' or '' (declined)",
         pybind11::arg("dtype"), pybind11::arg("x_shape"), pybind11::arg("w_shape"), pybind11::arg("stride"),
         pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"), pybind11::arg("residual"),
         pybind11::arg("prologue"));

@@ -1,6 +1,7 @@
 """The CUDA op's Hopper engine (CUTLASS sm90 implicit-GEMM conv, csrc/cuda/conv_sm90_cutlass.cuh; with the
-'cutlass_next' engine also narrow 128x64 conv tiles for at most 64 output channels, and 1x1 stride-1 convs on a
-persistent GEMM, csrc/cuda/conv_sm90_gemm.cuh) and the engine choice.
+'cutlass_next' engine also narrow 128x64 conv tiles for at most 64 output channels, 1x1 stride-1 convs on a
+persistent GEMM, csrc/cuda/conv_sm90_gemm.cuh, and inputs of under 8 channels as that GEMM over im2col rows) and the
+engine choice.
 
 Without a GPU: the engine is compiled wherever CI builds the extension, and the choice (set_cuda_engine, the
 FUSED_RESNET_CUDA_ENGINE variable) behaves. On a compute capability 9.0 GPU (gpu-marked, run by the GPU check):
@@ -38,8 +39,10 @@ def cutlass_engine(request):
 
 
 def _takes(shape) -> bool:
+    """Whether the engine in use takes this RESNET_SHAPES entry (without a prologue)."""
     cin, _, cout, _, _, _, _, groups = shape
-    return groups == 1 and cin % 8 == 0 and cout % 8 == 0
+    im2col = cin < 8 and cpp_backend.cuda_engine() == "cutlass_next"
+    return groups == 1 and (cin % 8 == 0 or im2col) and cout % 8 == 0
 
 
 # ------------------------------------------------------------------------------------------------- no GPU needed
@@ -177,12 +180,12 @@ def _accepts(*args, **kwargs) -> bool:
     return _route(*args, **kwargs) != ""
 
 
-def _expected_kernel(cout: int, k: int, stride: int, padding: int) -> str:
+def _expected_kernel(cin: int, cout: int, k: int, stride: int, padding: int) -> str:
     """The tests' own statement of which sm90 kernel the engine in use runs a call it takes on."""
     if cpp_backend.cuda_engine() != "cutlass_next":
         return "conv"
-    if (k, stride, padding) == (1, 1, 0):
-        return "gemm"  # a 1x1 stride-1 unpadded conv is a GEMM over the pixels
+    if (k, stride, padding) == (1, 1, 0) or cin < 8:
+        return "gemm"  # a 1x1 stride-1 unpadded conv is a GEMM over the pixels; a small input, over im2col rows
     return "narrow-conv" if cout <= 64 else "conv"
 
 
@@ -198,12 +201,31 @@ def test_engine_takes_every_resnet_conv_that_tma_can_address(residual):
     # the GPU these layers run on the engine rather than silently on the fallback.
     for dtype in ("bfloat16", "float16"):
         for shape in RESNET_SHAPES:
-            _, _, cout, k, stride, padding, _, _ = shape
-            expected = _expected_kernel(cout, k, stride, padding) if _takes(shape) else ""
+            cin, _, cout, k, stride, padding, _, _ = shape
+            expected = ""
+            if _takes(shape):
+                expected = "im2col-gemm" if cin < 8 else _expected_kernel(cin, cout, k, stride, padding)
             assert _route(shape, dtype, residual) == expected, (dtype, shape)
         for batch in (1, 256):
-            expected = _expected_kernel(256, 1, 1, 0)
+            expected = _expected_kernel(64, 256, 1, 1, 0)
             assert _route((64, 56, 256, 1, 1, 0, 1, 1), dtype, residual, n=batch) == expected
+
+
+@needs_engine_built
+def test_small_inputs_take_the_im2col_path_only_on_the_next_kernels():
+    stem = (3, 64, 7, 2, 3, 1, 1)
+    with cpp_backend.using_cuda_engine("cutlass_next"):
+        assert _route(stem, hw=(224, 224), n=256) == "im2col-gemm"
+        assert _route((1, 16, 3, 1, 1, 1, 1), hw=(32, 32)) == "im2col-gemm"  # a grayscale CIFAR stem
+        assert _route((7, 16, 3, 2, 1, 2, 1), hw=(32, 32)) == "im2col-gemm"  # dilated, strided
+        assert _route(stem, "float32", hw=(224, 224)) == ""
+        assert _route(stem, prologue=True, hw=(224, 224)) == ""  # the rows would skip the prologue
+        assert _route((3, 12, 7, 2, 3, 1, 1), hw=(224, 224)) == ""  # Cout 12: output rows off the 16-byte grid
+        assert _route((4, 16, 3, 1, 1, 1, 2), hw=(32, 32)) == ""  # grouped
+        assert _route((12, 16, 3, 1, 1, 1, 1), hw=(32, 32)) == ""  # 12 channels: neither path takes it
+        assert _route((3, 16, 19, 1, 9, 1, 1), hw=(32, 32)) == ""  # 19x19x3 = 1083 values: rows past 1024
+    with cpp_backend.using_cuda_engine("cutlass"):
+        assert _route(stem, hw=(224, 224)) == ""
 
 
 @needs_engine_built
@@ -229,7 +251,8 @@ def test_engine_takes_the_edge_cases_and_declines_what_it_cannot_do():
     layer = (64, 56, 64, 3, 1, 1, 1, 1)
     assert not _accepts(layer, "float32")
     assert not _accepts(layer, prologue=True)
-    assert not _accepts(CONV_KINDS["stem7x7s2"], hw=(13, 10))
+    im2col = cpp_backend.cuda_engine() == "cutlass_next"  # lays the 3-channel stem out as rows for the GEMM
+    assert _route(CONV_KINDS["stem7x7s2"], hw=(13, 10)) == ("im2col-gemm" if im2col else "")
     assert not _accepts(CONV_KINDS["grouped3x3"], hw=(13, 10))
     assert not _accepts((12, 8, 1, 1, 0, 1, 1), hw=(13, 10))  # Cin 12: rows off the 16-byte grid
     # TMA's im2col mode limits the padding (at most 256 per side for 2-D convs) and the stride (at most 8).
@@ -259,7 +282,7 @@ def _check_on_engine(args, relu, dtype, expect_engine: bool):
     took = {k: _C.sm90_engine_launches(k) - before[k] for k in kernels}
     assert took[""] == int(expect_engine), f"the sm90 engine ran {took['']} times, expected {int(expect_engine)}"
     if expect_engine:
-        kernel = _expected_kernel(w.shape[0], w.shape[2], config.stride[0], config.padding[0])
+        kernel = _expected_kernel(w.shape[1], w.shape[0], w.shape[2], config.stride[0], config.padding[0])
         assert took[kernel] == 1, f"expected the call on the {kernel!r} kernel, the launches were {took}"
 
 
@@ -306,8 +329,10 @@ def test_partial_tiles_and_epilogues(kind, dtype, epilogue):
 @pytest.mark.parametrize("dtype", (*ENGINE_DTYPES, torch.float32), ids=str)
 def test_declined_calls_run_on_the_hand_written_kernel(dtype):
     fp32 = dtype == torch.float32
+    im2col = cpp_backend.cuda_engine() == "cutlass_next"  # takes the 3-channel stem
     for kind in ("stem7x7s2", "grouped3x3", "3x3s1"):  # Cin 3; groups 4; Cout 12
-        _check_on_engine(_make(CONV_KINDS[kind], dtype, "cuda", n=2, hw=(13, 10)), True, dtype, expect_engine=False)
+        expect = im2col and kind == "stem7x7s2" and not fp32
+        _check_on_engine(_make(CONV_KINDS[kind], dtype, "cuda", n=2, hw=(13, 10)), True, dtype, expect_engine=expect)
     prologue = _make(EDGE_KINDS["3x3s1-c8"], dtype, "cuda", prologue=True, n=2, hw=(13, 10))
     _check_on_engine(prologue, True, dtype, expect_engine=False)
     x, w, b, r, config, s, t = _cuda_case((64, 28, 64, 3, 1, 1, 1, 1), dtype, residual=True, n=2)
@@ -317,6 +342,52 @@ def test_declined_calls_run_on_the_hand_written_kernel(dtype):
     assert r_mis.data_ptr() % 16 != 0
     _check_on_engine((x, w, b, r_mis, config, s, t), True, dtype, expect_engine=False)
     _check_on_engine((x, w, b, r, config, s, t), True, dtype, expect_engine=not fp32)
+
+
+# Inputs of under 8 channels: the next kernels lay them out as im2col rows for the GEMM (partial rows, strides,
+# dilation, padding, 1 to 7 channels).
+IM2COL_KINDS = {
+    "stem7x7s2-c3o64": (3, 64, 7, 2, 3, 1, 1),
+    "3x3s1-c1o16": (1, 16, 3, 1, 1, 1, 1),
+    "3x3s2d2-c5o24": (5, 24, 3, 2, 2, 2, 1),
+    "5x5s1-c7o136": (7, 136, 5, 1, 0, 1, 1),
+}
+
+
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("epilogue", [(False, True), (True, True), (True, False)], ids=str)
+@pytest.mark.parametrize("dtype", ENGINE_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", IM2COL_KINDS.values(), ids=IM2COL_KINDS.keys())
+def test_im2col_path(kind, dtype, epilogue):
+    residual, relu = epilogue
+    with cpp_backend.using_cuda_engine("cutlass_next"):
+        _check_on_engine(_make(kind, dtype, "cuda", residual=residual, n=3, hw=(29, 22)), relu, dtype, True)
+
+
+@gpu
+@needs_sm90
+def test_im2col_path_in_chunks_keeps_nan_and_replays_in_a_graph():
+    with cpp_backend.using_cuda_engine("cutlass_next"):
+        # 80 images of 224x224: 3.8 MB of rows each, so two chunks of at most 256 MB (ops_cuda.cpp).
+        args = _make(IM2COL_KINDS["stem7x7s2-c3o64"], torch.bfloat16, "cuda", residual=True, n=80, hw=(224, 224))
+        x, w, b, r, config, _, _ = args
+        before = _C.sm90_engine_launches("gemm")
+        _check_cuda(args, True, torch.bfloat16)
+        assert _C.sm90_engine_launches("gemm") - before == 2
+        x = x[:2].clone()
+        x[1, 2, 100, 50] = float("nan")
+        out = cpp_backend.conv_bias_act(x, w, b, None, config, False)
+        expected = torch.nn.functional.conv2d(x.float(), w.float(), b, stride=2, padding=3)
+        assert torch.equal(out.isnan(), expected.isnan()) and out[1].isnan().any() and not out[0].isnan().any()
+        x = torch.randn_like(x)
+        eager = cpp_backend.conv_bias_act(x, w, b, r[:2], config, True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # the row buffer is allocated inside the capture
+            captured = cpp_backend.conv_bias_act(x, w, b, r[:2], config, True)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
 
 
 @gpu

@@ -1,8 +1,13 @@
-// The bfloat16 kernels of the sm90 CUTLASS engine (one dtype per file: nvcc builds them in parallel).
+// The bfloat16 implicit-conv kernels of the sm90 CUTLASS engine, wide and narrow tiles (one dtype per file: nvcc builds
+// them in parallel; both tiles in one file: the CUTLASS headers are parsed once).
 #include "cuda/conv_sm90_cutlass.cuh"
 
 namespace fused_resnet::cuda {
 cudaError_t launch_conv_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
   return sm90::launch_typed<cutlass::bfloat16_t>(p, stream, check_only);
+}
+
+cudaError_t launch_conv_sm90_narrow_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
+  return sm90::launch_narrow_typed<cutlass::bfloat16_t>(p, stream, check_only);
 }
 }  // namespace fused_resnet::cuda

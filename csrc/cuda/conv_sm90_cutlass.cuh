@@ -146,7 +146,7 @@ cudaError_t launch(const ConvBiasActParams& p, cudaStream_t stream, bool check_o
   return err != cudaSuccess && err != cudaErrorNotSupported ? err : cudaErrorLaunchFailure;
 }
 
-// The entry points of one element type (instantiated in conv_sm90_<dtype>.cu and conv_sm90_narrow_<dtype>.cu);
+// The entry points of one element type (instantiated in conv_sm90_<dtype>.cu);
 // the caller checked the rest of what the engine needs (sm90_call in launch.cu).
 template <class Element, bool kResidual, bool kRelu>
 using WideKernel = ConvKernel<Element, kResidual, Activation<kRelu>::template Fn, WideTile>;

@@ -1,4 +1,5 @@
-// The bfloat16 kernels of the sm90 engine's 1×1 path (one dtype per file: nvcc builds them in parallel).
+// The bfloat16 kernels of the sm90 engine's 1×1 GEMM path (a file of their own: CUTLASS's conv and GEMM kernel headers
+// clash in one translation unit; one dtype per file: nvcc builds them in parallel).
 #include "cuda/conv_sm90_gemm.cuh"
 
 namespace fused_resnet::cuda {

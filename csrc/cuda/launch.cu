@@ -39,7 +39,9 @@ cudaError_t launch_gemm_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t s
 
 namespace {
 constexpr int kNarrowMaxCout = 64;  // the narrow conv tile's width
-constexpr int kRoutes = static_cast<int>(Sm90Route::kGemm) + 1;
+constexpr int kRoutes = static_cast<int>(Sm90Route::kIm2colGemm) + 1;
+constexpr int kIm2colMaxChannels = 7;  // inputs the implicit conv cannot take: rows of under 8 channels
+constexpr int kIm2colMaxDepth = 1024;
 std::atomic<long long> sm90_route_launches[kRoutes] = {};
 std::atomic<bool> sm90_enabled{false};
 std::atomic<bool> sm90_next_on{false};
@@ -116,8 +118,37 @@ void set_sm90_next_enabled(bool enabled) { sm90_next_on.store(enabled, std::memo
 
 bool sm90_next_enabled() { return sm90_next_on.load(std::memory_order_relaxed); }
 
+int sm90_im2col_depth(DType dtype, const ConvBiasActParams& p) {
+  if (!sm90_next_on.load(std::memory_order_relaxed) || (dtype != DType::kHalf && dtype != DType::kBFloat16) ||
+      p.groups != 1 || p.in_scale != nullptr || p.c > kIm2colMaxChannels) {
+    return 0;
+  }
+  const long long depth = (static_cast<long long>(p.kh) * p.kw * p.c + 7) / 8 * 8;  // rows of 16-byte granules
+  return depth <= kIm2colMaxDepth ? static_cast<int>(depth) : 0;
+}
+
+ConvBiasActParams sm90_im2col_gemm_params(const ConvBiasActParams& p, int depth, int n0, int images, const void* rows,
+                                          const void* weight_rows) {
+  ConvBiasActParams q = p;
+  const long long offset = static_cast<long long>(n0) * p.oh * p.ow * p.cout * 2;  // bytes: 16-bit elements
+  q.x = rows;
+  q.weight = weight_rows;
+  q.y = static_cast<char*>(p.y) + offset;
+  q.residual = p.residual == nullptr ? nullptr : static_cast<const char*>(p.residual) + offset;
+  q.n = images, q.h = p.oh, q.w = p.ow, q.c = depth;
+  q.kh = q.kw = 1;
+  q.stride_h = q.stride_w = q.dil_h = q.dil_w = 1;
+  q.pad_h = q.pad_w = 0;
+  return q;
+}
+
 Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p) {
   Sm90Route route;
+  if (const int depth = sm90_im2col_depth(dtype, p); depth > 0) {
+    // Stand-ins for the caller's row buffers (fresh allocations, aligned) in the host-side checks.
+    sm90_call(dtype, sm90_im2col_gemm_params(p, depth, 0, p.n, p.y, p.y), nullptr, /*check_only=*/true, &route);
+    return route == Sm90Route::kGemm ? Sm90Route::kIm2colGemm : Sm90Route::kNone;
+  }
   sm90_call(dtype, p, nullptr, /*check_only=*/true, &route);
   return route;
 }
@@ -127,6 +158,50 @@ cudaError_t launch_conv_bias_act_sm90(DType dtype, const ConvBiasActParams& p, c
   const cudaError_t err = sm90_call(dtype, p, stream, /*check_only=*/false, &route);
   if (err == cudaSuccess) sm90_route_launches[static_cast<int>(route)].fetch_add(1, std::memory_order_relaxed);
   return err;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// im2col rows for the GEMM path (16-bit elements, copied as bits): a thread per 8-value granule of a row walks
+// (kh, kw, c) from the granule's first index and stores the 8 values at once.
+// ---------------------------------------------------------------------------------------------------------
+__global__ void im2col_kernel(const unsigned short* __restrict__ x, uint4* __restrict__ rows, ConvBiasActParams p,
+                              long long n0, long long granules, int granules_per_row) {
+  const long long pixels = static_cast<long long>(p.oh) * p.ow;
+  const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long g = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; g < granules; g += step) {
+    const long long row = g / granules_per_row;
+    const int k0 = static_cast<int>(g % granules_per_row) * 8;
+    const long long image = n0 + row / pixels;
+    const int pixel = static_cast<int>(row % pixels);
+    const int ih0 = pixel / p.ow * p.stride_h - p.pad_h, iw0 = pixel % p.ow * p.stride_w - p.pad_w;
+    int c = k0 % p.c, s = k0 / p.c % p.kw, r = k0 / p.c / p.kw;
+    unsigned words[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int ih = ih0 + r * p.dil_h, iw = iw0 + s * p.dil_w;
+      if (r < p.kh && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w) {
+        const unsigned bits = x[((image * p.h + ih) * p.w + iw) * p.c + c];
+        words[j / 2] |= bits << (16 * (j % 2));
+      }
+      if (++c == p.c) {
+        c = 0;
+        if (++s == p.kw) s = 0, ++r;
+      }
+    }
+    rows[g] = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
+cudaError_t launch_im2col(const ConvBiasActParams& p, int n0, int images, void* rows, int depth,
+                          cudaStream_t stream) {
+  if (depth % 8 != 0 || depth < p.kh * p.kw * p.c || !aligned16(rows)) return cudaErrorInvalidValue;
+  const long long granules = static_cast<long long>(images) * p.oh * p.ow * (depth / 8);
+  if (granules == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const unsigned blocks = static_cast<unsigned>(std::min<long long>((granules + kThreads - 1) / kThreads, 1ll << 16));
+  im2col_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const unsigned short*>(p.x), static_cast<uint4*>(rows),
+                                                  p, n0, granules, depth / 8);
+  return cudaGetLastError();
 }
 
 // ---------------------------------------------------------------------------------------------------------

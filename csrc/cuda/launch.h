@@ -38,22 +38,37 @@ cudaError_t launch_conv_bias_act(DType dtype, const ConvBiasActParams& p, cudaSt
 // epilogue, for the calls it can take: float16/bfloat16, ungrouped, no prologue, Cin and Cout multiples of 8,
 // 16-byte aligned tensors, on a compute capability 9.0 device (the caller checks the device). The convs run as an
 // implicit GEMM (conv_sm90_cutlass.cuh); with the next kernels on, 1x1 stride-1 unpadded convs run as a persistent
-// GEMM (conv_sm90_gemm.cuh) and those of at most 64 output channels on narrower tiles. Returns cudaErrorNotSupported for any other call, and always where
-// the extension was built without CUTLASS or without sm_90a; the caller then runs launch_conv_bias_act.
+// GEMM (conv_sm90_gemm.cuh) and those of at most 64 output channels on narrower tiles. Returns
+// cudaErrorNotSupported for any other call, and always where the extension was built without CUTLASS or without
+// sm_90a; the caller then runs launch_conv_bias_act.
 bool sm90_engine_built();
 cudaError_t launch_conv_bias_act_sm90(DType dtype, const ConvBiasActParams& p, cudaStream_t stream);
 // Which of its kernels would take the call, by its host-side checks alone (no device needed): the implicit conv
 // with 128x128 tiles (kConv) or, with the next kernels on, 128x64 tiles (kNarrowConv: at most 64 output channels),
-// or the GEMM (kGemm).
-enum class Sm90Route { kNone, kConv, kNarrowConv, kGemm };
+// the GEMM (kGemm), or the GEMM over im2col rows the caller lays out (kIm2colGemm, below).
+enum class Sm90Route { kNone, kConv, kNarrowConv, kGemm, kIm2colGemm };
 Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p);
+
+// The next kernels' path for convs of under 8 input channels (an RGB stem), which TMA cannot load as an implicit
+// GEMM (16-byte pixel rows): the caller lays each output pixel's input window out as a row of
+// sm90_im2col_depth(dtype, p) values (launch_im2col) and runs the call of sm90_im2col_gemm_params on the rows, a
+// 1x1 conv that the GEMM takes. Depth 0: not this path.
+int sm90_im2col_depth(DType dtype, const ConvBiasActParams& p);
+// The GEMM call over the rows of `images` images: x = the rows, weight = [Cout, depth] (the filter in (kh, kw, c)
+// order, zero past KH*KW*C); y and residual offset to image n0.
+ConvBiasActParams sm90_im2col_gemm_params(const ConvBiasActParams& p, int depth, int n0, int images, const void* rows,
+                                          const void* weight_rows);
+// rows[(i - n0) * OH * OW + pixel, k] for images i in [n0, n0 + images): the input window of the output pixel in
+// (kh, kw, c) order, zero in the padding and past KH*KW*C (16-bit dtypes; a bit copy).
+cudaError_t launch_im2col(const ConvBiasActParams& p, int n0, int images, void* rows, int depth,
+                          cudaStream_t stream);
 // Calls the Hopper engine ran on one of its kernels, or on all of them for kNone (tests use these to tell which
 // kernel took a call).
 long long sm90_engine_launches(Sm90Route route = Sm90Route::kNone);
 // Whether the CUDA op offers its calls to the Hopper engine first (process-wide; off until the engine has passed
 // the GPU check: see fused_resnet/ops/cpp_backend.py, set_cuda_engine), and whether that engine uses its next
-// kernels: 1x1 convs on the GEMM path, narrow tiles (off by default: until they have passed the GPU check, see
-// cpp_backend.py).
+// kernels: 1x1 convs on the GEMM path, narrow tiles, im2col rows for small-channel inputs (off by default: until
+// they have passed the GPU check, see cpp_backend.py).
 void set_sm90_engine_enabled(bool enabled);
 bool sm90_engine_enabled();
 void set_sm90_next_enabled(bool enabled);

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <limits>
 #include <mutex>
@@ -39,6 +40,39 @@ const DeviceInfo& device_info(c10::DeviceIndex index) {
 
 int narrow(int64_t v) {
   return static_cast<int>(v);
+}
+
+// The Hopper engine's path for inputs of under 8 channels (launch.h, sm90_im2col_depth): each output pixel's input
+// window laid out as a row, then the GEMM over the rows, a chunk of images at a time so that the rows take at most
+// kIm2colBytes. False where the engine does not take the call this way (nothing was launched).
+constexpr int64_t kIm2colBytes = int64_t{256} << 20;
+
+bool run_im2col_on_sm90(const at::Tensor& x_cl, const at::Tensor& w_cl, const ConvBiasActParams& p,
+                        cudaStream_t stream) {
+  const DType dtype = kernel_dtype(x_cl.scalar_type());
+  const int depth = sm90_im2col_depth(dtype, p);
+  if (depth == 0) return false;
+  const int64_t row_bytes = int64_t{depth} * static_cast<int64_t>(x_cl.element_size());
+  const int64_t pixels = int64_t{p.oh} * p.ow;
+  const int chunk = static_cast<int>(std::clamp<int64_t>(kIm2colBytes / (pixels * row_bytes), 1, p.n));
+  const at::Tensor rows = x_cl.new_empty({chunk * pixels, int64_t{depth}});
+  at::Tensor weight_rows = w_cl.new_empty({int64_t{p.cout}, int64_t{depth}});
+  // The host-side checks on the real buffers, before anything is launched.
+  const ConvBiasActParams first =
+      sm90_im2col_gemm_params(p, depth, 0, chunk, rows.const_data_ptr(), weight_rows.const_data_ptr());
+  if (sm90_engine_route(dtype, first) != Sm90Route::kGemm) return false;
+  // The filter in (kh, kw, c) order, as the rows: a channels_last weight is [Cout, KH, KW, C] in memory.
+  const int64_t taps = int64_t{p.kh} * p.kw * p.c;
+  weight_rows.narrow(1, taps, depth - taps).zero_();
+  weight_rows.narrow(1, 0, taps).copy_(w_cl.permute({0, 2, 3, 1}).reshape({p.cout, taps}));
+  for (int n0 = 0; n0 < p.n; n0 += chunk) {
+    const int images = std::min(chunk, p.n - n0);
+    C10_CUDA_CHECK(launch_im2col(p, n0, images, rows.mutable_data_ptr(), depth, stream));
+    const ConvBiasActParams q =
+        sm90_im2col_gemm_params(p, depth, n0, images, rows.const_data_ptr(), weight_rows.const_data_ptr());
+    C10_CUDA_CHECK(launch_conv_bias_act_sm90(dtype, q, stream));
+  }
+  return true;
 }
 
 at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -108,6 +142,7 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   // sm_90a code (the Hopper engine) runs on compute capability 9.0 exactly.
   if (sm90_engine_enabled() && info.major == 9 && info.minor == 0) {
+    if (run_im2col_on_sm90(x_cl, w_cl, p, stream)) return out;
     const cudaError_t err = launch_conv_bias_act_sm90(kernel_dtype(dtype), p, stream);
     if (err != cudaErrorNotSupported) {
       C10_CUDA_CHECK(err);

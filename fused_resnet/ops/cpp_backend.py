@@ -146,7 +146,8 @@ def bias_residual_relu(
 #   on a compute capability 9.0 GPU, the hand-written kernel for the others;
 # - "cutlass_next": the Hopper engine's next kernels, on top of "cutlass": 1x1 stride-1 convs run as a persistent
 #   ping-pong GEMM (csrc/cuda/conv_sm90_gemm.cuh), whose epilogues overlap its main loops; convs of at most 64
-#   output channels on 128x64 tiles, two CTAs per SM (conv_sm90_cutlass.cuh, NarrowTile).
+#   output channels on 128x64 tiles, two CTAs per SM (conv_sm90_cutlass.cuh, NarrowTile); inputs of under 8
+#   channels (the RGB stem) as that GEMM over im2col rows (launch.cu, ops_cuda.cpp).
 # "cutlass" is the default where it was built: it passed the GPU tests and the sanitizer on an H200 and ran
 # ResNet-50 b256 bf16 inference at 21,703 img/s against the mma engine's 14,075
 # (benchmarks/results/2026-11-27_H200_run1). "cutlass_next" has not yet run on a GPU: it becomes the default only
