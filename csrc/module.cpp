@@ -70,7 +70,8 @@ std::string route_name(fused_resnet::cuda::Sm90Route route) {
 }
 #endif
 
-// Calls the sm90 engine has run: on the kernel of that name ("conv", "narrow-conv", "gemm"), or on any ("").
+// Kernel launches of the sm90 engine (one per call; one per chunk of images on the im2col path): on the kernel of
+// that name ("conv", "narrow-conv", "gemm"), or on any ("").
 long long sm90_engine_launches(const std::string& kernel) {
 #ifdef FUSED_RESNET_WITH_CUDA
   for (const auto& [value, name] : kRouteNames) {
@@ -158,8 +159,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"), pybind11::arg("residual"),
         pybind11::arg("prologue"));
   m.def("sm90_engine_launches", &sm90_engine_launches,
-        "calls the sm90 engine has run in this process: on the kernel of that name ('conv', 'narrow-conv', 'gemm'), "
-        "or on any ('')",
+        "kernel launches of the sm90 engine in this process (one per call; one per chunk of images on the im2col "
+        "path): on the kernel of that name ('conv', 'narrow-conv', 'gemm'), or on any ('')",
         pybind11::arg("kernel") = "");
   m.def("clear_weight_cache", &fused_resnet::cpu::clear_weight_cache,
         "drop every prepacked (oneDNN-layout) CPU weight");

@@ -178,10 +178,12 @@ __global__ void im2col_kernel(const unsigned short* __restrict__ x, uint4* __res
     unsigned words[4] = {0, 0, 0, 0};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int ih = ih0 + r * p.dil_h, iw = iw0 + s * p.dil_w;
-      if (r < p.kh && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w) {
-        const unsigned bits = x[((image * p.h + ih) * p.w + iw) * p.c + c];
-        words[j / 2] |= bits << (16 * (j % 2));
+      if (r < p.kh) {  // past KH*KW*C: zeros (and r*dil_h, unbounded there, is never formed)
+        const int ih = ih0 + r * p.dil_h, iw = iw0 + s * p.dil_w;
+        if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w) {
+          const unsigned bits = x[((image * p.h + ih) * p.w + iw) * p.c + c];
+          words[j / 2] |= bits << (16 * (j % 2));
+        }
       }
       if (++c == p.c) {
         c = 0;

@@ -62,8 +62,8 @@ ConvBiasActParams sm90_im2col_gemm_params(const ConvBiasActParams& p, int depth,
 // (kh, kw, c) order, zero in the padding and past KH*KW*C (16-bit dtypes; a bit copy).
 cudaError_t launch_im2col(const ConvBiasActParams& p, int n0, int images, void* rows, int depth,
                           cudaStream_t stream);
-// Calls the Hopper engine ran on one of its kernels, or on all of them for kNone (tests use these to tell which
-// kernel took a call).
+// Kernel launches of the Hopper engine, on one of its kernels or on all of them for kNone: one per call, but one
+// per chunk of images on the im2col path (tests use these to tell which kernel took a call).
 long long sm90_engine_launches(Sm90Route route = Sm90Route::kNone);
 // Whether the CUDA op offers its calls to the Hopper engine first (process-wide; off until the engine has passed
 // the GPU check: see fused_resnet/ops/cpp_backend.py, set_cuda_engine), and whether that engine uses its next
