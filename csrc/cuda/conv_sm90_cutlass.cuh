@@ -28,6 +28,7 @@
 #include "cutlass/conv/kernel/conv_universal.hpp"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/thread/activation.h"
+#include "cuda/cutlass_run.cuh"
 #include "cuda/launch.h"
 
 namespace fused_resnet::cuda::sm90 {
@@ -132,18 +133,7 @@ cudaError_t launch(const ConvBiasActParams& p, cudaStream_t stream, bool check_o
     args.epilogue.thread.activation.upper_bound = std::numeric_limits<float>::infinity();
   }
 
-  // The non-persistent sm90 conv needs no workspace; if a CUTLASS version ever asks for one, decline the call
-  // (the caller falls back) rather than pass a null workspace.
-  if (Conv::get_workspace_size(args) != 0) return cudaErrorNotSupported;
-  if (Conv::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-  if (check_only) return cudaSuccess;
-  // Past the checks above a failure is a fault (e.g. no sm_90a image, a TMA descriptor refused), not a call to
-  // hand to the other engine: report it.
-  Conv conv;
-  const cutlass::Status status = conv.initialize(args, nullptr, stream);
-  if (status == cutlass::Status::kSuccess && conv.run(stream) == cutlass::Status::kSuccess) return cudaGetLastError();
-  const cudaError_t err = cudaGetLastError();
-  return err != cudaSuccess && err != cudaErrorNotSupported ? err : cudaErrorLaunchFailure;
+  return run_cutlass<Conv>(args, stream, check_only);
 }
 
 // The entry points of one element type (instantiated in conv_sm90_<dtype>.cu);

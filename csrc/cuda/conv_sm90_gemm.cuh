@@ -33,6 +33,7 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "cuda/cutlass_run.cuh"
 #include "cuda/launch.h"
 
 namespace fused_resnet::cuda::sm90_gemm {
@@ -106,17 +107,7 @@ cudaError_t launch(const ConvBiasActParams& p, cudaStream_t stream, bool check_o
   args.epilogue.thread.activation.lower_bound = p.relu ? 0.f : -std::numeric_limits<float>::infinity();
   args.epilogue.thread.activation.upper_bound = std::numeric_limits<float>::infinity();
 
-  // The persistent scheduler needs no workspace; if a CUTLASS version ever asks for one, decline the call (the
-  // caller falls back) rather than pass a null workspace.
-  if (Gemm::get_workspace_size(args) != 0) return cudaErrorNotSupported;
-  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-  if (check_only) return cudaSuccess;
-  // Past the checks above a failure is a fault, not a call to hand to the other engine: report it.
-  Gemm gemm;
-  const cutlass::Status status = gemm.initialize(args, nullptr, stream);
-  if (status == cutlass::Status::kSuccess && gemm.run(stream) == cutlass::Status::kSuccess) return cudaGetLastError();
-  const cudaError_t err = cudaGetLastError();
-  return err != cudaSuccess && err != cudaErrorNotSupported ? err : cudaErrorLaunchFailure;
+  return run_cutlass<Gemm>(args, stream, check_only);
 }
 
 // The entry point of one element type (instantiated in conv_sm90_gemm_<dtype>.cu).
