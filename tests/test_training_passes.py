@@ -2,16 +2,20 @@
 fp64 formulas written out here, and which passes each backend trains with.
 
 Every implementation runs on the devices it supports here: "torch" and "cpp" on CPU, "triton" on CPU under the
-Triton interpreter (CI); "torch", "cpp" and "triton" on CUDA in the GPU check. Tolerances: the passes accumulate in fp32
-(fp64 for fp64), so statistics and sums are compared at a few fp32 ulps relative to the data's magnitude; outputs
-stored in bf16/fp16 may differ from the exactly rounded value by one ulp of the output (a fused multiply-add
-rounds once where the formula rounds twice).
+Triton interpreter (CI); "torch", "cpp" and "triton" on CUDA in the GPU check. The extension's CUDA kernels also
+run on CPU tensors in CI, through a host emulation of CUDA's threads (tests/cuda_on_host.py).
+
+Tolerances: the passes accumulate in fp32 (fp64 for fp64), so statistics and sums are compared at a few fp32 ulps
+relative to the data's magnitude; outputs stored in bf16/fp16 may differ from the exactly rounded value by one ulp
+of the output (a fused multiply-add rounds once where the formula rounds twice).
 """
 
 import types
 
 import pytest
 import torch
+from cuda_on_host import HOST_CUDA_PASSES
+from cuda_on_host import unavailable as host_cuda_unavailable
 
 from fused_resnet import backends
 from fused_resnet.training import passes
@@ -25,10 +29,17 @@ def _impl(name: str, device: str) -> object:
     return pytest.param((passes.PASSES.get(name), device), marks=marks, id=f"{name}-{device}")
 
 
+def _host_cuda_impl() -> object:
+    reason = host_cuda_unavailable()
+    marks = [pytest.mark.skip(reason=reason)] if reason else []
+    return pytest.param((HOST_CUDA_PASSES, "cpu"), marks=marks, id="cuda-kernels-on-host")
+
+
 IMPLS = [
     _impl("torch", "cpu"),
     _impl("cpp", "cpu"),
     _impl("triton", "cpu"),
+    _host_cuda_impl(),
     _impl("torch", "cuda"),
     _impl("cpp", "cuda"),
     _impl("triton", "cuda"),
@@ -166,23 +177,36 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
-@pytest.mark.gpu
+# csrc/cuda/bn_train.cu's kernels: on the GPU through the extension, and on CPU tensors through the host emulation.
+CUDA_KERNELS = [
+    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+    pytest.param("host", marks=[pytest.mark.skipif(host_cuda_unavailable() is not None, reason="no CUDA headers")]),
+]
+
+
+def _cuda_kernels(where: str, dtype: torch.dtype) -> tuple[passes.Passes, str]:
+    if where == "host":
+        return HOST_CUDA_PASSES, "cpu"
+    reason = passes._unsupported("cpp", "cuda", dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    return passes.PASSES["cpp"], "cuda"
+
+
+@pytest.mark.parametrize("where", CUDA_KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels", [8, 40, 64, 264, 2048])
-def test_cuda_vectorized_passes(dtype, channels):
+def test_cuda_vectorized_passes(where, dtype, channels):
     # csrc/cuda/bn_train.cu runs every pass 16 bytes per access where the channels are a multiple of the vector
     # width and every tensor is aligned (264 channels of 16-bit values: 33 vectors, a second block of channel
     # vectors with one active column); misaligned copies of the same tensors take the scalar kernels. The
     # elementwise passes do the same arithmetic per value in both: bit for bit equal. The reductions sum in another
     # order: both must match the formulas.
-    reason = passes._unsupported("cpp", "cuda", dtype)
-    if reason is not None:
-        pytest.skip(reason)
-    run = passes.PASSES["cpp"]
+    run, device = _cuda_kernels(where, dtype)
     shape = (3, channels, 9, 7)  # 189 pixels: the last block of pixel rows and the last chunk are partial
-    y, g, r = (_tensor(shape, dtype, torch.channels_last, "cuda") for _ in range(3))
-    scale, shift, mean, a, b, c = (_vector(channels, dtype, "cuda") for _ in range(6))
-    y_stats = _tensor(shape, dtype, torch.channels_last, "cuda", offset=300.0, scale=0.5)
+    y, g, r = (_tensor(shape, dtype, torch.channels_last, device) for _ in range(3))
+    scale, shift, mean, a, b, c = (_vector(channels, dtype, device) for _ in range(6))
+    y_stats = _tensor(shape, dtype, torch.channels_last, device, offset=300.0, scale=0.5)
     assert_stats(run.stats(y_stats), y_stats)
     assert_stats(run.stats(_misaligned(y_stats)), y_stats)
     for residual in (None, r):
@@ -207,20 +231,25 @@ def test_cuda_vectorized_passes(dtype, channels):
         assert _within(dy, _ch(a) * g_masked + _ch(b) * y.double() + _ch(c), terms)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "where, shape",
+    [
+        # 2×512×520 pixels of 64 channels: the elementwise kernels' grid-stride loops go round more than once (over
+        # 16384 blocks × 32 pixel lanes) and each statistics lane merges several batches into its running triple.
+        pytest.param("cuda", (2, 64, 512, 520), marks=pytest.mark.gpu, id="cuda"),
+        # 4,160 pixels of 16 channels, emulated with smaller grid limits (bn_train.cu): 48 chunks of 87 rows, more
+        # than the merge lanes, and elementwise grid-stride loops that go round 16 times.
+        pytest.param("host", (2, 16, 40, 52), marks=CUDA_KERNELS[1].marks, id="host"),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("relu", [True, False])
-def test_cuda_vectorized_passes_over_many_rows(dtype, relu):
-    # 2×512×520 pixels of 64 channels: the elementwise kernels' grid-stride loops go round more than once (over
-    # 16384 blocks × 32 pixel lanes) and each statistics lane merges several batches into its running triple.
-    reason = passes._unsupported("cpp", "cuda", dtype)
-    if reason is not None:
-        pytest.skip(reason)
-    run = passes.PASSES["cpp"]
-    shape = (2, 64, 512, 520)
-    y, g, r = (_tensor(shape, dtype, torch.channels_last, "cuda") for _ in range(3))
-    scale, shift, mean, a, b, c = (_vector(64, dtype, "cuda") for _ in range(6))
-    y_stats = _tensor(shape, dtype, torch.channels_last, "cuda", offset=300.0, scale=0.5)
+def test_cuda_vectorized_passes_over_many_rows(where, shape, dtype, relu):
+    run, device = _cuda_kernels(where, dtype)
+    channels = shape[1]
+    y, g, r = (_tensor(shape, dtype, torch.channels_last, device) for _ in range(3))
+    scale, shift, mean, a, b, c = (_vector(channels, dtype, device) for _ in range(6))
+    y_stats = _tensor(shape, dtype, torch.channels_last, device, offset=300.0, scale=0.5)
     assert_stats(run.stats(y_stats), y_stats)
     z = _z(y, scale, shift, r)
     out = run.normalize(y, scale, shift, r, relu)

@@ -14,9 +14,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <tuple>
 #include <utility>
 
 #include "cuda/elem.cuh"
+#include "cuda/kernel_launch.cuh"
 #include "cuda/launch.h"
 
 namespace fused_resnet::cuda {
@@ -28,9 +30,17 @@ constexpr int kLanesR = 8;   // pixel lanes per block
 // dependent steps, and with 8 lanes 1,024 chunks took 45 µs per 64-channel layer on an H200 (2 blocks in all).
 constexpr int kMergeLanes = 32;
 constexpr int kBatch = 8;    // values a stats lane reduces two-pass before merging them into its running (mean, M2)
-constexpr long long kMaxChunks = 1024;
 constexpr long long kMinChunkRows = 64;
+#if defined(FUSED_RESNET_HOST_EMULATION)
+// tests/cuda_host/ runs these kernels on a CPU, on small tensors: with these limits those take the paths that only
+// large tensors take on a GPU (chunks of more than kMinChunkRows rows, more chunks than merge lanes, grid-stride
+// loops that go round more than once).
+constexpr long long kMaxChunks = 48;
+constexpr long long kMaxElementwiseBlocks = 8;
+#else
+constexpr long long kMaxChunks = 1024;
 constexpr long long kMaxElementwiseBlocks = 16384;
+#endif
 
 // Pixels are split into chunks of chunk_rows (the last one shorter), one reduction partial each.
 struct Chunks {
@@ -544,17 +554,20 @@ struct Stats {
     const Chunks chunks = chunks_for(p.rows);
     Acc* part_mean = static_cast<Acc*>(p.workspace);
     Acc* part_m2 = part_mean + chunks.count * p.channels;
+    const T* y = static_cast<const T*>(p.y);
+    cudaError_t err;
     if (vectorizable<T>(p.channels, {p.y})) {
       const auto [grid, block] = vec_launch_shape<T>(chunks.count, p.channels, /*rows_are_blocks=*/true);
-      stats_partials_vec<T><<<grid, block, 0, stream>>>(static_cast<const T*>(p.y), p.rows, p.channels, chunks.rows,
-                                                         part_mean, part_m2);
+      err = launch_kernel(stats_partials_vec<T>, grid, block, stream, y, p.rows, p.channels, chunks.rows, part_mean,
+                          part_m2);
     } else {
-      stats_partials<T><<<channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
-          static_cast<const T*>(p.y), p.rows, p.channels, chunks.rows, part_mean, part_m2);
+      err = launch_kernel(stats_partials<T>, channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), stream, y,
+                          p.rows, p.channels, chunks.rows, part_mean, part_m2);
     }
-    stats_merge<Acc><<<merge_blocks(p.channels), dim3(kLanesC, kMergeLanes), 0, stream>>>(
-        part_mean, part_m2, p.rows, p.channels, chunks, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
-    return cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    return launch_kernel(stats_merge<Acc>, dim3(merge_blocks(p.channels)), dim3(kLanesC, kMergeLanes), stream,
+                         part_mean, part_m2, p.rows, p.channels, chunks, static_cast<Acc*>(p.sum0),
+                         static_cast<Acc*>(p.sum1));
   }
 };
 
@@ -562,17 +575,15 @@ template <typename T>
 struct Normalize {
   static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
     using Acc = AccOf<T>;
+    const auto args = std::make_tuple(static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
+                                      static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual),
+                                      static_cast<T*>(p.out), p.rows, p.channels, p.relu);
     if (vectorizable<T>(p.channels, {p.y, p.residual, p.out})) {
       const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels);
-      normalize_vec_kernel<T><<<grid, block, 0, stream>>>(
-          static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale), static_cast<const Acc*>(p.shift),
-          static_cast<const T*>(p.residual), static_cast<T*>(p.out), p.rows, p.channels, p.relu);
-      return cudaGetLastError();
+      return launch_with(normalize_vec_kernel<T>, grid, block, stream, args);
     }
-    normalize_kernel<T><<<channel_grid(elementwise_blocks(p.rows), p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
-        static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale), static_cast<const Acc*>(p.shift),
-        static_cast<const T*>(p.residual), static_cast<T*>(p.out), p.rows, p.channels, p.relu);
-    return cudaGetLastError();
+    return launch_with(normalize_kernel<T>, channel_grid(elementwise_blocks(p.rows), p.channels),
+                       dim3(kLanesC, kLanesR), stream, args);
   }
 };
 
@@ -583,21 +594,21 @@ struct GradSums {
     const Chunks chunks = chunks_for(p.rows);
     Acc* part_g = static_cast<Acc*>(p.workspace);
     Acc* part_gy = part_g + chunks.count * p.channels;
+    const auto args = std::make_tuple(
+        static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
+        static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.mean), p.relu,
+        static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
+    cudaError_t err;
     if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out})) {
       const auto [grid, block] = vec_launch_shape<T>(chunks.count, p.channels, /*rows_are_blocks=*/true);
-      grad_sums_partials_vec<T><<<grid, block, 0, stream>>>(
-          static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
-          static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.mean), p.relu,
-          static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
+      err = launch_with(grad_sums_partials_vec<T>, grid, block, stream, args);
     } else {
-      grad_sums_partials<T><<<channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
-          static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
-          static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.mean), p.relu,
-          static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
+      err = launch_with(grad_sums_partials<T>, channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), stream,
+                        args);
     }
-    sums_merge<Acc><<<merge_blocks(p.channels), dim3(kLanesC, kMergeLanes), 0, stream>>>(
-        part_g, part_gy, chunks.count, p.channels, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
-    return cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    return launch_kernel(sums_merge<Acc>, dim3(merge_blocks(p.channels)), dim3(kLanesC, kMergeLanes), stream, part_g,
+                         part_gy, chunks.count, p.channels, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
   }
 };
 
@@ -605,21 +616,16 @@ template <typename T>
 struct GradInput {
   static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
     using Acc = AccOf<T>;
-    if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out})) {
-      const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels);
-      grad_input_vec_kernel<T><<<grid, block, 0, stream>>>(
-          static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
-          static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.a),
-          static_cast<const Acc*>(p.b), static_cast<const Acc*>(p.c), static_cast<T*>(p.out), p.rows, p.channels,
-          p.relu);
-      return cudaGetLastError();
-    }
-    grad_input_kernel<T><<<channel_grid(elementwise_blocks(p.rows), p.channels), dim3(kLanesC, kLanesR), 0, stream>>>(
+    const auto args = std::make_tuple(
         static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
         static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.a),
-        static_cast<const Acc*>(p.b), static_cast<const Acc*>(p.c), static_cast<T*>(p.out), p.rows, p.channels,
-        p.relu);
-    return cudaGetLastError();
+        static_cast<const Acc*>(p.b), static_cast<const Acc*>(p.c), static_cast<T*>(p.out), p.rows, p.channels, p.relu);
+    if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out})) {
+      const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels);
+      return launch_with(grad_input_vec_kernel<T>, grid, block, stream, args);
+    }
+    return launch_with(grad_input_kernel<T>, channel_grid(elementwise_blocks(p.rows), p.channels),
+                       dim3(kLanesC, kLanesR), stream, args);
   }
 };
 

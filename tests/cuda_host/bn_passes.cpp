@@ -1,0 +1,32 @@
+// csrc/cuda/bn_train.cu's kernels and launchers, run on the CPU by the host emulation (emulator.h), behind a C
+// entry point for ctypes (tests/test_cuda_bn_passes_on_host.py).
+#include "emulator.h"
+
+#include "cuda/bn_train.cu"
+
+extern "C" {
+
+// For the ctypes mirror of the struct to check its layout against.
+long long fr_bn_params_size() { return sizeof(fused_resnet::cuda::BnPassParams); }
+
+long long fr_bn_workspace_elements(long long rows, long long channels) {
+  return fused_resnet::cuda::bn_workspace_elements(rows, channels);
+}
+
+// which: 0 stats, 1 normalize, 2 grad_sums, 3 grad_input. Returns the cudaError_t.
+int fr_bn_pass(int which, const fused_resnet::cuda::BnPassParams* p) {
+  using namespace fused_resnet::cuda;
+  switch (which) {
+    case 0:
+      return launch_bn_stats(*p, nullptr);
+    case 1:
+      return launch_bn_normalize(*p, nullptr);
+    case 2:
+      return launch_bn_grad_sums(*p, nullptr);
+    case 3:
+      return launch_bn_grad_input(*p, nullptr);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // extern "C"

@@ -1,0 +1,184 @@
+"""The extension's training-pass CUDA kernels (csrc/cuda/bn_train.cu) run on CPU tensors, for CI without a GPU.
+
+tests/cuda_host/ compiles the kernel file itself with g++ against a host emulation of CUDA's threads, blocks and
+barriers (emulator.h) and exposes its launchers through a C entry point; `host_cuda_passes()` wraps them in the
+training passes' interface (fused_resnet/training/passes.py), allocating what csrc/cuda/bn_train_ops.cpp allocates,
+and, as fused_resnet/training/cpp_passes.py does, hands a y in another layout than channels_last to the PyTorch
+passes. So the tests that hold the passes to their formulas also hold these kernels' indexing, bounds, vector paths and
+merge order to them. What only a GPU shows (code generation, speed, real concurrency) is left to the GPU check.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fused_resnet.training import torch_passes
+from fused_resnet.training.passes import Passes
+from fused_resnet.training.stats import BatchStats, accumulation_dtype
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = [
+    REPO / "tests/cuda_host/bn_passes.cpp",
+    REPO / "tests/cuda_host/emulator.h",
+    REPO / "csrc/cuda/bn_train.cu",
+    REPO / "csrc/cuda/elem.cuh",
+    REPO / "csrc/cuda/kernel_launch.cuh",
+    REPO / "csrc/cuda/launch.h",
+]
+_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # launch.h's DType
+_STATS, _NORMALIZE, _GRAD_SUMS, _GRAD_INPUT = range(4)
+
+
+class _BnPassParams(ctypes.Structure):  # csrc/cuda/launch.h's BnPassParams, field for field
+    _fields_ = [("dtype", ctypes.c_int)]
+    _fields_ += [
+        (name, ctypes.c_void_p)
+        for name in ("y", "g", "residual", "scale", "shift", "mean", "a", "b", "c", "out", "sum0", "sum1", "workspace")
+    ]
+    _fields_ += [("rows", ctypes.c_int64), ("channels", ctypes.c_int64), ("relu", ctypes.c_bool)]
+
+
+def _cuda_include() -> Path | None:
+    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
+    for root in roots:
+        if root and (Path(root) / "include/cuda_runtime_api.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+def unavailable() -> str | None:
+    """Why the emulated kernels cannot be built here (no CUDA headers), or None."""
+    if _cuda_include() is None:
+        return "no CUDA toolkit headers (set CUDA_HOME): the kernels include cuda_bf16.h and cuda_runtime_api.h"
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    include = _cuda_include()
+    assert include is not None, unavailable()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    lib = Path(tempfile.gettempdir()) / f"fused_resnet_host_cuda_{digest}.so"
+    if not lib.exists():
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas"]
+        cmd += ["-DFUSED_RESNET_HOST_EMULATION", f"-I{REPO / 'csrc'}", f"-I{include}", str(SOURCES[0]), "-o", str(tmp)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"building the host emulation failed:\n{result.stderr[-4000:]}")
+        os.replace(tmp, lib)  # atomic: parallel test workers may build it at the same time
+    harness = ctypes.CDLL(str(lib))
+    harness.fr_bn_pass.argtypes = [ctypes.c_int, ctypes.POINTER(_BnPassParams)]
+    harness.fr_bn_workspace_elements.argtypes = [ctypes.c_longlong, ctypes.c_longlong]
+    harness.fr_bn_workspace_elements.restype = ctypes.c_longlong
+    assert harness.fr_bn_params_size() == ctypes.sizeof(_BnPassParams), "BnPassParams changed: update _BnPassParams"
+    return harness
+
+
+_HARNESS: ctypes.CDLL | None = None
+
+
+def _harness() -> ctypes.CDLL:
+    """The compiled harness (built on first use, cached by the sources' hash across runs)."""
+    global _HARNESS
+    if _HARNESS is None:
+        _HARNESS = _build()
+    return _HARNESS
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    # A dense channels_last view (even one off the 16-byte boundary) is kept as it is, as the CUDA op keeps it.
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _like(y: torch.Tensor) -> torch.Tensor:
+    return torch.empty(y.shape, dtype=y.dtype, memory_format=torch.channels_last)
+
+
+def _per_channel(y: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(y.shape[1], dtype=accumulation_dtype(y.dtype))
+
+
+def _run(which: int, y: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    harness = _harness()
+    channels = y.shape[1]
+    rows = y.numel() // channels if channels else 0
+    p = _BnPassParams(dtype=_DTYPES[y.dtype], y=y.data_ptr(), rows=rows, channels=channels)
+    relu = tensors.pop("relu", False)
+    p.relu = bool(relu)
+    workspace = None
+    if which in (_STATS, _GRAD_SUMS):
+        workspace = torch.empty(harness.fr_bn_workspace_elements(rows, channels), dtype=accumulation_dtype(y.dtype))
+        p.workspace = workspace.data_ptr()
+    for name, t in tensors.items():
+        setattr(p, name, _ptr(t))
+    err = harness.fr_bn_pass(which, ctypes.byref(p))
+    if err != 0:
+        raise RuntimeError(f"emulated launch failed: cudaError_t {err}")
+
+
+def _vec(v: torch.Tensor) -> torch.Tensor:
+    return v.contiguous()
+
+
+def _is_nhwc(y: torch.Tensor) -> bool:
+    return y.is_contiguous(memory_format=torch.channels_last)
+
+
+def stats(y: torch.Tensor) -> BatchStats:
+    if not _is_nhwc(y):
+        return torch_passes.batch_stats(y)
+    mean, m2 = _per_channel(y), _per_channel(y)
+    _run(_STATS, y, sum0=mean, sum1=m2)
+    return BatchStats(torch.full_like(mean, y.numel() // y.shape[1] if y.shape[1] else 0), mean, m2)
+
+
+def normalize(y, scale, shift, residual, relu) -> torch.Tensor:
+    if not _is_nhwc(y):
+        return torch_passes.normalize(y, scale, shift, residual, relu)
+    residual = None if residual is None else _nhwc(residual)
+    out = _like(y)
+    _run(_NORMALIZE, y, scale=_vec(scale), shift=_vec(shift), residual=residual, out=out, relu=relu)
+    return out
+
+
+def grad_sums(g, y, scale, shift, residual, mean, relu, store_masked):
+    if not _is_nhwc(y):
+        return torch_passes.grad_sums(g, y, scale, shift, residual, mean, relu, store_masked)
+    g = _nhwc(g)
+    residual = None if residual is None else _nhwc(residual)
+    sum_g, sum_gy = _per_channel(y), _per_channel(y)
+    masked = _like(y) if store_masked else None
+    _run(_GRAD_SUMS, y, g=g, scale=_vec(scale), shift=_vec(shift), residual=residual, mean=_vec(mean), out=masked,
+         sum0=sum_g, sum1=sum_gy, relu=relu)  # fmt: skip
+    return sum_g, sum_gy, masked
+
+
+def grad_input(g, y, scale, shift, residual, a, b, c, relu) -> torch.Tensor:
+    if not _is_nhwc(y):
+        return torch_passes.grad_input(g, y, scale, shift, residual, a, b, c, relu)
+    g = _nhwc(g)
+    residual = None if residual is None else _nhwc(residual)
+    dy = _like(y)
+    _run(_GRAD_INPUT, y, g=g, scale=_vec(scale), shift=_vec(shift), residual=residual, a=_vec(a), b=_vec(b),
+         c=_vec(c), out=dy, relu=relu)  # fmt: skip
+    return dy
+
+
+def _unsupported(device_type: str, dtype: torch.dtype) -> str | None:
+    if device_type != "cpu":
+        return "the emulated CUDA kernels run CPU tensors"
+    return None if dtype in _DTYPES else f"dtype {dtype} is not supported"
+
+
+HOST_CUDA_PASSES = Passes(stats, normalize, grad_sums, grad_input, _unsupported)
