@@ -321,23 +321,28 @@ __global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restri
   }
 }
 
-// The reductions' twins: a thread owns a vector of channels and reduces its pixels of a chunk (stats: batches of
-// kBatch vectors in flight, each merged as the scalar kernel merges its batches); the block's pixel lanes are then
-// merged in lane order and one partial per (chunk, channel) is written, for the same merge kernels. Per shape the
+// The reductions' twins: a thread owns a vector of channels and reduces its pixels of a chunk; the block's pixel
+// lanes are then merged and one partial per (chunk, channel) is written, for the same merge kernels. Per shape the
 // result is as deterministic as the scalar kernels', though not bit for bit theirs (another summation order).
+//
+// Statistics: batches of kBatch vectors in flight, each reduced two-pass and merged into the thread's running
+// (n, mean, M2) by Chan's formula. The count is the same for every channel of the thread, so the merge weight is
+// one division per batch, not one per channel. The lanes then merge pairwise in a tree (log2 steps, all lanes at
+// work) instead of one lane merging the others in turn: that chain of dependent merges, a division each, left the
+// H200 at 1.1 TB/s on this pass (2026-11-27_H200_run4).
 template <typename T>
 __global__ void stats_partials_vec(const T* __restrict__ y, long long rows, long long channels, long long chunk_rows,
                                    AccOf<T>* __restrict__ part_mean, AccOf<T>* __restrict__ part_m2) {
   using Acc = AccOf<T>;
   constexpr int W = Vec<T>::kWidth;
-  __shared__ Acc s_n[kVecThreads][W], s_mean[kVecThreads][W], s_m2[kVecThreads][W];
+  __shared__ Acc s_n[kVecThreads], s_mean[kVecThreads][W], s_m2[kVecThreads][W];
   const long long c0 = vec_first_channel(W);
-  const bool active = c0 < channels;  // inactive threads still reach the barrier
+  const bool active = c0 < channels;  // inactive threads still reach the barriers
   const long long begin = static_cast<long long>(blockIdx.x) * chunk_rows;
   const long long end = begin + chunk_rows < rows ? begin + chunk_rows : rows;
-  Acc n[W], mean[W], m2[W];
+  Acc n = 0, mean[W], m2[W];
 #pragma unroll
-  for (int ch = 0; ch < W; ++ch) n[ch] = mean[ch] = m2[ch] = Acc(0);
+  for (int ch = 0; ch < W; ++ch) mean[ch] = m2[ch] = Acc(0);
   if (active) {
     for (long long r0 = begin + threadIdx.y; r0 < end; r0 += static_cast<long long>(blockDim.y) * kBatch) {
       Vec<T> v[kBatch];
@@ -350,38 +355,59 @@ __global__ void stats_partials_vec(const T* __restrict__ y, long long rows, long
           ++k;
         }
       }
+      const Acc inv_k = Acc(1) / Acc(k);
+      const Acc total = n + Acc(k);
+      const Acc weight = Acc(k) / total;  // the batch's share of the merged mean
+      const Acc cross = n * weight;       // n·k/(n + k), the δ² term's factor
 #pragma unroll
       for (int ch = 0; ch < W; ++ch) {
         Acc sum = 0;
 #pragma unroll
         for (int j = 0; j < kBatch; ++j) sum += j < k ? AccMath<T>::load(v[j].v[ch]) : Acc(0);
-        const Acc mb = sum / Acc(k);
+        const Acc mb = sum * inv_k;
         Acc m2b = 0;
 #pragma unroll
         for (int j = 0; j < kBatch; ++j) {
           const Acc d = j < k ? AccMath<T>::load(v[j].v[ch]) - mb : Acc(0);
           m2b += d * d;
         }
-        chan_merge(n[ch], mean[ch], m2[ch], Acc(k), mb, m2b);
+        const Acc delta = mb - mean[ch];
+        mean[ch] += delta * weight;
+        m2[ch] += m2b + delta * delta * cross;
       }
+      n = total;
     }
   }
   const int lane = threadIdx.y * blockDim.x + threadIdx.x;
+  s_n[lane] = n;
 #pragma unroll
   for (int ch = 0; ch < W; ++ch) {
-    s_n[lane][ch] = n[ch];
     s_mean[lane][ch] = mean[ch];
     s_m2[lane][ch] = m2[ch];
   }
-  __syncthreads();
-  if (threadIdx.y != 0 || !active) return;
-  for (unsigned j = 1; j < blockDim.y; ++j) {
-    const int other = j * blockDim.x + threadIdx.x;
+  // Step `half`: every lane that is a multiple of 2·half merges the lane `half` above it (which holds the merge of
+  // its own subtree), in a fixed order for a given block shape.
+  for (unsigned half = 1; half < blockDim.y; half *= 2) {
+    __syncthreads();
+    if (!active || threadIdx.y % (2 * half) != 0 || threadIdx.y + half >= blockDim.y) continue;
+    const int other = lane + static_cast<int>(half * blockDim.x);
+    const Acc nb = s_n[other];
+    if (nb == Acc(0)) continue;
+    const Acc total = n + nb;
+    const Acc weight = nb / total;
+    const Acc cross = n * weight;
 #pragma unroll
     for (int ch = 0; ch < W; ++ch) {
-      chan_merge(n[ch], mean[ch], m2[ch], s_n[other][ch], s_mean[other][ch], s_m2[other][ch]);
+      const Acc delta = s_mean[other][ch] - mean[ch];
+      mean[ch] += delta * weight;
+      m2[ch] += s_m2[other][ch] + delta * delta * cross;
+      s_mean[lane][ch] = mean[ch];
+      s_m2[lane][ch] = m2[ch];
     }
+    n = total;
+    s_n[lane] = n;
   }
+  if (threadIdx.y != 0 || !active) return;
 #pragma unroll
   for (int ch = 0; ch < W; ++ch) {
     part_mean[blockIdx.x * channels + c0 + ch] = mean[ch];
