@@ -15,8 +15,9 @@
 #               (ResNet-152 224x224, pre-act ResNet-1001 CIFAR)
 #   memory      benchmarks/train_memory.py: peak memory of a ResNet-50 train step (bf16 autocast, batch 256, 224x224),
 #               fused vs stock channels_last
-#   profile     benchmarks/profile_step.py: wall vs kernel time per step (host-bound or not) and the top kernels,
-#               ResNet-50 batch 256 bf16, inference and train, stock channels_last vs each fused backend
+#   profile     benchmarks/bn_passes_bench.py: each training pass over ResNet-50's BN layers (batch 256 bf16), ms per
+#               step and GB/s, beside ATen's batch norm; then benchmarks/profile_step.py: wall vs kernel time per step
+#               (host-bound or not) and the top kernels, inference and train, stock channels_last vs each fused backend
 #   sanitize    compute-sanitizer memcheck over `pytest -m gpu -k sanitize` and benchmarks/sanitize_smoke.py
 #   full-bench  gpu-full profile, model by model; rerun the same command to continue (--resume)
 # Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 290; the default run shares 540 s in all).
@@ -206,10 +207,14 @@ for stage in "${STAGES[@]}"; do
             ;;
         profile)
             if [[ $DRY == 1 ]]; then
-                run_stage profile "$limit" "$PY" benchmarks/profile_step.py --model resnet18 --batch 2 --size 32 \
-                    --steps 2 --mode inference
+                run_stage profile "$limit" bash -c '
+                    "$0" benchmarks/profile_step.py --model resnet18 --batch 2 --size 32 --steps 2 --mode inference \
+                        || exit 1
+                    "$0" benchmarks/bn_passes_bench.py --model resnet18 --batch 2 --size 32 --rounds 1
+                ' "$PY"
             else
                 run_stage profile "$limit" bash -c '
+                    "$0" benchmarks/bn_passes_bench.py --bf16 || exit 1
                     "$0" benchmarks/profile_step.py --bf16 --mode inference || exit 1
                     "$0" benchmarks/profile_step.py --bf16 --mode train
                 ' "$PY"

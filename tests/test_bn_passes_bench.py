@@ -1,0 +1,31 @@
+"""benchmarks/bn_passes_bench.py on the CPU: every BN layer shape of the model is timed for every contender, and
+the per-step totals add the layers up (on a GPU the same script measures the passes' memory bandwidth)."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bn_passes_bench.py"
+_spec = importlib.util.spec_from_file_location("bn_passes_bench", _PATH)
+bn_passes_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bn_passes_bench)
+
+
+def test_finds_every_bn_layer_shape():
+    import torchvision
+
+    shapes = bn_passes_bench.bn_input_shapes(torchvision.models.resnet18(), batch=4, size=64)
+    assert sum(shapes.values()) == 20  # resnet18: bn1, 16 in the blocks, 3 downsample BNs
+    assert shapes[(4, 64, 32, 32)] == 1 and shapes[(4, 64, 16, 16)] == 4
+    assert all(shape[0] == 4 for shape in shapes)
+
+
+def test_reports_each_pass_per_shape_and_per_step(capsys, one_thread):
+    args = ["--device", "cpu", "--model", "resnet18", "--batch", "2", "--size", "32", "--rounds", "1"]
+    assert bn_passes_bench.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shape_rows = [line for line in lines if line.strip().startswith("(2, ")]
+    assert len(shape_rows) == 5  # resnet18 at 32x32: one shape per stage, plus the stem BN's
+    assert all(len(re.findall(r"\d+\.\d+ ms", row)) == len(bn_passes_bench.TENSOR_PASSES) for row in shape_rows)
+    per_step = {line.split()[0]: float(line.split()[1]) for line in lines if re.match(r"^  \w+ +\d+\.\d+ ms ", line)}
+    assert set(per_step) == set(bn_passes_bench.TENSOR_PASSES) and all(ms > 0 for ms in per_step.values())
