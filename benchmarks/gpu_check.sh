@@ -17,7 +17,8 @@
 #               fused vs stock channels_last
 #   profile     benchmarks/bn_passes_bench.py: each training pass over ResNet-50's BN layers (batch 256 bf16), ms per
 #               step and GB/s, beside ATen's batch norm; then benchmarks/profile_step.py: wall vs kernel time per step
-#               (host-bound or not) and the top kernels, inference and train, stock channels_last vs each fused backend
+#               (host-bound or not), kernel time by kind and the top kernels, inference and train, stock channels_last
+#               vs each fused backend (train: and vs torch.compile)
 #   sanitize    compute-sanitizer memcheck over `pytest -m gpu -k sanitize` and benchmarks/sanitize_smoke.py
 #   full-bench  gpu-full profile, model by model; rerun the same command to continue (--resume)
 # Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 290; the default run shares 540 s in all).
@@ -216,7 +217,7 @@ for stage in "${STAGES[@]}"; do
                 run_stage profile "$limit" bash -c '
                     "$0" benchmarks/bn_passes_bench.py --bf16 || exit 1
                     "$0" benchmarks/profile_step.py --bf16 --mode inference || exit 1
-                    "$0" benchmarks/profile_step.py --bf16 --mode train
+                    "$0" benchmarks/profile_step.py --bf16 --mode train --compile
                 ' "$PY"
             fi
             ;;

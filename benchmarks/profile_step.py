@@ -2,9 +2,11 @@
 
 A step whose wall time is well above its kernel time is host-bound: the GPU waits for Python to launch work.
 For each contender it prints wall ms/step, kernel ms/step (torch.profiler, the sum of every kernel's device
-time), kernel launches per step, and the kernels that take the most time.
+time), kernel launches per step, that time by kind of kernel (told apart by name: convolutions and GEMMs, this
+package's own kernels, Triton's, ATen's elementwise and reduction kernels, the rest), and the kernels that take the
+most time. --compile adds torch.compile'd stock (default mode), whose step the fused one is measured against.
 
-    python benchmarks/profile_step.py --device cuda --bf16 --model resnet50 --batch 256 --mode train
+    python benchmarks/profile_step.py --device cuda --bf16 --model resnet50 --batch 256 --mode train --compile
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ import fused_resnet
 from fused_resnet.bench.contenders import engine_scope, hopper_engine_runs, other_cuda_engines
 
 
-def _contenders(model: nn.Module, device: torch.device, backends: list[str]) -> dict[str, tuple[nn.Module, str | None]]:
+def _contenders(
+    model: nn.Module, device: torch.device, backends: list[str], compiled: bool = False
+) -> dict[str, tuple[nn.Module, str | None]]:
     """{name: (network, the cuda backend's engine or None)}; a backend may be named "cuda+cutlass" (that engine)."""
     stock = model.to(device, memory_format=torch.channels_last)
     out: dict[str, tuple[nn.Module, str | None]] = {"stock_cl": (stock, None)}
+    if compiled:
+        out["compile"] = (torch.compile(stock), None)
     for name in backends:
         backend, _, engine = name.partition("+")
         out[f"fused:{name}"] = (fused_resnet.fuse(stock, backend=backend), engine or None)
@@ -57,6 +63,25 @@ def _device_us(event: object) -> float:
     return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
 
 
+# Kinds of kernels, by name: the first kind with a pattern that a kernel's name contains decides. Inductor's
+# pointwise and reduction kernels come first, since their names carry the ops they fused ("..._convolution_...").
+KERNEL_KINDS = (
+    ("inductor", ("triton_poi", "triton_per", "triton_red")),
+    ("conv/gemm", ("conv", "cudnn", "xmma", "gemm", "cutlass", "wgrad", "dgrad", "fprop", "sm90_", "triton_tem")),
+    ("fused_resnet", ("fused_resnet",)),
+    ("aten", ("at::native",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind (KERNEL_KINDS) of a kernel by its name; "other" where no pattern matches."""
+    lowered = name.lower()
+    for kind, patterns in KERNEL_KINDS:
+        if any(p.lower() in lowered for p in patterns):
+            return kind
+    return "other"
+
+
 def measure(step: Callable[[], None], device: torch.device, steps: int) -> dict:
     """Wall ms per step, kernel ms per step, launches per step and the top kernels of `steps` profiled steps."""
     for _ in range(2):
@@ -76,13 +101,19 @@ def measure(step: Callable[[], None], device: torch.device, steps: int) -> dict:
     if device.type != "cuda":  # no kernels: the ops that take the most CPU time themselves
         top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
         rows = [(e.key[:70], e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in top]
-        return {"wall_ms": wall_ms, "kernel_ms": None, "launches": None, "top": rows}
+        return {"wall_ms": wall_ms, "kernel_ms": None, "launches": None, "kinds": {}, "top": rows}
     kernels = [e for e in events if _device_us(e) > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
     top = sorted(kernels, key=_device_us, reverse=True)[:8]
+    kinds: dict[str, list[float]] = {}
+    for e in kernels:
+        ms_count = kinds.setdefault(kernel_kind(e.key), [0.0, 0.0])
+        ms_count[0] += _device_us(e) / 1e3 / steps
+        ms_count[1] += e.count / steps
     return {
         "wall_ms": wall_ms,
         "kernel_ms": sum(_device_us(e) for e in kernels) / 1e3 / steps,
         "launches": sum(e.count for e in kernels) / steps,
+        "kinds": kinds,
         "top": [(e.key[:70], _device_us(e) / 1e3 / steps, e.count // steps) for e in top],
     }
 
@@ -101,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "(default: those of the device)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd stock (default mode)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     train = args.mode == "train"
@@ -118,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model} {args.mode} batch {args.batch} {args.size}x{args.size} on {device}"
         f"{' bf16' if args.bf16 else ''}: per step, {args.steps} steps"
     )
-    for name, (net, engine) in _contenders(model, device, backends).items():
+    for name, (net, engine) in _contenders(model, device, backends, args.compile).items():
         try:
             r = measure(_step(net.train(train), x, train, autocast, engine), device, args.steps)
         except Exception as err:  # one failing contender is reported, the others still run
@@ -126,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         kernel = "" if r["kernel_ms"] is None else f"  kernels {r['kernel_ms']:8.2f} ms in {r['launches']:.0f} launches"
         print(f"  {name:14s} wall {r['wall_ms']:8.2f} ms{kernel}")
+        for kind, (ms, count) in sorted(r["kinds"].items(), key=lambda item: -item[1][0]):
+            print(f"      {ms:7.3f} ms  x{count:<4.0f} [{kind}]")
         for key, ms, count in r["top"]:
             print(f"      {ms:7.3f} ms  x{count:<4d} {key}")
     return 0

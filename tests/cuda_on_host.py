@@ -24,14 +24,12 @@ from fused_resnet.training.passes import Passes
 from fused_resnet.training.stats import BatchStats, accumulation_dtype
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = [
-    REPO / "tests/cuda_host/bn_passes.cpp",
-    REPO / "tests/cuda_host/emulator.h",
-    REPO / "csrc/cuda/bn_train.cu",
-    REPO / "csrc/cuda/elem.cuh",
-    REPO / "csrc/cuda/kernel_launch.cuh",
-    REPO / "csrc/cuda/launch.h",
-]
+_COMMON = ["tests/cuda_host/emulator.h", "csrc/cuda/elem.cuh", "csrc/cuda/kernel_launch.cuh", "csrc/cuda/launch.h"]
+# Each harness: its C++ file (which includes the kernel file) first, then every file it depends on.
+HARNESSES = {
+    "bn_passes": ["tests/cuda_host/bn_passes.cpp", "csrc/cuda/bn_train.cu", *_COMMON],
+    "im2col": ["tests/cuda_host/im2col.cpp", "csrc/cuda/im2col.cu", *_COMMON],
+}
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # launch.h's DType
 _STATS, _NORMALIZE, _GRAD_SUMS, _GRAD_INPUT = range(4)
 
@@ -60,36 +58,39 @@ def unavailable() -> str | None:
     return None
 
 
-def _build() -> ctypes.CDLL:
+def _build(name: str) -> ctypes.CDLL:
     include = _cuda_include()
     assert include is not None, unavailable()
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
-    lib = Path(tempfile.gettempdir()) / f"fused_resnet_host_cuda_{digest}.so"
+    sources = [REPO / path for path in HARNESSES[name]]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    lib = Path(tempfile.gettempdir()) / f"fused_resnet_host_cuda_{name}_{digest}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas"]
-        cmd += ["-DFUSED_RESNET_HOST_EMULATION", f"-I{REPO / 'csrc'}", f"-I{include}", str(SOURCES[0]), "-o", str(tmp)]
+        cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas"]
+        cmd += ["-DFUSED_RESNET_HOST_EMULATION", f"-I{REPO / 'csrc'}", f"-I{include}", str(sources[0]), "-o", str(tmp)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"building the host emulation failed:\n{result.stderr[-4000:]}")
         os.replace(tmp, lib)  # atomic: parallel test workers may build it at the same time
-    harness = ctypes.CDLL(str(lib))
-    harness.fr_bn_pass.argtypes = [ctypes.c_int, ctypes.POINTER(_BnPassParams)]
-    harness.fr_bn_workspace_elements.argtypes = [ctypes.c_longlong, ctypes.c_longlong]
-    harness.fr_bn_workspace_elements.restype = ctypes.c_longlong
-    assert harness.fr_bn_params_size() == ctypes.sizeof(_BnPassParams), "BnPassParams changed: update _BnPassParams"
-    return harness
+    return ctypes.CDLL(str(lib))
 
 
-_HARNESS: ctypes.CDLL | None = None
+_HARNESSES: dict[str, ctypes.CDLL] = {}
 
 
-def _harness() -> ctypes.CDLL:
-    """The compiled harness (built on first use, cached by the sources' hash across runs)."""
-    global _HARNESS
-    if _HARNESS is None:
-        _HARNESS = _build()
-    return _HARNESS
+def _harness(name: str) -> ctypes.CDLL:
+    """The compiled harness (built on first use, cached by its sources' hash across runs)."""
+    if name not in _HARNESSES:
+        harness = _build(name)
+        if name == "bn_passes":
+            harness.fr_bn_pass.argtypes = [ctypes.c_int, ctypes.POINTER(_BnPassParams)]
+            harness.fr_bn_workspace_elements.argtypes = [ctypes.c_longlong, ctypes.c_longlong]
+            harness.fr_bn_workspace_elements.restype = ctypes.c_longlong
+            assert harness.fr_bn_params_size() == ctypes.sizeof(_BnPassParams), "update _BnPassParams"
+        else:
+            harness.fr_im2col.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 16 + [ctypes.c_void_p, ctypes.c_int]
+        _HARNESSES[name] = harness
+    return _HARNESSES[name]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -110,7 +111,7 @@ def _per_channel(y: torch.Tensor) -> torch.Tensor:
 
 
 def _run(which: int, y: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    harness = _harness()
+    harness = _harness("bn_passes")
     channels = y.shape[1]
     rows = y.numel() // channels if channels else 0
     p = _BnPassParams(dtype=_DTYPES[y.dtype], y=y.data_ptr(), rows=rows, channels=channels)
@@ -182,3 +183,30 @@ def _unsupported(device_type: str, dtype: torch.dtype) -> str | None:
 
 
 HOST_CUDA_PASSES = Passes(stats, normalize, grad_sums, grad_input, _unsupported)
+
+
+def im2col_rows(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    depth: int,
+    n0: int = 0,
+    images: int | None = None,
+) -> torch.Tensor:
+    """csrc/cuda/im2col.cu's rows [images·OH·OW, depth] for images [n0, n0 + images) of a 16-bit channels_last x."""
+    n, c, h, w = x.shape
+    images = n - n0 if images is None else images
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    oh, ow = (
+        (size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in ((h, kh, sh, ph, dh), (w, kw, sw, pw, dw))
+    )
+    x = x.contiguous(memory_format=torch.channels_last)
+    rows = torch.full((images * oh * ow, depth), float("nan"), dtype=x.dtype)  # NaN: a value never written shows
+    err = _harness("im2col").fr_im2col(
+        x.data_ptr(), n, h, w, c, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw, n0, images, rows.data_ptr(), depth
+    )
+    if err != 0:
+        raise RuntimeError(f"emulated launch failed: cudaError_t {err}")
+    return rows

@@ -19,6 +19,8 @@ import sys
 
 import pytest
 import torch
+from cuda_on_host import im2col_rows
+from cuda_on_host import unavailable as host_cuda_unavailable
 from test_cpp_ops import CONV_KINDS, GPU_BATCH, HAS_CUDA, RESNET_SHAPES, _check_cuda, _cuda_case, _make, _shape_id
 
 from fused_resnet.check import check_model
@@ -365,6 +367,34 @@ IM2COL_KINDS = {
     "3x3s2d2-c5o24": (5, 24, 3, 2, 2, 2, 1),
     "5x5s1-c7o136": (7, 136, 5, 1, 0, 1, 1),
 }
+
+
+@pytest.mark.skipif(host_cuda_unavailable() is not None, reason="no CUDA headers for the host emulation")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", IM2COL_KINDS.values(), ids=IM2COL_KINDS.keys())
+def test_im2col_rows_on_host(kind, dtype):
+    # csrc/cuda/im2col.cu run on CPU tensors (tests/cuda_on_host.py; its grid limit shrunk, so the grid-stride
+    # loop goes round several times): the rows of images 1 and 2 of 3 are their unfolded windows in (kh, kw, c)
+    # order, bit for bit, zero past KH*KW*C; and the GEMM over them with the filter laid out as ops_cuda.cpp lays
+    # it out (run_im2col_on_sm90) is the convolution.
+    cin, cout, k, stride, pad, dil, _ = kind
+    x = torch.randn(3, cin, 13, 11).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[1, 0, 0, 0] = -0.0  # a bit copy keeps the sign of zero
+    taps = k * k * cin
+    depth = (taps + 7) // 8 * 8
+    rows = im2col_rows(x, (k, k), (stride, stride), (pad, pad), (dil, dil), depth, n0=1, images=2)
+    cols = torch.nn.functional.unfold(x[1:3].double(), k, dilation=dil, padding=pad, stride=stride)
+    windows = cols.shape[-1]
+    expected = torch.zeros(2 * windows, depth, dtype=torch.float64)
+    expected[:, :taps] = cols.view(2, cin, k, k, windows).permute(0, 4, 2, 3, 1).reshape(2 * windows, taps)
+    assert torch.equal(rows.view(torch.int16), expected.to(dtype).view(torch.int16))
+
+    weight = torch.randn(cout, cin, k, k, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight_rows = torch.zeros(cout, depth, dtype=torch.float64)
+    weight_rows[:, :taps] = weight.permute(0, 2, 3, 1).reshape(cout, taps)
+    conv = torch.nn.functional.conv2d(x[1:3].double(), weight, stride=stride, padding=pad, dilation=dil)
+    gemm = (rows.double() @ weight_rows.T).view(2, conv.shape[2], conv.shape[3], cout).permute(0, 3, 1, 2)
+    torch.testing.assert_close(gemm, conv, rtol=1e-12, atol=1e-12)
 
 
 @gpu

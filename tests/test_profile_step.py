@@ -29,3 +29,15 @@ def test_a_backend_name_may_carry_the_cuda_engine():
     net, engine = nets["fused:reference+mma"]
     fused_units = [m for m in net.modules() if hasattr(m, "backend")]
     assert engine == "mma" and fused_units and all(m.backend == "reference" for m in fused_units)
+
+
+def test_kernels_are_told_apart_by_name():
+    kind = profile_step.kernel_kind
+    assert kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64") == "conv/gemm"
+    assert kind("void cutlass::device_kernel<fused_resnet::cuda::(anonymous namespace)::ConvKernel>") == "conv/gemm"
+    assert kind("void fused_resnet::cuda::(anonymous namespace)::conv_bias_act_kernel<Cfg>") == "conv/gemm"
+    assert kind("void fused_resnet::cuda::(anonymous namespace)::normalize_vec_kernel<__nv_bfloat16>") == "fused_resnet"
+    assert kind("triton_poi_fused_convolution_backward_relu_threshold_backward_12") == "inductor"
+    assert kind("triton_red_fused__native_batch_norm_legit_functional_3") == "inductor"
+    assert kind("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<float>>") == "aten"
+    assert kind("Memset (Device)") == "other"

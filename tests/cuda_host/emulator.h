@@ -14,6 +14,7 @@
 
 #include <cuda_runtime_api.h>
 #include <ucontext.h>
+#include <vector_functions.h>
 
 #include <cmath>
 #include <functional>
