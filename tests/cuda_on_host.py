@@ -10,11 +10,14 @@ merge order to them. What only a GPU shows (code generation, speed, real concurr
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -62,35 +65,66 @@ def _build(name: str) -> ctypes.CDLL:
     include = _cuda_include()
     assert include is not None, unavailable()
     sources = [REPO / path for path in HARNESSES[name]]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas"]
+    cmd += ["-DFUSED_RESNET_HOST_EMULATION", f"-I{REPO / 'csrc'}", f"-I{include}", str(sources[0])]
+    digest = hashlib.sha256(" ".join(cmd).encode() + b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     lib = Path(tempfile.gettempdir()) / f"fused_resnet_host_cuda_{name}_{digest}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas"]
-        cmd += ["-DFUSED_RESNET_HOST_EMULATION", f"-I{REPO / 'csrc'}", f"-I{include}", str(sources[0]), "-o", str(tmp)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"building the host emulation failed:\n{result.stderr[-4000:]}")
         os.replace(tmp, lib)  # atomic: parallel test workers may build it at the same time
     return ctypes.CDLL(str(lib))
 
 
+def _check_layout(harness: ctypes.CDLL) -> None:
+    """_BnPassParams must be launch.h's BnPassParams: the same size and every field at the same offset."""
+    names = [name for name, _ in _BnPassParams._fields_]
+    layout = (ctypes.c_longlong * (1 + len(names)))()
+    harness.fr_bn_params_layout(layout)
+    mirror = [ctypes.sizeof(_BnPassParams)] + [getattr(_BnPassParams, name).offset for name in names]
+    assert list(layout) == mirror, f"BnPassParams changed: C++ {list(layout)} vs ctypes {mirror}"
+
+
 _HARNESSES: dict[str, ctypes.CDLL] = {}
 
 
 def _harness(name: str) -> ctypes.CDLL:
-    """The compiled harness (built on first use, cached by its sources' hash across runs)."""
+    """The compiled harness (built on first use, cached by its sources' and command's hash across runs), set to
+    run threads in the order of the innermost `thread_order`."""
     if name not in _HARNESSES:
         harness = _build(name)
+        harness.fr_set_thread_order.argtypes = [ctypes.c_int]
         if name == "bn_passes":
             harness.fr_bn_pass.argtypes = [ctypes.c_int, ctypes.POINTER(_BnPassParams)]
             harness.fr_bn_workspace_elements.argtypes = [ctypes.c_longlong, ctypes.c_longlong]
             harness.fr_bn_workspace_elements.restype = ctypes.c_longlong
-            assert harness.fr_bn_params_size() == ctypes.sizeof(_BnPassParams), "update _BnPassParams"
+            _check_layout(harness)
         else:
             harness.fr_im2col.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 16 + [ctypes.c_void_p, ctypes.c_int]
         _HARNESSES[name] = harness
-    return _HARNESSES[name]
+    harness = _HARNESSES[name]
+    harness.fr_set_thread_order(THREAD_ORDERS.index(_order))
+    return harness
+
+
+# The order in which the emulation runs a block's threads in each phase (emulator.h): a missing barrier shows in
+# some order, so the tests run each kernel in every one.
+THREAD_ORDERS = ("forward", "reverse", "shuffled")
+_order = "forward"
+
+
+@contextlib.contextmanager
+def thread_order(order: str) -> Iterator[None]:
+    """Emulated launches inside run a block's threads in this order (THREAD_ORDERS)."""
+    global _order
+    assert order in THREAD_ORDERS, order
+    previous, _order = _order, order
+    try:
+        yield
+    finally:
+        _order = previous
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -182,7 +216,18 @@ def _unsupported(device_type: str, dtype: torch.dtype) -> str | None:
     return None if dtype in _DTYPES else f"dtype {dtype} is not supported"
 
 
-HOST_CUDA_PASSES = Passes(stats, normalize, grad_sums, grad_input, _unsupported)
+def _in_order(order: str, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def run(*args):
+        with thread_order(order):
+            return fn(*args)
+
+    return run
+
+
+def host_cuda_passes(order: str = "forward") -> Passes:
+    """The kernels as a training-pass implementation (passes.Passes) whose launches run threads in `order`."""
+    return Passes(*(_in_order(order, fn) for fn in (stats, normalize, grad_sums, grad_input)), _unsupported)
 
 
 def im2col_rows(

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from cuda_on_host import im2col_rows
+from cuda_on_host import THREAD_ORDERS, im2col_rows, thread_order
 from cuda_on_host import unavailable as host_cuda_unavailable
 from test_cpp_ops import CONV_KINDS, GPU_BATCH, HAS_CUDA, RESNET_SHAPES, _check_cuda, _cuda_case, _make, _shape_id
 
@@ -370,9 +370,10 @@ IM2COL_KINDS = {
 
 
 @pytest.mark.skipif(host_cuda_unavailable() is not None, reason="no CUDA headers for the host emulation")
+@pytest.mark.parametrize("order", THREAD_ORDERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", IM2COL_KINDS.values(), ids=IM2COL_KINDS.keys())
-def test_im2col_rows_on_host(kind, dtype):
+def test_im2col_rows_on_host(kind, dtype, order):
     # csrc/cuda/im2col.cu run on CPU tensors (tests/cuda_on_host.py; its grid limit shrunk, so the grid-stride
     # loop goes round several times): the rows of images 1 and 2 of 3 are their unfolded windows in (kh, kw, c)
     # order, bit for bit, zero past KH*KW*C; and the GEMM over them with the filter laid out as ops_cuda.cpp lays
@@ -382,7 +383,8 @@ def test_im2col_rows_on_host(kind, dtype):
     x[1, 0, 0, 0] = -0.0  # a bit copy keeps the sign of zero
     taps = k * k * cin
     depth = (taps + 7) // 8 * 8
-    rows = im2col_rows(x, (k, k), (stride, stride), (pad, pad), (dil, dil), depth, n0=1, images=2)
+    with thread_order(order):
+        rows = im2col_rows(x, (k, k), (stride, stride), (pad, pad), (dil, dil), depth, n0=1, images=2)
     cols = torch.nn.functional.unfold(x[1:3].double(), k, dilation=dil, padding=pad, stride=stride)
     windows = cols.shape[-1]
     expected = torch.zeros(2 * windows, depth, dtype=torch.float64)

@@ -14,7 +14,7 @@ import types
 
 import pytest
 import torch
-from cuda_on_host import HOST_CUDA_PASSES
+from cuda_on_host import THREAD_ORDERS, host_cuda_passes
 from cuda_on_host import unavailable as host_cuda_unavailable
 
 from fused_resnet import backends
@@ -29,17 +29,17 @@ def _impl(name: str, device: str) -> object:
     return pytest.param((passes.PASSES.get(name), device), marks=marks, id=f"{name}-{device}")
 
 
-def _host_cuda_impl() -> object:
+def _host_cuda_impl(order: str) -> object:
     reason = host_cuda_unavailable()
     marks = [pytest.mark.skip(reason=reason)] if reason else []
-    return pytest.param((HOST_CUDA_PASSES, "cpu"), marks=marks, id="cuda-kernels-on-host")
+    return pytest.param((host_cuda_passes(order), "cpu"), marks=marks, id=f"cuda-kernels-on-host-{order}")
 
 
 IMPLS = [
     _impl("torch", "cpu"),
     _impl("cpp", "cpu"),
     _impl("triton", "cpu"),
-    _host_cuda_impl(),
+    *(_host_cuda_impl(order) for order in THREAD_ORDERS),
     _impl("torch", "cuda"),
     _impl("cpp", "cuda"),
     _impl("triton", "cuda"),
@@ -177,16 +177,17 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
-# csrc/cuda/bn_train.cu's kernels: on the GPU through the extension, and on CPU tensors through the host emulation.
-CUDA_KERNELS = [
-    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
-    pytest.param("host", marks=[pytest.mark.skipif(host_cuda_unavailable() is not None, reason="no CUDA headers")]),
+# csrc/cuda/bn_train.cu's kernels: on the GPU through the extension, and on CPU tensors through the host emulation
+# in each order of a block's threads.
+_NO_HOST = pytest.mark.skipif(host_cuda_unavailable() is not None, reason="no CUDA headers for the host emulation")
+CUDA_KERNELS = [pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")] + [
+    pytest.param(f"host-{order}", marks=_NO_HOST, id=f"host-{order}") for order in THREAD_ORDERS
 ]
 
 
 def _cuda_kernels(where: str, dtype: torch.dtype) -> tuple[passes.Passes, str]:
-    if where == "host":
-        return HOST_CUDA_PASSES, "cpu"
+    if where.startswith("host-"):
+        return host_cuda_passes(where.removeprefix("host-")), "cpu"
     reason = passes._unsupported("cpp", "cuda", dtype)
     if reason is not None:
         pytest.skip(reason)
@@ -239,7 +240,10 @@ def test_cuda_vectorized_passes(where, dtype, channels):
         pytest.param("cuda", (2, 64, 512, 520), marks=pytest.mark.gpu, id="cuda"),
         # 4,160 pixels of 16 channels, emulated with smaller grid limits (bn_train.cu): 48 chunks of 87 rows, more
         # than the merge lanes, and elementwise grid-stride loops that go round 16 times.
-        pytest.param("host", (2, 16, 40, 52), marks=CUDA_KERNELS[1].marks, id="host"),
+        *(
+            pytest.param(f"host-{order}", (2, 16, 40, 52), marks=_NO_HOST, id=f"host-{order}")
+            for order in THREAD_ORDERS
+        ),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -9,14 +9,15 @@
 
 namespace fused_resnet::cuda {
 
-// kernel<<<grid, block, 0, stream>>>(args...); returns the launch error, if any.
+// kernel<<<grid, block, 0, stream>>>(args...); returns the launch error, if any. Brace-initialised parameters:
+// like <<<>>>, no void* to T* and no narrowing conversions.
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
 #if defined(FUSED_RESNET_HOST_EMULATION)
   (void)stream;
-  return emulated_launch(kernel, grid, block, static_cast<Params>(args)...);
+  return emulated_launch(kernel, grid, block, Params{args}...);
 #else
-  kernel<<<grid, block, 0, stream>>>(static_cast<Params>(args)...);
+  kernel<<<grid, block, 0, stream>>>(Params{args}...);
   return cudaGetLastError();
 #endif
 }

@@ -46,7 +46,7 @@ std::atomic<long long> sm90_route_launches[kRoutes] = {};
 std::atomic<bool> sm90_enabled{false};
 std::atomic<bool> sm90_next_on{false};
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+[[maybe_unused]] bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }  // CUTLASS builds
 
 // A 1x1, stride-1, unpadded conv is a plain GEMM over the NHWC pixels (conv_sm90_gemm.cuh says why it has its own
 // kernel).

@@ -1,13 +1,23 @@
 // csrc/cuda/bn_train.cu's kernels and launchers, run on the CPU by the host emulation (emulator.h), behind a C
-// entry point for ctypes (tests/test_cuda_bn_passes_on_host.py).
+// entry point for ctypes (tests/cuda_on_host.py).
 #include "emulator.h"
+
+#include <cstddef>
 
 #include "cuda/bn_train.cu"
 
 extern "C" {
 
-// For the ctypes mirror of the struct to check its layout against.
-long long fr_bn_params_size() { return sizeof(fused_resnet::cuda::BnPassParams); }
+// For the ctypes mirror of the struct to check its layout against: its size, then each field's offset in order.
+void fr_bn_params_layout(long long* out) {
+  using P = fused_resnet::cuda::BnPassParams;
+  const long long layout[] = {
+      sizeof(P),          offsetof(P, dtype), offsetof(P, y),    offsetof(P, g),     offsetof(P, residual),
+      offsetof(P, scale), offsetof(P, shift), offsetof(P, mean), offsetof(P, a),     offsetof(P, b),
+      offsetof(P, c),     offsetof(P, out),   offsetof(P, sum0), offsetof(P, sum1),  offsetof(P, workspace),
+      offsetof(P, rows),  offsetof(P, channels), offsetof(P, relu)};
+  for (size_t i = 0; i < sizeof(layout) / sizeof(layout[0]); ++i) out[i] = layout[i];
+}
 
 long long fr_bn_workspace_elements(long long rows, long long channels) {
   return fused_resnet::cuda::bn_workspace_elements(rows, channels);
