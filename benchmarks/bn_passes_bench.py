@@ -9,7 +9,9 @@ For each BN layer of the model (found by hooks on a stock forward) it times, in 
 channels_last: the statistics (reads y once), the normalize + ReLU (reads y, writes the output), the backward sums
 with the ReLU mask (reads g and y) and the input gradient (reads g and y, writes dy); and stock's training-mode
 batch norm forward (statistics + normalize) and backward. GPU time alone (the launches hidden), L2 flushed before
-each sample, medians of interleaved rounds. Per step = the sum over the model's layers.
+each sample, medians of interleaved rounds. Per step = the sum over the model's layers. With the extension's CUDA
+kernels in 16 bits it also times normalize, grad_sums and grad_input at 2 and 4 rows per thread ("normalize@2"),
+the setting (launch.h: set_bn_rows_per_thread) that trades registers for bytes in flight.
 
     python benchmarks/bn_passes_bench.py --model resnet50 --batch 256 --bf16
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -37,6 +40,12 @@ TENSOR_PASSES = {
     "aten_bn_forward": 3,
     "aten_bn_backward": 5,
 }
+# The passes whose 16-byte CUDA kernels take a rows-per-thread setting (--rows-per-thread sweeps them).
+SWEPT = ("normalize", "grad_sums", "grad_input")
+
+
+def _tensor_passes(name: str) -> int:
+    return TENSOR_PASSES[name.partition("@")[0]]
 
 
 def bn_input_shapes(model: nn.Module, batch: int, size: int) -> Counter:
@@ -54,7 +63,21 @@ def bn_input_shapes(model: nn.Module, batch: int, size: int) -> Counter:
     return shapes
 
 
-def _contenders(shape: tuple, dtype: torch.dtype, device: torch.device, impl: str) -> dict:
+def _at_rows_per_thread(fn: Callable[[], object], rows: int) -> Callable[[], object]:
+    """fn with the extension's CUDA training kernels at `rows` rows per thread (launch.h: set_bn_rows_per_thread)."""
+    from fused_resnet.ops.cpp_backend import _C
+
+    def run() -> object:
+        _C.set_bn_rows_per_thread(rows)
+        try:
+            return fn()
+        finally:
+            _C.set_bn_rows_per_thread(1)
+
+    return run
+
+
+def _contenders(shape: tuple, dtype: torch.dtype, device: torch.device, impl: str, sweep: list[int]) -> dict:
     run = passes.PASSES[impl]
     c = shape[1]
 
@@ -71,7 +94,7 @@ def _contenders(shape: tuple, dtype: torch.dtype, device: torch.device, impl: st
         y, weight, bias, running_mean.clone(), running_var.clone(), True, 0.1, 1e-5
     )
 
-    return {
+    fns = {
         "stats": lambda: run.stats(y),
         "normalize": lambda: run.normalize(y, scale, shift, None, True),
         "grad_sums": lambda: run.grad_sums(g, y, scale, shift, None, mean, True, False),
@@ -83,6 +106,9 @@ def _contenders(shape: tuple, dtype: torch.dtype, device: torch.device, impl: st
             g, y, weight, running_mean, running_var, save_mean, save_invstd, True, 1e-5, [True, True, True]
         ),
     }
+    for rows in sweep:  # the same passes at other rows per thread: "normalize@2", ...
+        fns.update({f"{name}@{rows}": _at_rows_per_thread(fns[name], rows) for name in SWEPT})
+    return fns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,12 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 tensors (else fp32)")
     parser.add_argument("--passes", default="cpp", choices=sorted(passes.PASSES), help="the implementation timed")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--rows-per-thread", type=int, nargs="*", default=None, choices=(2, 4),
+        help="also time the swept passes at these rows per thread (--passes cpp on CUDA, 16-bit; default: 2 4 there)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     reason = passes.PASSES[args.passes].unsupported(device.type, dtype)
     if reason is not None:
         parser.error(f"--passes {args.passes}: {reason}")
+    sweepable = args.passes == "cpp" and device.type == "cuda" and dtype.itemsize == 2
+    sweep = (args.rows_per_thread if args.rows_per_thread is not None else [2, 4]) if sweepable else []
     shapes = bn_input_shapes(getattr(torchvision.models, args.model)(), args.batch, args.size)
     print(
         f"{args.model} batch {args.batch} {args.size}x{args.size}, {dtype} channels_last on {device}: "
@@ -108,23 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     totals_ms: Counter = Counter()
     bytes_per_step: Counter = Counter()
     flush = l2_flusher(device)
-    print(f"  {'shape (N, C, H, W)':24s} {'layers':>6s}  " + "  ".join(f"{k:>16s}" for k in TENSOR_PASSES))
+    names = list(TENSOR_PASSES) + [f"{name}@{rows}" for rows in sweep for name in SWEPT]
+    print(f"  {'shape (N, C, H, W)':24s} {'layers':>6s}  " + "  ".join(f"{k:>16s}" for k in names))
     for shape, count in sorted(shapes.items(), key=lambda item: -item[0][1] * item[0][2] * item[0][3]):
-        fns = _contenders(shape, dtype, device, args.passes)
+        fns = _contenders(shape, dtype, device, args.passes, sweep)
         for fn in fns.values():
             warm_up(fn, device, 0.0)
         timings = time_interleaved(fns, device, args.rounds, flush=flush, hide_launch=device.type == "cuda")
         tensor_bytes = torch.Size(shape).numel() * dtype.itemsize
         cells = []
-        for name, timing in timings.items():
-            ms = timing.median
-            moved = TENSOR_PASSES[name] * tensor_bytes
+        for name in names:
+            ms = timings[name].median
+            moved = _tensor_passes(name) * tensor_bytes
             totals_ms[name] += ms * count
             bytes_per_step[name] += moved * count
             cells.append(f"{ms:7.3f} ms {moved / ms / 1e6:5.0f}G")
         print(f"  {str(shape):24s} {count:6d}  " + "  ".join(f"{c:>16s}" for c in cells))
     print("  per step (all layers): ms, and GB/s over the bytes each pass must move")
-    for name in TENSOR_PASSES:
+    for name in names:
         ms = totals_ms[name]
         print(f"  {name:18s} {ms:9.3f} ms  {bytes_per_step[name] / ms / 1e6:8.0f} GB/s")
     ours = sum(totals_ms[k] for k in ("stats", "normalize", "grad_sums", "grad_input"))

@@ -16,9 +16,10 @@
 #   memory      benchmarks/train_memory.py: peak memory of a ResNet-50 train step (bf16 autocast, batch 256, 224x224),
 #               fused vs stock channels_last
 #   profile     benchmarks/bn_passes_bench.py: each training pass over ResNet-50's BN layers (batch 256 bf16), ms per
-#               step and GB/s, beside ATen's batch norm; then benchmarks/profile_step.py: wall vs kernel time per step
-#               (host-bound or not), kernel time by kind and the top kernels, inference and train, stock channels_last
-#               vs each fused backend (train: and vs torch.compile)
+#               step and GB/s, beside ATen's batch norm (and 2 and 4 rows per thread in the 16-byte kernels); then
+#               benchmarks/profile_step.py: wall vs kernel time per step (host-bound or not), kernel time by kind and
+#               the top kernels, inference and train, stock channels_last vs each fused backend (train: and
+#               torch.compile)
 #   sanitize    compute-sanitizer memcheck over `pytest -m gpu -k sanitize` and benchmarks/sanitize_smoke.py
 #   full-bench  gpu-full profile, model by model; rerun the same command to continue (--resume)
 # Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 290; the default run shares 540 s in all).

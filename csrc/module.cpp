@@ -103,6 +103,24 @@ void set_sm90_next_enabled(bool enabled) {
 #endif
 }
 
+// The CUDA training passes' rows per thread (launch.h: set_bn_rows_per_thread); 1, 2 or 4.
+void set_bn_rows_per_thread(int rows) {
+  if (rows != 1 && rows != 2 && rows != 4) {
+    throw std::invalid_argument("rows per thread must be 1, 2 or 4, got " + std::to_string(rows));
+  }
+#ifdef FUSED_RESNET_WITH_CUDA
+  fused_resnet::cuda::set_bn_rows_per_thread(rows);
+#endif
+}
+
+int bn_rows_per_thread() {
+#ifdef FUSED_RESNET_WITH_CUDA
+  return fused_resnet::cuda::bn_rows_per_thread();
+#else
+  return 1;
+#endif
+}
+
 // Which sm90 kernel would take a call of these shapes (its host-side checks: no device needed): "conv",
 // "narrow-conv", "gemm", "im2col-gemm" (the GEMM over im2col rows), or "" where the engine declines it (or the
 // shapes make no conv). dtype is "float16" or
@@ -153,6 +171,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sm90_next_enabled", &sm90_next_enabled,
         "whether the sm90 engine uses its next kernels (1x1 convs as a GEMM, narrow tiles, im2col for small inputs)");
   m.def("set_sm90_next_enabled", &set_sm90_next_enabled, "use the sm90 engine's next kernels (or not)");
+  m.def("set_bn_rows_per_thread", &set_bn_rows_per_thread,
+        "rows a thread of the CUDA training passes' 16-byte kernels loads per round: 1 (default), 2 or 4");
+  m.def("bn_rows_per_thread", &bn_rows_per_thread, "what set_bn_rows_per_thread chose");
   m.def("sm90_engine_route", &sm90_engine_route,
         "which sm90 kernel would take a call of these shapes: 'conv', 'narrow-conv', 'gemm', 'im2col-gemm' or '' (declined)",
         pybind11::arg("dtype"), pybind11::arg("x_shape"), pybind11::arg("w_shape"), pybind11::arg("stride"),

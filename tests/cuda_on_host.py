@@ -106,6 +106,8 @@ def _harness(name: str) -> ctypes.CDLL:
         _HARNESSES[name] = harness
     harness = _HARNESSES[name]
     harness.fr_set_thread_order(THREAD_ORDERS.index(_order))
+    if name == "bn_passes":
+        harness.fr_set_bn_rows_per_thread(_rows_per_thread)
     return harness
 
 
@@ -113,6 +115,9 @@ def _harness(name: str) -> ctypes.CDLL:
 # some order, so the tests run each kernel in every one.
 THREAD_ORDERS = ("forward", "reverse", "shuffled")
 _order = "forward"
+# Rows per thread of the 16-byte training-pass kernels (launch.h: set_bn_rows_per_thread; 16-bit dtypes only).
+ROWS_PER_THREAD = (1, 2, 4)
+_rows_per_thread = 1
 
 
 @contextlib.contextmanager
@@ -216,18 +221,26 @@ def _unsupported(device_type: str, dtype: torch.dtype) -> str | None:
     return None if dtype in _DTYPES else f"dtype {dtype} is not supported"
 
 
-def _in_order(order: str, fn: Callable) -> Callable:
+def _configured(order: str, rows_per_thread: int, fn: Callable) -> Callable:
     @functools.wraps(fn)
     def run(*args):
-        with thread_order(order):
-            return fn(*args)
+        global _rows_per_thread
+        assert rows_per_thread in ROWS_PER_THREAD, rows_per_thread
+        previous, _rows_per_thread = _rows_per_thread, rows_per_thread
+        try:
+            with thread_order(order):
+                return fn(*args)
+        finally:
+            _rows_per_thread = previous
 
     return run
 
 
-def host_cuda_passes(order: str = "forward") -> Passes:
-    """The kernels as a training-pass implementation (passes.Passes) whose launches run threads in `order`."""
-    return Passes(*(_in_order(order, fn) for fn in (stats, normalize, grad_sums, grad_input)), _unsupported)
+def host_cuda_passes(order: str = "forward", rows_per_thread: int = 1) -> Passes:
+    """The kernels as a training-pass implementation (passes.Passes) whose launches run threads in `order`, with
+    `rows_per_thread` rows per round in the 16-byte kernels."""
+    fns = (stats, normalize, grad_sums, grad_input)
+    return Passes(*(_configured(order, rows_per_thread, fn) for fn in fns), _unsupported)
 
 
 def im2col_rows(

@@ -29,3 +29,20 @@ def test_reports_each_pass_per_shape_and_per_step(capsys, one_thread):
     assert all(len(re.findall(r"\d+\.\d+ ms", row)) == len(bn_passes_bench.TENSOR_PASSES) for row in shape_rows)
     per_step = {line.split()[0]: float(line.split()[1]) for line in lines if re.match(r"^  \w+ +\d+\.\d+ ms ", line)}
     assert set(per_step) == set(bn_passes_bench.TENSOR_PASSES) and all(ms > 0 for ms in per_step.values())
+
+
+def test_swept_contenders_set_and_restore_rows_per_thread():
+    import pytest
+    import torch
+
+    from fused_resnet.ops.cpp_backend import _C
+
+    fns = bn_passes_bench._contenders((2, 16, 4, 4), torch.bfloat16, torch.device("cpu"), "cpp", [2, 4])
+    swept = {f"{name}@{rows}" for rows in (2, 4) for name in bn_passes_bench.SWEPT}
+    assert set(fns) == set(bn_passes_bench.TENSOR_PASSES) | swept
+    for name in sorted(swept):
+        fns[name]()
+        assert _C.bn_rows_per_thread() == 1
+    for bad in (0, 3, 8):  # the kernels have 1, 2 and 4 only
+        with pytest.raises(ValueError, match="1, 2 or 4"):
+            _C.set_bn_rows_per_thread(bad)

@@ -14,7 +14,7 @@ import types
 
 import pytest
 import torch
-from cuda_on_host import THREAD_ORDERS, host_cuda_passes
+from cuda_on_host import ROWS_PER_THREAD, THREAD_ORDERS, host_cuda_passes
 from cuda_on_host import unavailable as host_cuda_unavailable
 
 from fused_resnet import backends
@@ -180,18 +180,43 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
 # csrc/cuda/bn_train.cu's kernels: on the GPU through the extension, and on CPU tensors through the host emulation
 # in each order of a block's threads.
 _NO_HOST = pytest.mark.skipif(host_cuda_unavailable() is not None, reason="no CUDA headers for the host emulation")
-CUDA_KERNELS = [pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")] + [
-    pytest.param(f"host-{order}", marks=_NO_HOST, id=f"host-{order}") for order in THREAD_ORDERS
-]
+# The 16-byte kernels' rows per thread (launch.h: set_bn_rows_per_thread) are swept here in forward order.
+CUDA_KERNELS = (
+    [pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
+    + [pytest.param(f"cuda-{rows}", marks=pytest.mark.gpu, id=f"cuda-rows{rows}") for rows in ROWS_PER_THREAD[1:]]
+    + [pytest.param(f"host-{order}", marks=_NO_HOST, id=f"host-{order}") for order in THREAD_ORDERS]
+    + [pytest.param(f"host-forward-{rows}", marks=_NO_HOST, id=f"host-rows{rows}") for rows in ROWS_PER_THREAD[1:]]
+)
 
 
 def _cuda_kernels(where: str, dtype: torch.dtype) -> tuple[passes.Passes, str]:
     if where.startswith("host-"):
-        return host_cuda_passes(where.removeprefix("host-")), "cpu"
+        order, _, rows = where.removeprefix("host-").partition("-")
+        return host_cuda_passes(order, int(rows or 1)), "cpu"
     reason = passes._unsupported("cpp", "cuda", dtype)
     if reason is not None:
         pytest.skip(reason)
-    return passes.PASSES["cpp"], "cuda"
+    _, _, rows = where.partition("-")
+    return _with_rows_per_thread(passes.PASSES["cpp"], int(rows or 1)), "cuda"
+
+
+def _with_rows_per_thread(run: passes.Passes, rows: int) -> passes.Passes:
+    """run's passes with the extension's CUDA kernels set to `rows` rows per thread for each call."""
+    from fused_resnet.ops.cpp_backend import _C
+
+    def configured(fn):
+        def call(*args):
+            previous = _C.bn_rows_per_thread()
+            _C.set_bn_rows_per_thread(rows)
+            try:
+                return fn(*args)
+            finally:
+                _C.set_bn_rows_per_thread(previous)
+
+        return call
+
+    return passes.Passes(*(configured(fn) for fn in (run.stats, run.normalize, run.grad_sums, run.grad_input)),
+                         run.unsupported)  # fmt: skip
 
 
 @pytest.mark.parametrize("where", CUDA_KERNELS)
@@ -238,11 +263,19 @@ def test_cuda_vectorized_passes(where, dtype, channels):
         # 2×512×520 pixels of 64 channels: the elementwise kernels' grid-stride loops go round more than once (over
         # 16384 blocks × 32 pixel lanes) and each statistics lane merges several batches into its running triple.
         pytest.param("cuda", (2, 64, 512, 520), marks=pytest.mark.gpu, id="cuda"),
+        *(
+            pytest.param(f"cuda-{rows}", (2, 64, 512, 520), marks=pytest.mark.gpu, id=f"cuda-rows{rows}")
+            for rows in ROWS_PER_THREAD[1:]
+        ),
         # 4,160 pixels of 16 channels, emulated with smaller grid limits (bn_train.cu): 48 chunks of 87 rows, more
         # than the merge lanes, and elementwise grid-stride loops that go round 16 times.
         *(
             pytest.param(f"host-{order}", (2, 16, 40, 52), marks=_NO_HOST, id=f"host-{order}")
             for order in THREAD_ORDERS
+        ),
+        *(
+            pytest.param(f"host-forward-{rows}", (2, 16, 40, 52), marks=_NO_HOST, id=f"host-rows{rows}")
+            for rows in ROWS_PER_THREAD[1:]
         ),
     ],
 )
@@ -267,6 +300,30 @@ def test_cuda_vectorized_passes_over_many_rows(where, shape, dtype, relu):
     dy = run.grad_input(g, y, scale, shift, r, a, b, c, relu)
     terms = (_ch(a) * g_masked).abs() + (_ch(b) * y.double()).abs() + _ch(c).abs()
     assert _within(dy, _ch(a) * g_masked + _ch(b) * y.double() + _ch(c), terms)
+
+
+@pytest.mark.parametrize(
+    "where, shape",
+    [
+        pytest.param("cuda", (2, 64, 512, 520), marks=pytest.mark.gpu, id="cuda"),
+        pytest.param("host-forward", (2, 16, 40, 52), marks=_NO_HOST, id="host"),
+    ],
+)
+@pytest.mark.parametrize("rows", ROWS_PER_THREAD[1:])
+def test_rows_per_thread_change_no_bit(where, shape, rows):
+    # More rows per thread only regroups the loads: every value gets the same arithmetic and each thread sums its
+    # rows in the same order, so every output, the sums included, is bit for bit the one-row kernels'. The shapes
+    # take the grid-stride loops round several times, with partial rounds (emulated: smaller grid limits).
+    (one, device), (more, _) = _cuda_kernels(where, torch.bfloat16), _cuda_kernels(f"{where}-{rows}", torch.bfloat16)
+    c = shape[1]
+    y, g, r = (_tensor(shape, torch.bfloat16, torch.channels_last, device) for _ in range(3))
+    scale, shift, mean, a, b, cc = (_vector(c, torch.bfloat16, device) for _ in range(6))
+    assert torch.equal(one.normalize(y, scale, shift, r, True), more.normalize(y, scale, shift, r, True))
+    sums = [run.grad_sums(g, y, scale, shift, r, mean, True, True) for run in (one, more)]
+    assert all(torch.equal(x, z) for x, z in zip(*sums, strict=True))
+    assert torch.equal(
+        one.grad_input(g, y, scale, shift, r, a, b, cc, True), more.grad_input(g, y, scale, shift, r, a, b, cc, True)
+    )
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -12,9 +12,11 @@
 // alone, never on the GPU or the timing.
 // Torch-free: compiled by nvcc alone (see launch.h).
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "cuda/elem.cuh"
@@ -256,7 +258,35 @@ __device__ __forceinline__ long long vec_first_channel(int width) {
   return (static_cast<long long>(blockIdx.y) * blockDim.x + threadIdx.x) * width;
 }
 
-template <typename T>
+// The 16-byte elementwise and backward-sum kernels take U rows per thread per round, all loaded before any is used:
+// U independent 16-byte loads per tensor in flight per thread. One (U = 1) left the H200 at 2.0-2.8 TB/s of its 4.8
+// (grad_input, normalize; benchmarks/results/2026-11-27_H200_run4), but more rows take more registers and so fewer
+// threads per SM (bf16 normalize, ptxas: 39 registers at U = 1, 72 at 2, 124 at 4): which wins is for a GPU to
+// say (benchmarks/bn_passes_bench.py times each U; set_bn_rows_per_thread chooses; 1 until measured).
+//
+// Grid-stride rounds over the rows of this thread's channel vector, U rows a round: load(u, i) for each row of the
+// round (u: its slot, i: the flat index of its first channel), then apply(u, i) for each.
+template <int U, typename Load, typename Apply>
+__device__ __forceinline__ void for_each_row_vec(long long rows, long long channels, long long c0, Load load,
+                                                 Apply apply) {
+  const long long lanes = blockDim.y;
+  const long long step = static_cast<long long>(gridDim.x) * lanes * U;
+  for (long long r0 = static_cast<long long>(blockIdx.x) * lanes * U + threadIdx.y; r0 < rows;
+       r0 += step) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long r = r0 + u * lanes;
+      if (r < rows) load(u, r * channels + c0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long r = r0 + u * lanes;
+      if (r < rows) apply(u, r * channels + c0);
+    }
+  }
+}
+
+template <typename T, int U>
 __global__ void normalize_vec_kernel(const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
                                      const AccOf<T>* __restrict__ shift, const T* __restrict__ residual,
                                      T* __restrict__ out, long long rows, long long channels, bool relu) {
@@ -268,24 +298,26 @@ __global__ void normalize_vec_kernel(const T* __restrict__ y, const AccOf<T>* __
   load_channels(s, scale, c0);
   load_channels(t, shift, c0);
   const bool has_residual = residual != nullptr;
-  const long long step = static_cast<long long>(gridDim.x) * blockDim.y;
-  for (long long r = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows; r += step) {
-    const long long i = r * channels + c0;
-    const Vec<T> yv = load_vec(y + i);
-    Vec<T> rv;
-    if (has_residual) rv = load_vec(residual + i);
-    Vec<T> o;
+  Vec<T> yv[U], rv[U];
+  for_each_row_vec<U>(
+      rows, channels, c0,
+      [&](int u, long long i) {
+        yv[u] = load_vec(y + i);
+        if (has_residual) rv[u] = load_vec(residual + i);
+      },
+      [&](int u, long long i) {
+        Vec<T> o;
 #pragma unroll
-    for (int j = 0; j < W; ++j) {
-      const Acc rj = has_residual ? AccMath<T>::load(rv.v[j]) : Acc(0);
-      const Acc z = pre_activation_of<T>(AccMath<T>::load(yv.v[j]), s[j], t[j], has_residual, rj);
-      o.v[j] = AccMath<T>::store(relu && z < Acc(0) ? Acc(0) : z);  // keeps NaN, as torch.relu does
-    }
-    store_vec(out + i, o);
-  }
+        for (int j = 0; j < W; ++j) {
+          const Acc rj = has_residual ? AccMath<T>::load(rv[u].v[j]) : Acc(0);
+          const Acc z = pre_activation_of<T>(AccMath<T>::load(yv[u].v[j]), s[j], t[j], has_residual, rj);
+          o.v[j] = AccMath<T>::store(relu && z < Acc(0) ? Acc(0) : z);  // keeps NaN, as torch.relu does
+        }
+        store_vec(out + i, o);
+      });
 }
 
-template <typename T>
+template <typename T, int U>
 __global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restrict__ y,
                                       const AccOf<T>* __restrict__ scale, const AccOf<T>* __restrict__ shift,
                                       const T* __restrict__ residual, const AccOf<T>* __restrict__ a,
@@ -302,23 +334,25 @@ __global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restri
   load_channels(bc, b, c0);
   load_channels(ccc, cc, c0);
   const bool has_residual = residual != nullptr;
-  const long long step = static_cast<long long>(gridDim.x) * blockDim.y;
-  for (long long r = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows; r += step) {
-    const long long i = r * channels + c0;
-    const Vec<T> gv = load_vec(g + i);
-    const Vec<T> yv = load_vec(y + i);
-    Vec<T> rv;
-    if (has_residual) rv = load_vec(residual + i);
-    Vec<T> o;
+  Vec<T> gv[U], yv[U], rv[U];
+  for_each_row_vec<U>(
+      rows, channels, c0,
+      [&](int u, long long i) {
+        gv[u] = load_vec(g + i);
+        yv[u] = load_vec(y + i);
+        if (has_residual) rv[u] = load_vec(residual + i);
+      },
+      [&](int u, long long i) {
+        Vec<T> o;
 #pragma unroll
-    for (int j = 0; j < W; ++j) {
-      const Acc yj = AccMath<T>::load(yv.v[j]);
-      const Acc rj = has_residual ? AccMath<T>::load(rv.v[j]) : Acc(0);
-      const Acc gm = masked_grad_of<T>(AccMath<T>::load(gv.v[j]), yj, s[j], t[j], has_residual, rj, relu);
-      o.v[j] = AccMath<T>::store(AccMath<T>::fma(ac[j], gm, AccMath<T>::fma(bc[j], yj, ccc[j])));
-    }
-    store_vec(dy + i, o);
-  }
+        for (int j = 0; j < W; ++j) {
+          const Acc yj = AccMath<T>::load(yv[u].v[j]);
+          const Acc rj = has_residual ? AccMath<T>::load(rv[u].v[j]) : Acc(0);
+          const Acc gm = masked_grad_of<T>(AccMath<T>::load(gv[u].v[j]), yj, s[j], t[j], has_residual, rj, relu);
+          o.v[j] = AccMath<T>::store(AccMath<T>::fma(ac[j], gm, AccMath<T>::fma(bc[j], yj, ccc[j])));
+        }
+        store_vec(dy + i, o);
+      });
 }
 
 // The reductions' twins: a thread owns a vector of channels and reduces its pixels of a chunk; the block's pixel
@@ -415,7 +449,8 @@ __global__ void stats_partials_vec(const T* __restrict__ y, long long rows, long
   }
 }
 
-template <typename T>
+// Backward sums: U rows loaded per round before any is used, as the elementwise kernels do.
+template <typename T, int U>
 __global__ void grad_sums_partials_vec(const T* __restrict__ g, const T* __restrict__ y,
                                        const AccOf<T>* __restrict__ scale, const AccOf<T>* __restrict__ shift,
                                        const T* __restrict__ residual, const AccOf<T>* __restrict__ mean, bool relu,
@@ -438,23 +473,34 @@ __global__ void grad_sums_partials_vec(const T* __restrict__ g, const T* __restr
     load_channels(t, shift, c0);
     load_channels(mu, mean, c0);
     const bool has_residual = residual != nullptr;
-    for (long long r = begin + threadIdx.y; r < end; r += blockDim.y) {
-      const long long i = r * channels + c0;
-      const Vec<T> gv = load_vec(g + i);
-      const Vec<T> yv = load_vec(y + i);
-      Vec<T> rv;
-      if (has_residual) rv = load_vec(residual + i);
-      Vec<T> o;
+    const long long lanes = blockDim.y;
+    for (long long r0 = begin + threadIdx.y; r0 < end; r0 += lanes * U) {
+      Vec<T> gv[U], yv[U], rv[U];
 #pragma unroll
-      for (int ch = 0; ch < W; ++ch) {
-        const Acc yj = AccMath<T>::load(yv.v[ch]);
-        const Acc rj = has_residual ? AccMath<T>::load(rv.v[ch]) : Acc(0);
-        const Acc gm = masked_grad_of<T>(AccMath<T>::load(gv.v[ch]), yj, s[ch], t[ch], has_residual, rj, relu);
-        o.v[ch] = AccMath<T>::store(gm);
-        sum_g[ch] += gm;
-        sum_gy[ch] += gm * (yj - mu[ch]);
+      for (int u = 0; u < U; ++u) {
+        const long long r = r0 + u * lanes;
+        if (r >= end) break;
+        const long long i = r * channels + c0;
+        gv[u] = load_vec(g + i);
+        yv[u] = load_vec(y + i);
+        if (has_residual) rv[u] = load_vec(residual + i);
       }
-      if (masked != nullptr) store_vec(masked + i, o);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const long long r = r0 + u * lanes;
+        if (r >= end) break;
+        Vec<T> o;
+#pragma unroll
+        for (int ch = 0; ch < W; ++ch) {
+          const Acc yj = AccMath<T>::load(yv[u].v[ch]);
+          const Acc rj = has_residual ? AccMath<T>::load(rv[u].v[ch]) : Acc(0);
+          const Acc gm = masked_grad_of<T>(AccMath<T>::load(gv[u].v[ch]), yj, s[ch], t[ch], has_residual, rj, relu);
+          o.v[ch] = AccMath<T>::store(gm);
+          sum_g[ch] += gm;
+          sum_gy[ch] += gm * (yj - mu[ch]);
+        }
+        if (masked != nullptr) store_vec(masked + r * channels + c0, o);
+      }
     }
   }
   const int lane = threadIdx.y * blockDim.x + threadIdx.x;
@@ -562,15 +608,39 @@ bool vectorizable(long long channels, std::initializer_list<const void*> tensors
 }
 
 // Threads over a pixel's channel vectors (all of them, up to 32) x pixels, kVecThreads per block; grid.x covers
-// the rows (elementwise: grid-stride) or is one block per chunk (rows_are_blocks: `rows` is the chunk count).
+// the rows, rows_per_thread each per round (elementwise: grid-stride), or is one block per chunk (rows_are_blocks:
+// `rows` is the chunk count).
 template <typename T>
-std::pair<dim3, dim3> vec_launch_shape(long long rows, long long channels, bool rows_are_blocks = false) {
+std::pair<dim3, dim3> vec_launch_shape(long long rows, long long channels, bool rows_are_blocks = false,
+                                       int rows_per_thread = 1) {
   const long long vectors = channels / Vec<T>::kWidth;
   const int x = static_cast<int>(std::min<long long>(vectors, 32));
   const int y = kVecThreads / x;
+  const long long rows_per_block = static_cast<long long>(y) * rows_per_thread;
   const long long blocks_x =
-      rows_are_blocks ? rows : std::min(kMaxElementwiseBlocks, std::max(1LL, (rows + y - 1) / y));
+      rows_are_blocks ? rows
+                      : std::min(kMaxElementwiseBlocks, std::max(1LL, (rows + rows_per_block - 1) / rows_per_block));
   return {dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>((vectors + x - 1) / x)), dim3(x, y)};
+}
+
+std::atomic<int> rows_per_thread{1};
+
+// f(std::integral_constant<int, U>) for the U that set_bn_rows_per_thread chose; U = 1 for fp32 and fp64, which
+// train under autocast in 16 bits and would only add instantiations (and build time) here.
+template <typename T, typename F>
+cudaError_t with_rows_per_thread(F&& f) {
+  if constexpr (sizeof(T) > 2) {
+    return f(std::integral_constant<int, 1>{});
+  } else {
+    switch (rows_per_thread.load(std::memory_order_relaxed)) {
+      case 2:
+        return f(std::integral_constant<int, 2>{});
+      case 4:
+        return f(std::integral_constant<int, 4>{});
+      default:
+        return f(std::integral_constant<int, 1>{});
+    }
+  }
 }
 
 template <typename T>
@@ -605,8 +675,11 @@ struct Normalize {
                                       static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual),
                                       static_cast<T*>(p.out), p.rows, p.channels, p.relu);
     if (vectorizable<T>(p.channels, {p.y, p.residual, p.out})) {
-      const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels);
-      return launch_with(normalize_vec_kernel<T>, grid, block, stream, args);
+      return with_rows_per_thread<T>([&](auto u) {
+        constexpr int kRows = decltype(u)::value;
+        const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels, false, kRows);
+        return launch_with(normalize_vec_kernel<T, kRows>, grid, block, stream, args);
+      });
     }
     return launch_with(normalize_kernel<T>, channel_grid(elementwise_blocks(p.rows), p.channels),
                        dim3(kLanesC, kLanesR), stream, args);
@@ -627,7 +700,9 @@ struct GradSums {
     cudaError_t err;
     if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out})) {
       const auto [grid, block] = vec_launch_shape<T>(chunks.count, p.channels, /*rows_are_blocks=*/true);
-      err = launch_with(grad_sums_partials_vec<T>, grid, block, stream, args);
+      err = with_rows_per_thread<T>([&](auto u) {
+        return launch_with(grad_sums_partials_vec<T, decltype(u)::value>, grid, block, stream, args);
+      });
     } else {
       err = launch_with(grad_sums_partials<T>, channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), stream,
                         args);
@@ -647,8 +722,11 @@ struct GradInput {
         static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.a),
         static_cast<const Acc*>(p.b), static_cast<const Acc*>(p.c), static_cast<T*>(p.out), p.rows, p.channels, p.relu);
     if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out})) {
-      const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels);
-      return launch_with(grad_input_vec_kernel<T>, grid, block, stream, args);
+      return with_rows_per_thread<T>([&](auto u) {
+        constexpr int kRows = decltype(u)::value;
+        const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels, false, kRows);
+        return launch_with(grad_input_vec_kernel<T, kRows>, grid, block, stream, args);
+      });
     }
     return launch_with(grad_input_kernel<T>, channel_grid(elementwise_blocks(p.rows), p.channels),
                        dim3(kLanesC, kLanesR), stream, args);
@@ -674,6 +752,14 @@ cudaError_t dispatch(const BnPassParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+bool set_bn_rows_per_thread(int rows) {
+  if (rows != 1 && rows != 2 && rows != 4) return false;
+  rows_per_thread.store(rows, std::memory_order_relaxed);
+  return true;
+}
+
+int bn_rows_per_thread() { return rows_per_thread.load(std::memory_order_relaxed); }
 
 int64_t bn_workspace_elements(int64_t rows, int64_t channels) {
   return rows == 0 ? 0 : 2 * chunks_for(rows).count * channels;

@@ -103,6 +103,11 @@ struct BnPassParams {
 };
 
 int64_t bn_workspace_elements(int64_t rows, int64_t channels);
+// Rows a thread of the 16-byte normalize, backward-sum and input-gradient kernels loads before using any: 1, 2 or 4
+// (false for others), process-wide, 1 unless set. More bytes in flight against more registers per thread: which
+// is faster is measured on a GPU by benchmarks/bn_passes_bench.py (bn_train.cu says more).
+bool set_bn_rows_per_thread(int rows);
+int bn_rows_per_thread();
 cudaError_t launch_bn_stats(const BnPassParams& p, cudaStream_t stream);
 cudaError_t launch_bn_normalize(const BnPassParams& p, cudaStream_t stream);
 cudaError_t launch_bn_grad_sums(const BnPassParams& p, cudaStream_t stream);

@@ -23,6 +23,8 @@ long long fr_bn_workspace_elements(long long rows, long long channels) {
   return fused_resnet::cuda::bn_workspace_elements(rows, channels);
 }
 
+void fr_set_bn_rows_per_thread(int rows) { fused_resnet::cuda::set_bn_rows_per_thread(rows); }
+
 // which: 0 stats, 1 normalize, 2 grad_sums, 3 grad_input. Returns the cudaError_t.
 int fr_bn_pass(int which, const fused_resnet::cuda::BnPassParams* p) {
   using namespace fused_resnet::cuda;
