@@ -643,6 +643,21 @@ cudaError_t with_rows_per_thread(F&& f) {
   }
 }
 
+// An elementwise pass: its 16-byte kernel (vec_kernel_at(integral_constant U): the one of U rows per thread) where
+// `vectorized`, else its scalar kernel, with the same arguments.
+template <typename T, typename VecKernelAt, typename Kernel, typename Args>
+cudaError_t launch_elementwise(const BnPassParams& p, bool vectorized, VecKernelAt vec_kernel_at, Kernel scalar,
+                               const Args& args, cudaStream_t stream) {
+  if (vectorized) {
+    return with_rows_per_thread<T>([&](auto u) {
+      const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels, false, decltype(u)::value);
+      return launch_with(vec_kernel_at(u), grid, block, stream, args);
+    });
+  }
+  return launch_with(scalar, channel_grid(elementwise_blocks(p.rows), p.channels), dim3(kLanesC, kLanesR), stream,
+                     args);
+}
+
 template <typename T>
 struct Stats {
   static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
@@ -674,15 +689,9 @@ struct Normalize {
     const auto args = std::make_tuple(static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
                                       static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual),
                                       static_cast<T*>(p.out), p.rows, p.channels, p.relu);
-    if (vectorizable<T>(p.channels, {p.y, p.residual, p.out})) {
-      return with_rows_per_thread<T>([&](auto u) {
-        constexpr int kRows = decltype(u)::value;
-        const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels, false, kRows);
-        return launch_with(normalize_vec_kernel<T, kRows>, grid, block, stream, args);
-      });
-    }
-    return launch_with(normalize_kernel<T>, channel_grid(elementwise_blocks(p.rows), p.channels),
-                       dim3(kLanesC, kLanesR), stream, args);
+    return launch_elementwise<T>(
+        p, vectorizable<T>(p.channels, {p.y, p.residual, p.out}),
+        [](auto u) { return normalize_vec_kernel<T, decltype(u)::value>; }, normalize_kernel<T>, args, stream);
   }
 };
 
@@ -721,15 +730,9 @@ struct GradInput {
         static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
         static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.a),
         static_cast<const Acc*>(p.b), static_cast<const Acc*>(p.c), static_cast<T*>(p.out), p.rows, p.channels, p.relu);
-    if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out})) {
-      return with_rows_per_thread<T>([&](auto u) {
-        constexpr int kRows = decltype(u)::value;
-        const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels, false, kRows);
-        return launch_with(grad_input_vec_kernel<T, kRows>, grid, block, stream, args);
-      });
-    }
-    return launch_with(grad_input_kernel<T>, channel_grid(elementwise_blocks(p.rows), p.channels),
-                       dim3(kLanesC, kLanesR), stream, args);
+    return launch_elementwise<T>(
+        p, vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out}),
+        [](auto u) { return grad_input_vec_kernel<T, decltype(u)::value>; }, grad_input_kernel<T>, args, stream);
   }
 };
 
