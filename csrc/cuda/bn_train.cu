@@ -259,10 +259,11 @@ __device__ __forceinline__ long long vec_first_channel(int width) {
 }
 
 // The 16-byte elementwise and backward-sum kernels take U rows per thread per round, all loaded before any is used:
-// U independent 16-byte loads per tensor in flight per thread. One (U = 1) left the H200 at 2.0-2.8 TB/s of its 4.8
-// (grad_input, normalize; benchmarks/results/2026-11-27_H200_run4), but more rows take more registers and so fewer
-// threads per SM (bf16 normalize, ptxas: 39 registers at U = 1, 72 at 2, 124 at 4): which wins is for a GPU to
-// say (benchmarks/bn_passes_bench.py times each U; set_bn_rows_per_thread chooses; 1 until measured).
+// U independent 16-byte loads per tensor in flight per thread. One (U = 1) moved 2.0-2.8 TB/s of the H200's 4.8
+// (grad_input, normalize: 2026-11-27_H200_run4's kernel times over the bytes of ResNet-50's BN tensors at b256,
+// 5.7 GB per pass over them all), but more rows take more registers and so fewer threads per SM (bf16 normalize,
+// ptxas: 39 registers at U = 1, 72 at 2, 124 at 4): which wins is for a GPU to say (benchmarks/bn_passes_bench.py
+// times each U; set_bn_rows_per_thread chooses; 1 until measured).
 //
 // Grid-stride rounds over the rows of this thread's channel vector, U rows a round: load(u, i) for each row of the
 // round (u: its slot, i: the flat index of its first channel), then apply(u, i) for each.
@@ -360,10 +361,11 @@ __global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restri
 // result is as deterministic as the scalar kernels', though not bit for bit theirs (another summation order).
 //
 // Statistics: batches of kBatch vectors in flight, each reduced two-pass and merged into the thread's running
-// (n, mean, M2) by Chan's formula. The count is the same for every channel of the thread, so the merge weight is
-// one division per batch, not one per channel. The lanes then merge pairwise in a tree (log2 steps, all lanes at
-// work) instead of one lane merging the others in turn: that chain of dependent merges, a division each, left the
-// H200 at 1.1 TB/s on this pass (2026-11-27_H200_run4).
+// (n, mean, M2) by Chan's formula. The count is the same for every channel of the thread, so the batch mean's and
+// the merge's divisions are made once per batch for all of its channels, not twice per channel. The lanes then
+// merge pairwise in a tree (log2 steps, all lanes at work) instead of one lane merging the others in turn, a chain
+// of dependent merges with a division each. The pass moved 1.1 TB/s of the H200's 4.8 before these changes
+// (2026-11-27_H200_run4's time over 5.7 GB); whether they were what held it back is for a GPU run to show.
 template <typename T>
 __global__ void stats_partials_vec(const T* __restrict__ y, long long rows, long long channels, long long chunk_rows,
                                    AccOf<T>* __restrict__ part_mean, AccOf<T>* __restrict__ part_m2) {
