@@ -710,9 +710,9 @@ struct GradSums {
         static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
     cudaError_t err;
     if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out})) {
-      const auto [grid, block] = vec_launch_shape<T>(chunks.count, p.channels, /*rows_are_blocks=*/true);
+      const auto shape = vec_launch_shape<T>(chunks.count, p.channels, /*rows_are_blocks=*/true);
       err = with_rows_per_thread<T>([&](auto u) {
-        return launch_with(grad_sums_partials_vec<T, decltype(u)::value>, grid, block, stream, args);
+        return launch_with(grad_sums_partials_vec<T, decltype(u)::value>, shape.first, shape.second, stream, args);
       });
     } else {
       err = launch_with(grad_sums_partials<T>, channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), stream,
