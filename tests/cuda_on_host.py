@@ -1,11 +1,14 @@
-"""The extension's training-pass CUDA kernels (csrc/cuda/bn_train.cu) run on CPU tensors, for CI without a GPU.
+"""The extension's simpler CUDA kernels run on CPU tensors, for CI without a GPU: the training passes
+(csrc/cuda/bn_train.cu) and the stem's im2col rows (csrc/cuda/im2col.cu).
 
-tests/cuda_host/ compiles the kernel file itself with g++ against a host emulation of CUDA's threads, blocks and
-barriers (emulator.h) and exposes its launchers through a C entry point; `host_cuda_passes()` wraps them in the
-training passes' interface (fused_resnet/training/passes.py), allocating what csrc/cuda/bn_train_ops.cpp allocates,
-and, as fused_resnet/training/cpp_passes.py does, hands a y in another layout than channels_last to the PyTorch
-passes. So the tests that hold the passes to their formulas also hold these kernels' indexing, bounds, vector paths and
-merge order to them. What only a GPU shows (code generation, speed, real concurrency) is left to the GPU check.
+tests/cuda_host/ compiles each kernel file itself with g++ against a host emulation of CUDA's threads, blocks and
+barriers (emulator.h) and exposes its launchers through C entry points. `host_cuda_passes()` wraps the training
+passes in their interface (fused_resnet/training/passes.py), allocating what csrc/cuda/bn_train_ops.cpp allocates
+and, as fused_resnet/training/cpp_passes.py does, handing a y in another layout than channels_last to the PyTorch
+passes; `im2col_rows()` returns the rows launch_im2col writes. So the tests that hold every pass implementation to
+its formulas also hold these kernels' indexing, bounds, vector paths, merge order and barriers to them, in each
+order of a block's threads (`thread_order`) and each rows-per-thread setting. What only a GPU shows (code
+generation, speed) is left to the GPU check.
 """
 
 from __future__ import annotations
@@ -141,12 +144,15 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+# Outputs start as NaN, so that a value a kernel never writes cannot pass for a right one (a 0 after a ReLU).
 def _like(y: torch.Tensor) -> torch.Tensor:
-    return torch.empty(y.shape, dtype=y.dtype, memory_format=torch.channels_last)
+    return torch.full_like(y, float("nan"), memory_format=torch.channels_last)
 
 
 def _per_channel(y: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(y.shape[1], dtype=accumulation_dtype(y.dtype))
+    # zeros where there is nothing to reduce, as bn_train_ops.cpp's per_channel_result
+    fill = float("nan") if y.numel() else 0.0
+    return torch.full((y.shape[1],), fill, dtype=accumulation_dtype(y.dtype))
 
 
 def _run(which: int, y: torch.Tensor, **tensors: torch.Tensor | None) -> None:
