@@ -135,10 +135,6 @@ def thread_order(order: str) -> Iterator[None]:
         _order = previous
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
     # A dense channels_last view (even one off the 16-byte boundary) is kept as it is, as the CUDA op keeps it.
     return t.contiguous(memory_format=torch.channels_last)
@@ -155,22 +151,44 @@ def _per_channel(y: torch.Tensor) -> torch.Tensor:
     return torch.full((y.shape[1],), fill, dtype=accumulation_dtype(y.dtype))
 
 
+_GUARD = 64  # NaN elements on each side of every buffer a kernel gets
+
+
+def _guarded(t: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """A copy of dense t, in memory order, inside a NaN-filled buffer at the same address modulo 16 (the kernels
+    choose their 16-byte paths by alignment): (buffer, offset, copy). A write past either end changes the NaNs; a
+    read past them brings NaN into a reduction."""
+    flat = t.as_strided((t.numel(),), (1,))  # dense: channels_last or 1-D contiguous
+    buffer = torch.full((t.numel() + 2 * _GUARD + 16,), float("nan"), dtype=t.dtype)
+    size = t.element_size()
+    offset = next(k for k in range(_GUARD, _GUARD + 16) if (buffer.data_ptr() + k * size) % 16 == t.data_ptr() % 16)
+    copy = buffer[offset : offset + t.numel()]
+    copy.copy_(flat)
+    return buffer, offset, copy
+
+
 def _run(which: int, y: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Launches a pass on guarded copies of y and `tensors` (named as BnPassParams' fields), checks that no kernel
+    wrote outside them, and copies the outputs (out, sum0, sum1) back."""
     harness = _harness("bn_passes")
     channels = y.shape[1]
     rows = y.numel() // channels if channels else 0
-    p = _BnPassParams(dtype=_DTYPES[y.dtype], y=y.data_ptr(), rows=rows, channels=channels)
-    relu = tensors.pop("relu", False)
-    p.relu = bool(relu)
-    workspace = None
+    relu = bool(tensors.pop("relu", False))
     if which in (_STATS, _GRAD_SUMS):
-        workspace = torch.empty(harness.fr_bn_workspace_elements(rows, channels), dtype=accumulation_dtype(y.dtype))
-        p.workspace = workspace.data_ptr()
-    for name, t in tensors.items():
-        setattr(p, name, _ptr(t))
+        workspace_size = harness.fr_bn_workspace_elements(rows, channels)
+        tensors["workspace"] = torch.empty(workspace_size, dtype=accumulation_dtype(y.dtype))
+    guarded = {name: _guarded(t) for name, t in {"y": y, **tensors}.items() if t is not None}
+    p = _BnPassParams(dtype=_DTYPES[y.dtype], rows=rows, channels=channels, relu=relu)
+    for name, (_, _, copy) in guarded.items():
+        setattr(p, name, copy.data_ptr())
     err = harness.fr_bn_pass(which, ctypes.byref(p))
     if err != 0:
         raise RuntimeError(f"emulated launch failed: cudaError_t {err}")
+    for name, (buffer, offset, copy) in guarded.items():
+        outside = torch.cat([buffer[:offset], buffer[offset + copy.numel() :]])
+        assert outside.isnan().all(), f"a kernel wrote outside {name!r}"
+        if name in ("out", "sum0", "sum1"):
+            tensors[name].as_strided((copy.numel(),), (1,)).copy_(copy)
 
 
 def _vec(v: torch.Tensor) -> torch.Tensor:
@@ -268,9 +286,12 @@ def im2col_rows(
     )
     x = x.contiguous(memory_format=torch.channels_last)
     rows = torch.full((images * oh * ow, depth), float("nan"), dtype=x.dtype)  # NaN: a value never written shows
+    (x_buffer, x_offset, x_copy), (buffer, offset, copy) = _guarded(x), _guarded(rows)
     err = _harness("im2col").fr_im2col(
-        x.data_ptr(), n, h, w, c, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw, n0, images, rows.data_ptr(), depth
+        x_copy.data_ptr(), n, h, w, c, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw, n0, images, copy.data_ptr(), depth
     )
     if err != 0:
         raise RuntimeError(f"emulated launch failed: cudaError_t {err}")
-    return rows
+    for b, o, t in ((x_buffer, x_offset, x_copy), (buffer, offset, copy)):
+        assert torch.cat([b[:o], b[o + t.numel() :]]).isnan().all(), "a kernel wrote outside its buffers"
+    return copy.view(rows.shape)
