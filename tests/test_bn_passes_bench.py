@@ -21,8 +21,11 @@ def test_finds_every_bn_layer_shape():
 
 
 def test_reports_each_pass_per_shape_and_per_step(capsys, one_thread):
+    from fused_resnet.ops.cpp_backend import unavailable
+
+    impl = "cpp" if unavailable("cpu") is None else "torch"
     args = ["--device", "cpu", "--model", "resnet18", "--batch", "2", "--size", "32", "--rounds", "1"]
-    assert bn_passes_bench.main(args) == 0
+    assert bn_passes_bench.main([*args, "--passes", impl]) == 0
     lines = capsys.readouterr().out.splitlines()
     shape_rows = [line for line in lines if line.strip().startswith("(2, ")]
     assert len(shape_rows) == 5  # resnet18 at 32x32: one shape per stage, plus the stem BN's
@@ -35,8 +38,10 @@ def test_swept_contenders_set_and_restore_rows_per_thread():
     import pytest
     import torch
 
-    from fused_resnet.ops.cpp_backend import _C
+    from fused_resnet.ops.cpp_backend import _C, unavailable
 
+    if unavailable("cpu") is not None:
+        pytest.skip(unavailable("cpu"))
     fns = bn_passes_bench._contenders((2, 16, 4, 4), torch.bfloat16, torch.device("cpu"), "cpp", [2, 4])
     swept = {f"{name}@{rows}" for rows in (2, 4) for name in bn_passes_bench.SWEPT}
     assert set(fns) == set(bn_passes_bench.TENSOR_PASSES) | swept
