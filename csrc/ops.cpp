@@ -29,6 +29,11 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   // per-channel (mean, M2); act(y*scale + shift [+ residual]); the backward's masked sums; BN's input gradient.
   m.set_python_module("fused_resnet.training.cpp_passes", "");
   m.def("bn_stats(Tensor y) -> (Tensor mean, Tensor m2)");
+  // CUDA only: bn_stats and what follows it in a unit (training/channel_math.py's finalize) in the same launches,
+  // fp32 statistics and vectors; the running stats (both or neither) move in place.
+  m.def(
+      "bn_stats_finalize(Tensor y, Tensor? gamma, Tensor? beta, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "float count, float eps, float factor) -> (Tensor mean, Tensor m2, Tensor invstd, Tensor scale, Tensor shift)");
   m.def("bn_normalize(Tensor y, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
   m.def(
       "bn_grad_sums(Tensor g, Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor mean, bool relu, "

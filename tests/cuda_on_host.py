@@ -49,6 +49,13 @@ class _BnPassParams(ctypes.Structure):  # csrc/cuda/launch.h's BnPassParams, fie
     _fields_ += [("rows", ctypes.c_int64), ("channels", ctypes.c_int64), ("relu", ctypes.c_bool)]
 
 
+class _BnFinalizeParams(ctypes.Structure):  # csrc/cuda/launch.h's BnFinalizeParams, field for field
+    _fields_ = [
+        (name, ctypes.c_void_p) for name in ("gamma", "beta", "running_mean", "running_var", "invstd", "scale", "shift")
+    ]
+    _fields_ += [("count", ctypes.c_float), ("eps", ctypes.c_float), ("factor", ctypes.c_float)]
+
+
 def _cuda_include() -> Path | None:
     roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
     for root in roots:
@@ -81,13 +88,13 @@ def _build(name: str) -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-def _check_layout(harness: ctypes.CDLL) -> None:
-    """_BnPassParams must be launch.h's BnPassParams: the same size and every field at the same offset."""
-    names = [name for name, _ in _BnPassParams._fields_]
+def _check_layout(struct: type[ctypes.Structure], layout_of: Callable) -> None:
+    """A ctypes mirror must be its launch.h struct: the same size and every field at the same offset."""
+    names = [name for name, _ in struct._fields_]
     layout = (ctypes.c_longlong * (1 + len(names)))()
-    harness.fr_bn_params_layout(layout)
-    mirror = [ctypes.sizeof(_BnPassParams)] + [getattr(_BnPassParams, name).offset for name in names]
-    assert list(layout) == mirror, f"BnPassParams changed: C++ {list(layout)} vs ctypes {mirror}"
+    layout_of(layout)
+    mirror = [ctypes.sizeof(struct)] + [getattr(struct, name).offset for name in names]
+    assert list(layout) == mirror, f"{struct.__name__} changed: C++ {list(layout)} vs ctypes {mirror}"
 
 
 _HARNESSES: dict[str, ctypes.CDLL] = {}
@@ -103,7 +110,12 @@ def _harness(name: str) -> ctypes.CDLL:
             harness.fr_bn_pass.argtypes = [ctypes.c_int, ctypes.POINTER(_BnPassParams)]
             harness.fr_bn_workspace_elements.argtypes = [ctypes.c_longlong, ctypes.c_longlong]
             harness.fr_bn_workspace_elements.restype = ctypes.c_longlong
-            _check_layout(harness)
+            harness.fr_bn_stats_finalize.argtypes = [
+                ctypes.POINTER(_BnPassParams),
+                ctypes.POINTER(_BnFinalizeParams),
+            ]
+            _check_layout(_BnPassParams, harness.fr_bn_params_layout)
+            _check_layout(_BnFinalizeParams, harness.fr_bn_finalize_layout)
         else:
             harness.fr_im2col.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 16 + [ctypes.c_void_p, ctypes.c_int]
         _HARNESSES[name] = harness
@@ -167,9 +179,13 @@ def _guarded(t: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
     return buffer, offset, copy
 
 
-def _run(which: int, y: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    """Launches a pass on guarded copies of y and `tensors` (named as BnPassParams' fields), checks that no kernel
-    wrote outside them, and copies the outputs (out, sum0, sum1) back."""
+_OUTPUTS = ("out", "sum0", "sum1", "running_mean", "running_var", "invstd", "scale", "shift")
+
+
+def _run(which: int, y: torch.Tensor, finalize: dict | None = None, **tensors: torch.Tensor | None) -> None:
+    """Launches a pass on guarded copies of y and `tensors` (named as BnPassParams' fields; with `finalize`, the
+    statistics and BnFinalizeParams' tensors and numbers), checks that no kernel wrote outside them, and copies the
+    outputs back."""
     harness = _harness("bn_passes")
     channels = y.shape[1]
     rows = y.numel() // channels if channels else 0
@@ -177,18 +193,25 @@ def _run(which: int, y: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     if which in (_STATS, _GRAD_SUMS):
         workspace_size = harness.fr_bn_workspace_elements(rows, channels)
         tensors["workspace"] = torch.empty(workspace_size, dtype=accumulation_dtype(y.dtype))
-    guarded = {name: _guarded(t) for name, t in {"y": y, **tensors}.items() if t is not None}
+    finalize = dict(finalize or {})
+    numbers = {k: finalize.pop(k) for k in ("count", "eps", "factor") if k in finalize}
+    everything = {"y": y, **tensors, **finalize}
+    guarded = {name: _guarded(t) for name, t in everything.items() if t is not None}
     p = _BnPassParams(dtype=_DTYPES[y.dtype], rows=rows, channels=channels, relu=relu)
+    f = _BnFinalizeParams(**numbers)
     for name, (_, _, copy) in guarded.items():
-        setattr(p, name, copy.data_ptr())
-    err = harness.fr_bn_pass(which, ctypes.byref(p))
+        setattr(f if name in finalize else p, name, copy.data_ptr())
+    if numbers:
+        err = harness.fr_bn_stats_finalize(ctypes.byref(p), ctypes.byref(f))
+    else:
+        err = harness.fr_bn_pass(which, ctypes.byref(p))
     if err != 0:
         raise RuntimeError(f"emulated launch failed: cudaError_t {err}")
     for name, (buffer, offset, copy) in guarded.items():
         outside = torch.cat([buffer[:offset], buffer[offset + copy.numel() :]])
         assert outside.isnan().all(), f"a kernel wrote outside {name!r}"
-        if name in ("out", "sum0", "sum1"):
-            tensors[name].as_strided((copy.numel(),), (1,)).copy_(copy)
+        if name in _OUTPUTS:
+            everything[name].as_strided((copy.numel(),), (1,)).copy_(copy)
 
 
 def _vec(v: torch.Tensor) -> torch.Tensor:
@@ -205,6 +228,26 @@ def stats(y: torch.Tensor) -> BatchStats:
     mean, m2 = _per_channel(y), _per_channel(y)
     _run(_STATS, y, sum0=mean, sum1=m2)
     return BatchStats(torch.full_like(mean, y.numel() // y.shape[1] if y.shape[1] else 0), mean, m2)
+
+
+def stats_finalize(
+    y: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    count: float,
+    eps: float,
+    factor: float,
+) -> tuple[torch.Tensor, ...]:
+    """launch_bn_stats_finalize on a channels_last y: (mean, m2, invstd, scale, shift); updates the running stats
+    in place where given (fp32 vectors)."""
+    y = _nhwc(y)
+    mean, m2, invstd, scale, shift = (_per_channel(y) for _ in range(5))
+    finalize = dict(gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, invstd=invstd,
+                    scale=scale, shift=shift, count=count, eps=eps, factor=factor)  # fmt: skip
+    _run(_STATS, y, finalize, sum0=mean, sum1=m2)
+    return mean, m2, invstd, scale, shift
 
 
 def normalize(y, scale, shift, residual, relu) -> torch.Tensor:

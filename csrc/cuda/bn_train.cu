@@ -143,12 +143,33 @@ __device__ __forceinline__ void chan_merge_counted(double& n, Acc& mean, Acc& m2
   n = total;
 }
 
-// Chunk partials -> per-channel (mean, M2). A block is 32 channels x kMergeLanes lanes; lane j merges chunks j,
+// torch.lerp's formula (ATen's, in fp32), so that running stats move exactly as nn.BatchNorm2d's do.
+__device__ __forceinline__ float lerp(float start, float end, float weight) {
+  return weight < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+}
+
+// launch.h's BnFinalizeParams for channel c, from its merged (mean, M2). IEEE division and square root (nvcc's
+// defaults without --use_fast_math), as channel_math's div_rn and sqrt_rn.
+__device__ __forceinline__ void finalize_channel(long long c, float mean, float m2, const BnFinalizeParams& f) {
+  const float invstd = 1.0f / sqrtf(m2 / f.count + f.eps);
+  if (f.running_mean != nullptr) {
+    f.running_mean[c] = lerp(f.running_mean[c], mean, f.factor);
+    f.running_var[c] = lerp(f.running_var[c], m2 / (f.count - 1.0f), f.factor);
+  }
+  const float scale = f.gamma != nullptr ? f.gamma[c] * invstd : invstd;
+  float shift = -mean * scale;
+  if (f.beta != nullptr) shift = shift + f.beta[c];
+  f.invstd[c] = invstd;
+  f.scale[c] = scale;
+  f.shift[c] = shift;
+}
+
+// Chunk partials -> per-channel (mean, M2), and with f.invstd set (fp32 only) what follows them (finalize_channel). A block is 32 channels x kMergeLanes lanes; lane j merges chunks j,
 // j+kMergeLanes, ... in order, then lane 0 merges the lanes in order: a fixed order for a given shape.
 template <typename Acc>
 __global__ void __launch_bounds__(kLanesC* kMergeLanes)
     stats_merge(const Acc* __restrict__ part_mean, const Acc* __restrict__ part_m2, long long rows, long long channels,
-                Chunks chunks, Acc* __restrict__ mean_out, Acc* __restrict__ m2_out) {
+                Chunks chunks, Acc* __restrict__ mean_out, Acc* __restrict__ m2_out, BnFinalizeParams f) {
   __shared__ double s_n[kMergeLanes][kLanesC];
   __shared__ Acc s_mean[kMergeLanes][kLanesC], s_m2[kMergeLanes][kLanesC];
   const long long c = static_cast<long long>(blockIdx.x) * kLanesC + threadIdx.x;
@@ -171,6 +192,9 @@ __global__ void __launch_bounds__(kLanesC* kMergeLanes)
   }
   mean_out[c] = mean;
   m2_out[c] = m2;
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (f.invstd != nullptr) finalize_channel(c, mean, m2, f);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ elementwise
@@ -662,7 +686,7 @@ cudaError_t launch_elementwise(const BnPassParams& p, bool vectorized, VecKernel
 
 template <typename T>
 struct Stats {
-  static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
+  static cudaError_t run(const BnPassParams& p, cudaStream_t stream, const BnFinalizeParams& f = {}) {
     using Acc = AccOf<T>;
     const Chunks chunks = chunks_for(p.rows);
     Acc* part_mean = static_cast<Acc*>(p.workspace);
@@ -680,7 +704,7 @@ struct Stats {
     if (err != cudaSuccess) return err;
     return launch_kernel(stats_merge<Acc>, dim3(merge_blocks(p.channels)), dim3(kLanesC, kMergeLanes), stream,
                          part_mean, part_m2, p.rows, p.channels, chunks, static_cast<Acc*>(p.sum0),
-                         static_cast<Acc*>(p.sum1));
+                         static_cast<Acc*>(p.sum1), f);
   }
 };
 
@@ -772,6 +796,26 @@ int64_t bn_workspace_elements(int64_t rows, int64_t channels) {
 
 cudaError_t launch_bn_stats(const BnPassParams& p, cudaStream_t stream) {
   return dispatch<Stats>(p, stream);
+}
+
+cudaError_t launch_bn_stats_finalize(const BnPassParams& p, const BnFinalizeParams& f, cudaStream_t stream) {
+  if (f.invstd == nullptr || f.scale == nullptr || f.shift == nullptr ||
+      (f.running_mean == nullptr) != (f.running_var == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.rows == 0 || p.channels == 0) return cudaSuccess;  // the caller refuses counts under 2 before this
+  if (p.channels > kLanesC * 65535LL) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kHalf:
+      return Stats<__half>::run(p, stream, f);
+    case DType::kBFloat16:
+      return Stats<__nv_bfloat16>::run(p, stream, f);
+    case DType::kFloat:
+      return Stats<float>::run(p, stream, f);
+    case DType::kDouble:
+      break;  // fp64 statistics: the caller finalizes them in fp64 itself
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_bn_normalize(const BnPassParams& p, cudaStream_t stream) {

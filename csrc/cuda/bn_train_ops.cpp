@@ -78,6 +78,43 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& y_in) {
   return {mean, m2};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_finalize_cuda(
+    const at::Tensor& y_in, const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double count,
+    double eps, double factor) {
+  const char* op = "bn_stats_finalize";
+  const NhwcInputs in = nhwc_inputs(op, y_in, std::nullopt, std::nullopt);
+  TORCH_CHECK(y_in.scalar_type() != at::kDouble, op, ": fp64 statistics are finalized in fp64 by the caller");
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
+              ": give both running_mean and running_var, or neither");
+  for (const auto& [name, v] : {std::pair{"gamma", &gamma}, std::pair{"beta", &beta},
+                                std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}}) {
+    if (v->has_value()) check_bn_vector(op, name, **v, y_in);
+  }
+  c10::cuda::CUDAGuard guard(y_in.device());
+  BnPassParams p = params(in);
+  at::Tensor mean = per_channel_result(y_in, p), m2 = per_channel_result(y_in, p);
+  at::Tensor invstd = per_channel_result(y_in, p), scale = per_channel_result(y_in, p);
+  at::Tensor shift = per_channel_result(y_in, p);
+  const at::Tensor ws = workspace(y_in, p);
+  p.workspace = ws.mutable_data_ptr();
+  p.sum0 = mean.mutable_data_ptr();
+  p.sum1 = m2.mutable_data_ptr();
+  BnFinalizeParams f{};
+  f.gamma = gamma.has_value() ? gamma->const_data_ptr<float>() : nullptr;
+  f.beta = beta.has_value() ? beta->const_data_ptr<float>() : nullptr;
+  f.running_mean = running_mean.has_value() ? running_mean->mutable_data_ptr<float>() : nullptr;
+  f.running_var = running_var.has_value() ? running_var->mutable_data_ptr<float>() : nullptr;
+  f.invstd = invstd.mutable_data_ptr<float>();
+  f.scale = scale.mutable_data_ptr<float>();
+  f.shift = shift.mutable_data_ptr<float>();
+  f.count = static_cast<float>(count);
+  f.eps = static_cast<float>(eps);
+  f.factor = static_cast<float>(factor);
+  C10_CUDA_CHECK(launch_bn_stats_finalize(p, f, stream_of(y_in)));
+  return {mean, m2, invstd, scale, shift};
+}
+
 at::Tensor bn_normalize_cuda(const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& shift,
                              const std::optional<at::Tensor>& residual, bool relu) {
   const char* op = "bn_normalize";
@@ -150,6 +187,7 @@ at::Tensor bn_grad_input_cuda(const at::Tensor& g_in, const at::Tensor& y_in, co
 
 TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) {
   m.impl("bn_stats", &fused_resnet::cuda::bn_stats_cuda);
+  m.impl("bn_stats_finalize", &fused_resnet::cuda::bn_stats_finalize_cuda);
   m.impl("bn_normalize", &fused_resnet::cuda::bn_normalize_cuda);
   m.impl("bn_grad_sums", &fused_resnet::cuda::bn_grad_sums_cuda);
   m.impl("bn_grad_input", &fused_resnet::cuda::bn_grad_input_cuda);

@@ -109,6 +109,22 @@ int64_t bn_workspace_elements(int64_t rows, int64_t channels);
 bool set_bn_rows_per_thread(int rows);
 int bn_rows_per_thread();
 cudaError_t launch_bn_stats(const BnPassParams& p, cudaStream_t stream);
+
+// What follows the statistics in a train-mode unit (fused_resnet/training/channel_math.py's finalize, the same
+// formulas in the same order), done by the kernel that merges them instead of by a launch of its own: invstd =
+// 1/sqrt(M2/count + eps), the running stats moved towards (mean, M2/(count - 1)) by `factor` as torch.lerp moves
+// them, scale = gamma*invstd, shift = beta - mean*scale. fp32 vectors of `channels` values; 16- and 32-bit y only.
+struct BnFinalizeParams {
+  const float* gamma;    // nullptr: scale = invstd
+  const float* beta;     // nullptr: shift = -mean*scale
+  float* running_mean;   // nullptr: no running-stat update (then running_var too)
+  float* running_var;
+  float* invstd;
+  float* scale;
+  float* shift;
+  float count, eps, factor;
+};
+cudaError_t launch_bn_stats_finalize(const BnPassParams& p, const BnFinalizeParams& f, cudaStream_t stream);
 cudaError_t launch_bn_normalize(const BnPassParams& p, cudaStream_t stream);
 cudaError_t launch_bn_grad_sums(const BnPassParams& p, cudaStream_t stream);
 cudaError_t launch_bn_grad_input(const BnPassParams& p, cudaStream_t stream);

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..ops.launch_math import cdiv
 from ..ops.triton_conv_bias_act import INTERPRET
+from .stats import bump_versions, running_update
 
 _BLOCK = 256
 
@@ -105,13 +106,7 @@ def finalize_scale_shift(
     """(invstd, scale, shift) of merged statistics, with bn's running-stat update (stats.finalize's rule: once,
     only where nn.BatchNorm2d would update, momentum=None as a cumulative average); count > 1 checked by the
     caller. mean and m2 are contiguous vectors in the accumulation dtype."""
-    update = bn.training and bn.track_running_stats and bn.running_mean is not None
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if update and bn.num_batches_tracked is not None:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked)
+    update, factor = running_update(bn)
     invstd, scale, shift = (torch.empty_like(mean) for _ in range(3))
     running_mean = bn.running_mean if update else mean  # (unused without the update)
     running_var = bn.running_var if update else mean
@@ -122,11 +117,7 @@ def finalize_scale_shift(
             HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, UPDATE=update, BLOCK=_BLOCK,
         )  # fmt: skip
     if update:
-        # The kernel wrote through pointers: bump the version counters as lerp_ would, or caches keyed on them
-        # (the eval-mode BN fold, nn/folding.py) would keep folding the old statistics.
-        for t in (running_mean, running_var):
-            if not t.is_inference():
-                torch.autograd.graph.increment_version(t)
+        bump_versions(running_mean, running_var)
     return invstd, scale, shift
 
 

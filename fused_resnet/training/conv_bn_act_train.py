@@ -3,7 +3,8 @@
 Forward, in the order the GPU kernels will run it:
   1. y = conv(x)                              (raw conv output; its kernel's epilogue will emit the partials)
   2. per-channel (count, mean, M2) partials of y, merged with Chan's formula [+ all-gathered for SyncBN]
-  3. finalize: mean, invstd and the running-stat update, once (with scale/shift one launch on CUDA: channel_math.py)
+  3. finalize: mean, invstd and the running-stat update, once, with scale/shift (on CUDA: in the statistics' own
+     merge kernel, cpp_passes.stats_finalize, or one launch of channel_math.py)
   4. out = act(y·scale + shift + residual)    (one elementwise pass; scale = γ·invstd, shift = β − mean·scale)
 Saved for backward: x, the conv weight, y, mean, invstd (per channel), γ, β, and the residual only where a ReLU
 follows the add (the mask needs it; an identity shortcut is the block input, whose storage the block's first
@@ -28,7 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..ops.conv_config import ConvConfig
-from . import recipes
+from . import cpp_passes, recipes
 from .passes import PASSES
 from .recipes import Recipe, recipe_of, release, remade, saved_form
 from .stats import check_count, finalize, total_count
@@ -85,21 +86,25 @@ class ConvBNActTrain(torch.autograd.Function):
             if weight is not None:
                 y = F.conv2d(x, weight, None, config.stride, config.padding, config.dilation, config.groups)
             run = PASSES[passes]
-            stats = run.stats(y)
             # Locally the count is known from the shape; only synchronized stats must read it from the data.
             count = y.numel() // y.shape[1] if y.shape[1] else 0
-            if group is not None:
-                stats = all_gather_stats(stats, group)
-                count = total_count(stats)
-            if _one_launch(y, passes):  # the same arithmetic as below, in one launch
-                check_count(count)
-                mean = stats.mean.contiguous()
-                invstd, scale, shift = channel_math.finalize_scale_shift(
-                    mean, stats.m2.contiguous(), count, bn, gamma, beta
-                )
+            if group is None and passes == "cpp" and cpp_passes.finalize_applies(y, bn, gamma, beta):
+                check_count(count)  # the same arithmetic as below, done by the statistics' own kernels
+                mean, invstd, scale, shift = cpp_passes.stats_finalize(y, bn, gamma, beta, count)
             else:
-                mean, invstd = finalize(stats, bn, count)
-                scale, shift = _scale_shift(mean, invstd, gamma, beta)
+                stats = run.stats(y)
+                if group is not None:
+                    stats = all_gather_stats(stats, group)
+                    count = total_count(stats)
+                if _one_launch(y, passes):  # the same arithmetic as below, in one launch
+                    check_count(count)
+                    mean = stats.mean.contiguous()
+                    invstd, scale, shift = channel_math.finalize_scale_shift(
+                        mean, stats.m2.contiguous(), count, bn, gamma, beta
+                    )
+                else:
+                    mean, invstd = finalize(stats, bn, count)
+                    scale, shift = _scale_shift(mean, invstd, gamma, beta)
             out = run.normalize(y, scale, shift, residual, relu)
         ctx.config, ctx.relu, ctx.group, ctx.passes = config, relu, group, passes
         ctx.count = count

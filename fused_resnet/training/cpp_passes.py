@@ -13,11 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..ops import cpp_backend
 from ..ops.checks import FLOAT_DTYPES
 from . import torch_passes
-from .stats import BatchStats, accumulation_dtype
+from .stats import BatchStats, accumulation_dtype, bump_versions, running_update
 
 
 def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
@@ -42,6 +43,36 @@ def batch_stats(y: torch.Tensor) -> BatchStats:
     mean, m2 = torch.ops.fused_resnet_C.bn_stats(y)
     count = torch.full_like(mean, y.numel() // y.shape[1] if y.shape[1] else 0)
     return BatchStats(count, mean, m2)
+
+
+def finalize_applies(
+    y: torch.Tensor, bn: nn.BatchNorm2d, gamma: torch.Tensor | None, beta: torch.Tensor | None
+) -> bool:
+    """Whether stats_finalize can take this unit: eager, a channels_last CUDA y of 16 or 32 bits, fp32 affine
+    parameters and running stats on its device (else the statistics, then training/channel_math.py's kernel or the
+    PyTorch formulas)."""
+    if torch.compiler.is_compiling() or y.device.type != "cuda" or y.dtype == torch.float64 or not _nhwc(y):
+        return False
+    if cpp_backend.unavailable("cuda") is not None:
+        return False
+    vectors = [gamma, beta, bn.running_mean, bn.running_var]
+    return all(v is None or (v.dtype == torch.float32 and v.is_contiguous() and v.device == y.device) for v in vectors)
+
+
+def stats_finalize(
+    y: torch.Tensor, bn: nn.BatchNorm2d, gamma: torch.Tensor | None, beta: torch.Tensor | None, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, invstd, scale, shift) of y's batch statistics, with bn's running-stat update (stats.finalize's rule),
+    in the statistics' own launches (csrc/cuda/bn_train.cu: the merge kernel finalizes); count > 1 checked by the
+    caller, finalize_applies by the caller."""
+    update, factor = running_update(bn)
+    running_mean, running_var = (bn.running_mean, bn.running_var) if update else (None, None)
+    mean, _, invstd, scale, shift = torch.ops.fused_resnet_C.bn_stats_finalize(
+        y, gamma, beta, running_mean, running_var, float(count), float(bn.eps), float(factor)
+    )
+    if update:
+        bump_versions(running_mean, running_var)
+    return mean, invstd, scale, shift
 
 
 def _kernel_or_torch(op_name: str, fallback: Callable[..., torch.Tensor], y_index: int) -> Callable[..., torch.Tensor]:
@@ -88,14 +119,28 @@ def _fake_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, torch.empty_like(mean)
 
 
+def _fake_stats_finalize(y: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
+    mean = y.new_empty(y.shape[1], dtype=accumulation_dtype(y.dtype))
+    return tuple(torch.empty_like(mean) for _ in range(5))
+
+
 def _fake_grad_sums(g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
     store_masked = args[-1]
     masked = _channels_last_like(y) if store_masked else scale.new_empty(0)
     return torch.empty_like(scale), torch.empty_like(scale), masked
 
 
+_FAKES = {
+    "bn_stats": _fake_stats,
+    "bn_stats_finalize": _fake_stats_finalize,
+    "bn_normalize": lambda y, *args: _channels_last_like(y),
+    "bn_grad_sums": _fake_grad_sums,
+    "bn_grad_input": lambda g, y, *args: _channels_last_like(y),
+}
 if cpp_backend._C is not None:
-    torch.library.register_fake("fused_resnet_C::bn_stats", _fake_stats)
-    torch.library.register_fake("fused_resnet_C::bn_normalize", lambda y, *args: _channels_last_like(y))
-    torch.library.register_fake("fused_resnet_C::bn_grad_sums", _fake_grad_sums)
-    torch.library.register_fake("fused_resnet_C::bn_grad_input", lambda g, y, *args: _channels_last_like(y))
+    for _name, _fake in _FAKES.items():
+        if not hasattr(torch.ops.fused_resnet_C, _name):  # a _C built from older sources than these
+            raise cpp_backend.ExtensionMismatchError(
+                f"fused_resnet._C has no op {_name}: it was built from older sources; {cpp_backend.REBUILD_HINT}"
+            )
+        torch.library.register_fake(f"fused_resnet_C::{_name}", _fake)

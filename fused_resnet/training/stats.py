@@ -70,6 +70,28 @@ def check_count(count: int) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count} value(s) per channel")
 
 
+def running_update(bn: nn.BatchNorm2d) -> tuple[bool, float]:
+    """Whether nn.BatchNorm2d would move bn's running stats in this forward, and the factor it would move them by
+    (momentum, or 1/num_batches_tracked for momentum=None); counts the batch in num_batches_tracked where it
+    would. Once per forward: it is the update's one side effect on the host."""
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if update and bn.num_batches_tracked is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return update, factor
+
+
+def bump_versions(*tensors: torch.Tensor) -> None:
+    """After a kernel wrote running stats through pointers: bump their version counters as lerp_ would, or caches
+    keyed on them (the eval-mode BN fold, nn/folding.py) would keep folding the old statistics."""
+    for t in tensors:
+        if not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
 def finalize(stats: BatchStats, bn: nn.BatchNorm2d, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, invstd) to normalize with, and the running-stat update of nn.BatchNorm2d.forward, done once.
 
@@ -83,13 +105,9 @@ def finalize(stats: BatchStats, bn: nn.BatchNorm2d, count: int | None = None) ->
     check_count(count)
     mean = stats.mean
     invstd = torch.rsqrt(stats.m2 / count + bn.eps)
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
-        factor = 0.0 if bn.momentum is None else bn.momentum
+    update, factor = running_update(bn)
+    if update:
         with torch.no_grad():
-            if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-                if bn.momentum is None:
-                    factor = 1.0 / float(bn.num_batches_tracked)
             unbiased = stats.m2 / (count - 1)
             bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
             bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)

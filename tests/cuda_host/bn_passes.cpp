@@ -25,6 +25,20 @@ long long fr_bn_workspace_elements(long long rows, long long channels) {
 
 void fr_set_bn_rows_per_thread(int rows) { fused_resnet::cuda::set_bn_rows_per_thread(rows); }
 
+// launch_bn_stats_finalize; returns the cudaError_t.
+int fr_bn_stats_finalize(const fused_resnet::cuda::BnPassParams* p, const fused_resnet::cuda::BnFinalizeParams* f) {
+  return fused_resnet::cuda::launch_bn_stats_finalize(*p, *f, nullptr);
+}
+
+// BnFinalizeParams' size, then each field's offset in order.
+void fr_bn_finalize_layout(long long* out) {
+  using F = fused_resnet::cuda::BnFinalizeParams;
+  const long long layout[] = {sizeof(F),           offsetof(F, gamma),  offsetof(F, beta),  offsetof(F, running_mean),
+                              offsetof(F, running_var), offsetof(F, invstd), offsetof(F, scale), offsetof(F, shift),
+                              offsetof(F, count),  offsetof(F, eps),    offsetof(F, factor)};
+  for (size_t i = 0; i < sizeof(layout) / sizeof(layout[0]); ++i) out[i] = layout[i];
+}
+
 // which: 0 stats, 1 normalize, 2 grad_sums, 3 grad_input. Returns the cudaError_t.
 int fr_bn_pass(int which, const fused_resnet::cuda::BnPassParams* p) {
   using namespace fused_resnet::cuda;
