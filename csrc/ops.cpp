@@ -30,7 +30,8 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.set_python_module("fused_resnet.training.cpp_passes", "");
   m.def("bn_stats(Tensor y) -> (Tensor mean, Tensor m2)");
   // CUDA only: bn_stats and what follows it in a unit (training/channel_math.py's finalize) in the same launches,
-  // fp32 statistics and vectors; the running stats (both or neither) move in place.
+  // fp32 statistics and vectors; the running stats (both or neither) move in place, and the caller bumps their
+  // version counters (training/cpp_passes.py: stats_finalize).
   m.def(
       "bn_stats_finalize(Tensor y, Tensor? gamma, Tensor? beta, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "float count, float eps, float factor) -> (Tensor mean, Tensor m2, Tensor invstd, Tensor scale, Tensor shift)");

@@ -105,3 +105,48 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.fused_resnet_C.bn_stats_finalize.default, (y, None, None, None, None, 24.0, 1e-5, 0.0)
     )
+
+
+@pytest.fixture
+def emulated_op_on_cpu(monkeypatch):
+    """bn_stats_finalize with the host-emulated kernels as its CPU implementation, and the training Function
+    allowed to take it on CPU: the forward's new branch (ConvBNActTrain.forward) runs in CI. Yields the calls."""
+    if host_cuda_unavailable() is not None or cpp_passes.cpp_backend.unavailable("cpu") is not None:
+        pytest.skip("needs the extension and CUDA headers")
+    calls = []
+    lib = torch.library.Library("fused_resnet_C", "IMPL")
+
+    def on_host(y, gamma, beta, running_mean, running_var, count, eps, factor):
+        calls.append(count)
+        return host_stats_finalize(y, gamma, beta, running_mean, running_var, count, eps, factor)
+
+    lib.impl("bn_stats_finalize", on_host, "CPU")
+    applies = cpp_passes.finalize_applies
+    monkeypatch.setattr(cpp_passes, "finalize_applies", lambda *args: applies(*args, device_type="cpu"))
+    yield calls
+    lib._destroy()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine, track", [(True, True), (False, True), (True, False)])
+def test_training_forward_takes_it_once_per_step(emulated_op_on_cpu, momentum, affine, track):
+    from fused_resnet.training.conv_bn_act_train import conv_bn_act_train
+
+    bn = _bn(16, momentum, affine, "cpu") if track else nn.BatchNorm2d(16, affine=affine, track_running_stats=False)
+    stock = copy.deepcopy(bn)
+    w = torch.randn(16, 8, 3, 3) * 0.1
+    versions = []
+    for step in range(3):
+        x = torch.randn(2, 8, 6, 5 + step).contiguous(memory_format=torch.channels_last)
+        out = conv_bn_act_train(x.requires_grad_(), w, bn, relu=True, passes="cpp")
+        out.sum().backward()
+        want = torch.relu(stock(torch.nn.functional.conv2d(x.detach(), w)))
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+        if track:
+            versions.append(bn.running_mean._version)
+    assert len(emulated_op_on_cpu) == 3
+    if track:
+        torch.testing.assert_close(bn.running_mean, stock.running_mean, **TOL)
+        torch.testing.assert_close(bn.running_var, stock.running_var, **TOL)
+        assert int(bn.num_batches_tracked) == int(stock.num_batches_tracked) == 3
+        assert versions[0] < versions[1] < versions[2]  # the eval-mode fold cache sees every update

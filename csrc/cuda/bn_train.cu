@@ -143,9 +143,9 @@ __device__ __forceinline__ void chan_merge_counted(double& n, Acc& mean, Acc& m2
   n = total;
 }
 
-// torch.lerp's formula (ATen's, in fp32), so that running stats move exactly as nn.BatchNorm2d's do.
+// torch.lerp's formula (ATen's at::native::lerp, in fp32), so that running stats move as nn.BatchNorm2d's do.
 __device__ __forceinline__ float lerp(float start, float end, float weight) {
-  return weight < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+  return fabsf(weight) < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
 }
 
 // launch.h's BnFinalizeParams for channel c, from its merged (mean, M2). IEEE division and square root (nvcc's

@@ -93,6 +93,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_
   }
   c10::cuda::CUDAGuard guard(y_in.device());
   BnPassParams p = params(in);
+  // nn.BatchNorm2d refuses a batch of one value per channel; the count divides what the kernel reduced.
+  TORCH_CHECK(p.rows > 1 && count == static_cast<double>(p.rows), op, ": count must be the ", p.rows,
+              " values per channel of y (and more than 1), got ", count);
   at::Tensor mean = per_channel_result(y_in, p), m2 = per_channel_result(y_in, p);
   at::Tensor invstd = per_channel_result(y_in, p), scale = per_channel_result(y_in, p);
   at::Tensor shift = per_channel_result(y_in, p);

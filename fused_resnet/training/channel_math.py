@@ -30,7 +30,7 @@ _BLOCK = 256
 @triton.jit
 def _lerp(start, end, weight):
     # torch.lerp's formula (ATen's lerp in opmath), so that running stats move exactly as nn.BatchNorm2d's do.
-    return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
+    return tl.where(tl.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
 
 
 @triton.jit

@@ -6,8 +6,10 @@ Each chunk (here: one image's H·W pixels of one channel, as a GPU conv's epilog
 reduced two-pass, and chunks are combined with Chan et al.'s parallel formula, which stays exact for any
 split. The same merge combines the partials of several processes for synchronized BN (sync.py).
 
-finalize() is the only place with side effects (running stats, num_batches_tracked); it runs once per forward,
-outside any autotuned kernel, because autotuning re-runs kernels and would repeat the update.
+The side effects (running stats, num_batches_tracked) happen once per forward: running_update() counts the batch
+and says by how much the running stats move, and then exactly one of finalize(), channel_math.finalize_scale_shift
+or cpp_passes.stats_finalize moves them, outside any autotuned kernel (autotuning re-runs kernels and would repeat
+the update).
 """
 
 from __future__ import annotations
