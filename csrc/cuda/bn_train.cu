@@ -289,26 +289,34 @@ __device__ __forceinline__ long long vec_first_channel(int width) {
 // ptxas: 39 registers at U = 1, 72 at 2, 124 at 4): which wins is for a GPU to say (benchmarks/bn_passes_bench.py
 // times each U; set_bn_rows_per_thread chooses; 1 until measured).
 //
-// Grid-stride rounds over the rows of this thread's channel vector, U rows a round: load(u, i) for each row of the
-// round (u: its slot, i: the flat index of its first channel), then apply(u, i) for each.
+// Rounds over the rows first, first + step, ... below end of this thread's channel vector, U rows a round (rows
+// u·blockDim.y apart): load(u, i) for each row of the round (u: its slot, i: the flat index of its first channel),
+// then apply(u, i) for each. The elementwise kernels stride over the grid, the reductions over their chunk.
+template <int U, typename Load, typename Apply>
+__device__ __forceinline__ void for_rows_vec(long long first, long long end, long long step, long long channels,
+                                             long long c0, Load load, Apply apply) {
+  const long long lanes = blockDim.y;
+  for (long long r0 = first; r0 < end; r0 += step) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long r = r0 + u * lanes;
+      if (r < end) load(u, r * channels + c0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long r = r0 + u * lanes;
+      if (r < end) apply(u, r * channels + c0);
+    }
+  }
+}
+
+// The grid-stride form, for the elementwise kernels.
 template <int U, typename Load, typename Apply>
 __device__ __forceinline__ void for_each_row_vec(long long rows, long long channels, long long c0, Load load,
                                                  Apply apply) {
-  const long long lanes = blockDim.y;
-  const long long step = static_cast<long long>(gridDim.x) * lanes * U;
-  for (long long r0 = static_cast<long long>(blockIdx.x) * lanes * U + threadIdx.y; r0 < rows;
-       r0 += step) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const long long r = r0 + u * lanes;
-      if (r < rows) load(u, r * channels + c0);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const long long r = r0 + u * lanes;
-      if (r < rows) apply(u, r * channels + c0);
-    }
-  }
+  const long long per_block = static_cast<long long>(blockDim.y) * U;
+  for_rows_vec<U>(static_cast<long long>(blockIdx.x) * per_block + threadIdx.y, rows, gridDim.x * per_block,
+                  channels, c0, load, apply);
 }
 
 template <typename T, int U>
@@ -499,35 +507,27 @@ __global__ void grad_sums_partials_vec(const T* __restrict__ g, const T* __restr
     load_channels(t, shift, c0);
     load_channels(mu, mean, c0);
     const bool has_residual = residual != nullptr;
-    const long long lanes = blockDim.y;
-    for (long long r0 = begin + threadIdx.y; r0 < end; r0 += lanes * U) {
-      Vec<T> gv[U], yv[U], rv[U];
+    Vec<T> gv[U], yv[U], rv[U];
+    for_rows_vec<U>(
+        begin + threadIdx.y, end, static_cast<long long>(blockDim.y) * U, channels, c0,
+        [&](int u, long long i) {
+          gv[u] = load_vec(g + i);
+          yv[u] = load_vec(y + i);
+          if (has_residual) rv[u] = load_vec(residual + i);
+        },
+        [&](int u, long long i) {
+          Vec<T> o;
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const long long r = r0 + u * lanes;
-        if (r >= end) break;
-        const long long i = r * channels + c0;
-        gv[u] = load_vec(g + i);
-        yv[u] = load_vec(y + i);
-        if (has_residual) rv[u] = load_vec(residual + i);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const long long r = r0 + u * lanes;
-        if (r >= end) break;
-        Vec<T> o;
-#pragma unroll
-        for (int ch = 0; ch < W; ++ch) {
-          const Acc yj = AccMath<T>::load(yv[u].v[ch]);
-          const Acc rj = has_residual ? AccMath<T>::load(rv[u].v[ch]) : Acc(0);
-          const Acc gm = masked_grad_of<T>(AccMath<T>::load(gv[u].v[ch]), yj, s[ch], t[ch], has_residual, rj, relu);
-          o.v[ch] = AccMath<T>::store(gm);
-          sum_g[ch] += gm;
-          sum_gy[ch] += gm * (yj - mu[ch]);
-        }
-        if (masked != nullptr) store_vec(masked + r * channels + c0, o);
-      }
-    }
+          for (int ch = 0; ch < W; ++ch) {
+            const Acc yj = AccMath<T>::load(yv[u].v[ch]);
+            const Acc rj = has_residual ? AccMath<T>::load(rv[u].v[ch]) : Acc(0);
+            const Acc gm = masked_grad_of<T>(AccMath<T>::load(gv[u].v[ch]), yj, s[ch], t[ch], has_residual, rj, relu);
+            o.v[ch] = AccMath<T>::store(gm);
+            sum_g[ch] += gm;
+            sum_gy[ch] += gm * (yj - mu[ch]);
+          }
+          if (masked != nullptr) store_vec(masked + i, o);
+        });
   }
   const int lane = threadIdx.y * blockDim.x + threadIdx.x;
 #pragma unroll
