@@ -1,4 +1,4 @@
-"""Checks shared by the model test files."""
+"""Checks and fixtures shared by the model and training test files."""
 
 from __future__ import annotations
 
@@ -36,3 +36,18 @@ def stock_channels_last(model: nn.Module) -> nn.Module:
     """A copy of a stock model in the fused models' layout: oneDNN sums in another order for NHWC, and that, not
     the fusion, is most of the fp32 difference (measured: NCHW stock is ~2-4x closer to fp64 after 3 steps)."""
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+def randomized_batch_norm(
+    channels: int, momentum: float | None, affine: bool, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> nn.BatchNorm2d:
+    """An nn.BatchNorm2d whose running stats and affine parameters are not their initial 0/1 values, so that a
+    formula that mixes them up shows."""
+    bn = nn.BatchNorm2d(channels, momentum=momentum, affine=affine).to(device, dtype)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        if affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return bn

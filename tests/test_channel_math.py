@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from model_checks import randomized_batch_norm
 from sm90_compile import assert_compiles
 from torch import nn
 
@@ -26,14 +27,7 @@ TOL = dict(rtol=1e-6, atol=1e-5)  # shift = beta - mean·scale may cancel: absol
 
 
 def _bn(c: int, momentum: float | None, dtype: torch.dtype, affine: bool = True) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(c, momentum=momentum, affine=affine).to(DEVICE, dtype)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        if affine:
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
-    return bn
+    return randomized_batch_norm(c, momentum, affine, DEVICE, dtype)
 
 
 def _stats(c: int, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from cuda_on_host import stats_finalize as host_stats_finalize
 from cuda_on_host import unavailable as host_cuda_unavailable
+from model_checks import randomized_batch_norm
 from torch import nn
 
 from fused_resnet.training import cpp_passes
@@ -17,17 +18,6 @@ from fused_resnet.training.conv_bn_act_train import _scale_shift
 from fused_resnet.training.stats import BatchStats, finalize, running_update
 
 TOL = dict(rtol=1e-6, atol=1e-5)  # as tests/test_channel_math.py
-
-
-def _bn(c: int, momentum: float | None, affine: bool, device: str) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(c, momentum=momentum, affine=affine).to(device)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        if affine:
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
-    return bn
 
 
 def _host(y, bn, gamma, beta, count):
@@ -61,7 +51,7 @@ def test_matches_the_pytorch_formulas(where, dtype, momentum, affine):
     if device == "cuda" and cpp_passes.unsupported("cuda", dtype) is not None:
         pytest.skip(cpp_passes.unsupported("cuda", dtype))
     # 40 channels: a second block of 32 channels in the merge kernel, partly empty. |mean| ≫ std.
-    kernel_bn = _bn(40, momentum, affine, device)
+    kernel_bn = randomized_batch_norm(40, momentum, affine, device)
     torch_bn = copy.deepcopy(kernel_bn)
     for step in range(3):
         y = (torch.randn(3, 40, 9, 7 + step, device=device) * 0.5 + 30).to(dtype)
@@ -132,7 +122,10 @@ def emulated_op_on_cpu(monkeypatch):
 def test_training_forward_takes_it_once_per_step(emulated_op_on_cpu, momentum, affine, track):
     from fused_resnet.training.conv_bn_act_train import conv_bn_act_train
 
-    bn = _bn(16, momentum, affine, "cpu") if track else nn.BatchNorm2d(16, affine=affine, track_running_stats=False)
+    if track:
+        bn = randomized_batch_norm(16, momentum, affine, "cpu")
+    else:
+        bn = nn.BatchNorm2d(16, affine=affine, track_running_stats=False)
     stock = copy.deepcopy(bn)
     w = torch.randn(16, 8, 3, 3) * 0.1
     versions = []

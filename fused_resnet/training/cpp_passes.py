@@ -54,10 +54,9 @@ def finalize_applies(
 ) -> bool:
     """Whether stats_finalize can take this unit: eager, a channels_last CUDA y of 16 or 32 bits, fp32 affine
     parameters and running stats on its device (else the statistics, then training/channel_math.py's kernel or the
-    PyTorch formulas). The op has a CUDA kernel only; device_type is for tests that give it another."""
+    PyTorch formulas). For a unit training with these passes, which the caller chose because the extension runs on
+    y's device. The op has a CUDA kernel only; device_type is for tests that give it another."""
     if torch.compiler.is_compiling() or y.device.type != device_type or y.dtype == torch.float64 or not _nhwc(y):
-        return False
-    if cpp_backend.unavailable(device_type) is not None:
         return False
     vectors = [gamma, beta, bn.running_mean, bn.running_var]
     return all(v is None or (v.dtype == torch.float32 and v.is_contiguous() and v.device == y.device) for v in vectors)
