@@ -63,6 +63,19 @@ def _vector(c: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.randn(c, dtype=torch.float64).to(device=device, dtype=_acc(dtype))
 
 
+def _misaligned_vector(v: torch.Tensor) -> torch.Tensor:
+    """The same values as vector v, one element off every 16-byte boundary."""
+    view = torch.empty(v.numel() + 1, dtype=v.dtype, device=v.device)[1:].copy_(v)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+def _with_one_misaligned(vectors: tuple[torch.Tensor, ...]):
+    """vectors with each one in turn replaced by a misaligned copy."""
+    for i in range(len(vectors)):
+        yield vectors[:i] + (_misaligned_vector(vectors[i]),) + vectors[i + 1 :]
+
+
 def _ch(v: torch.Tensor) -> torch.Tensor:
     return v.double().view(1, -1, 1, 1)
 
@@ -225,7 +238,8 @@ def _with_rows_per_thread(run: passes.Passes, rows: int) -> passes.Passes:
 def test_cuda_vectorized_passes(where, dtype, channels):
     # csrc/cuda/bn_train.cu runs every pass 16 bytes per access where the channels are a multiple of the vector
     # width and every tensor is aligned (264 channels of 16-bit values: 33 vectors, a second block of channel
-    # vectors with one active column); misaligned copies of the same tensors take the scalar kernels. The
+    # vectors with one active column); misaligned copies of the same tensors take the scalar kernels, and so does a
+    # misaligned per-channel vector (the 16-byte kernels read those 16 bytes at a time too). The
     # elementwise passes do the same arithmetic per value in both: bit for bit equal. The reductions sum in another
     # order: both must match the formulas.
     run, device = _cuda_kernels(where, dtype)
@@ -240,19 +254,30 @@ def test_cuda_vectorized_passes(where, dtype, channels):
         z = _z(y, scale, shift, residual)
         out = run.normalize(y, scale, shift, residual, True)
         assert torch.equal(out, run.normalize(_misaligned(y), scale, shift, res_mis, True))
+        # The misaligned per-channel vectors: once per test, at the smaller widths (the emulation is slow).
+        vectors_too = residual is None and channels < 2048
+        for s_in, t_in in _with_one_misaligned((scale, shift)) if vectors_too else ():
+            assert torch.equal(out, run.normalize(y, s_in, t_in, residual, True))
         assert _within(out, torch.relu(z), _z_terms(y, scale, shift, residual))
 
         g_masked = torch.where(z > 0, g.double(), 0.0)
         want_g, want_gy = g_masked.sum((0, 2, 3)), (g_masked * (y.double() - _ch(mean))).sum((0, 2, 3))
         bound = 256 * torch.finfo(_acc(dtype)).eps * g.double().abs().sum((0, 2, 3))
-        for g_in, y_in, r_in in ((g, y, residual), (_misaligned(g), _misaligned(y), res_mis)):
-            sum_g, sum_gy, masked = run.grad_sums(g_in, y_in, scale, shift, r_in, mean, True, True)
+        aligned = (scale, shift, mean)
+        for g_in, y_in, r_in, (s_in, t_in, m_in) in (
+            (g, y, residual, aligned),
+            (_misaligned(g), _misaligned(y), res_mis, aligned),
+            *((g, y, residual, vectors) for vectors in (_with_one_misaligned(aligned) if vectors_too else ())),
+        ):
+            sum_g, sum_gy, masked = run.grad_sums(g_in, y_in, s_in, t_in, r_in, m_in, True, True)
             assert ((sum_g.double() - want_g).abs() <= bound).all()
             assert ((sum_gy.double() - want_gy).abs() <= bound).all()
             assert torch.equal(masked.double(), g_masked)
 
         dy = run.grad_input(g, y, scale, shift, residual, a, b, c, True)
         assert torch.equal(dy, run.grad_input(_misaligned(g), _misaligned(y), scale, shift, res_mis, a, b, c, True))
+        for vectors in _with_one_misaligned((scale, shift, a, b, c)) if vectors_too else ():
+            assert torch.equal(dy, run.grad_input(g, y, *vectors[:2], residual, *vectors[2:], True))
         terms = (_ch(a) * g_masked).abs() + (_ch(b) * y.double()).abs() + _ch(c).abs()
         assert _within(dy, _ch(a) * g_masked + _ch(b) * y.double() + _ch(c), terms)
 

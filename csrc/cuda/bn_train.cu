@@ -28,20 +28,27 @@ namespace {
 
 constexpr int kLanesC = 32;  // channels per block
 constexpr int kLanesR = 8;   // pixel lanes per block
-// Lanes per block of the merge kernels, each merging every kMergeLanes-th chunk partial: the merges are a chain of
-// dependent steps, and with 8 lanes 1,024 chunks took 45 µs per 64-channel layer on an H200 (2 blocks in all).
-constexpr int kMergeLanes = 32;
 constexpr int kBatch = 8;    // values a stats lane reduces two-pass before merging them into its running (mean, M2)
 constexpr long long kMinChunkRows = 64;
+// kMergeLanes: lanes per block of the merge kernels, each merging every kMergeLanes-th chunk partial (the merges are
+// a chain of dependent steps: with 8 lanes 1,024 chunks took 45 µs per 64-channel layer on an H200, 2 blocks in
+// all). kMergeBatch: partials a merge lane loads before merging them (for_lane_chunks); fp64 ones take 4, as 8 would
+// not fit the 64 registers that 1,024 threads a block leave.
 #if defined(FUSED_RESNET_HOST_EMULATION)
 // tests/cuda_host/ runs these kernels on a CPU, on small tensors: with these limits those take the paths that only
-// large tensors take on a GPU (chunks of more than kMinChunkRows rows, more chunks than merge lanes, grid-stride
-// loops that go round more than once).
+// large tensors take on a GPU (chunks of more than kMinChunkRows rows, more chunks than merge lanes, merge batches
+// that go round more than once and end part full, grid-stride loops that go round more than once).
 constexpr long long kMaxChunks = 48;
 constexpr long long kMaxElementwiseBlocks = 8;
+constexpr int kMergeLanes = 8;
+template <typename Acc>
+constexpr int kMergeBatch = 2;
 #else
 constexpr long long kMaxChunks = 1024;
 constexpr long long kMaxElementwiseBlocks = 16384;
+constexpr int kMergeLanes = 32;
+template <typename Acc>
+constexpr int kMergeBatch = sizeof(Acc) > 4 ? 4 : 8;
 #endif
 
 // Pixels are split into chunks of chunk_rows (the last one shorter), one reduction partial each.
@@ -164,32 +171,68 @@ __device__ __forceinline__ void finalize_channel(long long c, float mean, float 
   f.shift[c] = shift;
 }
 
-// Chunk partials -> per-channel (mean, M2), and with f.invstd set (fp32 only) what follows them (finalize_channel). A block is 32 channels x kMergeLanes lanes; lane j merges chunks j,
-// j+kMergeLanes, ... in order, then lane 0 merges the lanes in order: a fixed order for a given shape.
+// A merge lane's chunk partials, k = first, first + kMergeLanes, ... below count: B partials are loaded (load(b, k)
+// into slot b) before any is merged (merge(b, k), in k's order), so the same order as one at a time. One at a time,
+// each merge waited for its own load: at a few hundred cycles a round trip to L2, 128 of them in a row per lane
+// would account for most of stats_merge's 45 µs per 64-channel layer on the H200 (2026-11-27_H200_run4, 8 lanes
+// then); an estimate, not a measurement.
+template <int B, typename Load, typename Merge>
+__device__ __forceinline__ void for_lane_chunks(long long first, long long count, Load load, Merge merge) {
+  for (long long k0 = first; k0 < count; k0 += static_cast<long long>(kMergeLanes) * B) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const long long k = k0 + static_cast<long long>(b) * kMergeLanes;
+      if (k < count) load(b, k);
+    }
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const long long k = k0 + static_cast<long long>(b) * kMergeLanes;
+      if (k < count) merge(b, k);
+    }
+  }
+}
+
+// Chunk partials -> per-channel (mean, M2), and with f.invstd set (fp32 only) what follows them (finalize_channel).
+// A block is 32 channels x kMergeLanes lanes; lane j merges chunks j, j+kMergeLanes, ... in order, then the lanes
+// merge pairwise in a tree (lane j takes lane j + half, half = 1, 2, 4, ...): a fixed order for a given shape, and
+// 5 dependent merges after the lanes' instead of 31 (each merge divides twice in fp64).
 template <typename Acc>
 __global__ void __launch_bounds__(kLanesC* kMergeLanes)
     stats_merge(const Acc* __restrict__ part_mean, const Acc* __restrict__ part_m2, long long rows, long long channels,
                 Chunks chunks, Acc* __restrict__ mean_out, Acc* __restrict__ m2_out, BnFinalizeParams f) {
+  static_assert((kMergeLanes & (kMergeLanes - 1)) == 0, "the lanes' tree pairs them off");
   __shared__ double s_n[kMergeLanes][kLanesC];
   __shared__ Acc s_mean[kMergeLanes][kLanesC], s_m2[kMergeLanes][kLanesC];
   const long long c = static_cast<long long>(blockIdx.x) * kLanesC + threadIdx.x;
   double n = 0;
   Acc mean = 0, m2 = 0;
-  if (c < channels) {
-    for (long long k = threadIdx.y; k < chunks.count; k += kMergeLanes) {
-      const long long first = k * chunks.rows;
-      const double nb = static_cast<double>((first + chunks.rows < rows ? first + chunks.rows : rows) - first);
-      chan_merge_counted(n, mean, m2, nb, part_mean[k * channels + c], part_m2[k * channels + c]);
-    }
+  if (c < channels) {  // the other threads merge nothing (n = 0) but still reach the barriers
+    Acc pm[kMergeBatch<Acc>], pv[kMergeBatch<Acc>];
+    for_lane_chunks<kMergeBatch<Acc>>(
+        threadIdx.y, chunks.count,
+        [&](int b, long long k) {
+          pm[b] = part_mean[k * channels + c];
+          pv[b] = part_m2[k * channels + c];
+        },
+        [&](int b, long long k) {
+          const long long first = k * chunks.rows;
+          const double nb = static_cast<double>((first + chunks.rows < rows ? first + chunks.rows : rows) - first);
+          chan_merge_counted(n, mean, m2, nb, pm[b], pv[b]);
+        });
   }
-  s_n[threadIdx.y][threadIdx.x] = n;
-  s_mean[threadIdx.y][threadIdx.x] = mean;
-  s_m2[threadIdx.y][threadIdx.x] = m2;
-  __syncthreads();
-  if (threadIdx.y != 0 || c >= channels) return;
-  for (int j = 1; j < kMergeLanes; ++j) {
-    chan_merge_counted(n, mean, m2, s_n[j][threadIdx.x], s_mean[j][threadIdx.x], s_m2[j][threadIdx.x]);
+  const int x = threadIdx.x, y = threadIdx.y;
+  s_n[y][x] = n;
+  s_mean[y][x] = mean;
+  s_m2[y][x] = m2;
+  for (int half = 1; half < kMergeLanes; half *= 2) {
+    __syncthreads();
+    if (y % (2 * half) != 0) continue;
+    chan_merge_counted(n, mean, m2, s_n[y + half][x], s_mean[y + half][x], s_m2[y + half][x]);
+    s_n[y][x] = n;
+    s_mean[y][x] = mean;
+    s_m2[y][x] = m2;
   }
+  if (y != 0 || c >= channels) return;
   mean_out[c] = mean;
   m2_out[c] = m2;
   if constexpr (std::is_same_v<Acc, float>) {
@@ -268,11 +311,38 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T>& value) {
   *reinterpret_cast<Vec<T>*>(p) = value;
 }
 
-// A thread's kWidth values of a per-channel vector, from channel c0 on.
+// A thread's kWidth values of a per-channel vector, from channel c0 on, in 16-byte loads (the launchers check the
+// vectors' alignment). Loaded one value at a time (ptxas made 8 scalar loads a vector) they took 8 times the L1
+// wavefronts: a warp's 32 threads own 32 different channel vectors, so each 4-byte load touched 32 sectors; and as
+// the elementwise kernels' threads mostly visit one or two pixels, by that count these loads took more L1 time than
+// the pixels' own (grad_input loads 5 vectors). A count from the SASS, not a measurement.
 template <int W, typename Acc>
 __device__ __forceinline__ void load_channels(Acc (&dst)[W], const Acc* __restrict__ src, long long c0) {
+  constexpr int kPerLoad = 16 / static_cast<int>(sizeof(Acc));
+  static_assert(W % kPerLoad == 0, "a thread's channels are whole 16-byte vectors of the accumulator type");
+  struct alignas(16) Chunk {
+    Acc v[kPerLoad];
+  };
+  const Chunk* chunks = reinterpret_cast<const Chunk*>(src + c0);
 #pragma unroll
-  for (int j = 0; j < W; ++j) dst[j] = src[c0 + j];
+  for (int k = 0; k < W / kPerLoad; ++k) {
+    const Chunk chunk = chunks[k];
+#pragma unroll
+    for (int j = 0; j < kPerLoad; ++j) dst[k * kPerLoad + j] = chunk.v[j];
+  }
+}
+
+// scale and shift, which backward reads only to recompute the ReLU mask: without a ReLU they are not loaded.
+template <int W, typename Acc>
+__device__ __forceinline__ void load_mask_channels(bool relu, Acc (&s)[W], Acc (&t)[W], const Acc* __restrict__ scale,
+                                                   const Acc* __restrict__ shift, long long c0) {
+  if (relu) {
+    load_channels(s, scale, c0);
+    load_channels(t, shift, c0);
+  } else {
+#pragma unroll
+    for (int j = 0; j < W; ++j) s[j] = t[j] = Acc(0);
+  }
 }
 
 // Block: kVecThreads threads, (channel vectors of a pixel) x (pixels); the first channel of this thread's vector.
@@ -361,8 +431,7 @@ __global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restri
   const long long c0 = vec_first_channel(W);
   if (c0 >= channels) return;
   Acc s[W], t[W], ac[W], bc[W], ccc[W];
-  load_channels(s, scale, c0);
-  load_channels(t, shift, c0);
+  load_mask_channels(relu, s, t, scale, shift, c0);
   load_channels(ac, a, c0);
   load_channels(bc, b, c0);
   load_channels(ccc, cc, c0);
@@ -503,8 +572,7 @@ __global__ void grad_sums_partials_vec(const T* __restrict__ g, const T* __restr
   for (int ch = 0; ch < W; ++ch) sum_g[ch] = sum_gy[ch] = Acc(0);
   if (active) {
     Acc s[W], t[W], mu[W];
-    load_channels(s, scale, c0);
-    load_channels(t, shift, c0);
+    load_mask_channels(relu, s, t, scale, shift, c0);
     load_channels(mu, mean, c0);
     const bool has_residual = residual != nullptr;
     Vec<T> gv[U], yv[U], rv[U];
@@ -588,7 +656,8 @@ __global__ void grad_sums_partials(const T* __restrict__ g, const T* __restrict_
   part_gy[blockIdx.x * channels + c] = sum_gy;
 }
 
-// Chunk partials -> per-channel sums, lanes and then lanes' sums in a fixed order (as stats_merge).
+// Chunk partials -> per-channel sums: each lane sums its chunks in order (as stats_merge's lanes), then lane 0 adds
+// the lanes' sums in order (additions: no long dependent chain to shorten).
 template <typename Acc>
 __global__ void __launch_bounds__(kLanesC* kMergeLanes)
     sums_merge(const Acc* __restrict__ part0, const Acc* __restrict__ part1, long long chunks, long long channels,
@@ -597,10 +666,17 @@ __global__ void __launch_bounds__(kLanesC* kMergeLanes)
   const long long c = static_cast<long long>(blockIdx.x) * kLanesC + threadIdx.x;
   Acc sum0 = 0, sum1 = 0;
   if (c < channels) {
-    for (long long k = threadIdx.y; k < chunks; k += kMergeLanes) {
-      sum0 += part0[k * channels + c];
-      sum1 += part1[k * channels + c];
-    }
+    Acc p0[kMergeBatch<Acc>], p1[kMergeBatch<Acc>];
+    for_lane_chunks<kMergeBatch<Acc>>(
+        threadIdx.y, chunks,
+        [&](int b, long long k) {
+          p0[b] = part0[k * channels + c];
+          p1[b] = part1[k * channels + c];
+        },
+        [&](int b, long long) {
+          sum0 += p0[b];
+          sum1 += p1[b];
+        });
   }
   s0[threadIdx.y][threadIdx.x] = sum0;
   s1[threadIdx.y][threadIdx.x] = sum1;
@@ -623,7 +699,8 @@ long long elementwise_blocks(long long rows) {
   return std::min(kMaxElementwiseBlocks, std::max(1LL, (rows + kLanesR - 1) / kLanesR));
 }
 
-// Whether the 16-byte kernels can take a pass: channels a multiple of the vector width, every tensor aligned.
+// Whether the 16-byte kernels can take a pass: channels a multiple of the vector width, every tensor aligned (the
+// per-channel vectors too: load_channels reads them 16 bytes at a time).
 template <typename T>
 bool vectorizable(long long channels, std::initializer_list<const void*> tensors) {
   if (channels % Vec<T>::kWidth != 0) return false;
@@ -716,7 +793,7 @@ struct Normalize {
                                       static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual),
                                       static_cast<T*>(p.out), p.rows, p.channels, p.relu);
     return launch_elementwise<T>(
-        p, vectorizable<T>(p.channels, {p.y, p.residual, p.out}),
+        p, vectorizable<T>(p.channels, {p.y, p.residual, p.out, p.scale, p.shift}),
         [](auto u) { return normalize_vec_kernel<T, decltype(u)::value>; }, normalize_kernel<T>, args, stream);
   }
 };
@@ -733,7 +810,7 @@ struct GradSums {
         static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.mean), p.relu,
         static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
     cudaError_t err;
-    if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out})) {
+    if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out, p.scale, p.shift, p.mean})) {
       const auto shape = vec_launch_shape<T>(chunks.count, p.channels, /*rows_are_blocks=*/true);
       err = with_rows_per_thread<T>([&](auto u) {
         return launch_with(grad_sums_partials_vec<T, decltype(u)::value>, shape.first, shape.second, stream, args);
@@ -757,7 +834,7 @@ struct GradInput {
         static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.a),
         static_cast<const Acc*>(p.b), static_cast<const Acc*>(p.c), static_cast<T*>(p.out), p.rows, p.channels, p.relu);
     return launch_elementwise<T>(
-        p, vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out}),
+        p, vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out, p.scale, p.shift, p.a, p.b, p.c}),
         [](auto u) { return grad_input_vec_kernel<T, decltype(u)::value>; }, grad_input_kernel<T>, args, stream);
   }
 };
