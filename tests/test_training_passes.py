@@ -285,8 +285,9 @@ def test_cuda_vectorized_passes(where, dtype, channels):
 @pytest.mark.parametrize(
     "where, shape",
     [
-        # 2×512×520 pixels of 64 channels: the elementwise kernels' grid-stride loops go round more than once (over
-        # 16384 blocks × 32 pixel lanes) and each statistics lane merges several batches into its running triple.
+        # 2×512×520 pixels of 64 channels: the elementwise kernels' grid-stride loops go round more than once (4
+        # rounds of 4,160 blocks × 32 pixel lanes at one row per thread) and each statistics lane merges several
+        # batches into its running triple.
         pytest.param("cuda", (2, 64, 512, 520), marks=pytest.mark.gpu, id="cuda"),
         *(
             pytest.param(f"cuda-{rows}", (2, 64, 512, 520), marks=pytest.mark.gpu, id=f"cuda-rows{rows}")

@@ -710,6 +710,17 @@ bool vectorizable(long long channels, std::initializer_list<const void*> tensors
   return true;
 }
 
+// The 16-byte elementwise grid: a quarter of the blocks that one round over the rows would take, so that a thread
+// loads its channel vectors (normalize 2, grad_input 5) once for 4 rounds instead of for each one or two pixels, but
+// at least kMinElementwiseBlocks blocks in all (several waves on any GPU) where the rows allow, at most
+// kMaxElementwiseBlocks. Bytes in flight per SM stay as they were (as many threads resident, U rows each).
+constexpr long long kRoundsPerThread = 4;
+constexpr long long kMinElementwiseBlocks = 1024;
+
+long long ceil_div(long long a, long long b) {
+  return (a + b - 1) / b;
+}
+
 // Threads over a pixel's channel vectors (all of them, up to 32) x pixels, kVecThreads per block; grid.x covers
 // the rows, rows_per_thread each per round (elementwise: grid-stride), or is one block per chunk (rows_are_blocks:
 // `rows` is the chunk count).
@@ -719,11 +730,14 @@ std::pair<dim3, dim3> vec_launch_shape(long long rows, long long channels, bool 
   const long long vectors = channels / Vec<T>::kWidth;
   const int x = static_cast<int>(std::min<long long>(vectors, 32));
   const int y = kVecThreads / x;
-  const long long rows_per_block = static_cast<long long>(y) * rows_per_thread;
-  const long long blocks_x =
-      rows_are_blocks ? rows
-                      : std::min(kMaxElementwiseBlocks, std::max(1LL, (rows + rows_per_block - 1) / rows_per_block));
-  return {dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>((vectors + x - 1) / x)), dim3(x, y)};
+  const long long blocks_y = ceil_div(vectors, x);
+  long long blocks_x = rows;
+  if (!rows_are_blocks) {
+    const long long one_round = std::max(1LL, ceil_div(rows, static_cast<long long>(y) * rows_per_thread));
+    const long long spread = std::max(ceil_div(one_round, kRoundsPerThread), ceil_div(kMinElementwiseBlocks, blocks_y));
+    blocks_x = std::min({one_round, spread, kMaxElementwiseBlocks});
+  }
+  return {dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y)), dim3(x, y)};
 }
 
 std::atomic<int> rows_per_thread{1};
