@@ -4,7 +4,8 @@ A step whose wall time is well above its kernel time is host-bound: the GPU wait
 For each contender it prints wall ms/step, kernel ms/step (torch.profiler, the sum of every kernel's device
 time), kernel launches per step, that time by kind of kernel (told apart by name: convolutions and GEMMs, this
 package's own kernels, Triton's, ATen's elementwise and reduction kernels, the rest), and the kernels that take the
-most time. --compile adds torch.compile'd stock (default mode), whose step the fused one is measured against.
+most time. A training step is the bench's: forward, cross-entropy, backward, SGD step. --compile adds
+torch.compile'd stock (default mode), whose step the fused one is measured against.
 
     python benchmarks/profile_step.py --device cuda --bf16 --model resnet50 --batch 256 --mode train --compile
 """
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
@@ -39,6 +41,11 @@ def _contenders(
 
 
 def _step(net: nn.Module, x: torch.Tensor, train: bool, bf16: bool, engine: str | None) -> Callable[[], None]:
+    """One forward, or one training step as the bench times it (fused_resnet/bench/contenders.py: cross-entropy
+    on random labels, backward, an SGD step with momentum), so that wall times compare with the bench's."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9) if train else None
+    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+
     def run() -> None:
         with (
             torch.autocast(x.device.type, torch.bfloat16, enabled=bf16),
@@ -46,9 +53,11 @@ def _step(net: nn.Module, x: torch.Tensor, train: bool, bf16: bool, engine: str 
             engine_scope(engine),
         ):
             out = net(x)
-        if train:
-            out.float().sum().backward()
-            net.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(out.float(), target) if optimizer is not None else None
+        if optimizer is not None:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return run
 
