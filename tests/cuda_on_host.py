@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 _COMMON = ["tests/cuda_host/emulator.h", "csrc/cuda/elem.cuh", "csrc/cuda/kernel_launch.cuh", "csrc/cuda/launch.h"]
 # Each harness: its C++ file (which includes the kernel file) first, then every file it depends on.
 HARNESSES = {
-    "bn_passes": ["tests/cuda_host/bn_passes.cpp", "csrc/cuda/bn_train.cu", *_COMMON],
+    "bn_passes": ["tests/cuda_host/bn_passes.cpp", "csrc/cuda/bn_train.cu", "csrc/cuda/bn_math.cuh", *_COMMON],
     "im2col": ["tests/cuda_host/im2col.cpp", "csrc/cuda/im2col.cu", *_COMMON],
 }
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # launch.h's DType

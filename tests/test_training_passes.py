@@ -286,15 +286,16 @@ def test_cuda_vectorized_passes(where, dtype, channels):
     "where, shape",
     [
         # 2×512×520 pixels of 64 channels: the elementwise kernels' grid-stride loops go round more than once (4
-        # rounds of 4,160 blocks × 32 pixel lanes at one row per thread) and each statistics lane merges several
-        # batches into its running triple.
+        # rounds at one row per thread: of 4,160 blocks × 32 pixel lanes in bf16, 8,320 × 16 in fp32) and each
+        # statistics lane merges several batches into its running triple.
         pytest.param("cuda", (2, 64, 512, 520), marks=pytest.mark.gpu, id="cuda"),
         *(
             pytest.param(f"cuda-{rows}", (2, 64, 512, 520), marks=pytest.mark.gpu, id=f"cuda-rows{rows}")
             for rows in ROWS_PER_THREAD[1:]
         ),
-        # 4,160 pixels of 16 channels, emulated with smaller grid limits (bn_train.cu): 48 chunks of 87 rows, more
-        # than the merge lanes, and elementwise grid-stride loops that go round 16 times.
+        # 4,160 pixels of 16 channels, emulated with smaller grid limits (bn_train.cu): 44 chunks of 95 rows, more
+        # than the merge lanes (3 rounds of their batches, the last part full), and elementwise grid-stride loops
+        # that go round 16 times.
         *(
             pytest.param(f"host-{order}", (2, 16, 40, 52), marks=_NO_HOST, id=f"host-{order}")
             for order in THREAD_ORDERS

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cuda/bn_math.cuh"
 #include "cuda/elem.cuh"
 #include "cuda/kernel_launch.cuh"
 #include "cuda/launch.h"
@@ -38,7 +39,7 @@ constexpr long long kMinChunkRows = 64;
 // tests/cuda_host/ runs these kernels on a CPU, on small tensors: with these limits those take the paths that only
 // large tensors take on a GPU (chunks of more than kMinChunkRows rows, more chunks than merge lanes, merge batches
 // that go round more than once and end part full, grid-stride loops that go round more than once).
-constexpr long long kMaxChunks = 48;
+constexpr long long kMaxChunks = 44;  // 8 lanes x batches of 2: 16 a round, the last round part full
 constexpr long long kMaxElementwiseBlocks = 8;
 constexpr int kMergeLanes = 8;
 template <typename Acc>
@@ -65,18 +66,6 @@ Chunks chunks_for(long long rows) {
 
 dim3 channel_grid(long long blocks_x, long long channels) {
   return dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>((channels + kLanesC - 1) / kLanesC));
-}
-
-template <typename T>
-using AccOf = typename AccMath<T>::Acc;
-
-// z = y*scale + shift [+ r]: the one definition of the pre-activation (r_value is read only with a residual).
-template <typename T>
-__device__ __forceinline__ AccOf<T> pre_activation_of(AccOf<T> y, AccOf<T> scale, AccOf<T> shift, bool has_residual,
-                                                      AccOf<T> r_value) {
-  AccOf<T> z = AccMath<T>::fma(y, scale, shift);
-  if (has_residual) z += r_value;
-  return z;
 }
 
 template <typename T>
@@ -253,7 +242,7 @@ __global__ void normalize_kernel(const T* __restrict__ y, const AccOf<T>* __rest
   for (long long r = static_cast<long long>(blockIdx.x) * kLanesR + threadIdx.y; r < rows; r += step) {
     const long long i = r * channels + c;
     const Acc z = pre_activation<T>(AccMath<T>::load(y[i]), s, t, residual, i);
-    out[i] = AccMath<T>::store(relu && z < Acc(0) ? Acc(0) : z);  // keeps NaN, as torch.relu does
+    out[i] = AccMath<T>::store(activation_of(z, relu));
   }
 }
 
@@ -294,43 +283,7 @@ __global__ void grad_input_kernel(const T* __restrict__ g, const T* __restrict__
 // memory latency, whatever the occupancy. Where the channels are a multiple of the vector width and the tensors
 // 16-byte aligned, these twins move 16 bytes per access instead: a thread owns kWidth consecutive channels of
 // every pixel it visits (a vector never straddles two pixels), with the same arithmetic per value, so their
-// results are bit for bit the scalar kernels'.
-template <typename T>
-struct alignas(16) Vec {
-  static constexpr int kWidth = 16 / static_cast<int>(sizeof(T));
-  T v[kWidth];
-};
-
-template <typename T>
-__device__ __forceinline__ Vec<T> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T>*>(p);
-}
-
-template <typename T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T>& value) {
-  *reinterpret_cast<Vec<T>*>(p) = value;
-}
-
-// A thread's kWidth values of a per-channel vector, from channel c0 on, in 16-byte loads (the launchers check the
-// vectors' alignment). Loaded one value at a time (ptxas made 8 scalar loads a vector) they took 8 times the L1
-// wavefronts: a warp's 32 threads own 32 different channel vectors, so each 4-byte load touched 32 sectors; and as
-// the elementwise kernels' threads mostly visit one or two pixels, by that count these loads took more L1 time than
-// the pixels' own (grad_input loads 5 vectors). A count from the SASS, not a measurement.
-template <int W, typename Acc>
-__device__ __forceinline__ void load_channels(Acc (&dst)[W], const Acc* __restrict__ src, long long c0) {
-  constexpr int kPerLoad = 16 / static_cast<int>(sizeof(Acc));
-  static_assert(W % kPerLoad == 0, "a thread's channels are whole 16-byte vectors of the accumulator type");
-  struct alignas(16) Chunk {
-    Acc v[kPerLoad];
-  };
-  const Chunk* chunks = reinterpret_cast<const Chunk*>(src + c0);
-#pragma unroll
-  for (int k = 0; k < W / kPerLoad; ++k) {
-    const Chunk chunk = chunks[k];
-#pragma unroll
-    for (int j = 0; j < kPerLoad; ++j) dst[k * kPerLoad + j] = chunk.v[j];
-  }
-}
+// results are bit for bit the scalar kernels' (Vec: bn_math.cuh).
 
 // scale and shift, which backward reads only to recompute the ReLU mask: without a ReLU they are not loaded.
 template <int W, typename Acc>
@@ -414,7 +367,7 @@ __global__ void normalize_vec_kernel(const T* __restrict__ y, const AccOf<T>* __
         for (int j = 0; j < W; ++j) {
           const Acc rj = has_residual ? AccMath<T>::load(rv[u].v[j]) : Acc(0);
           const Acc z = pre_activation_of<T>(AccMath<T>::load(yv[u].v[j]), s[j], t[j], has_residual, rj);
-          o.v[j] = AccMath<T>::store(relu && z < Acc(0) ? Acc(0) : z);  // keeps NaN, as torch.relu does
+          o.v[j] = AccMath<T>::store(activation_of(z, relu));
         }
         store_vec(out + i, o);
       });
@@ -712,10 +665,10 @@ bool vectorizable(long long channels, std::initializer_list<const void*> tensors
 
 // The 16-byte elementwise grid: a quarter of the blocks that one round over the rows would take, so that a thread
 // loads its channel vectors (normalize 2, grad_input 5) once for 4 rounds instead of for each one or two pixels, but
-// at least kMinElementwiseBlocks blocks in all (several waves on any GPU) where the rows allow, at most
-// kMaxElementwiseBlocks. Bytes in flight per SM stay as they were (as many threads resident, U rows each).
+// at least kMinElementwiseBlocks blocks in all where the rows allow (an H100 or H200 holds 132 SMs x 2,048 threads:
+// 2,048 blocks of 256 fill it at least twice), at most kMaxElementwiseBlocks. Bytes in flight per SM stay as they were (as many threads resident, U rows each).
 constexpr long long kRoundsPerThread = 4;
-constexpr long long kMinElementwiseBlocks = 1024;
+constexpr long long kMinElementwiseBlocks = 2048;
 
 long long ceil_div(long long a, long long b) {
   return (a + b - 1) / b;
