@@ -4,7 +4,8 @@
 #
 #   benchmarks/gpu_tests.sh PYTHON
 #
-#   extension  tests/test_cpp_ops.py tests/test_cuda_sm90_engine.py tests/test_training_passes.py, with CUDA_LAUNCH_BLOCKING=1 so a fault is
+#   extension  tests/test_cpp_ops.py tests/test_cuda_sm90_engine.py tests/test_training_passes.py
+#              tests/test_max_pool_kernels.py, with CUDA_LAUNCH_BLOCKING=1 so a fault is
 #              reported at the launch that made it
 #   rest       every other file's gpu tests (Triton kernels, models, torch.compile)
 # With pytest-xdist each group is spread over workers (a worker whose CUDA context broke is replaced: see
@@ -12,7 +13,7 @@
 # Each group's output is printed whole when it ends, or when this script is stopped.
 set -uo pipefail
 PY=${1:-python}
-EXT_FILES=(tests/test_cpp_ops.py tests/test_cuda_sm90_engine.py tests/test_training_passes.py)
+EXT_FILES=(tests/test_cpp_ops.py tests/test_cuda_sm90_engine.py tests/test_training_passes.py tests/test_max_pool_kernels.py)
 TMP=$(mktemp -d)
 
 has() { "$PY" -c "import $1" 2>/dev/null; }

@@ -1,11 +1,13 @@
 """The extension's simpler CUDA kernels run on CPU tensors, for CI without a GPU: the training passes
-(csrc/cuda/bn_train.cu) and the stem's im2col rows (csrc/cuda/im2col.cu).
+(csrc/cuda/bn_train.cu), the stem's im2col rows (csrc/cuda/im2col.cu) and its training max-pool
+(csrc/cuda/max_pool.cu).
 
 tests/cuda_host/ compiles each kernel file itself with g++ against a host emulation of CUDA's threads, blocks and
 barriers (emulator.h) and exposes its launchers through C entry points. `host_cuda_passes()` wraps the training
 passes in their interface (fused_resnet/training/passes.py), allocating what csrc/cuda/bn_train_ops.cpp allocates
 and, as fused_resnet/training/cpp_passes.py does, handing a y in another layout than channels_last to the PyTorch
-passes; `im2col_rows()` returns the rows launch_im2col writes. So the tests that hold every pass implementation to
+passes; `im2col_rows()` returns the rows launch_im2col writes; `max_pool()` and `max_pool_bn_act_backward()` what
+max_pool.cu's launchers write, `pooled_size()` its output size. So the tests that hold every pass implementation to
 its formulas also hold these kernels' indexing, bounds, vector paths, merge order and barriers to them, in each
 order of a block's threads (`thread_order`) and each rows-per-thread setting. What only a GPU shows (code
 generation, speed) is left to the GPU check.
@@ -35,6 +37,7 @@ _COMMON = ["tests/cuda_host/emulator.h", "csrc/cuda/elem.cuh", "csrc/cuda/kernel
 HARNESSES = {
     "bn_passes": ["tests/cuda_host/bn_passes.cpp", "csrc/cuda/bn_train.cu", "csrc/cuda/bn_math.cuh", *_COMMON],
     "im2col": ["tests/cuda_host/im2col.cpp", "csrc/cuda/im2col.cu", *_COMMON],
+    "max_pool": ["tests/cuda_host/max_pool.cpp", "csrc/cuda/max_pool.cu", "csrc/cuda/bn_math.cuh", *_COMMON],
 }
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # launch.h's DType
 _STATS, _NORMALIZE, _GRAD_SUMS, _GRAD_INPUT = range(4)
@@ -116,8 +119,18 @@ def _harness(name: str) -> ctypes.CDLL:
             ]
             _check_layout(_BnPassParams, harness.fr_bn_params_layout)
             _check_layout(_BnFinalizeParams, harness.fr_bn_finalize_layout)
-        else:
+        elif name == "im2col":
             harness.fr_im2col.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 16 + [ctypes.c_void_p, ctypes.c_int]
+        else:
+            harness.fr_max_pool.argtypes = (
+                [ctypes.c_int] * 2
+                + [ctypes.c_void_p] * 5
+                + [ctypes.c_longlong] * 6
+                + [ctypes.c_int] * 6
+                + [ctypes.c_bool]
+            )
+            harness.fr_pooled_size.argtypes = [ctypes.c_longlong] + [ctypes.c_int] * 3 + [ctypes.c_bool]
+            harness.fr_pooled_size.restype = ctypes.c_longlong
         _HARNESSES[name] = harness
     harness = _HARNESSES[name]
     harness.fr_set_thread_order(THREAD_ORDERS.index(_order))
@@ -338,3 +351,49 @@ def im2col_rows(
     for b, o, t in ((x_buffer, x_offset, x_copy), (buffer, offset, copy)):
         assert torch.cat([b[:o], b[o + t.numel() :]]).isnan().all(), "a kernel wrote outside its buffers"
     return copy.view(rows.shape)
+
+
+def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
+    """csrc/cuda/max_pool.cu's pooled_size: windows along an axis, as torch's max-pool counts them."""
+    return _harness("max_pool").fr_pooled_size(size, kernel, stride, pad, ceil_mode)
+
+
+def _launch_max_pool(
+    which: int, x: torch.Tensor, out: torch.Tensor, window: tuple, relu: bool = False, **vectors: torch.Tensor
+) -> torch.Tensor:
+    """Runs a max_pool.cu launcher (0 forward, 1 backward) on guarded copies of x and `vectors` (g, scale, shift),
+    into out (NaN to start with); checks that nothing was written outside them."""
+    (kh, kw), (sh, sw), (ph, pw) = window
+    n, c, h, w = x.shape
+    oh, ow = (vectors["g"] if which else out).shape[2:]
+    tensors = {"x": _nhwc(x), "out": out, **{k: (_nhwc(v) if v.dim() == 4 else v) for k, v in vectors.items()}}
+    guarded = {name: _guarded(t) for name, t in tensors.items()}
+    ptr = {name: copy.data_ptr() for name, (_, _, copy) in guarded.items()}
+    err = _harness("max_pool").fr_max_pool(
+        which, _DTYPES[x.dtype], ptr["x"], ptr.get("g"), ptr.get("scale"), ptr.get("shift"), ptr["out"],
+        n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, relu,
+    )  # fmt: skip
+    if err != 0:
+        raise RuntimeError(f"emulated launch failed: cudaError_t {err}")
+    for name, (buffer, offset, copy) in guarded.items():
+        assert torch.cat([buffer[:offset], buffer[offset + copy.numel() :]]).isnan().all(), f"wrote outside {name}"
+    out.as_strided((out.numel(),), (1,)).copy_(guarded["out"][2])
+    return out
+
+
+def max_pool(x: torch.Tensor, kernel: tuple, stride: tuple, padding: tuple, ceil_mode: bool) -> torch.Tensor:
+    """max_pool.cu's forward over a channels_last x (16-byte channel vectors, dilation 1)."""
+    n, c, h, w = x.shape
+    oh, ow = (
+        pooled_size(size, k, s, p, ceil_mode) for size, k, s, p in zip((h, w), kernel, stride, padding, strict=True)
+    )
+    out = torch.full((n, c, oh, ow), float("nan"), dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+    return _launch_max_pool(0, x, out, (kernel, stride, padding))
+
+
+def max_pool_bn_act_backward(
+    g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool, kernel: tuple,
+    stride: tuple, padding: tuple,
+) -> torch.Tensor:  # fmt: skip
+    """max_pool.cu's backward: dL/d act for act = act(y*scale + shift) pooled into g's shape."""
+    return _launch_max_pool(1, y, _like(y), (kernel, stride, padding), relu, g=g, scale=scale, shift=shift)

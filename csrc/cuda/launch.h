@@ -129,4 +129,22 @@ cudaError_t launch_bn_normalize(const BnPassParams& p, cudaStream_t stream);
 cudaError_t launch_bn_grad_sums(const BnPassParams& p, cudaStream_t stream);
 cudaError_t launch_bn_grad_input(const BnPassParams& p, cudaStream_t stream);
 
+// The stem's max-pool in training (max_pool.cu): dense NHWC tensors of n images, c channels a multiple of 16 bytes
+// of values, every pointer 16-byte aligned, dilation 1 (cudaErrorInvalidValue otherwise; fp64 too).
+struct MaxPoolParams {
+  DType dtype;
+  const void* x;      // forward: the pooled tensor [n, h, w, c]; backward: the unit's conv output y [n, h, w, c]
+  const void* g;      // backward: the gradient of the pooled output [n, oh, ow, c]
+  const void* scale;  // backward: fp32 vectors of c values, act = act(y*scale + shift) as bn_train.cu's normalize
+  const void* shift;
+  void* out;          // forward: [n, oh, ow, c]; backward: dL/d act [n, h, w, c]
+  int64_t n, h, w, c, oh, ow;
+  int kh, kw, sh, sw, ph, pw;  // kernel, stride, padding
+  bool relu;                   // backward: act is relu (keeping NaN) or the identity
+};
+// Windows along an axis of `size` values, torch's pooling_output_shape at dilation 1 (< 1: too small an input).
+int64_t pooled_size(int64_t size, int kernel, int stride, int pad, bool ceil_mode);
+cudaError_t launch_max_pool(const MaxPoolParams& p, cudaStream_t stream);
+cudaError_t launch_max_pool_bn_act_backward(const MaxPoolParams& p, cudaStream_t stream);
+
 }  // namespace fused_resnet::cuda

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -54,6 +54,20 @@ def _load_extension() -> tuple[ModuleType | None, str | None]:
 
 
 _C, _MISSING = _load_extension()
+
+
+def ops_built(names: Iterable[str]) -> bool:
+    """Whether the extension is built, with every op named (the caller then registers their fakes itself: torch
+    wants each from the module its schema names). An op missing from a built extension means it was built from
+    older sources: ExtensionMismatchError."""
+    if _C is None:
+        return False
+    for name in names:
+        if not hasattr(torch.ops.fused_resnet_C, name):
+            raise ExtensionMismatchError(
+                f"fused_resnet._C has no op {name}: it was built from older sources; {REBUILD_HINT}"
+            )
+    return True
 
 
 def _fake_bias_residual_relu(

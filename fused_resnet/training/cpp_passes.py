@@ -140,10 +140,6 @@ _FAKES = {
     "bn_grad_sums": _fake_grad_sums,
     "bn_grad_input": lambda g, y, *args: _channels_last_like(y),
 }
-if cpp_backend._C is not None:
+if cpp_backend.ops_built(_FAKES):
     for _name, _fake in _FAKES.items():
-        if not hasattr(torch.ops.fused_resnet_C, _name):  # a _C built from older sources than these
-            raise cpp_backend.ExtensionMismatchError(
-                f"fused_resnet._C has no op {_name}: it was built from older sources; {cpp_backend.REBUILD_HINT}"
-            )
         torch.library.register_fake(f"fused_resnet_C::{_name}", _fake)

@@ -1,0 +1,229 @@
+// The stem's max-pool in training (fused_resnet/training/max_pool_train.py), over dense NHWC tensors whose channels
+// are whole 16-byte vectors, dilation 1:
+//   max_pool                out[n, oh, ow, :] = the window's maximum of x
+//   max_pool_bn_act_grad    dL/d act for act = T(act(y*scale + shift)), the unit's output as bn_train.cu's normalize
+//                           stores it, recomputed here from y instead of read: each window's argmax found again
+// with torch's CUDA rules (aten/src/ATen/native/cuda/DilatedMaxPool2d.cu, channels_last kernels), so that values and
+// gradients are torch's: a window's taps in row-major order, a value wins if it is greater than the best so far or
+// NaN (the first maximum, the last NaN); the gradient of an input pixel is the sum, in fp32 from 0 in the windows'
+// row-major order, of the gradients of the windows whose argmax it is, cast once.
+// A thread owns one channel vector of one output pixel (forward) or input pixel (backward, a gather: no atomics).
+// Torch-free: compiled by nvcc alone (see launch.h).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/bn_math.cuh"
+#include "cuda/kernel_launch.cuh"
+#include "cuda/launch.h"
+
+namespace fused_resnet::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+#if defined(FUSED_RESNET_HOST_EMULATION)
+constexpr long long kMaxBlocks = 4;  // tests/cuda_host/: small tensors take the grid-stride loop more than once
+#else
+constexpr long long kMaxBlocks = 1 << 20;
+#endif
+
+// Taps [first, end) of window o along one axis, inside the image: torch's bounds (start = o*stride - pad, end =
+// min(start + kernel, size), then the start moved up to 0). Axis values by value: a reference into the kernel's
+// parameter struct would put the struct in local memory.
+struct Taps {
+  int first, end;
+};
+
+__device__ __forceinline__ Taps taps_of(int o, int kernel, int stride, int pad, int size) {
+  const int start = o * stride - pad;
+  return {start < 0 ? 0 : start, start + kernel < size ? start + kernel : size};
+}
+
+// Windows [first, end) along one axis that hold input position i: torch's p_start / p_end.
+__device__ __forceinline__ int first_window(int i, int pad, int kernel, int stride) {
+  return i + pad < kernel ? 0 : (i + pad - kernel) / stride + 1;
+}
+
+__device__ __forceinline__ int end_window(int i, int pad, int stride, int windows) {
+  const int end = (i + pad) / stride + 1;
+  return end < windows ? end : windows;
+}
+
+template <typename Acc>
+__device__ __forceinline__ bool wins(Acc value, Acc best) {
+  return value > best || value != value;  // greater, or NaN
+}
+
+// The pooling geometry as a kernel's locals (values, not references into its parameter struct).
+struct Geometry {
+  int h, w, oh, ow, kh, kw, sh, sw, ph, pw;
+  long long c;
+};
+
+__device__ __forceinline__ Geometry geometry_of(const MaxPoolParams& p) {
+  return {static_cast<int>(p.h), static_cast<int>(p.w), static_cast<int>(p.oh), static_cast<int>(p.ow), p.kh,
+          p.kw, p.sh, p.sw, p.ph, p.pw, p.c};
+}
+
+template <typename T>
+__global__ void max_pool_vec(const T* __restrict__ x, T* __restrict__ out, MaxPoolParams p) {
+  using Acc = AccOf<T>;
+  constexpr int W = Vec<T>::kWidth;
+  const Geometry k = geometry_of(p);
+  const long long vectors = k.c / W, items = p.n * k.oh * k.ow * vectors;
+  for (long long item = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long v = item % vectors, pixel = item / vectors;
+    const int ow = static_cast<int>(pixel % k.ow), oh = static_cast<int>(pixel / k.ow % k.oh);
+    const long long n = pixel / (static_cast<long long>(k.ow) * k.oh);
+    const T* image = x + n * k.h * k.w * k.c + v * W;
+    const Taps rows = taps_of(oh, k.kh, k.sh, k.ph, k.h), cols = taps_of(ow, k.kw, k.sw, k.pw, k.w);
+    Acc best[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) best[j] = -INFINITY;
+    for (int ih = rows.first; ih < rows.end; ++ih) {
+      for (int iw = cols.first; iw < cols.end; ++iw) {
+        const Vec<T> xv = load_vec(image + (static_cast<long long>(ih) * k.w + iw) * k.c);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          const Acc value = AccMath<T>::load(xv.v[j]);
+          if (wins(value, best[j])) best[j] = value;
+        }
+      }
+    }
+    Vec<T> o;
+#pragma unroll
+    for (int j = 0; j < W; ++j) o.v[j] = AccMath<T>::store(best[j]);
+    store_vec(out + pixel * k.c + v * W, o);
+  }
+}
+
+template <typename T>
+__global__ void
+    max_pool_bn_act_grad_vec(const T* __restrict__ g, const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
+                             const AccOf<T>* __restrict__ shift, T* __restrict__ dx, MaxPoolParams p) {
+  using Acc = AccOf<T>;
+  constexpr int W = Vec<T>::kWidth;
+  const Geometry k = geometry_of(p);
+  const bool relu = p.relu;
+  const long long vectors = k.c / W, items = p.n * k.h * k.w * vectors;
+  for (long long item = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long v = item % vectors, pixel = item / vectors;
+    const int w = static_cast<int>(pixel % k.w), h = static_cast<int>(pixel / k.w % k.h);
+    const long long n = pixel / (static_cast<long long>(k.w) * k.h);
+    const T* image = y + n * k.h * k.w * k.c + v * W;
+    const T* grads = g + n * k.oh * k.ow * k.c + v * W;
+    const int self = h * k.w + w;  // the index torch's max-pool gives this pixel in its image
+    Acc s[W], t[W], sum[W];
+    load_channels(s, scale, v * W);
+    load_channels(t, shift, v * W);
+#pragma unroll
+    for (int j = 0; j < W; ++j) sum[j] = Acc(0);
+    const int oh_end = end_window(h, k.ph, k.sh, k.oh), ow_end = end_window(w, k.pw, k.sw, k.ow);
+    for (int oh = first_window(h, k.ph, k.kh, k.sh); oh < oh_end; ++oh) {
+      for (int ow = first_window(w, k.pw, k.kw, k.sw); ow < ow_end; ++ow) {
+        const Taps rows = taps_of(oh, k.kh, k.sh, k.ph, k.h), cols = taps_of(ow, k.kw, k.sw, k.pw, k.w);
+        // Whether this pixel is the window's argmax, per channel. torch starts from index 0, not from the first
+        // tap: a window of -inf values only credits pixel 0.
+        Acc best[W];
+        bool mine[W];
+#pragma unroll
+        for (int j = 0; j < W; ++j) best[j] = -INFINITY, mine[j] = self == 0;
+        for (int ih = rows.first; ih < rows.end; ++ih) {
+          for (int iw = cols.first; iw < cols.end; ++iw) {
+            const bool tap_is_self = ih == h && iw == w;
+            const Vec<T> yv = load_vec(image + (static_cast<long long>(ih) * k.w + iw) * k.c);
+#pragma unroll
+            for (int j = 0; j < W; ++j) {
+              const Acc z = pre_activation_of<T>(AccMath<T>::load(yv.v[j]), s[j], t[j], false, Acc(0));
+              const Acc act = AccMath<T>::load(AccMath<T>::store(activation_of(z, relu)));  // as stored
+              if (wins(act, best[j])) best[j] = act, mine[j] = tap_is_self;
+            }
+          }
+        }
+        const Vec<T> gv = load_vec(grads + (static_cast<long long>(oh) * k.ow + ow) * k.c);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          if (mine[j]) sum[j] += AccMath<T>::load(gv.v[j]);
+        }
+      }
+    }
+    Vec<T> o;
+#pragma unroll
+    for (int j = 0; j < W; ++j) o.v[j] = AccMath<T>::store(sum[j]);
+    store_vec(dx + pixel * k.c + v * W, o);
+  }
+}
+
+unsigned blocks_for(long long items) {
+  return static_cast<unsigned>(std::min(kMaxBlocks, std::max(1LL, (items + kThreads - 1) / kThreads)));
+}
+
+bool aligned(const void* ptr) {
+  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
+// What both kernels need of p: whole 16-byte channel vectors, aligned tensors, windows that fit an int index.
+template <typename T>
+bool takes(const MaxPoolParams& p) {
+  return p.c % Vec<T>::kWidth == 0 && aligned(p.x) && aligned(p.g) && aligned(p.scale) && aligned(p.shift) &&
+         aligned(p.out) && p.h * p.w <= INT32_MAX && p.kh > 0 && p.kw > 0 && p.sh > 0 && p.sw > 0;
+}
+
+template <typename T>
+cudaError_t run_forward(const MaxPoolParams& p, cudaStream_t stream) {
+  if (!takes<T>(p)) return cudaErrorInvalidValue;
+  return launch_kernel(max_pool_vec<T>, dim3(blocks_for(p.n * p.oh * p.ow * (p.c / Vec<T>::kWidth))), dim3(kThreads),
+                       stream, static_cast<const T*>(p.x), static_cast<T*>(p.out), p);
+}
+
+template <typename T>
+cudaError_t run_backward(const MaxPoolParams& p, cudaStream_t stream) {
+  if (!takes<T>(p) || p.g == nullptr || p.scale == nullptr || p.shift == nullptr) return cudaErrorInvalidValue;
+  return launch_kernel(max_pool_bn_act_grad_vec<T>, dim3(blocks_for(p.n * p.h * p.w * (p.c / Vec<T>::kWidth))),
+                       dim3(kThreads), stream, static_cast<const T*>(p.g), static_cast<const T*>(p.x),
+                       static_cast<const AccOf<T>*>(p.scale), static_cast<const AccOf<T>*>(p.shift),
+                       static_cast<T*>(p.out), p);
+}
+
+}  // namespace
+
+int64_t pooled_size(int64_t size, int kernel, int stride, int pad, bool ceil_mode) {
+  const int64_t span = size + 2 * pad - kernel + (ceil_mode ? stride - 1 : 0);
+  int64_t windows = (span >= 0 ? span / stride : -((-span + stride - 1) / stride)) + 1;  // floor division
+  if (ceil_mode && (windows - 1) * stride >= size + pad) --windows;  // the last window would start in the padding
+  return windows;
+}
+
+cudaError_t launch_max_pool(const MaxPoolParams& p, cudaStream_t stream) {
+  if (p.n * p.oh * p.ow * p.c == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kHalf:
+      return run_forward<__half>(p, stream);
+    case DType::kBFloat16:
+      return run_forward<__nv_bfloat16>(p, stream);
+    case DType::kFloat:
+      return run_forward<float>(p, stream);
+    case DType::kDouble:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_max_pool_bn_act_backward(const MaxPoolParams& p, cudaStream_t stream) {
+  if (p.n * p.h * p.w * p.c == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kHalf:
+      return run_backward<__half>(p, stream);
+    case DType::kBFloat16:
+      return run_backward<__nv_bfloat16>(p, stream);
+    case DType::kFloat:
+      return run_backward<float>(p, stream);
+    case DType::kDouble:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fused_resnet::cuda

@@ -1,0 +1,235 @@
+"""The stem's training max-pool kernels (csrc/cuda/max_pool.cu) against torch's max-pool: emulated on CPU tensors in
+CI (tests/cuda_on_host.py), through the extension's ops on a GPU, and wired into a fused model's training step.
+
+The forward must give torch's values and the backward torch's gradient with respect to the pooled activation,
+bit for bit: the argmax rules (first maximum, last NaN) and the fp32 sums in window order are torch's, and the
+activation is recomputed with the normalize kernel's own arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.cuda_on_host import host_cuda_passes, max_pool, max_pool_bn_act_backward, pooled_size
+from tests.cuda_on_host import unavailable as host_cuda_unavailable
+
+_NO_HOST = pytest.mark.skipif(host_cuda_unavailable() is not None, reason="no CUDA headers for the host emulation")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# (kernel, stride, padding): the ResNet stem's, non-overlapping, stride 1, asymmetric, and 1x1 windows that skip pixels.
+WINDOWS = [
+    ((3, 3), (2, 2), (1, 1)),
+    ((2, 2), (2, 2), (0, 0)),
+    ((3, 3), (1, 1), (1, 1)),
+    ((3, 2), (2, 1), (1, 0)),
+    ((1, 1), (2, 2), (0, 0)),
+]
+
+
+def _y(dtype: torch.dtype, shape=(2, 16, 9, 11), nans: bool = True, device: str = "cpu") -> torch.Tensor:
+    """A conv output with many equal values (ties in the windows), channels where the values differ but their
+    activations round to equal 16-bit values (ties made by the rounding), and a few NaNs; channels_last. No -inf:
+    a window of -inf values is where torch's CUDA and CPU max-pools differ (CUDA credits pixel 0, which the kernels
+    follow; CPU the first tap)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(-3, 4, shape, generator=g).double() / 2
+    y[:, 1::3] = torch.rand(y[:, 1::3].shape, generator=g) + 1  # distinct values in [1, 2)
+    if nans:
+        y.view(-1)[torch.randint(0, y.numel(), (5,), generator=g)] = float("nan")
+    return y.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _vectors(channels: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    scale = torch.randn(channels, generator=g)
+    scale[::3] = 0.5  # equal scales: equal y give equal activations across the window
+    shift = torch.randn(channels, generator=g) * 0.1
+    scale[1::3], shift[1::3] = 0.01, 0.5  # activations 0.51-0.52: 16-bit rounding makes ties of distinct values
+    return scale.to(device), shift.to(device)
+
+
+def _reference_grad(g: torch.Tensor, act: torch.Tensor, window, ceil_mode: bool) -> torch.Tensor:
+    """torch's gradient of max_pool2d(act) (fp32 sums in window order), cast to act's dtype."""
+    a = act.float().contiguous()
+    _, indices = torch.ops.aten.max_pool2d_with_indices(a, *window, [1, 1], ceil_mode)
+    grad = torch.ops.aten.max_pool2d_with_indices_backward(g.float().contiguous(), a, *window, [1, 1], ceil_mode,
+                                                           indices)  # fmt: skip
+    return grad.to(act.dtype)
+
+
+@_NO_HOST
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_pooled_size_is_torchs(ceil_mode):
+    from fused_resnet.training.max_pool_train import pooled_size as python_pooled_size
+
+    for size in range(1, 12):
+        for kernel in range(1, 6):
+            for stride in range(1, 4):
+                for pad in range(0, kernel // 2 + 1):
+                    if size + 2 * pad < kernel:
+                        continue
+                    x = torch.empty(1, 1, size, 1)
+                    want = F.max_pool2d(x, (kernel, 1), (stride, 1), (pad, 0), ceil_mode=ceil_mode).shape[2]
+                    assert pooled_size(size, kernel, stride, pad, ceil_mode) == want
+                    assert python_pooled_size(size, kernel, stride, pad, ceil_mode) == want
+
+
+@_NO_HOST
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_forward_is_torchs(window, ceil_mode, dtype):
+    x = _y(dtype)
+    want = F.max_pool2d(x.float().contiguous(), *window, ceil_mode=ceil_mode).to(dtype)
+    got = max_pool(x, *window, ceil_mode)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@_NO_HOST
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_emulated_backward_is_torchs(window, ceil_mode, dtype, relu):
+    y = _y(dtype)
+    scale, shift = _vectors(y.shape[1])
+    act = host_cuda_passes().normalize(y, scale, shift, None, relu)  # the arithmetic the backward kernel repeats
+    pooled_shape = F.max_pool2d(act.float(), *window, ceil_mode=ceil_mode).shape
+    g = torch.randn(pooled_shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    got = max_pool_bn_act_backward(g, y, scale, shift, relu, *window)
+    torch.testing.assert_close(got, _reference_grad(g, act, window, ceil_mode), rtol=0, atol=0)
+
+
+@_NO_HOST
+def test_emulated_kernels_refuse_partial_vectors():
+    x = _y(torch.bfloat16, shape=(1, 12, 5, 5))  # 12 bf16 channels: one and a half 16-byte vectors
+    with pytest.raises(RuntimeError, match="cudaError_t"):
+        max_pool(x, *WINDOWS[0], False)
+
+
+# ---------------------------------------------------------------------------------------------------------- on a GPU
+def _cuda_ops():
+    from fused_resnet.ops import cpp_backend
+
+    reason = cpp_backend.unavailable("cuda")
+    if reason is not None:
+        pytest.skip(reason)
+    import fused_resnet.training.max_pool_train  # noqa: F401  (the ops' fakes)
+
+    return torch.ops.fused_resnet_C
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_ops_are_torchs(window, ceil_mode, dtype):
+    ops = _cuda_ops()
+    y = _y(dtype, shape=(3, 64, 57, 55), device="cuda")
+    scale, shift = _vectors(64, "cuda")
+    act = ops.bn_normalize(y, scale, shift, None, True)
+    want = F.max_pool2d(act, *window, ceil_mode=ceil_mode)
+    torch.testing.assert_close(ops.max_pool_nhwc(act, *window, ceil_mode), want, rtol=0, atol=0, equal_nan=True)
+    g = torch.randn(want.shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    a = act.detach().requires_grad_()
+    F.max_pool2d(a, *window, ceil_mode=ceil_mode).backward(g)
+    got = ops.max_pool_bn_act_backward(g, y, scale, shift, True, *window)
+    torch.testing.assert_close(got, a.grad, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_ops_opcheck():
+    ops = _cuda_ops()
+    y = _y(torch.bfloat16, shape=(2, 16, 9, 11), nans=False, device="cuda")
+    scale, shift = _vectors(16, "cuda")
+    window = list(map(list, WINDOWS[0]))
+    torch.library.opcheck(ops.max_pool_nhwc.default, (y, *window, True))
+    g = torch.randn(2, 16, 5, 6, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(ops.max_pool_bn_act_backward.default, (g, y, scale, shift, True, *window))
+
+
+@pytest.mark.gpu
+def test_cuda_ops_refuse_bad_input():
+    ops = _cuda_ops()
+    y = _y(torch.bfloat16, shape=(1, 12, 5, 5), device="cuda")
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ops.max_pool_nhwc(y, *WINDOWS[0], False)
+    y = _y(torch.bfloat16, shape=(1, 16, 5, 5), device="cuda")
+    with pytest.raises(RuntimeError, match="at most half the kernel"):
+        ops.max_pool_nhwc(y, [2, 2], [2, 2], [2, 2], False)
+    scale, shift = _vectors(16, "cuda")
+    g = torch.randn(1, 16, 4, 4, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="pooled output's gradient"):
+        ops.max_pool_bn_act_backward(g, y, scale, shift, True, *WINDOWS[0])
+
+
+# --------------------------------------------------------------------------------------- in a fused training step
+@pytest.fixture
+def emulated_pool_ops_on_cpu(monkeypatch):
+    """The two ops with the host-emulated kernels as their CPU implementations, and the stem's pool allowed to take
+    them on CPU: the training step's new branches (MaxPoolOfRecipe) run in CI. Yields the calls."""
+    from fused_resnet.ops import cpp_backend
+    from fused_resnet.training import max_pool_train
+
+    if host_cuda_unavailable() is not None or cpp_backend.unavailable("cpu") is not None:
+        pytest.skip("needs the extension and CUDA headers")
+    calls = []
+    lib = torch.library.Library("fused_resnet_C", "IMPL")
+
+    def forward(x, kernel_size, stride, padding, ceil_mode):
+        calls.append("forward")
+        return max_pool(x, kernel_size, stride, padding, ceil_mode)
+
+    def backward(grad, y, scale, shift, relu, kernel_size, stride, padding):
+        calls.append("backward")
+        return max_pool_bn_act_backward(grad, y, scale, shift, relu, kernel_size, stride, padding)
+
+    lib.impl("max_pool_nhwc", forward, "CPU")
+    lib.impl("max_pool_bn_act_backward", backward, "CPU")
+    pools = max_pool_train.extension_pools
+    monkeypatch.setattr(max_pool_train, "extension_pools", lambda *args: pools(*args, device_type="cpu"))
+    yield calls
+    lib._destroy()
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x = x.clone().requires_grad_()
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), x.grad, model.conv1.weight.grad, model.bn1.weight.grad
+
+
+def test_fused_training_step_takes_them(emulated_pool_ops_on_cpu, monkeypatch):
+    # The same fused step with the stem's pool on the emulated kernels and on torch's (remade input, pooled again):
+    # the same results, but for the order of the weight gradient's sums.
+    import copy
+
+    import torchvision
+
+    import fused_resnet
+    from fused_resnet.training import max_pool_train
+
+    torch.manual_seed(0)
+    fused = fused_resnet.fuse(torchvision.models.resnet18(num_classes=10).train(), backend="cpu")
+    x = torch.randn(2, 3, 40, 44).contiguous(memory_format=torch.channels_last)
+    got = _train_step(copy.deepcopy(fused), x)
+    assert emulated_pool_ops_on_cpu == ["forward", "backward"]
+    monkeypatch.setattr(max_pool_train, "extension_pools", lambda *args: False)
+    want = _train_step(fused, x)
+    assert emulated_pool_ops_on_cpu == ["forward", "backward"]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_opcheck_with_the_emulated_kernels(emulated_pool_ops_on_cpu):
+    # The fake implementations against the kernels' outputs (shapes, strides, dtypes), and the schemas.
+    y = _y(torch.bfloat16, nans=False)
+    scale, shift = _vectors(y.shape[1])
+    ops = torch.ops.fused_resnet_C
+    for window in WINDOWS:
+        for ceil_mode in (False, True):
+            torch.library.opcheck(ops.max_pool_nhwc.default, (y, *map(list, window), ceil_mode))
+            g = F.max_pool2d(y.float(), *window, ceil_mode=ceil_mode).to(y.dtype)
+            g = g.contiguous(memory_format=torch.channels_last)
+            torch.library.opcheck(ops.max_pool_bn_act_backward.default, (g, y, scale, shift, True, *map(list, window)))
