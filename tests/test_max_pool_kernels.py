@@ -48,6 +48,17 @@ def _vectors(channels: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Te
     return scale.to(device), shift.to(device)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns (so that -0 differs from +0, and NaNs compare by their bits)."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    mismatched = (_bits(got) != _bits(want)).sum().item()
+    assert mismatched == 0, f"{mismatched} of {got.numel()} values differ in their bits"
+
+
 def _reference_grad(g: torch.Tensor, act: torch.Tensor, window, ceil_mode: bool) -> torch.Tensor:
     """torch's gradient of max_pool2d(act) (fp32 sums in window order), cast to act's dtype."""
     a = act.float().contiguous()
@@ -81,9 +92,7 @@ def test_pooled_size_is_torchs(ceil_mode):
 def test_emulated_forward_is_torchs(window, ceil_mode, dtype):
     x = _y(dtype)
     want = F.max_pool2d(x.float().contiguous(), *window, ceil_mode=ceil_mode).to(dtype)
-    got = max_pool(x, *window, ceil_mode)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    _assert_bitwise_equal(max_pool(x, *window, ceil_mode).contiguous(), want)
 
 
 @_NO_HOST
@@ -97,8 +106,27 @@ def test_emulated_backward_is_torchs(window, ceil_mode, dtype, relu):
     act = host_cuda_passes().normalize(y, scale, shift, None, relu)  # the arithmetic the backward kernel repeats
     pooled_shape = F.max_pool2d(act.float(), *window, ceil_mode=ceil_mode).shape
     g = torch.randn(pooled_shape).to(dtype).contiguous(memory_format=torch.channels_last)
-    got = max_pool_bn_act_backward(g, y, scale, shift, relu, *window)
-    torch.testing.assert_close(got, _reference_grad(g, act, window, ceil_mode), rtol=0, atol=0)
+    got = max_pool_bn_act_backward(g, y, scale, shift, relu, *window)  # g holds no ±0 or NaN: see below
+    _assert_bitwise_equal(got.contiguous(), _reference_grad(g, act, window, ceil_mode))
+
+
+@_NO_HOST
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_backward_copies_a_lone_windows_gradient(dtype):
+    # A pixel in one window only gets that window's gradient as it is when it is the argmax (torch's CUDA backward
+    # copies it: a -0 or a NaN keeps its bits), else +0; torch's CPU backward would sum from +0 (-0 becomes +0).
+    window = ((2, 2), (2, 2), (0, 0))  # every pixel in exactly one window
+    y = _y(dtype, shape=(2, 16, 8, 10))
+    scale, shift = _vectors(y.shape[1])
+    act = host_cuda_passes().normalize(y, scale, shift, None, True).float().contiguous()
+    _, indices = torch.ops.aten.max_pool2d_with_indices(act, *window, [1, 1], False)
+    g = torch.randn(indices.shape).to(dtype)
+    g.view(-1)[::7] = -0.0
+    g.view(-1)[3::11] = float("nan")
+    want = torch.zeros(act.shape, dtype=dtype)
+    _bits(want).flatten(2).scatter_(2, indices.flatten(2), _bits(g).flatten(2))
+    got = max_pool_bn_act_backward(g.contiguous(memory_format=torch.channels_last), y, scale, shift, True, *window)
+    _assert_bitwise_equal(got.contiguous(), want)
 
 
 @_NO_HOST
@@ -130,12 +158,13 @@ def test_cuda_ops_are_torchs(window, ceil_mode, dtype):
     scale, shift = _vectors(64, "cuda")
     act = ops.bn_normalize(y, scale, shift, None, True)
     want = F.max_pool2d(act, *window, ceil_mode=ceil_mode)
-    torch.testing.assert_close(ops.max_pool_nhwc(act, *window, ceil_mode), want, rtol=0, atol=0, equal_nan=True)
+    _assert_bitwise_equal(ops.max_pool_nhwc(act, *window, ceil_mode), want)
     g = torch.randn(want.shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    g.view(-1)[::7] = -0.0  # torch copies a lone window's gradient, a -0 or a NaN with its bits
+    g.view(-1)[3::101] = float("nan")
     a = act.detach().requires_grad_()
     F.max_pool2d(a, *window, ceil_mode=ceil_mode).backward(g)
-    got = ops.max_pool_bn_act_backward(g, y, scale, shift, True, *window)
-    torch.testing.assert_close(got, a.grad, rtol=0, atol=0)
+    _assert_bitwise_equal(ops.max_pool_bn_act_backward(g, y, scale, shift, True, *window), a.grad)
 
 
 @pytest.mark.gpu

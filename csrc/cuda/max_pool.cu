@@ -5,8 +5,9 @@
 //                           stores it, recomputed here from y instead of read: each window's argmax found again
 // with torch's CUDA rules (aten/src/ATen/native/cuda/DilatedMaxPool2d.cu, channels_last kernels), so that values and
 // gradients are torch's: a window's taps in row-major order, a value wins if it is greater than the best so far or
-// NaN (the first maximum, the last NaN); the gradient of an input pixel is the sum, in fp32 from 0 in the windows'
-// row-major order, of the gradients of the windows whose argmax it is, cast once.
+// NaN (the first maximum, the last NaN), copied as it is; the gradient of an input pixel is the sum, in fp32 from 0
+// in the windows' row-major order, of the gradients of the windows whose argmax it is, cast once (in one window
+// only: that window's gradient as it is, or +0).
 // A thread owns one channel vector of one output pixel (forward) or input pixel (backward, a gather: no atomics).
 // Torch-free: compiled by nvcc alone (see launch.h).
 #include <algorithm>
@@ -79,21 +80,19 @@ __global__ void max_pool_vec(const T* __restrict__ x, T* __restrict__ out, MaxPo
     const T* image = x + n * k.h * k.w * k.c + v * W;
     const Taps rows = taps_of(oh, k.kh, k.sh, k.ph, k.h), cols = taps_of(ow, k.kw, k.sw, k.pw, k.w);
     Acc best[W];
+    Vec<T> o;  // the winners as they are (torch copies them: a NaN keeps its bits)
 #pragma unroll
-    for (int j = 0; j < W; ++j) best[j] = -INFINITY;
+    for (int j = 0; j < W; ++j) best[j] = -INFINITY, o.v[j] = AccMath<T>::store(-INFINITY);
     for (int ih = rows.first; ih < rows.end; ++ih) {
       for (int iw = cols.first; iw < cols.end; ++iw) {
         const Vec<T> xv = load_vec(image + (static_cast<long long>(ih) * k.w + iw) * k.c);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
           const Acc value = AccMath<T>::load(xv.v[j]);
-          if (wins(value, best[j])) best[j] = value;
+          if (wins(value, best[j])) best[j] = value, o.v[j] = xv.v[j];
         }
       }
     }
-    Vec<T> o;
-#pragma unroll
-    for (int j = 0; j < W; ++j) o.v[j] = AccMath<T>::store(best[j]);
     store_vec(out + pixel * k.c + v * W, o);
   }
 }
@@ -120,9 +119,16 @@ __global__ void
     load_channels(t, shift, v * W);
 #pragma unroll
     for (int j = 0; j < W; ++j) sum[j] = Acc(0);
+    // In exactly one window, torch copies that window's gradient as it is (a -0 or a NaN keeps its bits) instead
+    // of summing from +0: `copy` then holds it.
+    const int oh_first = first_window(h, k.ph, k.kh, k.sh), ow_first = first_window(w, k.pw, k.kw, k.sw);
     const int oh_end = end_window(h, k.ph, k.sh, k.oh), ow_end = end_window(w, k.pw, k.sw, k.ow);
-    for (int oh = first_window(h, k.ph, k.kh, k.sh); oh < oh_end; ++oh) {
-      for (int ow = first_window(w, k.pw, k.kw, k.sw); ow < ow_end; ++ow) {
+    const bool one_window = oh_end - oh_first == 1 && ow_end - ow_first == 1;
+    Vec<T> copy;
+#pragma unroll
+    for (int j = 0; j < W; ++j) copy.v[j] = AccMath<T>::store(Acc(0));
+    for (int oh = oh_first; oh < oh_end; ++oh) {
+      for (int ow = ow_first; ow < ow_end; ++ow) {
         const Taps rows = taps_of(oh, k.kh, k.sh, k.ph, k.h), cols = taps_of(ow, k.kw, k.sw, k.pw, k.w);
         // Whether this pixel is the window's argmax, per channel. torch starts from index 0, not from the first
         // tap: a window of -inf values only credits pixel 0.
@@ -145,14 +151,15 @@ __global__ void
         const Vec<T> gv = load_vec(grads + (static_cast<long long>(oh) * k.ow + ow) * k.c);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          if (mine[j]) sum[j] += AccMath<T>::load(gv.v[j]);
+          if (mine[j]) sum[j] += AccMath<T>::load(gv.v[j]), copy.v[j] = gv.v[j];
         }
       }
     }
-    Vec<T> o;
+    if (!one_window) {
 #pragma unroll
-    for (int j = 0; j < W; ++j) o.v[j] = AccMath<T>::store(sum[j]);
-    store_vec(dx + pixel * k.c + v * W, o);
+      for (int j = 0; j < W; ++j) copy.v[j] = AccMath<T>::store(sum[j]);
+    }
+    store_vec(dx + pixel * k.c + v * W, copy);
   }
 }
 

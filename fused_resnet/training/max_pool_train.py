@@ -59,6 +59,7 @@ def extension_pools(
     x: torch.Tensor,
     recipe: Recipe,
     kernel_size: tuple[int, int],
+    stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
     device_type: str = "cuda",
@@ -66,8 +67,8 @@ def extension_pools(
     """Whether the extension's CUDA max-pool kernels take this pool of x, the output of the unit `recipe` remakes:
     x and the unit's y channels_last on CUDA (so that the unit's output came from csrc/cuda/bn_train.cu's normalize,
     the arithmetic the backward kernel repeats), 16 or 32 bits, channels in whole 16-byte vectors, dilation 1,
-    padding at most half the kernel (torch's own limit). The ops have CUDA kernels only; device_type is for tests
-    that give them another."""
+    padding at most half the kernel (torch's own limit), kernel and stride at most 1024 and fewer than 2^31 pixels
+    an image (the op's limits). The ops have CUDA kernels only; device_type is for tests that give them another."""
     return (
         recipe.passes == "cpp"
         and x.device.type == device_type
@@ -77,8 +78,10 @@ def extension_pools(
         and x.is_contiguous(memory_format=torch.channels_last)
         and recipe.y is not None
         and recipe.y.is_contiguous(memory_format=torch.channels_last)
+        and x.shape[2] * x.shape[3] < 2**31
         and dilation == (1, 1)
-        and all(2 * p <= k for p, k in zip(padding, kernel_size, strict=True))
+        and all(2 * p <= k <= 1024 for p, k in zip(padding, kernel_size, strict=True))
+        and all(0 < s <= 1024 for s in stride)
         and cpp_backend.unavailable(device_type) is None
     )
 
@@ -102,7 +105,7 @@ class MaxPoolOfRecipe(torch.autograd.Function):
         ctx.save_for_backward(*tensors)
         # The extension's kernels where they take the pool; backward then gathers from the recipe's y directly
         # (a recipe with a residual is remade as before).
-        extension = extension_pools(x, recipe, kernel_size, padding, dilation)
+        extension = extension_pools(x, recipe, kernel_size, stride, padding, dilation)
         ctx.gather = extension and recipe.residual is None
         if extension:
             return torch.ops.fused_resnet_C.max_pool_nhwc(x, kernel_size, stride, padding, ceil_mode)
