@@ -11,7 +11,8 @@ with the ReLU mask (reads g and y) and the input gradient (reads g and y, writes
 batch norm forward (statistics + normalize) and backward. GPU time alone (the launches hidden), L2 flushed before
 each sample, medians of interleaved rounds. Per step = the sum over the model's layers. With the extension's CUDA
 kernels in 16 bits it also times normalize, grad_sums and grad_input at 2 and 4 rows per thread ("normalize@2"),
-the setting (launch.h: set_bn_rows_per_thread) that trades registers for bytes in flight.
+the setting (launch.h: set_bn_rows_per_thread) that trades registers for bytes in flight; and, on CUDA, the stem's
+max-pool in training on the extension's kernels beside the ATen calls they replace.
 
     python benchmarks/bn_passes_bench.py --model resnet50 --batch 256 --bf16
 """
@@ -163,7 +164,60 @@ def main(argv: list[str] | None = None) -> int:
     ours = sum(totals_ms[k] for k in ("stats", "normalize", "grad_sums", "grad_input"))
     stock = totals_ms["aten_bn_forward"] + totals_ms["aten_bn_backward"]
     print(f"  the four passes {ours:.3f} ms vs ATen's batch norm forward + backward {stock:.3f} ms")
+    _stem_pool(args, dtype, device, flush)
     return 0
+
+
+def _stem_pool(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, flush: Callable) -> None:
+    """The stem's 3x3/2 max-pool in training (training/max_pool_train.py) on the extension's kernels against what
+    they replace: ATen's pool forward, and for backward the remade activation, ATen's pool with indices and its
+    backward."""
+    shape = (args.batch, 64, (args.size + 1) // 2, (args.size + 1) // 2)  # the stem conv's output
+    if args.passes != "cpp" or not _pool_kernels_run(device, dtype):
+        print(f"  stem max-pool {shape}: not timed (the extension's kernels run with --passes cpp on CUDA only)")
+        return
+    try:
+        _time_stem_pool(shape, args.rounds, dtype, device, flush)
+    except Exception as err:  # a failure is a result: the rows above stand
+        print(f"  stem max-pool {shape}: FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+
+
+def _pool_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and passes.PASSES["cpp"].unsupported("cuda", dtype) is None
+
+
+def _time_stem_pool(shape: tuple, rounds: int, dtype: torch.dtype, device: torch.device, flush: Callable) -> None:
+    import torch.nn.functional as F
+
+    from fused_resnet.training.max_pool_train import pooled_size
+
+    ops, window = torch.ops.fused_resnet_C, ([3, 3], [2, 2], [1, 1])
+    y = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(64, device=device) + 0.5, torch.randn(64, device=device)
+    act = ops.bn_normalize(y, scale, shift, None, True)
+    side = pooled_size(shape[2], 3, 2, 1, False)
+    g = torch.randn(shape[0], 64, side, side, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+    def aten_backward() -> torch.Tensor:
+        remade = ops.bn_normalize(y, scale, shift, None, True)
+        _, indices = torch.ops.aten.max_pool2d_with_indices(remade, *window, [1, 1], False)
+        return torch.ops.aten.max_pool2d_with_indices_backward(g, remade, *window, [1, 1], False, indices)
+
+    fns = {
+        "pool_forward": lambda: ops.max_pool_nhwc(act, *window, False),
+        "pool_backward": lambda: ops.max_pool_bn_act_backward(g, y, scale, shift, True, *window),
+        "aten_pool_forward": lambda: F.max_pool2d(act, *window),
+        "aten_pool_backward": aten_backward,
+    }
+    for fn in fns.values():
+        warm_up(fn, device, 0.0)
+    timings = time_interleaved(fns, device, rounds, flush=flush, hide_launch=device.type == "cuda")
+    full = torch.Size(shape).numel() * dtype.itemsize
+    moved = {"pool_forward": full * 5 // 4, "pool_backward": full * 9 // 4}  # the kernels' own reads and writes
+    print(f"  stem max-pool {shape}, 3x3/2 (bytes: the extension's kernels' own reads and writes)")
+    for name, t in timings.items():
+        gbs = moved.get(name.removeprefix("aten_"), 0) / t.median / 1e6
+        print(f"  {name:18s} {t.median:9.3f} ms  {gbs:8.0f} GB/s")
 
 
 if __name__ == "__main__":

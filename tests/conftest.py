@@ -80,3 +80,34 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def emulated_pool_ops_on_cpu(monkeypatch):
+    """The two ops with the host-emulated kernels as their CPU implementations, and the stem's pool allowed to take
+    them on CPU: the training step's new branches (MaxPoolOfRecipe) run in CI (tests/test_max_pool_kernels.py,
+    test_bn_passes_bench.py). Yields the calls."""
+    from fused_resnet.ops import cpp_backend
+    from fused_resnet.training import max_pool_train
+    from tests.cuda_on_host import max_pool, max_pool_bn_act_backward
+    from tests.cuda_on_host import unavailable as host_cuda_unavailable
+
+    if host_cuda_unavailable() is not None or cpp_backend.unavailable("cpu") is not None:
+        pytest.skip("needs the extension and CUDA headers")
+    calls = []
+    lib = torch.library.Library("fused_resnet_C", "IMPL")
+
+    def forward(x, kernel_size, stride, padding, ceil_mode):
+        calls.append("forward")
+        return max_pool(x, kernel_size, stride, padding, ceil_mode)
+
+    def backward(grad, y, scale, shift, relu, kernel_size, stride, padding):
+        calls.append("backward")
+        return max_pool_bn_act_backward(grad, y, scale, shift, relu, kernel_size, stride, padding)
+
+    lib.impl("max_pool_nhwc", forward, "CPU")
+    lib.impl("max_pool_bn_act_backward", backward, "CPU")
+    pools = max_pool_train.extension_pools
+    monkeypatch.setattr(max_pool_train, "extension_pools", lambda *args: pools(*args, device_type="cpu"))
+    yield calls
+    lib._destroy()

@@ -51,3 +51,17 @@ def test_swept_contenders_set_and_restore_rows_per_thread():
     for bad in (0, 3, 8):  # the kernels have 1, 2 and 4 only
         with pytest.raises(ValueError, match="1, 2 or 4"):
             _C.set_bn_rows_per_thread(bad)
+
+
+def test_times_the_stem_pool_where_its_kernels_run(capsys, one_thread, emulated_pool_ops_on_cpu, monkeypatch):
+    # On CPU the section says why it is skipped; with the kernels (here emulated, as CPU ops) it times four rows.
+    args = ["--device", "cpu", "--model", "resnet18", "--batch", "2", "--size", "32", "--rounds", "1"]
+    assert bn_passes_bench.main([*args, "--passes", "cpp"]) == 0
+    assert "stem max-pool (2, 64, 16, 16): not timed" in capsys.readouterr().out
+    monkeypatch.setattr(bn_passes_bench, "_pool_kernels_run", lambda device, dtype: True)
+    assert bn_passes_bench.main([*args, "--passes", "cpp"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[lines.index(next(x for x in lines if "stem max-pool" in x)) :]}
+    for name in ("pool_forward", "pool_backward", "aten_pool_forward", "aten_pool_backward"):
+        assert re.search(r"\d+\.\d+ ms", rows[name]), lines[-6:]
+    assert {"forward", "backward"} <= set(emulated_pool_ops_on_cpu)

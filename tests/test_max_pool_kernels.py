@@ -194,34 +194,6 @@ def test_cuda_ops_refuse_bad_input():
 
 
 # --------------------------------------------------------------------------------------- in a fused training step
-@pytest.fixture
-def emulated_pool_ops_on_cpu(monkeypatch):
-    """The two ops with the host-emulated kernels as their CPU implementations, and the stem's pool allowed to take
-    them on CPU: the training step's new branches (MaxPoolOfRecipe) run in CI. Yields the calls."""
-    from fused_resnet.ops import cpp_backend
-    from fused_resnet.training import max_pool_train
-
-    if host_cuda_unavailable() is not None or cpp_backend.unavailable("cpu") is not None:
-        pytest.skip("needs the extension and CUDA headers")
-    calls = []
-    lib = torch.library.Library("fused_resnet_C", "IMPL")
-
-    def forward(x, kernel_size, stride, padding, ceil_mode):
-        calls.append("forward")
-        return max_pool(x, kernel_size, stride, padding, ceil_mode)
-
-    def backward(grad, y, scale, shift, relu, kernel_size, stride, padding):
-        calls.append("backward")
-        return max_pool_bn_act_backward(grad, y, scale, shift, relu, kernel_size, stride, padding)
-
-    lib.impl("max_pool_nhwc", forward, "CPU")
-    lib.impl("max_pool_bn_act_backward", backward, "CPU")
-    pools = max_pool_train.extension_pools
-    monkeypatch.setattr(max_pool_train, "extension_pools", lambda *args: pools(*args, device_type="cpu"))
-    yield calls
-    lib._destroy()
-
-
 def _train_step(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     x = x.clone().requires_grad_()
     out = model(x)
