@@ -21,6 +21,7 @@
 namespace fused_resnet::cuda {
 namespace {
 
+// No __launch_bounds__(kThreads): with it CUDA 13's ptxas held these kernels to 40 and 80 registers, and spilled.
 constexpr int kThreads = 256;
 #if defined(FUSED_RESNET_HOST_EMULATION)
 constexpr long long kMaxBlocks = 4;  // tests/cuda_host/: small tensors take the grid-stride loop more than once
@@ -29,8 +30,7 @@ constexpr long long kMaxBlocks = 1 << 20;
 #endif
 
 // Taps [first, end) of window o along one axis, inside the image: torch's bounds (start = o*stride - pad, end =
-// min(start + kernel, size), then the start moved up to 0). Axis values by value: a reference into the kernel's
-// parameter struct would put the struct in local memory.
+// min(start + kernel, size), then the start moved up to 0).
 struct Taps {
   int first, end;
 };
@@ -55,7 +55,7 @@ __device__ __forceinline__ bool wins(Acc value, Acc best) {
   return value > best || value != value;  // greater, or NaN
 }
 
-// The pooling geometry as a kernel's locals (values, not references into its parameter struct).
+// The pooling geometry as ints, the kernels' locals.
 struct Geometry {
   int h, w, oh, ow, kh, kw, sh, sw, ph, pw;
   long long c;
