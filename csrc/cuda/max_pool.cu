@@ -194,6 +194,27 @@ cudaError_t run_backward(const MaxPoolParams& p, cudaStream_t stream) {
                        static_cast<T*>(p.out), p);
 }
 
+template <typename Element>
+struct Type {
+  using T = Element;
+};
+
+// f(Type<T>{}) for the element type of `dtype`; fp64 refused (cudaErrorInvalidValue).
+template <typename F>
+cudaError_t with_element_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kHalf:
+      return f(Type<__half>{});
+    case DType::kBFloat16:
+      return f(Type<__nv_bfloat16>{});
+    case DType::kFloat:
+      return f(Type<float>{});
+    case DType::kDouble:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 int64_t pooled_size(int64_t size, int kernel, int stride, int pad, bool ceil_mode) {
@@ -205,32 +226,12 @@ int64_t pooled_size(int64_t size, int kernel, int stride, int pad, bool ceil_mod
 
 cudaError_t launch_max_pool(const MaxPoolParams& p, cudaStream_t stream) {
   if (p.n * p.oh * p.ow * p.c == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kHalf:
-      return run_forward<__half>(p, stream);
-    case DType::kBFloat16:
-      return run_forward<__nv_bfloat16>(p, stream);
-    case DType::kFloat:
-      return run_forward<float>(p, stream);
-    case DType::kDouble:
-      break;
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(p.dtype, [&](auto type) { return run_forward<typename decltype(type)::T>(p, stream); });
 }
 
 cudaError_t launch_max_pool_bn_act_backward(const MaxPoolParams& p, cudaStream_t stream) {
   if (p.n * p.h * p.w * p.c == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kHalf:
-      return run_backward<__half>(p, stream);
-    case DType::kBFloat16:
-      return run_backward<__nv_bfloat16>(p, stream);
-    case DType::kFloat:
-      return run_backward<float>(p, stream);
-    case DType::kDouble:
-      break;
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(p.dtype, [&](auto type) { return run_backward<typename decltype(type)::T>(p, stream); });
 }
 
 }  // namespace fused_resnet::cuda
