@@ -373,6 +373,41 @@ __global__ void normalize_vec_kernel(const T* __restrict__ y, const AccOf<T>* __
       });
 }
 
+// Backward's rows in the 16-byte kernels: U rows of g, y and the residual (where there is one) loaded before any
+// is used, and the masked gradient g' of each of their values, with forward's mask (masked_grad_of).
+template <typename T, int U>
+struct GradRows {
+  using Acc = AccOf<T>;
+  static constexpr int W = Vec<T>::kWidth;
+  const T* __restrict__ g;
+  const T* __restrict__ y;
+  const T* __restrict__ residual;  // nullptr: none
+  bool relu;
+  Acc s[W], t[W];  // scale and shift, for the mask (not loaded without a ReLU)
+  Vec<T> gv[U], yv[U], rv[U];
+
+  __device__ __forceinline__ GradRows(const T* g_, const T* y_, const T* residual_, const Acc* __restrict__ scale,
+                                      const Acc* __restrict__ shift, bool relu_, long long c0)
+      : g(g_), y(y_), residual(residual_), relu(relu_) {
+    load_mask_channels(relu, s, t, scale, shift, c0);
+  }
+
+  __device__ __forceinline__ void load(int u, long long i) {
+    gv[u] = load_vec(g + i);
+    yv[u] = load_vec(y + i);
+    if (residual != nullptr) rv[u] = load_vec(residual + i);
+  }
+
+  __device__ __forceinline__ Acc y_value(int u, int j) const { return AccMath<T>::load(yv[u].v[j]); }
+
+  // g' of value j of row u, whose y value is yj.
+  __device__ __forceinline__ Acc masked(int u, int j, Acc yj) const {
+    const bool has_residual = residual != nullptr;
+    const Acc rj = has_residual ? AccMath<T>::load(rv[u].v[j]) : Acc(0);
+    return masked_grad_of<T>(AccMath<T>::load(gv[u].v[j]), yj, s[j], t[j], has_residual, rj, relu);
+  }
+};
+
 template <typename T, int U>
 __global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restrict__ y,
                                       const AccOf<T>* __restrict__ scale, const AccOf<T>* __restrict__ shift,
@@ -383,28 +418,19 @@ __global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restri
   constexpr int W = Vec<T>::kWidth;
   const long long c0 = vec_first_channel(W);
   if (c0 >= channels) return;
-  Acc s[W], t[W], ac[W], bc[W], ccc[W];
-  load_mask_channels(relu, s, t, scale, shift, c0);
+  GradRows<T, U> in(g, y, residual, scale, shift, relu, c0);
+  Acc ac[W], bc[W], ccc[W];
   load_channels(ac, a, c0);
   load_channels(bc, b, c0);
   load_channels(ccc, cc, c0);
-  const bool has_residual = residual != nullptr;
-  Vec<T> gv[U], yv[U], rv[U];
   for_each_row_vec<U>(
-      rows, channels, c0,
-      [&](int u, long long i) {
-        gv[u] = load_vec(g + i);
-        yv[u] = load_vec(y + i);
-        if (has_residual) rv[u] = load_vec(residual + i);
-      },
+      rows, channels, c0, [&](int u, long long i) { in.load(u, i); },
       [&](int u, long long i) {
         Vec<T> o;
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          const Acc yj = AccMath<T>::load(yv[u].v[j]);
-          const Acc rj = has_residual ? AccMath<T>::load(rv[u].v[j]) : Acc(0);
-          const Acc gm = masked_grad_of<T>(AccMath<T>::load(gv[u].v[j]), yj, s[j], t[j], has_residual, rj, relu);
-          o.v[j] = AccMath<T>::store(AccMath<T>::fma(ac[j], gm, AccMath<T>::fma(bc[j], yj, ccc[j])));
+          const Acc yj = in.y_value(u, j);
+          o.v[j] = AccMath<T>::store(AccMath<T>::fma(ac[j], in.masked(u, j, yj), AccMath<T>::fma(bc[j], yj, ccc[j])));
         }
         store_vec(dy + i, o);
       });
@@ -524,25 +550,18 @@ __global__ void grad_sums_partials_vec(const T* __restrict__ g, const T* __restr
 #pragma unroll
   for (int ch = 0; ch < W; ++ch) sum_g[ch] = sum_gy[ch] = Acc(0);
   if (active) {
-    Acc s[W], t[W], mu[W];
-    load_mask_channels(relu, s, t, scale, shift, c0);
+    GradRows<T, U> in(g, y, residual, scale, shift, relu, c0);
+    Acc mu[W];
     load_channels(mu, mean, c0);
-    const bool has_residual = residual != nullptr;
-    Vec<T> gv[U], yv[U], rv[U];
     for_rows_vec<U>(
         begin + threadIdx.y, end, static_cast<long long>(blockDim.y) * U, channels, c0,
-        [&](int u, long long i) {
-          gv[u] = load_vec(g + i);
-          yv[u] = load_vec(y + i);
-          if (has_residual) rv[u] = load_vec(residual + i);
-        },
+        [&](int u, long long i) { in.load(u, i); },
         [&](int u, long long i) {
           Vec<T> o;
 #pragma unroll
           for (int ch = 0; ch < W; ++ch) {
-            const Acc yj = AccMath<T>::load(yv[u].v[ch]);
-            const Acc rj = has_residual ? AccMath<T>::load(rv[u].v[ch]) : Acc(0);
-            const Acc gm = masked_grad_of<T>(AccMath<T>::load(gv[u].v[ch]), yj, s[ch], t[ch], has_residual, rj, relu);
+            const Acc yj = in.y_value(u, ch);
+            const Acc gm = in.masked(u, ch, yj);
             o.v[ch] = AccMath<T>::store(gm);
             sum_g[ch] += gm;
             sum_gy[ch] += gm * (yj - mu[ch]);
