@@ -66,17 +66,25 @@ __device__ __forceinline__ Geometry geometry_of(const MaxPoolParams& p) {
           p.kw, p.sh, p.sw, p.ph, p.pw, p.c};
 }
 
+// f(n, row, col, pixel, v) for every channel vector v of every pixel (n, row, col) of an [n, height, width, vectors]
+// grid of items, flat pixel index `pixel`, grid-stride: consecutive threads take consecutive vectors of a pixel.
+template <typename F>
+__device__ __forceinline__ void for_each_pixel_vector(long long n, int height, int width, long long vectors, F f) {
+  const long long items = n * height * width * vectors;
+  for (long long item = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long v = item % vectors, pixel = item / vectors;
+    const int col = static_cast<int>(pixel % width), row = static_cast<int>(pixel / width % height);
+    f(pixel / (static_cast<long long>(width) * height), row, col, pixel, v);
+  }
+}
+
 template <typename T>
 __global__ void max_pool_vec(const T* __restrict__ x, T* __restrict__ out, MaxPoolParams p) {
   using Acc = AccOf<T>;
   constexpr int W = Vec<T>::kWidth;
   const Geometry k = geometry_of(p);
-  const long long vectors = k.c / W, items = p.n * k.oh * k.ow * vectors;
-  for (long long item = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
-       item += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long v = item % vectors, pixel = item / vectors;
-    const int ow = static_cast<int>(pixel % k.ow), oh = static_cast<int>(pixel / k.ow % k.oh);
-    const long long n = pixel / (static_cast<long long>(k.ow) * k.oh);
+  for_each_pixel_vector(p.n, k.oh, k.ow, k.c / W, [&](long long n, int oh, int ow, long long pixel, long long v) {
     const T* image = x + n * k.h * k.w * k.c + v * W;
     const Taps rows = taps_of(oh, k.kh, k.sh, k.ph, k.h), cols = taps_of(ow, k.kw, k.sw, k.pw, k.w);
     Acc best[W];
@@ -94,7 +102,7 @@ __global__ void max_pool_vec(const T* __restrict__ x, T* __restrict__ out, MaxPo
       }
     }
     store_vec(out + pixel * k.c + v * W, o);
-  }
+  });
 }
 
 template <typename T>
@@ -105,12 +113,7 @@ __global__ void
   constexpr int W = Vec<T>::kWidth;
   const Geometry k = geometry_of(p);
   const bool relu = p.relu;
-  const long long vectors = k.c / W, items = p.n * k.h * k.w * vectors;
-  for (long long item = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
-       item += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long v = item % vectors, pixel = item / vectors;
-    const int w = static_cast<int>(pixel % k.w), h = static_cast<int>(pixel / k.w % k.h);
-    const long long n = pixel / (static_cast<long long>(k.w) * k.h);
+  for_each_pixel_vector(p.n, k.h, k.w, k.c / W, [&](long long n, int h, int w, long long pixel, long long v) {
     const T* image = y + n * k.h * k.w * k.c + v * W;
     const T* grads = g + n * k.oh * k.ow * k.c + v * W;
     const int self = h * k.w + w;  // the index torch's max-pool gives this pixel in its image
@@ -160,7 +163,7 @@ __global__ void
       for (int j = 0; j < W; ++j) copy.v[j] = AccMath<T>::store(sum[j]);
     }
     store_vec(dx + pixel * k.c + v * W, copy);
-  }
+  });
 }
 
 unsigned blocks_for(long long items) {
