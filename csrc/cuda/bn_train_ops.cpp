@@ -4,7 +4,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -12,6 +11,7 @@
 #include <utility>
 
 #include "checks.h"
+#include "cuda/current_stream.h"
 #include "cuda/kernel_dtype.h"
 #include "cuda/launch.h"
 
@@ -59,10 +59,6 @@ at::Tensor per_channel_result(const at::Tensor& y, const BnPassParams& p) {
   at::Tensor out = at::empty({y.size(1)}, bn_accumulation_options(y));
   if (p.rows == 0) out.zero_();
   return out;
-}
-
-cudaStream_t stream_of(const at::Tensor& y) {
-  return c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& y_in) {

@@ -4,13 +4,13 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <array>
 #include <cstdint>
 
 #include "checks.h"
+#include "cuda/current_stream.h"
 #include "cuda/kernel_dtype.h"
 #include "cuda/launch.h"
 
@@ -68,10 +68,6 @@ MaxPoolParams params_of(const at::Tensor& x, const Window& w, int64_t oh, int64_
   p.kh = w.kernel[0], p.kw = w.kernel[1], p.sh = w.stride[0], p.sw = w.stride[1];
   p.ph = w.padding[0], p.pw = w.padding[1];
   return p;
-}
-
-cudaStream_t stream_of(const at::Tensor& t) {
-  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
 at::Tensor max_pool_nhwc_cuda(const at::Tensor& x_in, at::IntArrayRef kernel, at::IntArrayRef stride,

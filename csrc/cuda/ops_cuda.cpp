@@ -2,7 +2,6 @@
 // csrc/cuda/*.cu on the current stream of the input's device.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -12,6 +11,7 @@
 #include <optional>
 
 #include "checks.h"
+#include "cuda/current_stream.h"
 #include "cuda/kernel_dtype.h"
 #include "cuda/launch.h"
 
@@ -138,7 +138,7 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
   p.groups = narrow(g.groups);
   p.relu = relu;
   p.sm_count = info.sm_count;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const cudaStream_t stream = stream_of(x);
   // sm_90a code (the Hopper engine) runs on compute capability 9.0 exactly.
   if (sm90_engine_enabled() && info.major == 9 && info.minor == 0) {
     if (run_im2col_on_sm90(x_cl, w_cl, p, stream)) return out;
@@ -162,7 +162,7 @@ at::Tensor bias_residual_relu_cuda(const at::Tensor& y, const at::Tensor& bias,
   const at::Tensor b = bias.to(y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   std::optional<at::Tensor> r;
   if (residual.has_value()) r = residual->contiguous(kChannelsLast);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
+  const cudaStream_t stream = stream_of(y);
   C10_CUDA_CHECK(launch_bias_residual_relu(kernel_dtype(y.scalar_type()), y_cl.const_data_ptr(), b.const_data_ptr(),
                                            r.has_value() ? r->const_data_ptr() : nullptr, out.mutable_data_ptr(),
                                            y.numel() / y.size(1), y.size(1), relu, stream));
