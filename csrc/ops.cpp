@@ -39,6 +39,12 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def(
       "bn_grad_sums(Tensor g, Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor mean, bool relu, "
       "bool store_masked) -> (Tensor sum_g, Tensor sum_gy, Tensor masked)");
+  // CUDA only: bn_grad_sums and what follows it in a unit's backward (training/channel_math.py's coefficients) in
+  // the same launches, fp32 vectors: dL/dgamma = sum_gy*invstd and b, c of dL/dy = scale*g' + b*y + c.
+  m.def(
+      "bn_grad_sums_coefficients(Tensor g, Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor mean, "
+      "Tensor invstd, bool relu, bool store_masked, float count) -> (Tensor sum_g, Tensor grad_gamma, Tensor b, "
+      "Tensor c, Tensor masked)");
   m.def(
       "bn_grad_input(Tensor g, Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor a, Tensor b, "
       "Tensor c, bool relu) -> Tensor");

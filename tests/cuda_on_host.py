@@ -59,6 +59,11 @@ class _BnFinalizeParams(ctypes.Structure):  # csrc/cuda/launch.h's BnFinalizePar
     _fields_ += [("count", ctypes.c_float), ("eps", ctypes.c_float), ("factor", ctypes.c_float)]
 
 
+class _BnCoefficientParams(ctypes.Structure):  # csrc/cuda/launch.h's BnCoefficientParams, field for field
+    _fields_ = [(name, ctypes.c_void_p) for name in ("a", "invstd", "mean", "grad_gamma", "b", "c")]
+    _fields_ += [("count", ctypes.c_float)]
+
+
 def _cuda_include() -> Path | None:
     roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
     for root in roots:
@@ -117,8 +122,13 @@ def _harness(name: str) -> ctypes.CDLL:
                 ctypes.POINTER(_BnPassParams),
                 ctypes.POINTER(_BnFinalizeParams),
             ]
+            harness.fr_bn_grad_sums_coefficients.argtypes = [
+                ctypes.POINTER(_BnPassParams),
+                ctypes.POINTER(_BnCoefficientParams),
+            ]
             _check_layout(_BnPassParams, harness.fr_bn_params_layout)
             _check_layout(_BnFinalizeParams, harness.fr_bn_finalize_layout)
+            _check_layout(_BnCoefficientParams, harness.fr_bn_coefficients_layout)
         elif name == "im2col":
             harness.fr_im2col.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 16 + [ctypes.c_void_p, ctypes.c_int]
         else:
@@ -192,13 +202,18 @@ def _guarded(t: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
     return buffer, offset, copy
 
 
-_OUTPUTS = ("out", "sum0", "sum1", "running_mean", "running_var", "invstd", "scale", "shift")
+_OUTPUTS = ("out", "sum0", "sum1", "running_mean", "running_var", "invstd", "scale", "shift", "grad_gamma", "b", "c")
+# The passes whose merge kernel can go on to what follows it (launch.h): its parameters and entry point.
+_EPILOGUES = {
+    _STATS: (_BnFinalizeParams, "fr_bn_stats_finalize"),
+    _GRAD_SUMS: (_BnCoefficientParams, "fr_bn_grad_sums_coefficients"),
+}
 
 
-def _run(which: int, y: torch.Tensor, finalize: dict | None = None, **tensors: torch.Tensor | None) -> None:
-    """Launches a pass on guarded copies of y and `tensors` (named as BnPassParams' fields; with `finalize`, the
-    statistics and BnFinalizeParams' tensors and numbers), checks that no kernel wrote outside them, and copies the
-    outputs back."""
+def _run(which: int, y: torch.Tensor, epilogue: dict | None = None, **tensors: torch.Tensor | None) -> None:
+    """Launches a pass on guarded copies of y and `tensors` (named as BnPassParams' fields; with `epilogue`, the
+    tensors and numbers of the merge kernel's epilogue, named as the fields of _EPILOGUES' struct for the pass),
+    checks that no kernel wrote outside them, and copies the outputs back."""
     harness = _harness("bn_passes")
     channels = y.shape[1]
     rows = y.numel() // channels if channels else 0
@@ -206,25 +221,26 @@ def _run(which: int, y: torch.Tensor, finalize: dict | None = None, **tensors: t
     if which in (_STATS, _GRAD_SUMS):
         workspace_size = harness.fr_bn_workspace_elements(rows, channels)
         tensors["workspace"] = torch.empty(workspace_size, dtype=accumulation_dtype(y.dtype))
-    finalize = dict(finalize or {})
-    numbers = {k: finalize.pop(k) for k in ("count", "eps", "factor") if k in finalize}
-    everything = {"y": y, **tensors, **finalize}
-    guarded = {name: _guarded(t) for name, t in everything.items() if t is not None}
+    epilogue = dict(epilogue or {})
+    numbers = {k: epilogue.pop(k) for k in ("count", "eps", "factor") if k in epilogue}
+    given = ({"y": y, **tensors}, epilogue)  # a name may be in both (a vector the epilogue reads again): two copies
+    guarded = {(name, i == 1): _guarded(t) for i, part in enumerate(given) for name, t in part.items() if t is not None}
     p = _BnPassParams(dtype=_DTYPES[y.dtype], rows=rows, channels=channels, relu=relu)
-    f = _BnFinalizeParams(**numbers)
-    for name, (_, _, copy) in guarded.items():
-        setattr(f if name in finalize else p, name, copy.data_ptr())
-    if numbers:
-        err = harness.fr_bn_stats_finalize(ctypes.byref(p), ctypes.byref(f))
+    struct, entry = _EPILOGUES.get(which, (None, None))
+    e = struct(**numbers) if numbers else None
+    for (name, in_epilogue), (_, _, copy) in guarded.items():
+        setattr(e if in_epilogue else p, name, copy.data_ptr())
+    if e is not None:
+        err = getattr(harness, entry)(ctypes.byref(p), ctypes.byref(e))
     else:
         err = harness.fr_bn_pass(which, ctypes.byref(p))
     if err != 0:
         raise RuntimeError(f"emulated launch failed: cudaError_t {err}")
-    for name, (buffer, offset, copy) in guarded.items():
+    for (name, in_epilogue), (buffer, offset, copy) in guarded.items():
         outside = torch.cat([buffer[:offset], buffer[offset + copy.numel() :]])
         assert outside.isnan().all(), f"a kernel wrote outside {name!r}"
         if name in _OUTPUTS:
-            everything[name].as_strided((copy.numel(),), (1,)).copy_(copy)
+            given[in_epilogue][name].as_strided((copy.numel(),), (1,)).copy_(copy)
 
 
 def _vec(v: torch.Tensor) -> torch.Tensor:
@@ -261,6 +277,20 @@ def stats_finalize(
                     scale=scale, shift=shift, count=count, eps=eps, factor=factor)  # fmt: skip
     _run(_STATS, y, finalize, sum0=mean, sum1=m2)
     return mean, m2, invstd, scale, shift
+
+
+def grad_sums_coefficients(g, y, scale, shift, residual, mean, invstd, relu, store_masked, count):
+    """launch_bn_grad_sums_coefficients on a channels_last y, with the op's arguments and outputs (sum_g,
+    grad_gamma, b, c, masked; masked empty unless stored)."""
+    y, g = _nhwc(y), _nhwc(g)
+    residual = None if residual is None else _nhwc(residual)
+    sum_g, sum_gy, grad_gamma, b, c = (_per_channel(y) for _ in range(5))
+    masked = _like(y) if store_masked else None
+    coefficients = dict(a=_vec(scale), invstd=_vec(invstd), mean=_vec(mean), grad_gamma=grad_gamma, b=b, c=c,
+                        count=count)  # fmt: skip
+    _run(_GRAD_SUMS, y, coefficients, g=g, scale=_vec(scale), shift=_vec(shift), residual=residual,
+         mean=_vec(mean), out=masked, sum0=sum_g, sum1=sum_gy, relu=relu)  # fmt: skip
+    return sum_g, grad_gamma, b, c, masked if store_masked else sum_g.new_empty(0)
 
 
 def normalize(y, scale, shift, residual, relu) -> torch.Tensor:

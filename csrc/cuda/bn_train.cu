@@ -628,12 +628,24 @@ __global__ void grad_sums_partials(const T* __restrict__ g, const T* __restrict_
   part_gy[blockIdx.x * channels + c] = sum_gy;
 }
 
+// launch.h's BnCoefficientParams for channel c, from its merged sums. IEEE division (nvcc's default without
+// --use_fast_math), as channel_math's div_rn.
+__device__ __forceinline__ void coefficients_channel(long long c, float sum_g, float sum_gy,
+                                                     const BnCoefficientParams& coef) {
+  const float invstd = coef.invstd[c], a = coef.a[c];
+  const float k = invstd * invstd * sum_gy / coef.count;
+  coef.grad_gamma[c] = sum_gy * invstd;
+  coef.b[c] = -a * k;
+  coef.c[c] = a * (k * coef.mean[c] - sum_g / coef.count);
+}
+
 // Chunk partials -> per-channel sums: each lane sums its chunks in order (as stats_merge's lanes), then lane 0 adds
-// the lanes' sums in order (additions: no long dependent chain to shorten).
+// the lanes' sums in order (additions: no long dependent chain to shorten). With coef.b set (fp32 only), what
+// follows them (coefficients_channel).
 template <typename Acc>
 __global__ void __launch_bounds__(kLanesC* kMergeLanes)
     sums_merge(const Acc* __restrict__ part0, const Acc* __restrict__ part1, long long chunks, long long channels,
-               Acc* __restrict__ out0, Acc* __restrict__ out1) {
+               Acc* __restrict__ out0, Acc* __restrict__ out1, BnCoefficientParams coef) {
   __shared__ Acc s0[kMergeLanes][kLanesC], s1[kMergeLanes][kLanesC];
   const long long c = static_cast<long long>(blockIdx.x) * kLanesC + threadIdx.x;
   Acc sum0 = 0, sum1 = 0;
@@ -660,6 +672,9 @@ __global__ void __launch_bounds__(kLanesC* kMergeLanes)
   }
   out0[c] = sum0;
   out1[c] = sum1;
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (coef.b != nullptr) coefficients_channel(c, sum0, sum1, coef);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ launchers
@@ -786,7 +801,7 @@ struct Normalize {
 
 template <typename T>
 struct GradSums {
-  static cudaError_t run(const BnPassParams& p, cudaStream_t stream) {
+  static cudaError_t run(const BnPassParams& p, cudaStream_t stream, const BnCoefficientParams& coef = {}) {
     using Acc = AccOf<T>;
     const Chunks chunks = chunks_for(p.rows);
     Acc* part_g = static_cast<Acc*>(p.workspace);
@@ -807,7 +822,7 @@ struct GradSums {
     }
     if (err != cudaSuccess) return err;
     return launch_kernel(sums_merge<Acc>, dim3(merge_blocks(p.channels)), dim3(kLanesC, kMergeLanes), stream, part_g,
-                         part_gy, chunks.count, p.channels, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1));
+                         part_gy, chunks.count, p.channels, static_cast<Acc*>(p.sum0), static_cast<Acc*>(p.sum1), coef);
   }
 };
 
@@ -843,6 +858,26 @@ cudaError_t dispatch(const BnPassParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+// Runs Pass<T>::run(p, stream, epilogue) for a 16- or 32-bit p.dtype: a merge kernel that goes on to what follows
+// its sums in fp32 (fp64 sums are finished in fp64 by the caller). Nothing to do for an empty tensor; the callers
+// refuse counts under 2 before this.
+template <template <typename> class Pass, typename Epilogue>
+cudaError_t dispatch_with_epilogue(const BnPassParams& p, const Epilogue& epilogue, cudaStream_t stream) {
+  if (p.rows == 0 || p.channels == 0) return cudaSuccess;
+  if (p.channels > kLanesC * 65535LL) return cudaErrorInvalidValue;  // grid.y limit
+  switch (p.dtype) {
+    case DType::kHalf:
+      return Pass<__half>::run(p, stream, epilogue);
+    case DType::kBFloat16:
+      return Pass<__nv_bfloat16>::run(p, stream, epilogue);
+    case DType::kFloat:
+      return Pass<float>::run(p, stream, epilogue);
+    case DType::kDouble:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 bool set_bn_rows_per_thread(int rows) {
@@ -866,19 +901,7 @@ cudaError_t launch_bn_stats_finalize(const BnPassParams& p, const BnFinalizePara
       (f.running_mean == nullptr) != (f.running_var == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  if (p.rows == 0 || p.channels == 0) return cudaSuccess;  // the caller refuses counts under 2 before this
-  if (p.channels > kLanesC * 65535LL) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case DType::kHalf:
-      return Stats<__half>::run(p, stream, f);
-    case DType::kBFloat16:
-      return Stats<__nv_bfloat16>::run(p, stream, f);
-    case DType::kFloat:
-      return Stats<float>::run(p, stream, f);
-    case DType::kDouble:
-      break;  // fp64 statistics: the caller finalizes them in fp64 itself
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_with_epilogue<Stats>(p, f, stream);
 }
 
 cudaError_t launch_bn_normalize(const BnPassParams& p, cudaStream_t stream) {
@@ -887,6 +910,15 @@ cudaError_t launch_bn_normalize(const BnPassParams& p, cudaStream_t stream) {
 
 cudaError_t launch_bn_grad_sums(const BnPassParams& p, cudaStream_t stream) {
   return dispatch<GradSums>(p, stream);
+}
+
+cudaError_t launch_bn_grad_sums_coefficients(const BnPassParams& p, const BnCoefficientParams& coef,
+                                             cudaStream_t stream) {
+  if (coef.a == nullptr || coef.invstd == nullptr || coef.mean == nullptr || coef.grad_gamma == nullptr ||
+      coef.b == nullptr || coef.c == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch_with_epilogue<GradSums>(p, coef, stream);
 }
 
 cudaError_t launch_bn_grad_input(const BnPassParams& p, cudaStream_t stream) {

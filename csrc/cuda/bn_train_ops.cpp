@@ -131,32 +131,73 @@ at::Tensor bn_normalize_cuda(const at::Tensor& y_in, const at::Tensor& scale, co
   return out;
 }
 
+// bn_grad_sums' checks, outputs and parameters; the launch is the caller's.
+struct GradSumsCall {
+  NhwcInputs in;
+  BnPassParams p;
+  at::Tensor sum_g, sum_gy, masked, workspace;
+};
+
+GradSumsCall grad_sums_call(const char* op, const at::Tensor& g_in, const at::Tensor& y_in, const at::Tensor& scale,
+                            const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                            const at::Tensor& mean, bool relu, bool store_masked) {
+  GradSumsCall call{nhwc_inputs(op, y_in, g_in, residual), {}, {}, {}, {}, {}};
+  for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"mean", mean}}) {
+    check_bn_vector(op, name, v, y_in);
+  }
+  BnPassParams& p = call.p;
+  p = params(call.in);
+  call.sum_g = per_channel_result(y_in, p);
+  call.sum_gy = per_channel_result(y_in, p);
+  call.masked = store_masked ? empty_channels_last(y_in.sizes(), y_in.options())
+                             : at::empty({0}, bn_accumulation_options(y_in));
+  call.workspace = workspace(y_in, p);
+  p.workspace = call.workspace.mutable_data_ptr();
+  p.scale = scale.const_data_ptr();
+  p.shift = shift.const_data_ptr();
+  p.mean = mean.const_data_ptr();
+  p.out = store_masked ? call.masked.mutable_data_ptr() : nullptr;
+  p.sum0 = call.sum_g.mutable_data_ptr();
+  p.sum1 = call.sum_gy.mutable_data_ptr();
+  p.relu = relu;
+  return call;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cuda(const at::Tensor& g_in, const at::Tensor& y_in,
                                                                  const at::Tensor& scale, const at::Tensor& shift,
                                                                  const std::optional<at::Tensor>& residual,
                                                                  const at::Tensor& mean, bool relu,
                                                                  bool store_masked) {
-  const char* op = "bn_grad_sums";
-  const NhwcInputs in = nhwc_inputs(op, y_in, g_in, residual);
-  for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"mean", mean}}) {
-    check_bn_vector(op, name, v, y_in);
-  }
   c10::cuda::CUDAGuard guard(y_in.device());
-  BnPassParams p = params(in);
-  at::Tensor sum_g = per_channel_result(y_in, p), sum_gy = per_channel_result(y_in, p);
-  at::Tensor masked = store_masked ? empty_channels_last(y_in.sizes(), y_in.options())
-                                   : at::empty({0}, bn_accumulation_options(y_in));
-  const at::Tensor ws = workspace(y_in, p);
-  p.workspace = ws.mutable_data_ptr();
-  p.scale = scale.const_data_ptr();
-  p.shift = shift.const_data_ptr();
-  p.mean = mean.const_data_ptr();
-  p.out = store_masked ? masked.mutable_data_ptr() : nullptr;
-  p.sum0 = sum_g.mutable_data_ptr();
-  p.sum1 = sum_gy.mutable_data_ptr();
-  p.relu = relu;
-  C10_CUDA_CHECK(launch_bn_grad_sums(p, stream_of(y_in)));
-  return {sum_g, sum_gy, masked};
+  const GradSumsCall call =
+      grad_sums_call("bn_grad_sums", g_in, y_in, scale, shift, residual, mean, relu, store_masked);
+  C10_CUDA_CHECK(launch_bn_grad_sums(call.p, stream_of(y_in)));
+  return {call.sum_g, call.sum_gy, call.masked};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_coefficients_cuda(
+    const at::Tensor& g_in, const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& shift,
+    const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& invstd, bool relu,
+    bool store_masked, double count) {
+  const char* op = "bn_grad_sums_coefficients";
+  TORCH_CHECK(y_in.scalar_type() != at::kDouble, op, ": fp64 sums are finished in fp64 by the caller");
+  c10::cuda::CUDAGuard guard(y_in.device());
+  const GradSumsCall call = grad_sums_call(op, g_in, y_in, scale, shift, residual, mean, relu, store_masked);
+  check_bn_vector(op, "invstd", invstd, y_in);
+  TORCH_CHECK(call.p.rows > 1 && count == static_cast<double>(call.p.rows), op, ": count must be the ", call.p.rows,
+              " values per channel of y (and more than 1), got ", count);
+  at::Tensor grad_gamma = per_channel_result(y_in, call.p), b = per_channel_result(y_in, call.p);
+  at::Tensor c = per_channel_result(y_in, call.p);
+  BnCoefficientParams coef{};
+  coef.a = scale.const_data_ptr<float>();
+  coef.invstd = invstd.const_data_ptr<float>();
+  coef.mean = mean.const_data_ptr<float>();
+  coef.grad_gamma = grad_gamma.mutable_data_ptr<float>();
+  coef.b = b.mutable_data_ptr<float>();
+  coef.c = c.mutable_data_ptr<float>();
+  coef.count = static_cast<float>(count);
+  C10_CUDA_CHECK(launch_bn_grad_sums_coefficients(call.p, coef, stream_of(y_in)));
+  return {call.sum_g, grad_gamma, b, c, call.masked};
 }
 
 at::Tensor bn_grad_input_cuda(const at::Tensor& g_in, const at::Tensor& y_in, const at::Tensor& scale,
@@ -189,5 +230,6 @@ TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) {
   m.impl("bn_stats_finalize", &fused_resnet::cuda::bn_stats_finalize_cuda);
   m.impl("bn_normalize", &fused_resnet::cuda::bn_normalize_cuda);
   m.impl("bn_grad_sums", &fused_resnet::cuda::bn_grad_sums_cuda);
+  m.impl("bn_grad_sums_coefficients", &fused_resnet::cuda::bn_grad_sums_coefficients_cuda);
   m.impl("bn_grad_input", &fused_resnet::cuda::bn_grad_input_cuda);
 }

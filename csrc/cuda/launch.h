@@ -127,6 +127,22 @@ struct BnFinalizeParams {
 cudaError_t launch_bn_stats_finalize(const BnPassParams& p, const BnFinalizeParams& f, cudaStream_t stream);
 cudaError_t launch_bn_normalize(const BnPassParams& p, cudaStream_t stream);
 cudaError_t launch_bn_grad_sums(const BnPassParams& p, cudaStream_t stream);
+
+// What follows the backward's sums in a train-mode unit (fused_resnet/training/channel_math.py's coefficients, the
+// same formulas in the same order), done by the kernel that merges them instead of by a launch of its own: with
+// k = invstd^2 * sum_gy / count, b = -a*k and c = a*(k*mean - sum_g/count) (dL/dy = a*g' + b*y + c), and
+// grad_gamma = sum_gy * invstd. fp32 vectors of `channels` values; 16- and 32-bit y only.
+struct BnCoefficientParams {
+  const float* a;       // the unit's scale, gamma*invstd
+  const float* invstd;
+  const float* mean;
+  float* grad_gamma;
+  float* b;
+  float* c;
+  float count;
+};
+cudaError_t launch_bn_grad_sums_coefficients(const BnPassParams& p, const BnCoefficientParams& k,
+                                             cudaStream_t stream);
 cudaError_t launch_bn_grad_input(const BnPassParams& p, cudaStream_t stream);
 
 // The stem's max-pool in training (max_pool.cu): dense NHWC tensors of n images, c channels a multiple of 16 bytes

@@ -9,7 +9,9 @@ Forward, in the order the GPU kernels will run it:
 Saved for backward: x, the conv weight, y, mean, invstd (per channel), γ, β, and the residual only where a ReLU
 follows the add (the mask needs it; an identity shortcut is the block input, whose storage the block's first
 conv saves anyway). Neither the normalized y nor the activation is saved: backward recomputes the ReLU mask from
-y in the same single pass that reduces Σg and Σg·(y − mean).
+y in the same single pass that reduces Σg and Σg·(y − mean); on CUDA the kernel that merges those sums goes on to
+dL/dγ and the coefficients of BN's input gradient (cpp_passes.grad_sums_coefficients), or channel_math.py does in one
+launch.
 
 Where x or the residual is another fused unit's output with a recipe (recipes.py: a bottleneck's inner
 activations, a projection shortcut, most block outputs), the unit saves the recipe's tensors, which their own
@@ -143,6 +145,36 @@ class ConvBNActTrain(torch.autograd.Function):
                 made.release()
 
 
+def _sums_then_coefficients(
+    ctx: Any,
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    store_masked: bool,
+    need_gamma: bool,
+    need_dy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(Σg', dL/dγ, g' where stored, b, c): the passes' sums, then dL/dγ and the coefficients, each where needed
+    (else None), in launches of their own. SyncBN all-reduces the sums for the coefficients only."""
+    sum_g, sum_gy, masked = PASSES[ctx.passes].grad_sums(g, y, scale, shift, residual, mean, ctx.relu, store_masked)
+    grad_gamma = sum_gy * invstd if need_gamma else None
+    if not need_dy:
+        return sum_g, grad_gamma, masked, None, None
+    global_g = sum_g
+    if ctx.group is not None:
+        global_g, sum_gy = all_reduce_sum(torch.stack([sum_g, sum_gy]), ctx.group).unbind(0)
+    if _one_launch(y, ctx.passes):
+        b, c = channel_math.coefficients(scale, global_g.contiguous(), sum_gy.contiguous(), invstd, mean, ctx.count)
+    else:
+        k = invstd.square() * sum_gy / ctx.count
+        b, c = -scale * k, scale * (k * mean - global_g / ctx.count)
+    return sum_g, grad_gamma, masked, b, c
+
+
 def _backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple:
     saved = ctx.saved_tensors
     n_x, n_kept = ctx.n_x, ctx.n_x + ctx.n_residual
@@ -151,24 +183,23 @@ def _backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple:
     if grad_out is None:  # only the non-differentiable outputs were used
         return (None,) * 12
     residual = remade(saved[n_x:n_kept], ctx.residual_spec)
-    run = PASSES[ctx.passes]
-    sum_g, sum_gy, masked = run.grad_sums(
-        grad_out, y, scale, shift, residual, mean, ctx.relu, ctx.relu and need_r and ctx.has_residual
-    )
+    store_masked = ctx.relu and need_r and ctx.has_residual
+    if ctx.group is None and ctx.passes == "cpp" and cpp_passes.coefficients_apply(y, invstd):
+        sum_g, grad_gamma, masked, b, c = cpp_passes.grad_sums_coefficients(
+            grad_out, y, scale, shift, residual, mean, invstd, ctx.relu, store_masked, ctx.count
+        )
+    else:
+        sum_g, grad_gamma, masked, b, c = _sums_then_coefficients(
+            ctx, grad_out, y, scale, shift, residual, mean, invstd, store_masked, need_gamma, need_x or need_w
+        )
     if not ctx.relu:
         masked = grad_out
-    grad_gamma = (sum_gy * invstd).to(gamma.dtype) if need_gamma else None
+    grad_gamma = grad_gamma.to(gamma.dtype) if need_gamma else None
     grad_beta = sum_g.to(beta.dtype) if need_beta else None
     grad_x = grad_w = None
     if need_x or need_w:
-        if ctx.group is not None:
-            sum_g, sum_gy = all_reduce_sum(torch.stack([sum_g, sum_gy]), ctx.group).unbind(0)
+        run = PASSES[ctx.passes]
         a = scale
-        if _one_launch(y, ctx.passes):
-            b, c = channel_math.coefficients(a, sum_g.contiguous(), sum_gy.contiguous(), invstd, mean, ctx.count)
-        else:
-            k = invstd.square() * sum_gy / ctx.count
-            b, c = -a * k, a * (k * mean - sum_g / ctx.count)
         if masked is not None:  # g' is at hand: no need to recompute the mask
             dy = run.grad_input(masked, y, scale, shift, None, a, b, c, False)
         else:

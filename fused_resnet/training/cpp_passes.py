@@ -78,6 +78,41 @@ def stats_finalize(
     return mean, invstd, scale, shift
 
 
+def coefficients_apply(y: torch.Tensor, invstd: torch.Tensor, device_type: str = "cuda") -> bool:
+    """Whether grad_sums_coefficients can take this unit's backward: eager, a channels_last CUDA y of 16 or 32 bits
+    (whose forward's statistics, mean, invstd and scale, are then fp32 vectors). For a unit training with these
+    passes, without synchronized statistics (their sums are all-reduced before the coefficients). The op has a
+    CUDA kernel only; device_type is for tests that give it another."""
+    return (
+        not torch.compiler.is_compiling()
+        and y.device.type == device_type
+        and invstd.dtype == torch.float32
+        and y.dtype != torch.float64
+        and _nhwc(y)
+    )
+
+
+def grad_sums_coefficients(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    relu: bool,
+    store_masked: bool,
+    count: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(Σg', Σg'·(y − μ)·σ⁻¹, g' where store_masked, b, c): grad_sums, then the coefficients of dL/dy = a·g' + b·y + c
+    (a = scale; channel_math.coefficients' formulas) and dL/dγ, in the sums' own launches (csrc/cuda/bn_train.cu:
+    the merge kernel goes on); count > 1 and coefficients_apply checked by the caller."""
+    sum_g, grad_gamma, b, c, masked = torch.ops.fused_resnet_C.bn_grad_sums_coefficients(
+        g, y, scale, shift, residual, mean, invstd, relu, store_masked, float(count)
+    )
+    return sum_g, grad_gamma, masked if store_masked else None, b, c
+
+
 def _kernel_or_torch(op_name: str, fallback: Callable[..., torch.Tensor], y_index: int) -> Callable[..., torch.Tensor]:
     """The extension's op where y (argument y_index) is channels_last, else the PyTorch pass; same arguments."""
 
@@ -133,11 +168,20 @@ def _fake_grad_sums(g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *args
     return torch.empty_like(scale), torch.empty_like(scale), masked
 
 
+def _fake_grad_sums_coefficients(
+    g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Any, mean: torch.Tensor,
+    invstd: torch.Tensor, relu: bool, store_masked: bool, count: float,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    sum_g, _, masked = _fake_grad_sums(g, y, scale, store_masked)
+    return sum_g, *(torch.empty_like(scale) for _ in range(3)), masked
+
+
 _FAKES = {
     "bn_stats": _fake_stats,
     "bn_stats_finalize": _fake_stats_finalize,
     "bn_normalize": lambda y, *args: _channels_last_like(y),
     "bn_grad_sums": _fake_grad_sums,
+    "bn_grad_sums_coefficients": _fake_grad_sums_coefficients,
     "bn_grad_input": lambda g, y, *args: _channels_last_like(y),
 }
 if cpp_backend.ops_built(_FAKES):

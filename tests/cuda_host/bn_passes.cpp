@@ -39,6 +39,20 @@ void fr_bn_finalize_layout(long long* out) {
   for (size_t i = 0; i < sizeof(layout) / sizeof(layout[0]); ++i) out[i] = layout[i];
 }
 
+// launch_bn_grad_sums_coefficients; returns the cudaError_t.
+int fr_bn_grad_sums_coefficients(const fused_resnet::cuda::BnPassParams* p,
+                                 const fused_resnet::cuda::BnCoefficientParams* coef) {
+  return fused_resnet::cuda::launch_bn_grad_sums_coefficients(*p, *coef, nullptr);
+}
+
+// BnCoefficientParams' size, then each field's offset in order.
+void fr_bn_coefficients_layout(long long* out) {
+  using K = fused_resnet::cuda::BnCoefficientParams;
+  const long long layout[] = {sizeof(K),          offsetof(K, a), offsetof(K, invstd), offsetof(K, mean),
+                              offsetof(K, grad_gamma), offsetof(K, b), offsetof(K, c),      offsetof(K, count)};
+  for (size_t i = 0; i < sizeof(layout) / sizeof(layout[0]); ++i) out[i] = layout[i];
+}
+
 // which: 0 stats, 1 normalize, 2 grad_sums, 3 grad_input. Returns the cudaError_t.
 int fr_bn_pass(int which, const fused_resnet::cuda::BnPassParams* p) {
   using namespace fused_resnet::cuda;
