@@ -509,6 +509,7 @@ def _check_cuda(args, relu, dtype):
             f"relative error {err:.2e} (cuDNN in {dtype}: {cudnn_err:.2e}), "
             f"max abs {tolerances.max_abs_error(out, expected):.2e}"
         )
+    return out, expected
 
 
 @gpu

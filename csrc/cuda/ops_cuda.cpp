@@ -50,9 +50,10 @@ constexpr int64_t kIm2colBytes = int64_t{256} << 20;
 bool run_im2col_on_sm90(const at::Tensor& x_cl, const at::Tensor& w_cl, const ConvBiasActParams& p,
                         cudaStream_t stream) {
   const DType dtype = kernel_dtype(x_cl.scalar_type());
-  // Most calls end at the first, cheap test; CUTLASS's host-side checks run only for calls of this path, once, on
+  // Most calls end at the first, cheap test; CUTLASS's host-side checks run only for calls of this path, first on
   // stand-ins for the buffers below (they look at sizes and alignment only, and fresh allocations are aligned), so
-  // that a declined call allocates nothing.
+  // that a declined call allocates nothing, then again in each chunk's launch (a chunk differs only in its rows and
+  // its 16-byte aligned offsets, so none is declined after the first has run).
   const int depth = sm90_im2col_depth(dtype, p);
   if (depth == 0 || sm90_engine_route(dtype, p) != Sm90Route::kIm2colGemm) return false;
   const int64_t row_bytes = int64_t{depth} * static_cast<int64_t>(x_cl.element_size());
