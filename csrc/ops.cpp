@@ -51,7 +51,8 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.set_python_module("fused_resnet.training.max_pool_train", "");
   // CUDA only, the stem's max-pool in training (training/max_pool_train.py; csrc/cuda/max_pool.cu), dilation 1,
   // channels a multiple of 16 bytes: torch's max_pool2d values; and the gradient with respect to the pooled
-  // act(y*scale + shift), as bn_normalize makes it, recomputed from y (torch's argmax rules, no indices kept).
+  // act(y*scale + shift), as bn_normalize makes it, recomputed from y (torch's argmax rules, no indices kept;
+  // windows of at most 254 taps).
   m.def("max_pool_nhwc(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) -> Tensor");
   m.def(
       "max_pool_bn_act_backward(Tensor grad, Tensor y, Tensor scale, Tensor shift, bool relu, int[2] kernel_size, "

@@ -134,13 +134,15 @@ def _harness(name: str) -> ctypes.CDLL:
         else:
             harness.fr_max_pool.argtypes = (
                 [ctypes.c_int] * 2
-                + [ctypes.c_void_p] * 5
+                + [ctypes.c_void_p] * 6
                 + [ctypes.c_longlong] * 6
                 + [ctypes.c_int] * 6
                 + [ctypes.c_bool]
             )
             harness.fr_pooled_size.argtypes = [ctypes.c_longlong] + [ctypes.c_int] * 3 + [ctypes.c_bool]
             harness.fr_pooled_size.restype = ctypes.c_longlong
+            harness.fr_max_pool_backward_workspace_bytes.argtypes = [ctypes.c_longlong] * 4
+            harness.fr_max_pool_backward_workspace_bytes.restype = ctypes.c_longlong
         _HARNESSES[name] = harness
     harness = _HARNESSES[name]
     harness.fr_set_thread_order(THREAD_ORDERS.index(_order))
@@ -187,6 +189,7 @@ def _per_channel(y: torch.Tensor) -> torch.Tensor:
 
 
 _GUARD = 64  # NaN elements on each side of every buffer a kernel gets
+_BYTE_GUARD = 0xFE  # byte buffers' guard
 
 
 def _guarded(t: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -399,14 +402,22 @@ def _launch_max_pool(
     tensors = {"x": _nhwc(x), "out": out, **{k: (_nhwc(v) if v.dim() == 4 else v) for k, v in vectors.items()}}
     guarded = {name: _guarded(t) for name, t in tensors.items()}
     ptr = {name: copy.data_ptr() for name, (_, _, copy) in guarded.items()}
-    err = _harness("max_pool").fr_max_pool(
+    harness = _harness("max_pool")
+    # The backward's byte per window and channel, between guard bytes; it starts as _BYTE_GUARD too, which names no
+    # tap of a window the kernels take (at most 254 taps, 0-253) and is not "no winner" (255): a winner the first
+    # pass did not write credits no pixel.
+    workspace = torch.full((harness.fr_max_pool_backward_workspace_bytes(n, c, oh, ow) + 2 * _GUARD,), _BYTE_GUARD,
+                           dtype=torch.uint8)  # fmt: skip
+    err = harness.fr_max_pool(
         which, _DTYPES[x.dtype], ptr["x"], ptr.get("g"), ptr.get("scale"), ptr.get("shift"), ptr["out"],
-        n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, relu,
+        workspace[_GUARD:].data_ptr() if which else None, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, relu,
     )  # fmt: skip
     if err != 0:
         raise RuntimeError(f"emulated launch failed: cudaError_t {err}")
     for name, (buffer, offset, copy) in guarded.items():
         assert torch.cat([buffer[:offset], buffer[offset + copy.numel() :]]).isnan().all(), f"wrote outside {name}"
+    outside = torch.cat([workspace[:_GUARD], workspace[workspace.numel() - _GUARD :]])
+    assert (outside == _BYTE_GUARD).all(), "wrote outside the workspace"
     out.as_strided((out.numel(),), (1,)).copy_(guarded["out"][2])
     return out
 

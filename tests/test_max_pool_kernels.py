@@ -16,13 +16,15 @@ from tests.cuda_on_host import unavailable as host_cuda_unavailable
 
 _NO_HOST = pytest.mark.skipif(host_cuda_unavailable() is not None, reason="no CUDA headers for the host emulation")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-# (kernel, stride, padding): the ResNet stem's, non-overlapping, stride 1, asymmetric, and 1x1 windows that skip pixels.
+# (kernel, stride, padding): the ResNet stem's, non-overlapping, stride 1, asymmetric, 1x1 windows that skip pixels,
+# and 240 taps, near the backward's limit of 254 (a byte names each window's winning tap).
 WINDOWS = [
     ((3, 3), (2, 2), (1, 1)),
     ((2, 2), (2, 2), (0, 0)),
     ((3, 3), (1, 1), (1, 1)),
     ((3, 2), (2, 1), (1, 0)),
     ((1, 1), (2, 2), (0, 0)),
+    ((15, 16), (4, 4), (7, 8)),
 ]
 
 
@@ -136,6 +138,15 @@ def test_emulated_kernels_refuse_partial_vectors():
         max_pool(x, *WINDOWS[0], False)
 
 
+@_NO_HOST
+def test_emulated_backward_refuses_windows_of_255_taps():
+    y = _y(torch.bfloat16, shape=(1, 16, 17, 15))
+    scale, shift = _vectors(16)
+    g = torch.randn(1, 16, 1, 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="cudaError_t"):
+        max_pool_bn_act_backward(g, y, scale, shift, True, (17, 15), (8, 8), (0, 0))
+
+
 # ---------------------------------------------------------------------------------------------------------- on a GPU
 def _cuda_ops():
     from fused_resnet.ops import cpp_backend
@@ -191,6 +202,10 @@ def test_cuda_ops_refuse_bad_input():
     g = torch.randn(1, 16, 4, 4, device="cuda").to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="pooled output's gradient"):
         ops.max_pool_bn_act_backward(g, y, scale, shift, True, *WINDOWS[0])
+    y = _y(torch.bfloat16, shape=(1, 16, 17, 15), device="cuda")
+    g = torch.randn(1, 16, 1, 1, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="at most 254 taps"):
+        ops.max_pool_bn_act_backward(g, y, scale, shift, True, [17, 15], [8, 8], [0, 0])
 
 
 # --------------------------------------------------------------------------------------- in a fused training step

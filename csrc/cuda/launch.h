@@ -154,6 +154,7 @@ struct MaxPoolParams {
   const void* scale;  // backward: fp32 vectors of c values, act = act(y*scale + shift) as bn_train.cu's normalize
   const void* shift;
   void* out;          // forward: [n, oh, ow, c]; backward: dL/d act [n, h, w, c]
+  void* workspace;    // backward: max_pool_backward_workspace_bytes(p) bytes, 8-byte aligned
   int64_t n, h, w, c, oh, ow;
   int kh, kw, sh, sw, ph, pw;  // kernel, stride, padding
   bool relu;                   // backward: act is relu (keeping NaN) or the identity
@@ -161,6 +162,8 @@ struct MaxPoolParams {
 // Windows along an axis of `size` values, torch's pooling_output_shape at dilation 1 (< 1: too small an input).
 int64_t pooled_size(int64_t size, int kernel, int stride, int pad, bool ceil_mode);
 cudaError_t launch_max_pool(const MaxPoolParams& p, cudaStream_t stream);
+// The backward's windows hold fewer than 255 taps (kh*kw), else cudaErrorInvalidValue.
+int64_t max_pool_backward_workspace_bytes(const MaxPoolParams& p);
 cudaError_t launch_max_pool_bn_act_backward(const MaxPoolParams& p, cudaStream_t stream);
 
 }  // namespace fused_resnet::cuda

@@ -1,14 +1,16 @@
 // The stem's max-pool in training (fused_resnet/training/max_pool_train.py), over dense NHWC tensors whose channels
 // are whole 16-byte vectors, dilation 1:
 //   max_pool                out[n, oh, ow, :] = the window's maximum of x
-//   max_pool_bn_act_grad    dL/d act for act = T(act(y*scale + shift)), the unit's output as bn_train.cu's normalize
-//                           stores it, recomputed here from y instead of read: each window's argmax found again
+//   max_pool_bn_act_backward  dL/d act for act = T(act(y*scale + shift)), the unit's output as bn_train.cu's
+//                           normalize stores it, recomputed here from y instead of read: each window's argmax found
+//                           again (one pass, into a byte per window and channel), then gathered (a second)
 // with torch's CUDA rules (aten/src/ATen/native/cuda/DilatedMaxPool2d.cu, channels_last kernels), so that values and
 // gradients are torch's: a window's taps in row-major order, a value wins if it is greater than the best so far or
 // NaN (the first maximum, the last NaN), copied as it is; the gradient of an input pixel is the sum, in fp32 from 0
 // in the windows' row-major order, of the gradients of the windows whose argmax it is, cast once (in one window
 // only: that window's gradient as it is, or +0).
-// A thread owns one channel vector of one output pixel (forward) or input pixel (backward, a gather: no atomics).
+// A thread owns one channel vector of one output pixel (forward, backward's argmax) or input pixel (backward's
+// gather: no atomics).
 // Torch-free: compiled by nvcc alone (see launch.h).
 #include <algorithm>
 #include <cmath>
@@ -105,56 +107,88 @@ __global__ void max_pool_vec(const T* __restrict__ x, T* __restrict__ out, MaxPo
   });
 }
 
+// The backward in two passes: each window's argmax per channel (max_pool_bn_act_winners), then each input pixel's
+// gradient from the windows that hold it (max_pool_grad_gather). Why not one: an input pixel lies in up to 4 windows
+// of the stem's 3x3/2 pool, 2.25 on average, and a gather that found each of their argmaxes again evaluated about 20
+// activations per pixel, 9 times the windows' own taps: by a count of its instructions (about 64 per tap and vector
+// of 8 bf16 channels) some 1 ms of issue time for ResNet-50 at b256 on an H200, against about 0.2 ms to move its bytes.
+// The winners cost one byte per window and channel (51 MB there). An estimate, not a measurement.
+
+// A window's winning tap per channel: its place in the window's full kernel grid (row-major from the unclipped
+// start, so below kh*kw <= kMaxTaps), or kNoWinner where no tap wins (a window of -inf values), where torch credits
+// the image's pixel 0.
+constexpr int kNoWinner = 255;
+constexpr int kMaxTaps = kNoWinner;  // kh*kw below this: launch.h's limit
+
+template <int W>
+struct alignas(W) Winners {
+  unsigned char v[W];
+};
+
 template <typename T>
-__global__ void
-    max_pool_bn_act_grad_vec(const T* __restrict__ g, const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
-                             const AccOf<T>* __restrict__ shift, T* __restrict__ dx, MaxPoolParams p) {
+__global__ void max_pool_bn_act_winners(const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
+                                        const AccOf<T>* __restrict__ shift, unsigned char* __restrict__ winners,
+                                        MaxPoolParams p) {
   using Acc = AccOf<T>;
   constexpr int W = Vec<T>::kWidth;
   const Geometry k = geometry_of(p);
   const bool relu = p.relu;
-  for_each_pixel_vector(p.n, k.h, k.w, k.c / W, [&](long long n, int h, int w, long long pixel, long long v) {
+  for_each_pixel_vector(p.n, k.oh, k.ow, k.c / W, [&](long long n, int oh, int ow, long long pixel, long long v) {
     const T* image = y + n * k.h * k.w * k.c + v * W;
-    const T* grads = g + n * k.oh * k.ow * k.c + v * W;
-    const int self = h * k.w + w;  // the index torch's max-pool gives this pixel in its image
-    Acc s[W], t[W], sum[W];
+    Acc s[W], t[W], best[W];
     load_channels(s, scale, v * W);
     load_channels(t, shift, v * W);
+    Winners<W> won;
 #pragma unroll
-    for (int j = 0; j < W; ++j) sum[j] = Acc(0);
+    for (int j = 0; j < W; ++j) best[j] = -INFINITY, won.v[j] = kNoWinner;
+    const int h0 = oh * k.sh - k.ph, w0 = ow * k.sw - k.pw;  // the window's unclipped start
+    const Taps rows = taps_of(oh, k.kh, k.sh, k.ph, k.h), cols = taps_of(ow, k.kw, k.sw, k.pw, k.w);
+    for (int ih = rows.first; ih < rows.end; ++ih) {
+      for (int iw = cols.first; iw < cols.end; ++iw) {
+        const auto tap = static_cast<unsigned char>((ih - h0) * k.kw + (iw - w0));
+        const Vec<T> yv = load_vec(image + (static_cast<long long>(ih) * k.w + iw) * k.c);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          const Acc z = pre_activation_of<T>(AccMath<T>::load(yv.v[j]), s[j], t[j], false, Acc(0));
+          const Acc act = AccMath<T>::load(AccMath<T>::store(activation_of(z, relu)));  // as stored
+          if (wins(act, best[j])) best[j] = act, won.v[j] = tap;
+        }
+      }
+    }
+    *reinterpret_cast<Winners<W>*>(winners + pixel * k.c + v * W) = won;
+  });
+}
+
+template <typename T>
+__global__ void max_pool_grad_gather(const T* __restrict__ g, const unsigned char* __restrict__ winners,
+                                     T* __restrict__ dx, MaxPoolParams p) {
+  using Acc = AccOf<T>;
+  constexpr int W = Vec<T>::kWidth;
+  const Geometry k = geometry_of(p);
+  for_each_pixel_vector(p.n, k.h, k.w, k.c / W, [&](long long n, int h, int w, long long pixel, long long v) {
+    const long long window_base = n * k.oh * k.ow * k.c + v * W;
+    const bool pixel0 = h == 0 && w == 0;  // credited by a window without a winner
+    Acc sum[W];
     // In exactly one window, torch copies that window's gradient as it is (a -0 or a NaN keeps its bits) instead
     // of summing from +0: `copy` then holds it.
+    Vec<T> copy;
+#pragma unroll
+    for (int j = 0; j < W; ++j) sum[j] = Acc(0), copy.v[j] = AccMath<T>::store(Acc(0));
     const int oh_first = first_window(h, k.ph, k.kh, k.sh), ow_first = first_window(w, k.pw, k.kw, k.sw);
     const int oh_end = end_window(h, k.ph, k.sh, k.oh), ow_end = end_window(w, k.pw, k.sw, k.ow);
     const bool one_window = oh_end - oh_first == 1 && ow_end - ow_first == 1;
-    Vec<T> copy;
-#pragma unroll
-    for (int j = 0; j < W; ++j) copy.v[j] = AccMath<T>::store(Acc(0));
     for (int oh = oh_first; oh < oh_end; ++oh) {
       for (int ow = ow_first; ow < ow_end; ++ow) {
-        const Taps rows = taps_of(oh, k.kh, k.sh, k.ph, k.h), cols = taps_of(ow, k.kw, k.sw, k.pw, k.w);
-        // Whether this pixel is the window's argmax, per channel. torch starts from index 0, not from the first
-        // tap: a window of -inf values only credits pixel 0.
-        Acc best[W];
-        bool mine[W];
-#pragma unroll
-        for (int j = 0; j < W; ++j) best[j] = -INFINITY, mine[j] = self == 0;
-        for (int ih = rows.first; ih < rows.end; ++ih) {
-          for (int iw = cols.first; iw < cols.end; ++iw) {
-            const bool tap_is_self = ih == h && iw == w;
-            const Vec<T> yv = load_vec(image + (static_cast<long long>(ih) * k.w + iw) * k.c);
-#pragma unroll
-            for (int j = 0; j < W; ++j) {
-              const Acc z = pre_activation_of<T>(AccMath<T>::load(yv.v[j]), s[j], t[j], false, Acc(0));
-              const Acc act = AccMath<T>::load(AccMath<T>::store(activation_of(z, relu)));  // as stored
-              if (wins(act, best[j])) best[j] = act, mine[j] = tap_is_self;
-            }
-          }
-        }
-        const Vec<T> gv = load_vec(grads + (static_cast<long long>(oh) * k.ow + ow) * k.c);
+        const int tap = (h - (oh * k.sh - k.ph)) * k.kw + (w - (ow * k.sw - k.pw));  // this pixel's, in the window
+        const long long at = window_base + (static_cast<long long>(oh) * k.ow + ow) * k.c;
+        const Winners<W> won = *reinterpret_cast<const Winners<W>*>(winners + at);
+        const Vec<T> gv = load_vec(g + at);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          if (mine[j]) sum[j] += AccMath<T>::load(gv.v[j]), copy.v[j] = gv.v[j];
+          if (won.v[j] == tap || (won.v[j] == kNoWinner && pixel0)) {
+            sum[j] += AccMath<T>::load(gv.v[j]);
+            copy.v[j] = gv.v[j];
+          }
         }
       }
     }
@@ -190,10 +224,19 @@ cudaError_t run_forward(const MaxPoolParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t run_backward(const MaxPoolParams& p, cudaStream_t stream) {
-  if (!takes<T>(p) || p.g == nullptr || p.scale == nullptr || p.shift == nullptr) return cudaErrorInvalidValue;
-  return launch_kernel(max_pool_bn_act_grad_vec<T>, dim3(blocks_for(p.n * p.h * p.w * (p.c / Vec<T>::kWidth))),
-                       dim3(kThreads), stream, static_cast<const T*>(p.g), static_cast<const T*>(p.x),
-                       static_cast<const AccOf<T>*>(p.scale), static_cast<const AccOf<T>*>(p.shift),
+  if (!takes<T>(p) || p.g == nullptr || p.scale == nullptr || p.shift == nullptr || p.workspace == nullptr ||
+      reinterpret_cast<uintptr_t>(p.workspace) % 8 != 0 || p.kh * p.kw >= kMaxTaps) {
+    return cudaErrorInvalidValue;
+  }
+  constexpr int W = Vec<T>::kWidth;
+  auto* winners = static_cast<unsigned char*>(p.workspace);
+  const cudaError_t err =
+      launch_kernel(max_pool_bn_act_winners<T>, dim3(blocks_for(p.n * p.oh * p.ow * (p.c / W))), dim3(kThreads),
+                    stream, static_cast<const T*>(p.x), static_cast<const AccOf<T>*>(p.scale),
+                    static_cast<const AccOf<T>*>(p.shift), winners, p);
+  if (err != cudaSuccess) return err;
+  return launch_kernel(max_pool_grad_gather<T>, dim3(blocks_for(p.n * p.h * p.w * (p.c / W))), dim3(kThreads),
+                       stream, static_cast<const T*>(p.g), static_cast<const unsigned char*>(winners),
                        static_cast<T*>(p.out), p);
 }
 
@@ -230,6 +273,10 @@ int64_t pooled_size(int64_t size, int kernel, int stride, int pad, bool ceil_mod
 cudaError_t launch_max_pool(const MaxPoolParams& p, cudaStream_t stream) {
   if (p.n * p.oh * p.ow * p.c == 0) return cudaSuccess;
   return with_element_type(p.dtype, [&](auto type) { return run_forward<typename decltype(type)::T>(p, stream); });
+}
+
+int64_t max_pool_backward_workspace_bytes(const MaxPoolParams& p) {
+  return p.n * p.oh * p.ow * p.c;  // one winning tap per window and channel
 }
 
 cudaError_t launch_max_pool_bn_act_backward(const MaxPoolParams& p, cudaStream_t stream) {

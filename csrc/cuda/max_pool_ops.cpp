@@ -97,6 +97,8 @@ at::Tensor max_pool_bn_act_backward_cuda(const at::Tensor& g_in, const at::Tenso
   check_bn_vector(op, "scale", scale_in, y_in);
   check_bn_vector(op, "shift", shift_in, y_in);
   const Window w = window_of(op, kernel, stride, padding);
+  TORCH_CHECK(w.kernel[0] * w.kernel[1] < 255, op, ": windows of at most 254 taps (a byte per window and channel ",
+              "names the winner), got kernel_size ", kernel);
   // The pooled size says nothing of ceil_mode here: either count of windows is taken, not any other.
   const auto fits = [&](int axis, int64_t size) {
     const int i = axis - 2;
@@ -122,6 +124,8 @@ at::Tensor max_pool_bn_act_backward_cuda(const at::Tensor& g_in, const at::Tenso
   p.shift = shift.const_data_ptr();
   p.out = dx.mutable_data_ptr();
   p.relu = relu;
+  const at::Tensor winners = at::empty({max_pool_backward_workspace_bytes(p)}, y.options().dtype(at::kByte));
+  p.workspace = winners.mutable_data_ptr();
   C10_CUDA_CHECK(launch_max_pool_bn_act_backward(p, stream_of(y)));
   return dx;
 }

@@ -8,9 +8,10 @@ the bit-identical remade tensor again gives the same indices (the first maximum 
 With the extension's CUDA passes (recipe passes "cpp" on CUDA; 16-byte channel vectors, dilation 1) both
 directions are the extension's kernels (csrc/cuda/max_pool.cu): the forward pools with torch's values, and
 backward neither remakes the input nor pools it again: one kernel recomputes each window's argmax from the
-stem's raw conv output and gathers the gradient, as torch's CUDA max-pool would have (its tie and NaN rules,
-fp32 sums in its order). On the H200 ATen's pooling took 0.82 ms a call to read 411 MB and write 103 MB, and its
-backward 1.83 ms, for ResNet-50 at b256 (2026-11-27_H200_run4); these kernels' own time awaits a GPU run.
+stem's raw conv output (a byte per window and channel), another gathers the gradient, as torch's CUDA max-pool
+would have (its tie and NaN rules, fp32 sums in its order). On the H200 ATen's pooling took 0.82 ms a call to
+read 411 MB and write 103 MB, and its backward 1.83 ms, for ResNet-50 at b256 (2026-11-27_H200_run4); these
+kernels' own time awaits a GPU run.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def extension_pools(
     """Whether the extension's CUDA max-pool kernels take this pool of x, the output of the unit `recipe` remakes:
     x and the unit's y channels_last on CUDA (so that the unit's output came from csrc/cuda/bn_train.cu's normalize,
     the arithmetic the backward kernel repeats), 16 or 32 bits, channels in whole 16-byte vectors, dilation 1,
-    padding at most half the kernel (torch's own limit), kernel and stride at most 1024 and fewer than 2^31 pixels
-    an image (the op's limits). The ops have CUDA kernels only; device_type is for tests that give them another."""
+    padding at most half the kernel (torch's own limit), kernel and stride at most 1024, windows of at most 254 taps
+    and fewer than 2^31 pixels an image (the ops' limits). The ops have CUDA kernels only; device_type is for tests
+    that give them another."""
     return (
         recipe.passes == "cpp"
         and x.device.type == device_type
@@ -82,6 +84,7 @@ def extension_pools(
         and dilation == (1, 1)
         and all(2 * p <= k <= 1024 for p, k in zip(padding, kernel_size, strict=True))
         and all(0 < s <= 1024 for s in stride)
+        and kernel_size[0] * kernel_size[1] < 255
         and cpp_backend.unavailable(device_type) is None
     )
 
