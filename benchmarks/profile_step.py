@@ -4,7 +4,9 @@ A step whose wall time is well above its kernel time is host-bound: the GPU wait
 For each contender it prints wall ms/step, kernel ms/step (torch.profiler, the sum of every kernel's device
 time), kernel launches per step, that time by kind of kernel (told apart by name: convolutions and GEMMs, this
 package's own kernels, Triton's, ATen's elementwise and reduction kernels, the rest), and the kernels that take the
-most time. A training step is the bench's: forward, cross-entropy, backward, SGD step. --compile adds
+most time. A training step is the bench's: forward, cross-entropy, backward, SGD step; cuDNN picks its algorithms
+as in the bench (benchmark mode), and each contender's line also gives the median of the bench's own samples (one
+step between CUDA events after a synchronize), to compare with the back-to-back wall time. --compile adds
 torch.compile'd stock (default mode), whose step the fused one is measured against.
 
     python benchmarks/profile_step.py --device cuda --bf16 --model resnet50 --batch 256 --mode train --compile
@@ -24,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fused_resnet
 from fused_resnet.bench.contenders import engine_scope, hopper_engine_runs, other_cuda_engines
+from fused_resnet.bench.timing import time_block
 
 
 def _contenders(
@@ -101,6 +104,10 @@ def measure(step: Callable[[], None], device: torch.device, steps: int) -> dict:
         step()
     _sync(device)
     wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    # The bench's own sample (fused_resnet/bench/timing.py): one step between CUDA events after a synchronize, so
+    # the host's time to reach the step's first kernel counts, where back-to-back steps above overlap it.
+    samples = sorted(time_block(step, device, 1, None) for _ in range(steps))
+    sample_ms = samples[len(samples) // 2]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -110,7 +117,14 @@ def measure(step: Callable[[], None], device: torch.device, steps: int) -> dict:
     if device.type != "cuda":  # no kernels: the ops that take the most CPU time themselves
         top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
         rows = [(e.key[:70], e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in top]
-        return {"wall_ms": wall_ms, "kernel_ms": None, "launches": None, "kinds": {}, "top": rows}
+        return {
+            "wall_ms": wall_ms,
+            "sample_ms": sample_ms,
+            "kernel_ms": None,
+            "launches": None,
+            "kinds": {},
+            "top": rows,
+        }
     kernels = [e for e in events if _device_us(e) > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
     top = sorted(kernels, key=_device_us, reverse=True)[:8]
     kinds: dict[str, list[float]] = {}
@@ -120,6 +134,7 @@ def measure(step: Callable[[], None], device: torch.device, steps: int) -> dict:
         ms_count[1] += e.count / steps
     return {
         "wall_ms": wall_ms,
+        "sample_ms": sample_ms,
         "kernel_ms": sum(_device_us(e) for e in kernels) / 1e3 / steps,
         "launches": sum(e.count for e in kernels) / steps,
         "kinds": kinds,
@@ -143,6 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd stock (default mode)")
     args = parser.parse_args(argv)
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as the bench runs (fused_resnet/bench/cli.py): the same cuDNN algorithms
+    try:
+        return _profile(args)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _profile(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     train = args.mode == "train"
     backends = args.backends or (["triton", "cuda"] if device.type == "cuda" else ["cpu"])
@@ -166,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:14s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             continue
         kernel = "" if r["kernel_ms"] is None else f"  kernels {r['kernel_ms']:8.2f} ms in {r['launches']:.0f} launches"
-        print(f"  {name:14s} wall {r['wall_ms']:8.2f} ms{kernel}")
+        print(f"  {name:14s} wall {r['wall_ms']:8.2f} ms  bench-style {r['sample_ms']:8.2f} ms{kernel}")
         for kind, (ms, count) in sorted(r["kinds"].items(), key=lambda item: -item[1][0]):
             print(f"      {ms:7.3f} ms  x{count:<4.0f} [{kind}]")
         for key, ms, count in r["top"]:
