@@ -205,11 +205,15 @@ def _guarded(t: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
     return buffer, offset, copy
 
 
-_OUTPUTS = ("out", "sum0", "sum1", "running_mean", "running_var", "invstd", "scale", "shift", "grad_gamma", "b", "c")
-# The passes whose merge kernel can go on to what follows it (launch.h): its parameters and entry point.
+_OUTPUTS = ("out", "sum0", "sum1")  # BnPassParams' (the rest are inputs, never copied back)
+# The passes whose merge kernel can go on to what follows it (launch.h): its parameters, entry point and outputs.
 _EPILOGUES = {
-    _STATS: (_BnFinalizeParams, "fr_bn_stats_finalize"),
-    _GRAD_SUMS: (_BnCoefficientParams, "fr_bn_grad_sums_coefficients"),
+    _STATS: (
+        _BnFinalizeParams,
+        "fr_bn_stats_finalize",
+        ("running_mean", "running_var", "invstd", "scale", "shift"),
+    ),
+    _GRAD_SUMS: (_BnCoefficientParams, "fr_bn_grad_sums_coefficients", ("grad_gamma", "b", "c")),
 }
 
 
@@ -229,7 +233,7 @@ def _run(which: int, y: torch.Tensor, epilogue: dict | None = None, **tensors: t
     given = ({"y": y, **tensors}, epilogue)  # a name may be in both (a vector the epilogue reads again): two copies
     guarded = {(name, i == 1): _guarded(t) for i, part in enumerate(given) for name, t in part.items() if t is not None}
     p = _BnPassParams(dtype=_DTYPES[y.dtype], rows=rows, channels=channels, relu=relu)
-    struct, entry = _EPILOGUES.get(which, (None, None))
+    struct, entry, epilogue_outputs = _EPILOGUES.get(which, (None, None, ()))
     e = struct(**numbers) if numbers else None
     for (name, in_epilogue), (_, _, copy) in guarded.items():
         setattr(e if in_epilogue else p, name, copy.data_ptr())
@@ -242,7 +246,7 @@ def _run(which: int, y: torch.Tensor, epilogue: dict | None = None, **tensors: t
     for (name, in_epilogue), (buffer, offset, copy) in guarded.items():
         outside = torch.cat([buffer[:offset], buffer[offset + copy.numel() :]])
         assert outside.isnan().all(), f"a kernel wrote outside {name!r}"
-        if name in _OUTPUTS:
+        if name in (epilogue_outputs if in_epilogue else _OUTPUTS):
             given[in_epilogue][name].as_strided((copy.numel(),), (1,)).copy_(copy)
 
 
@@ -392,10 +396,17 @@ def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) 
 
 
 def _launch_max_pool(
-    which: int, x: torch.Tensor, out: torch.Tensor, window: tuple, relu: bool = False, **vectors: torch.Tensor
+    which: int,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    window: tuple,
+    relu: bool = False,
+    workspace_offset: int = 0,
+    **vectors: torch.Tensor,
 ) -> torch.Tensor:
     """Runs a max_pool.cu launcher (0 forward, 1 backward) on guarded copies of x and `vectors` (g, scale, shift),
-    into out (NaN to start with); checks that nothing was written outside them."""
+    into out (NaN to start with); checks that nothing was written outside them. The backward's workspace starts
+    workspace_offset bytes past an aligned address."""
     (kh, kw), (sh, sw), (ph, pw) = window
     n, c, h, w = x.shape
     oh, ow = (vectors["g"] if which else out).shape[2:]
@@ -406,11 +417,12 @@ def _launch_max_pool(
     # The backward's byte per window and channel, between guard bytes; it starts as _BYTE_GUARD too, which names no
     # tap of a window the kernels take (at most 254 taps, 0-253) and is not "no winner" (255): a winner the first
     # pass did not write credits no pixel.
-    workspace = torch.full((harness.fr_max_pool_backward_workspace_bytes(n, c, oh, ow) + 2 * _GUARD,), _BYTE_GUARD,
-                           dtype=torch.uint8)  # fmt: skip
+    size = harness.fr_max_pool_backward_workspace_bytes(n, c, oh, ow) + workspace_offset
+    workspace = torch.full((size + 2 * _GUARD,), _BYTE_GUARD, dtype=torch.uint8)
     err = harness.fr_max_pool(
         which, _DTYPES[x.dtype], ptr["x"], ptr.get("g"), ptr.get("scale"), ptr.get("shift"), ptr["out"],
-        workspace[_GUARD:].data_ptr() if which else None, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, relu,
+        workspace[_GUARD + workspace_offset :].data_ptr() if which else None, n, h, w, c, oh, ow, kh, kw, sh, sw, ph,
+        pw, relu,
     )  # fmt: skip
     if err != 0:
         raise RuntimeError(f"emulated launch failed: cudaError_t {err}")
@@ -434,7 +446,9 @@ def max_pool(x: torch.Tensor, kernel: tuple, stride: tuple, padding: tuple, ceil
 
 def max_pool_bn_act_backward(
     g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool, kernel: tuple,
-    stride: tuple, padding: tuple,
+    stride: tuple, padding: tuple, workspace_offset: int = 0,
 ) -> torch.Tensor:  # fmt: skip
-    """max_pool.cu's backward: dL/d act for act = act(y*scale + shift) pooled into g's shape."""
-    return _launch_max_pool(1, y, _like(y), (kernel, stride, padding), relu, g=g, scale=scale, shift=shift)
+    """max_pool.cu's backward: dL/d act for act = act(y*scale + shift) pooled into g's shape (its workspace
+    workspace_offset bytes off alignment, for tests of the launcher's checks)."""
+    window = (kernel, stride, padding)
+    return _launch_max_pool(1, y, _like(y), window, relu, workspace_offset, g=g, scale=scale, shift=shift)

@@ -139,6 +139,44 @@ def test_emulated_kernels_refuse_partial_vectors():
 
 
 @_NO_HOST
+@pytest.mark.parametrize("window", [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_emulated_backward_credits_pixel_0_where_no_tap_wins(window, dtype):
+    # A window of -inf activations has no winner. torch's CUDA max-pool then keeps the argmax it starts from, the
+    # image's pixel (0, 0), whose backward takes the gradient of each such window it lies in (copied as it is from
+    # one window, else summed in fp32 in the windows' order); every other pixel gets +0. Written out here, since
+    # torch's CPU pool credits the window's first tap instead.
+    (kh, kw), (sh, sw), (ph, pw) = window
+    y = torch.full((2, 16, 7, 6), float("-inf"), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.ones(16), torch.zeros(16)
+    oh, ow = (pooled_size(size, k, s, p, False) for size, k, s, p in ((7, kh, sh, ph), (6, kw, sw, pw)))
+    g = torch.randn(2, 16, oh, ow).to(dtype).contiguous(memory_format=torch.channels_last)
+    got = max_pool_bn_act_backward(g, y, scale, shift, False, *window)
+    rows = [o for o in range(oh) if o * sh - ph <= 0 < o * sh - ph + kh]
+    cols = [o for o in range(ow) if o * sw - pw <= 0 < o * sw - pw + kw]
+    want = torch.zeros(y.shape, dtype=dtype)
+    if len(rows) * len(cols) == 1:
+        want[:, :, 0, 0] = g[:, :, rows[0], cols[0]]
+    else:
+        total = torch.zeros(2, 16)
+        for o in rows:
+            for p in cols:
+                total += g[:, :, o, p].float()
+        want[:, :, 0, 0] = total.to(dtype)
+    _assert_bitwise_equal(got.contiguous(), want)
+
+
+@_NO_HOST
+def test_emulated_backward_refuses_a_misaligned_workspace():
+    y = _y(torch.bfloat16, shape=(1, 16, 5, 5))
+    scale, shift = _vectors(16)
+    g = torch.randn(1, 16, 3, 3).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    max_pool_bn_act_backward(g, y, scale, shift, True, *WINDOWS[0])  # aligned: runs
+    with pytest.raises(RuntimeError, match="cudaError_t"):  # a byte per channel, 8 bf16 channels read at once
+        max_pool_bn_act_backward(g, y, scale, shift, True, *WINDOWS[0], workspace_offset=4)
+
+
+@_NO_HOST
 def test_emulated_backward_refuses_windows_of_255_taps():
     y = _y(torch.bfloat16, shape=(1, 16, 17, 15))
     scale, shift = _vectors(16)

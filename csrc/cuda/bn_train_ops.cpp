@@ -131,22 +131,27 @@ at::Tensor bn_normalize_cuda(const at::Tensor& y_in, const at::Tensor& scale, co
   return out;
 }
 
-// bn_grad_sums' checks, outputs and parameters; the launch is the caller's.
+// bn_grad_sums' checked inputs.
+NhwcInputs grad_sums_inputs(const char* op, const at::Tensor& g_in, const at::Tensor& y_in, const at::Tensor& scale,
+                            const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                            const at::Tensor& mean) {
+  NhwcInputs in = nhwc_inputs(op, y_in, g_in, residual);
+  for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"mean", mean}}) {
+    check_bn_vector(op, name, v, y_in);
+  }
+  return in;
+}
+
+// bn_grad_sums' outputs and parameters, under the caller's device guard; the launch is the caller's.
 struct GradSumsCall {
-  NhwcInputs in;
   BnPassParams p;
   at::Tensor sum_g, sum_gy, masked, workspace;
 };
 
-GradSumsCall grad_sums_call(const char* op, const at::Tensor& g_in, const at::Tensor& y_in, const at::Tensor& scale,
-                            const at::Tensor& shift, const std::optional<at::Tensor>& residual,
-                            const at::Tensor& mean, bool relu, bool store_masked) {
-  GradSumsCall call{nhwc_inputs(op, y_in, g_in, residual), {}, {}, {}, {}, {}};
-  for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"mean", mean}}) {
-    check_bn_vector(op, name, v, y_in);
-  }
+GradSumsCall grad_sums_call(const NhwcInputs& in, const at::Tensor& y_in, const at::Tensor& scale,
+                            const at::Tensor& shift, const at::Tensor& mean, bool relu, bool store_masked) {
+  GradSumsCall call{params(in), {}, {}, {}, {}};
   BnPassParams& p = call.p;
-  p = params(call.in);
   call.sum_g = per_channel_result(y_in, p);
   call.sum_gy = per_channel_result(y_in, p);
   call.masked = store_masked ? empty_channels_last(y_in.sizes(), y_in.options())
@@ -168,9 +173,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cuda(const at::Tenso
                                                                  const std::optional<at::Tensor>& residual,
                                                                  const at::Tensor& mean, bool relu,
                                                                  bool store_masked) {
+  const NhwcInputs in = grad_sums_inputs("bn_grad_sums", g_in, y_in, scale, shift, residual, mean);
   c10::cuda::CUDAGuard guard(y_in.device());
-  const GradSumsCall call =
-      grad_sums_call("bn_grad_sums", g_in, y_in, scale, shift, residual, mean, relu, store_masked);
+  const GradSumsCall call = grad_sums_call(in, y_in, scale, shift, mean, relu, store_masked);
   C10_CUDA_CHECK(launch_bn_grad_sums(call.p, stream_of(y_in)));
   return {call.sum_g, call.sum_gy, call.masked};
 }
@@ -180,12 +185,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_grad_s
     const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& invstd, bool relu,
     bool store_masked, double count) {
   const char* op = "bn_grad_sums_coefficients";
+  const NhwcInputs in = grad_sums_inputs(op, g_in, y_in, scale, shift, residual, mean);
   TORCH_CHECK(y_in.scalar_type() != at::kDouble, op, ": fp64 sums are finished in fp64 by the caller");
-  c10::cuda::CUDAGuard guard(y_in.device());
-  const GradSumsCall call = grad_sums_call(op, g_in, y_in, scale, shift, residual, mean, relu, store_masked);
   check_bn_vector(op, "invstd", invstd, y_in);
-  TORCH_CHECK(call.p.rows > 1 && count == static_cast<double>(call.p.rows), op, ": count must be the ", call.p.rows,
+  const int64_t rows = y_in.size(1) == 0 ? 0 : y_in.numel() / y_in.size(1);
+  TORCH_CHECK(rows > 1 && count == static_cast<double>(rows), op, ": count must be the ", rows,
               " values per channel of y (and more than 1), got ", count);
+  c10::cuda::CUDAGuard guard(y_in.device());
+  const GradSumsCall call = grad_sums_call(in, y_in, scale, shift, mean, relu, store_masked);
   at::Tensor grad_gamma = per_channel_result(y_in, call.p), b = per_channel_result(y_in, call.p);
   at::Tensor c = per_channel_result(y_in, call.p);
   BnCoefficientParams coef{};

@@ -141,7 +141,7 @@ struct BnCoefficientParams {
   float* c;
   float count;
 };
-cudaError_t launch_bn_grad_sums_coefficients(const BnPassParams& p, const BnCoefficientParams& k,
+cudaError_t launch_bn_grad_sums_coefficients(const BnPassParams& p, const BnCoefficientParams& coef,
                                              cudaStream_t stream);
 cudaError_t launch_bn_grad_input(const BnPassParams& p, cudaStream_t stream);
 
@@ -162,8 +162,8 @@ struct MaxPoolParams {
 // Windows along an axis of `size` values, torch's pooling_output_shape at dilation 1 (< 1: too small an input).
 int64_t pooled_size(int64_t size, int kernel, int stride, int pad, bool ceil_mode);
 cudaError_t launch_max_pool(const MaxPoolParams& p, cudaStream_t stream);
-// The backward's windows hold fewer than 255 taps (kh*kw), else cudaErrorInvalidValue.
 int64_t max_pool_backward_workspace_bytes(const MaxPoolParams& p);
+// Windows of fewer than 255 taps (kh*kw) only, else cudaErrorInvalidValue.
 cudaError_t launch_max_pool_bn_act_backward(const MaxPoolParams& p, cudaStream_t stream);
 
 }  // namespace fused_resnet::cuda

@@ -115,10 +115,10 @@ __global__ void max_pool_vec(const T* __restrict__ x, T* __restrict__ out, MaxPo
 // The winners cost one byte per window and channel (51 MB there). An estimate, not a measurement.
 
 // A window's winning tap per channel: its place in the window's full kernel grid (row-major from the unclipped
-// start, so below kh*kw <= kMaxTaps), or kNoWinner where no tap wins (a window of -inf values), where torch credits
-// the image's pixel 0.
+// start: below kh*kw, which the launcher holds under kMaxTaps), or kNoWinner where no tap wins (a window of -inf
+// values), where torch credits the image's pixel 0.
 constexpr int kNoWinner = 255;
-constexpr int kMaxTaps = kNoWinner;  // kh*kw below this: launch.h's limit
+constexpr int kMaxTaps = kNoWinner;  // launch.h's limit on kh*kw
 
 template <int W>
 struct alignas(W) Winners {
