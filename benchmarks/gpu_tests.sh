@@ -4,8 +4,7 @@
 #
 #   benchmarks/gpu_tests.sh PYTHON
 #
-#   extension  tests/test_cpp_ops.py tests/test_cuda_sm90_engine.py tests/test_training_passes.py
-#              tests/test_max_pool_kernels.py, with CUDA_LAUNCH_BLOCKING=1 so a fault is
+#   extension  the files of EXT_FILES below (the extension's kernels), with CUDA_LAUNCH_BLOCKING=1 so a fault is
 #              reported at the launch that made it
 #   rest       every other file's gpu tests (Triton kernels, models, torch.compile)
 # With pytest-xdist each group is spread over workers (a worker whose CUDA context broke is replaced: see
@@ -13,7 +12,8 @@
 # Each group's output is printed whole when it ends, or when this script is stopped.
 set -uo pipefail
 PY=${1:-python}
-EXT_FILES=(tests/test_cpp_ops.py tests/test_cuda_sm90_engine.py tests/test_training_passes.py tests/test_max_pool_kernels.py)
+EXT_FILES=(tests/test_cpp_ops.py tests/test_cuda_sm90_engine.py tests/test_training_passes.py tests/test_max_pool_kernels.py
+           tests/test_stats_finalize.py tests/test_grad_sums_coefficients.py tests/test_training_cuda_graph.py)
 TMP=$(mktemp -d)
 
 has() { "$PY" -c "import $1" 2>/dev/null; }

@@ -173,6 +173,12 @@ def test_contender_plan() -> None:
     train = _names(Group("resnet50", 256, torch.bfloat16, "train"), "gpu-full", "cuda")
     assert train[0] == "eager+autocast" and "bn_folded_cl" not in train and "compile_freezing" not in train
     assert all(name.endswith("+autocast") for name in train)
+    train_graphs = [
+        c for c in contenders.plan(Group("resnet50", 256, torch.bfloat16, "train"), with_graphs, torch.device("cuda"))
+    ]
+    replays = {c.name: c for c in train_graphs if c.compile_mode == "graph"}  # whole train steps, replayed
+    assert {"eager_cl+autocast+graph", *(g.replace("+graph", "+autocast+graph") for g in graphs)} == set(replays)
+    assert all(c.autocast == torch.bfloat16 and c.dtype == torch.float32 for c in replays.values())
 
 
 def test_hopper_engine_contender_runs_its_steps_on_that_engine(monkeypatch: pytest.MonkeyPatch) -> None:

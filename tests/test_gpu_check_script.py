@@ -39,3 +39,10 @@ def test_stages_are_accepted_and_unknown_ones_refused(tmp_path):
     assert "install     skipped" in done.stdout and "tune        skipped" in done.stdout
     refused = _run(str(tmp_path / "out2"), "--cpu-dry-run", "--stage", "no-such-stage")
     assert refused.returncode == 2 and "unknown stage: no-such-stage" in refused.stdout
+
+
+def test_the_extension_test_group_names_existing_files():
+    # A misspelt file there would make the extension group's pytest exit with an error, a test stage lost.
+    text = (SCRIPT.parent / "gpu_tests.sh").read_text()
+    files = re.search(r"^EXT_FILES=\(([^)]*)\)", text, flags=re.MULTILINE).group(1).split()
+    assert files and all((SCRIPT.parents[1] / f).is_file() for f in files), files

@@ -78,9 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--graph-replays",
         action="store_true",
-        help="GPU inference: also time each eager contender captured in a CUDA graph and replayed (its GPU time "
-        "without host launch overhead). Off by default: one such run ended in an illegal memory access, cause "
-        "not yet found",
+        help="GPU: also time each eager contender (inference, or a whole train step) captured in a CUDA graph and "
+        "replayed (its GPU time without host launch overhead). Off by default: one such run ended in an illegal "
+        "memory access, cause not yet found",
     )
     p.add_argument(
         "--max-autotune",

@@ -87,12 +87,14 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
             note = f"the cuda backend's {engine!r} engine"
             out.append(Contender(f"fused:cuda+{engine}{suffix}", "fused", cl, weights, amp, backend="cuda", note=note,
                                  cuda_engine=engine))  # fmt: skip
-    if device.type == "cuda" and not train and profile.graph_replays:
-        # Replayed CUDA graphs: how much of each eager row is host launch overhead rather than GPU time.
-        out.append(Contender("eager_cl+graph", "eager", cl, weights, compile_mode="graph"))
+    if device.type == "cuda" and profile.graph_replays:
+        # Replayed CUDA graphs: how much of each eager row (inference, or a whole train step) is host launch
+        # overhead rather than GPU time.
+        out.append(Contender(f"eager_cl{suffix}+graph", "eager", cl, weights, amp, compile_mode="graph"))
         for name in DEVICE_BACKENDS[device.type]:
             if backends.unavailable_reason(name) is None and name != "reference":
-                out.append(Contender(f"fused:{name}+graph", "fused", cl, weights, compile_mode="graph", backend=name))
+                out.append(Contender(f"fused:{name}{suffix}+graph", "fused", cl, weights, amp, compile_mode="graph",
+                                     backend=name))  # fmt: skip
     small = device.type == "cuda" and group.batch <= profile.small_batch
     if small and not train:
         for name in DEVICE_BACKENDS[device.type]:
@@ -210,7 +212,7 @@ def make_step(c: Contender, net: nn.Module, x: torch.Tensor, target: torch.Tenso
         optimizer.zero_grad(set_to_none=True)
         return logits.detach()
 
-    return train_step
+    return graphed(train_step) if c.compile_mode == "graph" else train_step
 
 
 def graphed(step: Step) -> Step:
