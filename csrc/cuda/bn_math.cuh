@@ -3,11 +3,35 @@
 #pragma once
 
 #include "cuda/elem.cuh"
+#include "cuda/launch.h"
 
 namespace fused_resnet::cuda {
 
 template <typename T>
 using AccOf = typename AccMath<T>::Acc;
+
+template <typename Element>
+struct Type {
+  using T = Element;
+};
+
+// f(Type<T>{}) for the element type of `dtype`, the one dtype switch of these kernels' launchers; fp64 only where
+// kWithDouble (the others work in fp32: cudaErrorInvalidValue).
+template <bool kWithDouble = false, typename F>
+cudaError_t with_element_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kHalf:
+      return f(Type<__half>{});
+    case DType::kBFloat16:
+      return f(Type<__nv_bfloat16>{});
+    case DType::kFloat:
+      return f(Type<float>{});
+    case DType::kDouble:
+      if constexpr (kWithDouble) return f(Type<double>{});
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
 
 // z = y*scale + shift [+ r]: the one definition of the pre-activation (r_value is read only with a residual).
 template <typename T>

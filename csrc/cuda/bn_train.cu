@@ -840,42 +840,15 @@ struct GradInput {
   }
 };
 
-// Runs Pass<T> for p.dtype; nothing to do for an empty tensor.
-template <template <typename> class Pass>
-cudaError_t dispatch(const BnPassParams& p, cudaStream_t stream) {
+// Runs Pass<T>::run(p, stream, epilogue...) for p.dtype; nothing to do for an empty tensor. With an epilogue (a
+// merge kernel that goes on to what follows its sums, in fp32) 16- and 32-bit only: fp64 sums are finished in fp64
+// by the caller, who also refuses counts under 2 before this.
+template <template <typename> class Pass, typename... Epilogue>
+cudaError_t dispatch(const BnPassParams& p, cudaStream_t stream, const Epilogue&... epilogue) {
   if (p.rows == 0 || p.channels == 0) return cudaSuccess;
   if (p.channels > kLanesC * 65535LL) return cudaErrorInvalidValue;  // grid.y limit
-  switch (p.dtype) {
-    case DType::kHalf:
-      return Pass<__half>::run(p, stream);
-    case DType::kBFloat16:
-      return Pass<__nv_bfloat16>::run(p, stream);
-    case DType::kFloat:
-      return Pass<float>::run(p, stream);
-    case DType::kDouble:
-      return Pass<double>::run(p, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-// Runs Pass<T>::run(p, stream, epilogue) for a 16- or 32-bit p.dtype: a merge kernel that goes on to what follows
-// its sums in fp32 (fp64 sums are finished in fp64 by the caller). Nothing to do for an empty tensor; the callers
-// refuse counts under 2 before this.
-template <template <typename> class Pass, typename Epilogue>
-cudaError_t dispatch_with_epilogue(const BnPassParams& p, const Epilogue& epilogue, cudaStream_t stream) {
-  if (p.rows == 0 || p.channels == 0) return cudaSuccess;
-  if (p.channels > kLanesC * 65535LL) return cudaErrorInvalidValue;  // grid.y limit
-  switch (p.dtype) {
-    case DType::kHalf:
-      return Pass<__half>::run(p, stream, epilogue);
-    case DType::kBFloat16:
-      return Pass<__nv_bfloat16>::run(p, stream, epilogue);
-    case DType::kFloat:
-      return Pass<float>::run(p, stream, epilogue);
-    case DType::kDouble:
-      break;
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type<sizeof...(Epilogue) == 0>(
+      p.dtype, [&](auto type) { return Pass<typename decltype(type)::T>::run(p, stream, epilogue...); });
 }
 
 }  // namespace
@@ -901,7 +874,7 @@ cudaError_t launch_bn_stats_finalize(const BnPassParams& p, const BnFinalizePara
       (f.running_mean == nullptr) != (f.running_var == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  return dispatch_with_epilogue<Stats>(p, f, stream);
+  return dispatch<Stats>(p, stream, f);
 }
 
 cudaError_t launch_bn_normalize(const BnPassParams& p, cudaStream_t stream) {
@@ -918,7 +891,7 @@ cudaError_t launch_bn_grad_sums_coefficients(const BnPassParams& p, const BnCoef
       coef.b == nullptr || coef.c == nullptr) {
     return cudaErrorInvalidValue;
   }
-  return dispatch_with_epilogue<GradSums>(p, coef, stream);
+  return dispatch<GradSums>(p, stream, coef);
 }
 
 cudaError_t launch_bn_grad_input(const BnPassParams& p, cudaStream_t stream) {

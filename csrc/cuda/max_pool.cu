@@ -240,27 +240,6 @@ cudaError_t run_backward(const MaxPoolParams& p, cudaStream_t stream) {
                        static_cast<T*>(p.out), p);
 }
 
-template <typename Element>
-struct Type {
-  using T = Element;
-};
-
-// f(Type<T>{}) for the element type of `dtype`; fp64 refused (cudaErrorInvalidValue).
-template <typename F>
-cudaError_t with_element_type(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kHalf:
-      return f(Type<__half>{});
-    case DType::kBFloat16:
-      return f(Type<__nv_bfloat16>{});
-    case DType::kFloat:
-      return f(Type<float>{});
-    case DType::kDouble:
-      break;
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 int64_t pooled_size(int64_t size, int kernel, int stride, int pad, bool ceil_mode) {
