@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from conftest import emulated_cuda_ops_on_cpu
 from cuda_on_host import grad_sums as host_grad_sums
 from cuda_on_host import grad_sums_coefficients as host_grad_sums_coefficients
 from cuda_on_host import unavailable as host_cuda_unavailable
@@ -91,23 +92,15 @@ def test_refuses_a_wrong_count():
 
 @pytest.fixture
 def emulated_op_on_cpu(monkeypatch):
-    """bn_grad_sums_coefficients with the host-emulated kernels as its CPU implementation, and the training
-    Function allowed to take it on CPU: the backward's new branch (conv_bn_act_train._backward) runs in CI. Yields
-    the calls."""
-    if host_cuda_unavailable() is not None or cpp_passes.cpp_backend.unavailable("cpu") is not None:
-        pytest.skip("needs the extension and CUDA headers")
-    calls = []
-    lib = torch.library.Library("fused_resnet_C", "IMPL")
-
-    def on_host(*args):
-        calls.append(args[-1])
-        return host_grad_sums_coefficients(*args)
-
-    lib.impl("bn_grad_sums_coefficients", on_host, "CPU")
-    applies = cpp_passes.coefficients_apply
-    monkeypatch.setattr(cpp_passes, "coefficients_apply", lambda *args: applies(*args, device_type="cpu"))
-    yield calls
-    lib._destroy()
+    """bn_grad_sums_coefficients emulated on CPU and the training Function allowed to take it there: the backward's
+    new branch (conv_bn_act_train._backward) runs in CI. Yields each call's count."""
+    yield from emulated_cuda_ops_on_cpu(
+        monkeypatch,
+        {"bn_grad_sums_coefficients": host_grad_sums_coefficients},
+        cpp_passes,
+        "coefficients_apply",
+        record=lambda name, args: args[-1],
+    )
 
 
 @pytest.mark.parametrize("residual, relu", [(True, True), (False, True), (True, False)])

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from conftest import emulated_cuda_ops_on_cpu
 from cuda_on_host import stats_finalize as host_stats_finalize
 from cuda_on_host import unavailable as host_cuda_unavailable
 from model_checks import randomized_batch_norm
@@ -99,22 +100,15 @@ def test_opcheck():
 
 @pytest.fixture
 def emulated_op_on_cpu(monkeypatch):
-    """bn_stats_finalize with the host-emulated kernels as its CPU implementation, and the training Function
-    allowed to take it on CPU: the forward's new branch (ConvBNActTrain.forward) runs in CI. Yields the calls."""
-    if host_cuda_unavailable() is not None or cpp_passes.cpp_backend.unavailable("cpu") is not None:
-        pytest.skip("needs the extension and CUDA headers")
-    calls = []
-    lib = torch.library.Library("fused_resnet_C", "IMPL")
-
-    def on_host(y, gamma, beta, running_mean, running_var, count, eps, factor):
-        calls.append(count)
-        return host_stats_finalize(y, gamma, beta, running_mean, running_var, count, eps, factor)
-
-    lib.impl("bn_stats_finalize", on_host, "CPU")
-    applies = cpp_passes.finalize_applies
-    monkeypatch.setattr(cpp_passes, "finalize_applies", lambda *args: applies(*args, device_type="cpu"))
-    yield calls
-    lib._destroy()
+    """bn_stats_finalize emulated on CPU and the training Function allowed to take it there: the forward's new
+    branch (ConvBNActTrain.forward) runs in CI. Yields each call's count."""
+    yield from emulated_cuda_ops_on_cpu(
+        monkeypatch,
+        {"bn_stats_finalize": host_stats_finalize},
+        cpp_passes,
+        "finalize_applies",
+        record=lambda name, args: args[5],
+    )
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
