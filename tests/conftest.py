@@ -1,5 +1,5 @@
 import os
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 import torch
@@ -82,46 +82,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def emulated_cuda_ops_on_cpu(
-    monkeypatch: pytest.MonkeyPatch,
-    impls: dict[str, Callable],
-    gate_module: object,
-    gate_name: str,
-    record: Callable[[str, tuple], object] = lambda name, args: name,
-) -> Iterator[list]:
-    """For a fixture: each CUDA-only op of `impls` with its host-emulated kernels (tests/cuda_on_host.py) as its
-    CPU implementation, and the check that chooses those ops (gate_module.gate_name, which takes device_type="cuda"
-    by default) told to choose them on CPU, so that the branch of the training path that calls them runs in CI.
-    Yields the calls, each as record(op name, its arguments)."""
-    from fused_resnet.ops import cpp_backend
-    from tests.cuda_on_host import unavailable as host_cuda_unavailable
-
-    if host_cuda_unavailable() is not None or cpp_backend.unavailable("cpu") is not None:
-        pytest.skip("needs the extension and CUDA headers")
-    calls: list = []
-    lib = torch.library.Library("fused_resnet_C", "IMPL")
-    for name, fn in impls.items():
-
-        def impl(*args, _name: str = name, _fn: Callable = fn):
-            calls.append(record(_name, args))
-            return _fn(*args)
-
-        lib.impl(name, impl, "CPU")
-    gate = getattr(gate_module, gate_name)
-    monkeypatch.setattr(gate_module, gate_name, lambda *args: gate(*args, device_type="cpu"))
-    try:
-        yield calls
-    finally:
-        lib._destroy()
-
-
 @pytest.fixture
 def emulated_pool_ops_on_cpu(monkeypatch):
     """The two max-pool ops emulated on CPU and the stem's pool allowed to take them there: the training step's new
     branches (MaxPoolOfRecipe) run in CI (tests/test_max_pool_kernels.py, test_bn_passes_bench.py). Yields the
     calls ("forward", "backward")."""
     from fused_resnet.training import max_pool_train
-    from tests.cuda_on_host import max_pool, max_pool_bn_act_backward
+    from tests.cuda_on_host import emulated_cuda_ops_on_cpu, max_pool, max_pool_bn_act_backward
 
     labels = {"max_pool_nhwc": "forward", "max_pool_bn_act_backward": "backward"}
     yield from emulated_cuda_ops_on_cpu(

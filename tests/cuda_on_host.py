@@ -7,10 +7,11 @@ barriers (emulator.h) and exposes its launchers through C entry points. `host_cu
 passes in their interface (fused_resnet/training/passes.py), allocating what csrc/cuda/bn_train_ops.cpp allocates
 and, as fused_resnet/training/cpp_passes.py does, handing a y in another layout than channels_last to the PyTorch
 passes; `im2col_rows()` returns the rows launch_im2col writes; `max_pool()` and `max_pool_bn_act_backward()` what
-max_pool.cu's launchers write, `pooled_size()` its output size. So the tests that hold every pass implementation to
-its formulas also hold these kernels' indexing, bounds, vector paths, merge order and barriers to them, in each
-order of a block's threads (`thread_order`) and each rows-per-thread setting. What only a GPU shows (code
-generation, speed) is left to the GPU check.
+max_pool.cu's launchers write, `pooled_size()` its output size; `emulated_cuda_ops_on_cpu()` puts such kernels
+behind the CUDA-only ops as their CPU implementations, for fixtures that run the training path's branches that call
+them. So the tests that hold every pass implementation to its formulas also hold these kernels' indexing, bounds,
+vector paths, merge order and barriers to them, in each order of a block's threads (`thread_order`) and each
+rows-per-thread setting. What only a GPU shows (code generation, speed) is left to the GPU check.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 from fused_resnet.training import torch_passes
@@ -452,3 +454,35 @@ def max_pool_bn_act_backward(
     workspace_offset bytes off alignment, for tests of the launcher's checks)."""
     window = (kernel, stride, padding)
     return _launch_max_pool(1, y, _like(y), window, relu, workspace_offset, g=g, scale=scale, shift=shift)
+
+
+def emulated_cuda_ops_on_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+    impls: dict[str, Callable],
+    gate_module: object,
+    gate_name: str,
+    record: Callable[[str, tuple], object] = lambda name, args: name,
+) -> Iterator[list]:
+    """For a fixture: each CUDA-only op of `impls` with its host-emulated kernels (tests/cuda_on_host.py) as its
+    CPU implementation, and the check that chooses those ops (gate_module.gate_name, which takes device_type="cuda"
+    by default) told to choose them on CPU, so that the branch of the training path that calls them runs in CI.
+    Yields the calls, each as record(op name, its arguments)."""
+    from fused_resnet.ops import cpp_backend
+
+    if unavailable() is not None or cpp_backend.unavailable("cpu") is not None:
+        pytest.skip("needs the extension and CUDA headers")
+    calls: list = []
+    lib = torch.library.Library("fused_resnet_C", "IMPL")
+    for name, fn in impls.items():
+
+        def impl(*args, _name: str = name, _fn: Callable = fn):
+            calls.append(record(_name, args))
+            return _fn(*args)
+
+        lib.impl(name, impl, "CPU")
+    gate = getattr(gate_module, gate_name)
+    monkeypatch.setattr(gate_module, gate_name, lambda *args: gate(*args, device_type="cpu"))
+    try:
+        yield calls
+    finally:
+        lib._destroy()

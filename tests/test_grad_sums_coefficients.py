@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import emulated_cuda_ops_on_cpu
+from cuda_on_host import emulated_cuda_ops_on_cpu
 from cuda_on_host import grad_sums as host_grad_sums
 from cuda_on_host import grad_sums_coefficients as host_grad_sums_coefficients
 from cuda_on_host import unavailable as host_cuda_unavailable

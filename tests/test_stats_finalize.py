@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import emulated_cuda_ops_on_cpu
+from cuda_on_host import emulated_cuda_ops_on_cpu
 from cuda_on_host import stats_finalize as host_stats_finalize
 from cuda_on_host import unavailable as host_cuda_unavailable
 from model_checks import randomized_batch_norm
