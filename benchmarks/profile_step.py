@@ -6,7 +6,8 @@ time), kernel launches per step, that time by kind of kernel (told apart by name
 package's own kernels, Triton's, ATen's elementwise and reduction kernels, the rest), and the kernels that take the
 most time. A training step is the bench's: forward, cross-entropy, backward, SGD step; cuDNN picks its algorithms
 as in the bench (benchmark mode), and each contender's line also gives the median of the bench's own samples (one
-step between CUDA events after a synchronize), to compare with the back-to-back wall time. --compile adds
+step between CUDA events after a synchronize), to compare with the back-to-back wall time, and on a GPU the host's
+time to enqueue such a step and the caching allocator's cudaMallocs and out-of-memory retries meanwhile. --compile adds
 torch.compile'd stock (default mode), whose step the fused one is measured against.
 
     python benchmarks/profile_step.py --device cuda --bf16 --model resnet50 --batch 256 --mode train --compile
@@ -15,6 +16,7 @@ torch.compile'd stock (default mode), whose step the fused one is measured again
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -26,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fused_resnet
 from fused_resnet.bench.contenders import engine_scope, hopper_engine_runs, other_cuda_engines
-from fused_resnet.bench.timing import time_block
+from fused_resnet.bench.timing import time_interleaved
 
 
 def _contenders(
@@ -106,8 +108,11 @@ def measure(step: Callable[[], None], device: torch.device, steps: int) -> dict:
     wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     # The bench's own sample (fused_resnet/bench/timing.py): one step between CUDA events after a synchronize, so
     # the host's time to reach the step's first kernel counts, where back-to-back steps above overlap it.
-    samples = sorted(time_block(step, device, 1, None) for _ in range(steps))
-    sample_ms = samples[len(samples) // 2]
+    # Beside it, the host's time to enqueue that step and what the caching allocator did meanwhile.
+    samples = time_interleaved({"step": step}, device, rounds=steps)["step"]
+    sample_ms = samples.median
+    host = statistics.median(samples.host_ms) if samples.host_ms else None
+    allocator = (samples.cuda_mallocs, samples.alloc_retries)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -120,6 +125,8 @@ def measure(step: Callable[[], None], device: torch.device, steps: int) -> dict:
         return {
             "wall_ms": wall_ms,
             "sample_ms": sample_ms,
+            "host_ms": host,
+            "allocator": allocator,
             "kernel_ms": None,
             "launches": None,
             "kinds": {},
@@ -135,6 +142,8 @@ def measure(step: Callable[[], None], device: torch.device, steps: int) -> dict:
     return {
         "wall_ms": wall_ms,
         "sample_ms": sample_ms,
+        "host_ms": host,
+        "allocator": allocator,
         "kernel_ms": sum(_device_us(e) for e in kernels) / 1e3 / steps,
         "launches": sum(e.count for e in kernels) / steps,
         "kinds": kinds,
@@ -191,6 +200,12 @@ def _profile(args: argparse.Namespace) -> int:
             continue
         kernel = "" if r["kernel_ms"] is None else f"  kernels {r['kernel_ms']:8.2f} ms in {r['launches']:.0f} launches"
         print(f"  {name:14s} wall {r['wall_ms']:8.2f} ms  bench-style {r['sample_ms']:8.2f} ms{kernel}")
+        if r["host_ms"] is not None:
+            mallocs, retries = r["allocator"]
+            print(
+                f"      host enqueues a bench-style step in {r['host_ms']:.2f} ms; while timed: {mallocs} cudaMalloc, "
+                f"{retries} allocator retries"
+            )
         for kind, (ms, count) in sorted(r["kinds"].items(), key=lambda item: -item[1][0]):
             print(f"      {ms:7.3f} ms  x{count:<4.0f} [{kind}]")
         for key, ms, count in r["top"]:

@@ -128,6 +128,20 @@ def test_time_interleaved_collects_a_sample_per_round() -> None:
     assert calls[:3] == ["a", "a", "b"] and calls[3] == "b"  # the order rotates every round
 
 
+def test_gpu_timing_fields_carry_host_time_and_allocator_counts(tmp_path: object) -> None:
+    # On CPU there is no separate host time and no caching allocator: no such fields.
+    cpu = time_interleaved({"a": lambda: None}, torch.device("cpu"), rounds=2)["a"]
+    assert cpu.host_ms == () and "host_ms_p50" not in runner.timing_fields(cpu, 2)
+    gpu = Timing((10.0, 12.0, 11.0), host_ms=(4.0, 9.0, 5.0), cuda_mallocs=3, alloc_retries=1)
+    fields = runner.timing_fields(gpu, 2)
+    assert fields["host_ms_p50"] == 5.0 and fields["cuda_mallocs"] == 3 and fields["alloc_retries"] == 1
+    report.append(tmp_path, [_row(**fields), _row(contender="quiet", **runner.timing_fields(cpu, 2))])
+    text = report.write_markdown(tmp_path)
+    assert "| 11 [10.4-11.6] | 11.8 | 5 |" in text
+    assert "3 cudaMalloc, 1 allocator retries while timed" in text
+    assert text.count("while timed") == 1
+
+
 @pytest.mark.parametrize("threshold", [0, 1, 5, 63, 64, 100, 1000, 5000, 40000])
 def test_largest_fitting_batch(threshold: int) -> None:
     tried: list[int] = []

@@ -44,6 +44,9 @@ ROW_FIELDS = [
     "samples",
     "first_call_s",
     "peak_mem_mb",
+    "host_ms_p50",  # GPU: the host's time to enqueue one call (timing.py)
+    "cuda_mallocs",  # GPU: the caching allocator's cudaMalloc calls during the timed samples
+    "alloc_retries",  # GPU: its out-of-memory retries then (each frees cached blocks and waits for the device)
     "gflop_per_call",
     "tflops",
     "ceiling_ms",
@@ -156,6 +159,7 @@ def _model_table(rows: list[dict[str, Any]]) -> str:
         "img/s",
         "ms p50 [p20-p80]",
         "ms p90",
+        "host ms",
         "× eager",
         "peak MB",
         "TFLOP/s",
@@ -169,7 +173,7 @@ def _model_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ms = f"{fmt(r.get('ms_p50'))} [{fmt(r.get('ms_p20'))}-{fmt(r.get('ms_p80'))}]" if r.get("ms_p50") else ""
         status = r["status"] if r["status"] != "ok" else ""
-        note = "; ".join(x for x in (status, r.get("error") or "", r.get("notes") or "") if x)
+        note = "; ".join(x for x in (status, r.get("error") or "", _allocator_note(r), r.get("notes") or "") if x)
         body.append(
             [
                 r["contender"],
@@ -179,6 +183,7 @@ def _model_table(rows: list[dict[str, Any]]) -> str:
                 fmt(r.get("images_per_s")),
                 ms,
                 fmt(r.get("ms_p90")),
+                fmt(r.get("host_ms_p50")),
                 fmt(r.get("speedup_vs_eager")),
                 fmt(r.get("peak_mem_mb")),
                 fmt(r.get("tflops")),
@@ -190,6 +195,14 @@ def _model_table(rows: list[dict[str, Any]]) -> str:
             ]
         )
     return _table(header, body)
+
+
+def _allocator_note(row: dict[str, Any]) -> str:
+    """What the caching allocator did during the timed samples, where it did anything."""
+    mallocs, retries = row.get("cuda_mallocs") or 0, row.get("alloc_retries") or 0
+    if not (mallocs or retries):
+        return ""
+    return f"{mallocs} cudaMalloc, {retries} allocator retries while timed"
 
 
 def _layer_table(rows: list[dict[str, Any]]) -> str:
@@ -243,7 +256,10 @@ LEGEND = (
     "img/s = batch / median step time; latency = per-call ms (p50 [p20-p80], p90); × eager = throughput over the "
     "plain `eager` row (NCHW) of the same batch and dtype; % ceiling = achieved / per-layer roofline ceiling (fused "
     "structure for inference, fused training for train; see roofline below); rel err = ‖y − y_ref‖/‖y_ref‖ of the "
-    "logits against fp32 eager NCHW (TF32 off) on the same input; peak MB = torch.cuda.max_memory_allocated over "
+    "logits against fp32 eager NCHW (TF32 off) on the same input; host ms = the host's time to enqueue one call "
+    "(GPU only; near ms p50, the host set the pace); cudaMalloc calls and allocator retries (a retry frees cached "
+    "blocks and waits for the device) during the timed samples are noted where there were any; "
+    "peak MB = torch.cuda.max_memory_allocated over "
     "build, first call and warm-up, above what was allocated before (GPU only; empty on CPU); 1st call s includes "
     "compilation and autotuning. Timings compare only within one run."
 )

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import functools
 import gc
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -113,7 +114,7 @@ def roofline_entry(group: Group, profile: Profile, device: torch.device, peaks: 
 
 
 def timing_fields(t: Timing, batch: int) -> dict[str, Any]:
-    return {
+    fields = {
         "images_per_s": batch / (t.median * 1e-3),
         "ms_p50": t.median,
         "ms_p20": t.quantile(0.2),
@@ -121,6 +122,10 @@ def timing_fields(t: Timing, batch: int) -> dict[str, Any]:
         "ms_p90": t.quantile(0.9),
         "samples": len(t.samples_ms),
     }
+    if t.host_ms:  # GPU samples: what the host and the allocator did meanwhile
+        host_ms = statistics.median(t.host_ms)
+        fields.update(host_ms_p50=host_ms, cuda_mallocs=t.cuda_mallocs, alloc_retries=t.alloc_retries)
+    return fields
 
 
 def inner_calls(best_ms: float, batch: int, device: torch.device) -> int:

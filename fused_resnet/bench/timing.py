@@ -2,6 +2,9 @@
 
 GPU: each sample is bracketed by CUDA events after a synchronize (so a sample is the device time of `inner`
 back-to-back calls, launch gaps included), optionally after flushing L2 (what triton.testing.do_bench does).
+Beside it go the host's time to enqueue the calls (near the sample itself: the host, not the GPU, set the pace)
+and the caching allocator's cudaMalloc calls and out-of-memory retries during the samples (a retry frees cached
+blocks, which waits for the device: several contenders alive in one process can make each other's steps do that).
 With hide_launch, a spin kernel keeps the GPU busy while the host enqueues the calls, so that the sample is the
 calls' GPU time alone: without it, a sample of one call also holds the host's time to launch it, which was most
 of each per-layer sample on an H200 (a fused op's Python path took 0.2-0.5 ms there against 0.1-0.3 ms kernels).
@@ -26,6 +29,9 @@ class Timing:
     """Per-call times of one contender in milliseconds."""
 
     samples_ms: tuple[float, ...]
+    host_ms: tuple[float, ...] = ()  # per sample, the host's time to enqueue the calls, per call (GPU only)
+    cuda_mallocs: int = 0  # the caching allocator's cudaMalloc calls during the samples (GPU only)
+    alloc_retries: int = 0  # its retries after an out-of-memory cudaMalloc, each after freeing cached blocks
 
     def quantile(self, q: float) -> float:
         """Linear-interpolated quantile (q in [0, 1]) of the samples."""
@@ -82,6 +88,17 @@ def time_block(
     hide_launch: bool = False,
 ) -> float:
     """Milliseconds per call of `inner` back-to-back calls of fn (GPU time alone with hide_launch, on a GPU)."""
+    return _timed_block(fn, device, inner, flush, hide_launch)[0]
+
+
+def _timed_block(
+    fn: Callable[[], object],
+    device: torch.device,
+    inner: int,
+    flush: Callable[[], None] | None,
+    hide_launch: bool,
+) -> tuple[float, float | None]:
+    """(ms per call, the host's ms per call to enqueue them, None on CPU) of `inner` back-to-back calls of fn."""
     if flush is not None:
         flush()
     _sync(device)
@@ -91,15 +108,25 @@ def time_block(
             index = device.index if device.index is not None else torch.cuda.current_device()
             torch.cuda._sleep(int(HIDE_LAUNCH_MS_PER_CALL * inner * _spin_cycles_per_ms(index)))
         start.record()
+        t0 = time.perf_counter()
         for _ in range(inner):
             fn()
+        host_ms = (time.perf_counter() - t0) * 1e3 / inner
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / inner
+        return start.elapsed_time(end) / inner, host_ms
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - t0) * 1e3 / inner
+    return (time.perf_counter() - t0) * 1e3 / inner, None
+
+
+def _allocator_counts(device: torch.device) -> tuple[int, int]:
+    """(cudaMalloc calls, out-of-memory retries) of the caching allocator so far; zeros on CPU."""
+    if device.type != "cuda":
+        return 0, 0
+    stats = torch.cuda.memory_stats(device)
+    return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
 
 
 def warm_up(fn: Callable[[], object], device: torch.device, seconds: float, min_calls: int = 2) -> float:
@@ -129,6 +156,9 @@ def time_interleaved(
     """
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    host: dict[str, list[float]] = {name: [] for name in names}
+    mallocs = dict.fromkeys(names, 0)
+    retries = dict.fromkeys(names, 0)
     start = time.perf_counter()
     for r in range(rounds):
         if budget_s is not None and r >= min_rounds and time.perf_counter() - start > budget_s:
@@ -136,8 +166,15 @@ def time_interleaved(
         shift = r % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
             n = inner.get(name, 1) if inner else 1
-            samples[name].append(time_block(fns[name], device, n, flush, hide_launch))
-    return {name: Timing(tuple(s)) for name, s in samples.items()}
+            mallocs_before, retries_before = _allocator_counts(device)
+            ms, host_ms = _timed_block(fns[name], device, n, flush, hide_launch)
+            mallocs_after, retries_after = _allocator_counts(device)
+            samples[name].append(ms)
+            if host_ms is not None:
+                host[name].append(host_ms)
+            mallocs[name] += mallocs_after - mallocs_before
+            retries[name] += retries_after - retries_before
+    return {name: Timing(tuple(samples[name]), tuple(host[name]), mallocs[name], retries[name]) for name in names}
 
 
 def best_ms(fn: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
