@@ -159,6 +159,13 @@ void check_bn_vector(const char* op, const char* name, const at::Tensor& v, cons
               ", got ", v.scalar_type(), " of shape ", v.sizes(), " on ", v.device());
 }
 
+void check_bn_residual_scale(const char* op, const std::optional<at::Tensor>& residual,
+                             const std::optional<at::Tensor>& residual_scale, const at::Tensor& y) {
+  if (!residual_scale.has_value()) return;
+  TORCH_CHECK(residual.has_value(), op, ": residual_scale scales the residual, but no residual was given");
+  check_bn_vector(op, "residual_scale", *residual_scale, y);
+}
+
 at::Tensor empty_channels_last(c10::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::empty(sizes, options.memory_format(at::MemoryFormat::ChannelsLast));
 }

@@ -34,6 +34,9 @@ void check_bias_residual_relu(
 void check_bn_y(const char* op, c10::DeviceType device_type, const at::Tensor& y);
 void check_bn_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& y);
 void check_bn_vector(const char* op, const char* name, const at::Tensor& v, const at::Tensor& y);
+// residual_scale, where given: a per-channel vector, and only with a residual (it scales nothing else).
+void check_bn_residual_scale(const char* op, const std::optional<at::Tensor>& residual,
+                             const std::optional<at::Tensor>& residual_scale, const at::Tensor& y);
 at::TensorOptions bn_accumulation_options(const at::Tensor& y);
 
 // Sizes and strides of a dense channels_last tensor, exactly as torch.empty(..., memory_format=channels_last)

@@ -26,7 +26,9 @@ TORCH_LIBRARY(fused_resnet_C, m) {
       "conv_bias_act_into_residual(Tensor x, Tensor weight, Tensor bias, Tensor(a!) residual, Tensor? in_scale, "
       "Tensor? in_shift, int[] stride, int[] padding, int[] dilation, int groups, bool relu) -> ()");
   // Train-mode BN passes over a conv output y (csrc/cpu/bn_train.cpp, csrc/cuda/bn_train.cu; training/passes.py):
-  // per-channel (mean, M2); act(y*scale + shift [+ residual]); the backward's masked sums; BN's input gradient.
+  // per-channel (mean, M2); act(y*scale + shift [+ residual*residual_scale]); the backward's masked sums; BN's input
+  // gradient. residual_scale (per channel, only with a residual): a projection shortcut's BN scale, its raw conv
+  // output the residual (training/projection_train.py).
   m.set_python_module("fused_resnet.training.cpp_passes", "");
   m.def("bn_stats(Tensor y) -> (Tensor mean, Tensor m2)");
   // CUDA only: bn_stats and what follows it in a unit (training/channel_math.py's finalize) in the same launches,
@@ -35,19 +37,21 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def(
       "bn_stats_finalize(Tensor y, Tensor? gamma, Tensor? beta, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "float count, float eps, float factor) -> (Tensor mean, Tensor m2, Tensor invstd, Tensor scale, Tensor shift)");
-  m.def("bn_normalize(Tensor y, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
+  m.def(
+      "bn_normalize(Tensor y, Tensor scale, Tensor shift, Tensor? residual, bool relu, "
+      "Tensor? residual_scale=None) -> Tensor");
   m.def(
       "bn_grad_sums(Tensor g, Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor mean, bool relu, "
-      "bool store_masked) -> (Tensor sum_g, Tensor sum_gy, Tensor masked)");
+      "bool store_masked, Tensor? residual_scale=None) -> (Tensor sum_g, Tensor sum_gy, Tensor masked)");
   // CUDA only: bn_grad_sums and what follows it in a unit's backward (training/channel_math.py's coefficients) in
   // the same launches, fp32 vectors: dL/dgamma = sum_gy*invstd and b, c of dL/dy = scale*g' + b*y + c.
   m.def(
       "bn_grad_sums_coefficients(Tensor g, Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor mean, "
-      "Tensor invstd, bool relu, bool store_masked, float count) -> (Tensor sum_g, Tensor grad_gamma, Tensor b, "
-      "Tensor c, Tensor masked)");
+      "Tensor invstd, bool relu, bool store_masked, float count, Tensor? residual_scale=None) -> (Tensor sum_g, "
+      "Tensor grad_gamma, Tensor b, Tensor c, Tensor masked)");
   m.def(
       "bn_grad_input(Tensor g, Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor a, Tensor b, "
-      "Tensor c, bool relu) -> Tensor");
+      "Tensor c, bool relu, Tensor? residual_scale=None) -> Tensor");
   m.set_python_module("fused_resnet.training.max_pool_train", "");
   // CUDA only, the stem's max-pool in training (training/max_pool_train.py; csrc/cuda/max_pool.cu), dilation 1,
   // channels a multiple of 16 bytes: torch's max_pool2d values; and the gradient with respect to the pooled

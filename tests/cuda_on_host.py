@@ -49,7 +49,22 @@ class _BnPassParams(ctypes.Structure):  # csrc/cuda/launch.h's BnPassParams, fie
     _fields_ = [("dtype", ctypes.c_int)]
     _fields_ += [
         (name, ctypes.c_void_p)
-        for name in ("y", "g", "residual", "scale", "shift", "mean", "a", "b", "c", "out", "sum0", "sum1", "workspace")
+        for name in (
+            "y",
+            "g",
+            "residual",
+            "residual_scale",
+            "scale",
+            "shift",
+            "mean",
+            "a",
+            "b",
+            "c",
+            "out",
+            "sum0",
+            "sum1",
+            "workspace",
+        )
     ]
     _fields_ += [("rows", ctypes.c_int64), ("channels", ctypes.c_int64), ("relu", ctypes.c_bool)]
 
@@ -288,49 +303,62 @@ def stats_finalize(
     return mean, m2, invstd, scale, shift
 
 
-def grad_sums_coefficients(g, y, scale, shift, residual, mean, invstd, relu, store_masked, count):
+def grad_sums_coefficients(g, y, scale, shift, residual, mean, invstd, relu, store_masked, count, residual_scale=None):
     """launch_bn_grad_sums_coefficients on a channels_last y, with the op's arguments and outputs (sum_g,
     grad_gamma, b, c, masked; masked empty unless stored)."""
     y, g = _nhwc(y), _nhwc(g)
+    rs = _scale_of(residual, residual_scale)
     residual = None if residual is None else _nhwc(residual)
     sum_g, sum_gy, grad_gamma, b, c = (_per_channel(y) for _ in range(5))
     masked = _like(y) if store_masked else None
     coefficients = dict(a=_vec(scale), invstd=_vec(invstd), mean=_vec(mean), grad_gamma=grad_gamma, b=b, c=c,
                         count=count)  # fmt: skip
     _run(_GRAD_SUMS, y, coefficients, g=g, scale=_vec(scale), shift=_vec(shift), residual=residual,
-         mean=_vec(mean), out=masked, sum0=sum_g, sum1=sum_gy, relu=relu)  # fmt: skip
+         residual_scale=rs, mean=_vec(mean), out=masked, sum0=sum_g, sum1=sum_gy, relu=relu)  # fmt: skip
     return sum_g, grad_gamma, b, c, masked if store_masked else sum_g.new_empty(0)
 
 
-def normalize(y, scale, shift, residual, relu) -> torch.Tensor:
+def _scale_of(residual, residual_scale):
+    """The residual scale as the kernels get it (the ops refuse one without a residual, as bn_train_ops.cpp)."""
+    if residual_scale is None:
+        return None
+    if residual is None:
+        raise ValueError("residual_scale scales the residual, but no residual was given")
+    return _vec(residual_scale)
+
+
+def normalize(y, scale, shift, residual, relu, residual_scale=None) -> torch.Tensor:
     if not _is_nhwc(y):
-        return torch_passes.normalize(y, scale, shift, residual, relu)
+        return torch_passes.normalize(y, scale, shift, residual, relu, residual_scale)
+    rs = _scale_of(residual, residual_scale)
     residual = None if residual is None else _nhwc(residual)
     out = _like(y)
-    _run(_NORMALIZE, y, scale=_vec(scale), shift=_vec(shift), residual=residual, out=out, relu=relu)
+    _run(_NORMALIZE, y, scale=_vec(scale), shift=_vec(shift), residual=residual, residual_scale=rs, out=out, relu=relu)
     return out
 
 
-def grad_sums(g, y, scale, shift, residual, mean, relu, store_masked):
+def grad_sums(g, y, scale, shift, residual, mean, relu, store_masked, residual_scale=None):
     if not _is_nhwc(y):
-        return torch_passes.grad_sums(g, y, scale, shift, residual, mean, relu, store_masked)
+        return torch_passes.grad_sums(g, y, scale, shift, residual, mean, relu, store_masked, residual_scale)
+    rs = _scale_of(residual, residual_scale)
     g = _nhwc(g)
     residual = None if residual is None else _nhwc(residual)
     sum_g, sum_gy = _per_channel(y), _per_channel(y)
     masked = _like(y) if store_masked else None
-    _run(_GRAD_SUMS, y, g=g, scale=_vec(scale), shift=_vec(shift), residual=residual, mean=_vec(mean), out=masked,
-         sum0=sum_g, sum1=sum_gy, relu=relu)  # fmt: skip
+    _run(_GRAD_SUMS, y, g=g, scale=_vec(scale), shift=_vec(shift), residual=residual, residual_scale=rs,
+         mean=_vec(mean), out=masked, sum0=sum_g, sum1=sum_gy, relu=relu)  # fmt: skip
     return sum_g, sum_gy, masked
 
 
-def grad_input(g, y, scale, shift, residual, a, b, c, relu) -> torch.Tensor:
+def grad_input(g, y, scale, shift, residual, a, b, c, relu, residual_scale=None) -> torch.Tensor:
     if not _is_nhwc(y):
-        return torch_passes.grad_input(g, y, scale, shift, residual, a, b, c, relu)
+        return torch_passes.grad_input(g, y, scale, shift, residual, a, b, c, relu, residual_scale)
+    rs = _scale_of(residual, residual_scale)
     g = _nhwc(g)
     residual = None if residual is None else _nhwc(residual)
     dy = _like(y)
-    _run(_GRAD_INPUT, y, g=g, scale=_vec(scale), shift=_vec(shift), residual=residual, a=_vec(a), b=_vec(b),
-         c=_vec(c), out=dy, relu=relu)  # fmt: skip
+    _run(_GRAD_INPUT, y, g=g, scale=_vec(scale), shift=_vec(shift), residual=residual, residual_scale=rs,
+         a=_vec(a), b=_vec(b), c=_vec(c), out=dy, relu=relu)  # fmt: skip
     return dy
 
 

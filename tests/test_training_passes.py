@@ -113,47 +113,62 @@ def assert_stats(stats, y: torch.Tensor) -> None:
 # --- the elementwise passes ---------------------------------------------------------------------------------------
 
 
-def _z(y, scale, shift, residual) -> torch.Tensor:
+def _z(y, scale, shift, residual, residual_scale=None) -> torch.Tensor:
     z = y.double() * _ch(scale) + _ch(shift)
-    return z if residual is None else z + residual.double()
+    if residual is None:
+        return z
+    return z + residual.double() * (1.0 if residual_scale is None else _ch(residual_scale))
 
 
-def _z_terms(y, scale, shift, residual) -> torch.Tensor:
-    return _z(y.abs(), scale.abs(), shift.abs(), None if residual is None else residual.abs())
+def _z_terms(y, scale, shift, residual, residual_scale=None) -> torch.Tensor:
+    absolute = (None if t is None else t.abs() for t in (residual, residual_scale))
+    return _z(y.abs(), scale.abs(), shift.abs(), *absolute)
+
+
+# The residual of a unit: none, a tensor, or a tensor with a per-channel scale (a projection shortcut's raw conv
+# output, its BN's scale; passes.py).
+RESIDUALS = [None, "plain", "scaled"]
+
+
+def _residual(kind, shape, dtype, fmt, device):
+    """(residual, residual_scale) of this kind."""
+    r = None if kind is None else _tensor(shape, dtype, fmt, device)
+    return r, _vector(shape[1], dtype, device) if kind == "scaled" else None
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("residual, relu", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("residual", RESIDUALS)
+@pytest.mark.parametrize("relu", [False, True])
 def test_normalize_matches_formula(impl, dtype, fmt, residual, relu):
     run, device = impl
     y = _tensor((2, 6, 5, 3), dtype, fmt, device)
-    r = _tensor((2, 6, 5, 3), dtype, FORMATS[1 - FORMATS.index(fmt)], device) if residual else None
+    r, rs = _residual(residual, (2, 6, 5, 3), dtype, FORMATS[1 - FORMATS.index(fmt)], device)
     scale, shift = _vector(6, dtype, device), _vector(6, dtype, device)
-    out = run.normalize(y, scale, shift, r, relu)
-    z = _z(y, scale, shift, r)
+    out = run.normalize(y, scale, shift, r, relu, rs)
+    z = _z(y, scale, shift, r, rs)
     want = torch.relu(z) if relu else z
     assert out.dtype == dtype and out.stride() == y.stride()
-    assert _within(out, want, _z_terms(y, scale, shift, r))
+    assert _within(out, want, _z_terms(y, scale, shift, r, rs))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("residual, relu", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("residual, relu", [(None, False), ("plain", True), ("scaled", True), (None, True)])
 def test_grad_passes_match_formula(impl, dtype, fmt, residual, relu):
     run, device = impl
     shape = (3, 6, 9, 7)  # 189 pixels: several Triton programs, a partial chunk, odd channel tails
     y = _tensor(shape, dtype, fmt, device)
     g = _tensor(shape, dtype, FORMATS[1 - FORMATS.index(fmt)], device)
-    r = _tensor(shape, dtype, fmt, device) if residual else None
+    r, rs = _residual(residual, shape, dtype, fmt, device)
     scale, shift, mean = (_vector(6, dtype, device) for _ in range(3))
     a, b, c = (_vector(6, dtype, device) for _ in range(3))
-    z = _z(y, scale, shift, r)
+    z = _z(y, scale, shift, r, rs)
     g_masked = torch.where(z > 0, g.double(), 0.0) if relu else g.double()
 
-    sum_g, sum_gy, masked = run.grad_sums(g, y, scale, shift, r, mean, relu, True)
+    sum_g, sum_gy, masked = run.grad_sums(g, y, scale, shift, r, mean, relu, True, rs)
     want_g, want_gy = g_masked.sum((0, 2, 3)), (g_masked * (y.double() - _ch(mean))).sum((0, 2, 3))
     # Sums of 189 terms of size ~1 in fp32: a few ulps of the sum of magnitudes.
     bound = 64 * torch.finfo(_acc(dtype)).eps * g.double().abs().sum((0, 2, 3)) * 4
@@ -161,7 +176,7 @@ def test_grad_passes_match_formula(impl, dtype, fmt, residual, relu):
     assert ((sum_gy.double() - want_gy).abs() <= bound).all()
     assert torch.equal(masked.double(), g_masked)
 
-    dy = run.grad_input(g, y, scale, shift, r, a, b, c, relu)
+    dy = run.grad_input(g, y, scale, shift, r, a, b, c, relu, rs)
     want = _ch(a) * g_masked + _ch(b) * y.double() + _ch(c)
     assert dy.dtype == dtype and dy.stride() == y.stride()
     terms = (_ch(a) * g_masked).abs() + (_ch(b) * y.double()).abs() + _ch(c).abs()
@@ -245,20 +260,22 @@ def test_cuda_vectorized_passes(where, dtype, channels):
     run, device = _cuda_kernels(where, dtype)
     shape = (3, channels, 9, 7)  # 189 pixels: the last block of pixel rows and the last chunk are partial
     y, g, r = (_tensor(shape, dtype, torch.channels_last, device) for _ in range(3))
-    scale, shift, mean, a, b, c = (_vector(channels, dtype, device) for _ in range(6))
+    scale, shift, mean, a, b, c, rs = (_vector(channels, dtype, device) for _ in range(7))
     y_stats = _tensor(shape, dtype, torch.channels_last, device, offset=300.0, scale=0.5)
     assert_stats(run.stats(y_stats), y_stats)
     assert_stats(run.stats(_misaligned(y_stats)), y_stats)
-    for residual in (None, r):
+    for residual, r_scale in ((None, None), (r, None), (r, rs)):
         res_mis = None if residual is None else _misaligned(residual)
-        z = _z(y, scale, shift, residual)
-        out = run.normalize(y, scale, shift, residual, True)
-        assert torch.equal(out, run.normalize(_misaligned(y), scale, shift, res_mis, True))
+        z = _z(y, scale, shift, residual, r_scale)
+        out = run.normalize(y, scale, shift, residual, True, r_scale)
+        assert torch.equal(out, run.normalize(_misaligned(y), scale, shift, res_mis, True, r_scale))
         # The misaligned per-channel vectors: once per test, at the smaller widths (the emulation is slow).
         vectors_too = residual is None and channels < 2048
         for s_in, t_in in _with_one_misaligned((scale, shift)) if vectors_too else ():
             assert torch.equal(out, run.normalize(y, s_in, t_in, residual, True))
-        assert _within(out, torch.relu(z), _z_terms(y, scale, shift, residual))
+        if r_scale is not None and channels < 2048:
+            assert torch.equal(out, run.normalize(y, scale, shift, residual, True, _misaligned_vector(r_scale)))
+        assert _within(out, torch.relu(z), _z_terms(y, scale, shift, residual, r_scale))
 
         g_masked = torch.where(z > 0, g.double(), 0.0)
         want_g, want_gy = g_masked.sum((0, 2, 3)), (g_masked * (y.double() - _ch(mean))).sum((0, 2, 3))
@@ -269,13 +286,17 @@ def test_cuda_vectorized_passes(where, dtype, channels):
             (_misaligned(g), _misaligned(y), res_mis, aligned),
             *((g, y, residual, vectors) for vectors in (_with_one_misaligned(aligned) if vectors_too else ())),
         ):
-            sum_g, sum_gy, masked = run.grad_sums(g_in, y_in, s_in, t_in, r_in, m_in, True, True)
+            sum_g, sum_gy, masked = run.grad_sums(g_in, y_in, s_in, t_in, r_in, m_in, True, True, r_scale)
             assert ((sum_g.double() - want_g).abs() <= bound).all()
             assert ((sum_gy.double() - want_gy).abs() <= bound).all()
             assert torch.equal(masked.double(), g_masked)
+        if r_scale is not None and channels < 2048:  # a misaligned residual scale: the scalar kernels
+            masked = run.grad_sums(g, y, scale, shift, residual, mean, True, True, _misaligned_vector(r_scale))[2]
+            assert torch.equal(masked.double(), g_masked)
 
-        dy = run.grad_input(g, y, scale, shift, residual, a, b, c, True)
-        assert torch.equal(dy, run.grad_input(_misaligned(g), _misaligned(y), scale, shift, res_mis, a, b, c, True))
+        dy = run.grad_input(g, y, scale, shift, residual, a, b, c, True, r_scale)
+        misaligned_dy = run.grad_input(_misaligned(g), _misaligned(y), scale, shift, res_mis, a, b, c, True, r_scale)
+        assert torch.equal(dy, misaligned_dy)
         for vectors in _with_one_misaligned((scale, shift, a, b, c)) if vectors_too else ():
             assert torch.equal(dy, run.grad_input(g, y, *vectors[:2], residual, *vectors[2:], True))
         terms = (_ch(a) * g_masked).abs() + (_ch(b) * y.double()).abs() + _ch(c).abs()
@@ -313,18 +334,19 @@ def test_cuda_vectorized_passes_over_many_rows(where, shape, dtype, relu):
     channels = shape[1]
     y, g, r = (_tensor(shape, dtype, torch.channels_last, device) for _ in range(3))
     scale, shift, mean, a, b, c = (_vector(channels, dtype, device) for _ in range(6))
+    rs = _vector(channels, dtype, device) if relu else None  # with a ReLU, a projection block end's scaled residual
     y_stats = _tensor(shape, dtype, torch.channels_last, device, offset=300.0, scale=0.5)
     assert_stats(run.stats(y_stats), y_stats)
-    z = _z(y, scale, shift, r)
-    out = run.normalize(y, scale, shift, r, relu)
-    assert _within(out, torch.relu(z) if relu else z, _z_terms(y, scale, shift, r))
+    z = _z(y, scale, shift, r, rs)
+    out = run.normalize(y, scale, shift, r, relu, rs)
+    assert _within(out, torch.relu(z) if relu else z, _z_terms(y, scale, shift, r, rs))
     g_masked = torch.where(z > 0, g.double(), 0.0) if relu else g.double()
-    sum_g, sum_gy, masked = run.grad_sums(g, y, scale, shift, r, mean, relu, True)
+    sum_g, sum_gy, masked = run.grad_sums(g, y, scale, shift, r, mean, relu, True, rs)
     bound = 256 * torch.finfo(_acc(dtype)).eps * g.double().abs().sum((0, 2, 3))
     assert ((sum_g.double() - g_masked.sum((0, 2, 3))).abs() <= bound).all()
     assert ((sum_gy.double() - (g_masked * (y.double() - _ch(mean))).sum((0, 2, 3))).abs() <= bound).all()
     assert torch.equal(masked.double(), g_masked)
-    dy = run.grad_input(g, y, scale, shift, r, a, b, c, relu)
+    dy = run.grad_input(g, y, scale, shift, r, a, b, c, relu, rs)
     terms = (_ch(a) * g_masked).abs() + (_ch(b) * y.double()).abs() + _ch(c).abs()
     assert _within(dy, _ch(a) * g_masked + _ch(b) * y.double() + _ch(c), terms)
 
@@ -344,13 +366,15 @@ def test_rows_per_thread_change_no_bit(where, shape, rows):
     (one, device), (more, _) = _cuda_kernels(where, torch.bfloat16), _cuda_kernels(f"{where}-{rows}", torch.bfloat16)
     c = shape[1]
     y, g, r = (_tensor(shape, torch.bfloat16, torch.channels_last, device) for _ in range(3))
-    scale, shift, mean, a, b, cc = (_vector(c, torch.bfloat16, device) for _ in range(6))
-    assert torch.equal(one.normalize(y, scale, shift, r, True), more.normalize(y, scale, shift, r, True))
-    sums = [run.grad_sums(g, y, scale, shift, r, mean, True, True) for run in (one, more)]
-    assert all(torch.equal(x, z) for x, z in zip(*sums, strict=True))
-    assert torch.equal(
-        one.grad_input(g, y, scale, shift, r, a, b, cc, True), more.grad_input(g, y, scale, shift, r, a, b, cc, True)
-    )
+    scale, shift, mean, a, b, cc, rs = (_vector(c, torch.bfloat16, device) for _ in range(7))
+    for r_scale in (None, rs):
+        assert torch.equal(
+            one.normalize(y, scale, shift, r, True, r_scale), more.normalize(y, scale, shift, r, True, r_scale)
+        )
+        sums = [run.grad_sums(g, y, scale, shift, r, mean, True, True, r_scale) for run in (one, more)]
+        assert all(torch.equal(x, z) for x, z in zip(*sums, strict=True))
+        dys = [run.grad_input(g, y, scale, shift, r, a, b, cc, True, r_scale) for run in (one, more)]
+        assert torch.equal(*dys)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

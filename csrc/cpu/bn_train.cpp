@@ -452,6 +452,13 @@ void grad_input_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tenso
 }
 
 // -------------------------------------------------------------------------------- ops: check, allocate, run
+// A residual scale (a projection block end's, training/projection_train.py) has CUDA kernels only: on CPU the
+// training path computes those units with PyTorch ops (training/cpp_passes.py).
+void refuse_residual_scale(const char* op, const std::optional<at::Tensor>& residual_scale) {
+  TORCH_CHECK(!residual_scale.has_value(), op,
+              ": residual_scale is not supported by the CPU kernels (CUDA only); use the PyTorch passes for it");
+}
+
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y_in) {
   check_bn_y("bn_stats", c10::DeviceType::CPU, y_in);
   const at::Tensor y = nhwc(y_in);
@@ -464,8 +471,10 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y_in) {
 }
 
 at::Tensor bn_normalize_cpu(const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& shift,
-                            const std::optional<at::Tensor>& residual, bool relu) {
+                            const std::optional<at::Tensor>& residual, bool relu,
+                            const std::optional<at::Tensor>& residual_scale) {
   const char* op = "bn_normalize";
+  refuse_residual_scale(op, residual_scale);
   check_bn_y(op, c10::DeviceType::CPU, y_in);
   check_bn_vector(op, "scale", scale, y_in);
   check_bn_vector(op, "shift", shift, y_in);
@@ -484,8 +493,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cpu(const at::Tensor
                                                                 const at::Tensor& scale, const at::Tensor& shift,
                                                                 const std::optional<at::Tensor>& residual,
                                                                 const at::Tensor& mean, bool relu,
-                                                                bool store_masked) {
+                                                                bool store_masked,
+                                                                const std::optional<at::Tensor>& residual_scale) {
   const char* op = "bn_grad_sums";
+  refuse_residual_scale(op, residual_scale);
   check_bn_y(op, c10::DeviceType::CPU, y_in);
   check_bn_like(op, "grad", g_in, y_in);
   for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"mean", mean}}) {
@@ -509,8 +520,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cpu(const at::Tensor
 
 at::Tensor bn_grad_input_cpu(const at::Tensor& g_in, const at::Tensor& y_in, const at::Tensor& scale,
                              const at::Tensor& shift, const std::optional<at::Tensor>& residual, const at::Tensor& a,
-                             const at::Tensor& b, const at::Tensor& c, bool relu) {
+                             const at::Tensor& b, const at::Tensor& c, bool relu,
+                             const std::optional<at::Tensor>& residual_scale) {
   const char* op = "bn_grad_input";
+  refuse_residual_scale(op, residual_scale);
   check_bn_y(op, c10::DeviceType::CPU, y_in);
   check_bn_like(op, "grad", g_in, y_in);
   for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"a", a}, {"b", b}, {"c", c}}) {

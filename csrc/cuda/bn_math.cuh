@@ -33,12 +33,14 @@ cudaError_t with_element_type(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// z = y*scale + shift [+ r]: the one definition of the pre-activation (r_value is read only with a residual).
+// z = y*scale + shift [+ r [*r_scale]]: the one definition of the pre-activation (r_value is read only with a
+// residual, r_scale only with a residual scale; without one the sum is the plain addition it always was).
 template <typename T>
 __device__ __forceinline__ AccOf<T> pre_activation_of(AccOf<T> y, AccOf<T> scale, AccOf<T> shift, bool has_residual,
-                                                      AccOf<T> r_value) {
+                                                      AccOf<T> r_value, bool has_r_scale = false,
+                                                      AccOf<T> r_scale = AccOf<T>(1)) {
   AccOf<T> z = AccMath<T>::fma(y, scale, shift);
-  if (has_residual) z += r_value;
+  if (has_residual) z = has_r_scale ? AccMath<T>::fma(r_value, r_scale, z) : z + r_value;
   return z;
 }
 

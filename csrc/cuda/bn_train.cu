@@ -4,7 +4,7 @@
 //   normalize    act(z)
 //   grad_sums    (sum g', sum g'*(y - mean), g' when asked), g' = g*[z > 0]
 //   grad_input   a*g' + b*y + c
-// with z = fma(y, scale, shift) [+ r] computed by one helper in every pass, so backward's mask is forward's bit
+// with z = fma(y, scale, shift) [+ r, or fma(r, r_scale, ...) with a residual scale] computed by one helper in every pass, so backward's mask is forward's bit
 // for bit. A block covers 32 channels (one per lane: a warp reads 32 consecutive values of a pixel) x 8 pixel
 // lanes; every pass has a 16-byte twin (a thread owns a vector of channels) for the common case of channels a
 // multiple of the vector width and aligned tensors. Reductions write one partial per (chunk of pixels, channel) and a
@@ -68,10 +68,18 @@ dim3 channel_grid(long long blocks_x, long long channels) {
   return dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>((channels + kLanesC - 1) / kLanesC));
 }
 
+// The scalar kernels' pre-activation of value i, whose channel's residual scale is rs (where has_rs).
 template <typename T>
 __device__ __forceinline__ AccOf<T> pre_activation(AccOf<T> y, AccOf<T> scale, AccOf<T> shift, const T* r,
-                                                   long long i) {
-  return pre_activation_of<T>(y, scale, shift, r != nullptr, r != nullptr ? AccMath<T>::load(r[i]) : AccOf<T>(0));
+                                                   long long i, bool has_rs, AccOf<T> rs) {
+  return pre_activation_of<T>(y, scale, shift, r != nullptr, r != nullptr ? AccMath<T>::load(r[i]) : AccOf<T>(0),
+                              has_rs, rs);
+}
+
+// A scalar kernel's residual scale for channel c: (whether there is one, its value or 1).
+template <typename Acc>
+__device__ __forceinline__ Acc residual_scale_of(const Acc* residual_scale, long long c) {
+  return residual_scale != nullptr ? residual_scale[c] : Acc(1);
 }
 
 // Chan's merge of (nb, mb, m2b) into the running (n, mean, m2).
@@ -232,16 +240,18 @@ __global__ void __launch_bounds__(kLanesC* kMergeLanes)
 // ------------------------------------------------------------------------------------------------ elementwise
 template <typename T>
 __global__ void normalize_kernel(const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
-                                 const AccOf<T>* __restrict__ shift, const T* __restrict__ residual, T* __restrict__ out,
-                                 long long rows, long long channels, bool relu) {
+                                 const AccOf<T>* __restrict__ shift, const T* __restrict__ residual,
+                                 const AccOf<T>* __restrict__ residual_scale, T* __restrict__ out, long long rows,
+                                 long long channels, bool relu) {
   using Acc = AccOf<T>;
   const long long c = static_cast<long long>(blockIdx.y) * kLanesC + threadIdx.x;
   if (c >= channels) return;
-  const Acc s = scale[c], t = shift[c];
+  const Acc s = scale[c], t = shift[c], rs = residual_scale_of(residual_scale, c);
+  const bool has_rs = residual_scale != nullptr;
   const long long step = static_cast<long long>(gridDim.x) * kLanesR;
   for (long long r = static_cast<long long>(blockIdx.x) * kLanesR + threadIdx.y; r < rows; r += step) {
     const long long i = r * channels + c;
-    const Acc z = pre_activation<T>(AccMath<T>::load(y[i]), s, t, residual, i);
+    const Acc z = pre_activation<T>(AccMath<T>::load(y[i]), s, t, residual, i, has_rs, rs);
     out[i] = AccMath<T>::store(activation_of(z, relu));
   }
 }
@@ -249,31 +259,33 @@ __global__ void normalize_kernel(const T* __restrict__ y, const AccOf<T>* __rest
 // g where forward's z > 0 (NaN z: 0), or g itself without ReLU.
 template <typename T>
 __device__ __forceinline__ AccOf<T> masked_grad_of(AccOf<T> g, AccOf<T> y, AccOf<T> s, AccOf<T> t, bool has_residual,
-                                                   AccOf<T> r_value, bool relu) {
-  return relu && !(pre_activation_of<T>(y, s, t, has_residual, r_value) > AccOf<T>(0)) ? AccOf<T>(0) : g;
+                                                   AccOf<T> r_value, bool relu, bool has_rs, AccOf<T> rs) {
+  return relu && !(pre_activation_of<T>(y, s, t, has_residual, r_value, has_rs, rs) > AccOf<T>(0)) ? AccOf<T>(0) : g;
 }
 
 template <typename T>
 __device__ __forceinline__ AccOf<T> masked_grad(AccOf<T> g, AccOf<T> y, AccOf<T> s, AccOf<T> t, const T* r,
-                                                long long i, bool relu) {
-  return masked_grad_of<T>(g, y, s, t, r != nullptr, r != nullptr ? AccMath<T>::load(r[i]) : AccOf<T>(0), relu);
+                                                long long i, bool relu, bool has_rs, AccOf<T> rs) {
+  return masked_grad_of<T>(g, y, s, t, r != nullptr, r != nullptr ? AccMath<T>::load(r[i]) : AccOf<T>(0), relu,
+                           has_rs, rs);
 }
 
 template <typename T>
 __global__ void grad_input_kernel(const T* __restrict__ g, const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
                                   const AccOf<T>* __restrict__ shift, const T* __restrict__ residual,
-                                  const AccOf<T>* __restrict__ a, const AccOf<T>* __restrict__ b,
-                                  const AccOf<T>* __restrict__ cc, T* __restrict__ dy, long long rows,
-                                  long long channels, bool relu) {
+                                  const AccOf<T>* __restrict__ residual_scale, const AccOf<T>* __restrict__ a,
+                                  const AccOf<T>* __restrict__ b, const AccOf<T>* __restrict__ cc, T* __restrict__ dy,
+                                  long long rows, long long channels, bool relu) {
   using Acc = AccOf<T>;
   const long long c = static_cast<long long>(blockIdx.y) * kLanesC + threadIdx.x;
   if (c >= channels) return;
-  const Acc s = scale[c], t = shift[c], ac = a[c], bc = b[c], ccc = cc[c];
+  const Acc s = scale[c], t = shift[c], ac = a[c], bc = b[c], ccc = cc[c], rs = residual_scale_of(residual_scale, c);
+  const bool has_rs = residual_scale != nullptr;
   const long long step = static_cast<long long>(gridDim.x) * kLanesR;
   for (long long r = static_cast<long long>(blockIdx.x) * kLanesR + threadIdx.y; r < rows; r += step) {
     const long long i = r * channels + c;
     const Acc yv = AccMath<T>::load(y[i]);
-    const Acc gm = masked_grad<T>(AccMath<T>::load(g[i]), yv, s, t, residual, i, relu);
+    const Acc gm = masked_grad<T>(AccMath<T>::load(g[i]), yv, s, t, residual, i, relu, has_rs, rs);
     dy[i] = AccMath<T>::store(AccMath<T>::fma(ac, gm, AccMath<T>::fma(bc, yv, ccc)));
   }
 }
@@ -295,6 +307,18 @@ __device__ __forceinline__ void load_mask_channels(bool relu, Acc (&s)[W], Acc (
   } else {
 #pragma unroll
     for (int j = 0; j < W; ++j) s[j] = t[j] = Acc(0);
+  }
+}
+
+// The residual's per-channel scale where `wanted` (a residual and a scale given), else 1s.
+template <int W, typename Acc>
+__device__ __forceinline__ void load_residual_scale(bool wanted, Acc (&rs)[W], const Acc* __restrict__ residual_scale,
+                                                    long long c0) {
+  if (wanted) {
+    load_channels(rs, residual_scale, c0);
+  } else {
+#pragma unroll
+    for (int j = 0; j < W; ++j) rs[j] = Acc(1);
   }
 }
 
@@ -342,18 +366,23 @@ __device__ __forceinline__ void for_each_row_vec(long long rows, long long chann
                   channels, c0, load, apply);
 }
 
-template <typename T, int U>
+// kScaled: the residual has a per-channel scale (a template argument, so that the common kernels keep their
+// registers: the scale's W values would otherwise cost every launch 8 more in 16 bits, and occupancy with them).
+template <typename T, int U, bool kScaled>
 __global__ void normalize_vec_kernel(const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
                                      const AccOf<T>* __restrict__ shift, const T* __restrict__ residual,
-                                     T* __restrict__ out, long long rows, long long channels, bool relu) {
+                                     const AccOf<T>* __restrict__ residual_scale, T* __restrict__ out, long long rows,
+                                     long long channels, bool relu) {
   using Acc = AccOf<T>;
   constexpr int W = Vec<T>::kWidth;
   const long long c0 = vec_first_channel(W);
   if (c0 >= channels) return;
-  Acc s[W], t[W];
+  Acc s[W], t[W], rs[W];
   load_channels(s, scale, c0);
   load_channels(t, shift, c0);
   const bool has_residual = residual != nullptr;
+  const bool has_rs = kScaled && has_residual;
+  if constexpr (kScaled) load_residual_scale(has_rs, rs, residual_scale, c0);
   Vec<T> yv[U], rv[U];
   for_each_row_vec<U>(
       rows, channels, c0,
@@ -366,7 +395,7 @@ __global__ void normalize_vec_kernel(const T* __restrict__ y, const AccOf<T>* __
 #pragma unroll
         for (int j = 0; j < W; ++j) {
           const Acc rj = has_residual ? AccMath<T>::load(rv[u].v[j]) : Acc(0);
-          const Acc z = pre_activation_of<T>(AccMath<T>::load(yv[u].v[j]), s[j], t[j], has_residual, rj);
+          const Acc z = pre_activation_of<T>(AccMath<T>::load(yv[u].v[j]), s[j], t[j], has_residual, rj, has_rs, rs[j]);
           o.v[j] = AccMath<T>::store(activation_of(z, relu));
         }
         store_vec(out + i, o);
@@ -375,21 +404,23 @@ __global__ void normalize_vec_kernel(const T* __restrict__ y, const AccOf<T>* __
 
 // Backward's rows in the 16-byte kernels: U rows of g, y and the residual (where there is one) loaded before any
 // is used, and the masked gradient g' of each of their values, with forward's mask (masked_grad_of).
-template <typename T, int U>
+template <typename T, int U, bool kScaled>
 struct GradRows {
   using Acc = AccOf<T>;
   static constexpr int W = Vec<T>::kWidth;
   const T* __restrict__ g;
   const T* __restrict__ y;
   const T* __restrict__ residual;  // nullptr: none
-  bool relu;
-  Acc s[W], t[W];  // scale and shift, for the mask (not loaded without a ReLU)
+  bool relu, has_rs;
+  Acc s[W], t[W], rs[W];  // scale, shift and the residual's scale, for the mask (not loaded without a ReLU)
   Vec<T> gv[U], yv[U], rv[U];
 
-  __device__ __forceinline__ GradRows(const T* g_, const T* y_, const T* residual_, const Acc* __restrict__ scale,
-                                      const Acc* __restrict__ shift, bool relu_, long long c0)
-      : g(g_), y(y_), residual(residual_), relu(relu_) {
+  __device__ __forceinline__ GradRows(const T* g_, const T* y_, const T* residual_, const Acc* __restrict__ residual_scale,
+                                      const Acc* __restrict__ scale, const Acc* __restrict__ shift, bool relu_,
+                                      long long c0)
+      : g(g_), y(y_), residual(residual_), relu(relu_), has_rs(kScaled && relu_ && residual_ != nullptr) {
     load_mask_channels(relu, s, t, scale, shift, c0);
+    if constexpr (kScaled) load_residual_scale(has_rs, rs, residual_scale, c0);
   }
 
   __device__ __forceinline__ void load(int u, long long i) {
@@ -404,21 +435,22 @@ struct GradRows {
   __device__ __forceinline__ Acc masked(int u, int j, Acc yj) const {
     const bool has_residual = residual != nullptr;
     const Acc rj = has_residual ? AccMath<T>::load(rv[u].v[j]) : Acc(0);
-    return masked_grad_of<T>(AccMath<T>::load(gv[u].v[j]), yj, s[j], t[j], has_residual, rj, relu);
+    return masked_grad_of<T>(AccMath<T>::load(gv[u].v[j]), yj, s[j], t[j], has_residual, rj, relu, has_rs, rs[j]);
   }
 };
 
-template <typename T, int U>
+template <typename T, int U, bool kScaled>
 __global__ void grad_input_vec_kernel(const T* __restrict__ g, const T* __restrict__ y,
                                       const AccOf<T>* __restrict__ scale, const AccOf<T>* __restrict__ shift,
-                                      const T* __restrict__ residual, const AccOf<T>* __restrict__ a,
-                                      const AccOf<T>* __restrict__ b, const AccOf<T>* __restrict__ cc,
-                                      T* __restrict__ dy, long long rows, long long channels, bool relu) {
+                                      const T* __restrict__ residual, const AccOf<T>* __restrict__ residual_scale,
+                                      const AccOf<T>* __restrict__ a, const AccOf<T>* __restrict__ b,
+                                      const AccOf<T>* __restrict__ cc, T* __restrict__ dy, long long rows,
+                                      long long channels, bool relu) {
   using Acc = AccOf<T>;
   constexpr int W = Vec<T>::kWidth;
   const long long c0 = vec_first_channel(W);
   if (c0 >= channels) return;
-  GradRows<T, U> in(g, y, residual, scale, shift, relu, c0);
+  GradRows<T, U, kScaled> in(g, y, residual, residual_scale, scale, shift, relu, c0);
   Acc ac[W], bc[W], ccc[W];
   load_channels(ac, a, c0);
   load_channels(bc, b, c0);
@@ -532,13 +564,13 @@ __global__ void stats_partials_vec(const T* __restrict__ y, long long rows, long
 }
 
 // Backward sums: U rows loaded per round before any is used, as the elementwise kernels do.
-template <typename T, int U>
+template <typename T, int U, bool kScaled>
 __global__ void grad_sums_partials_vec(const T* __restrict__ g, const T* __restrict__ y,
                                        const AccOf<T>* __restrict__ scale, const AccOf<T>* __restrict__ shift,
-                                       const T* __restrict__ residual, const AccOf<T>* __restrict__ mean, bool relu,
-                                       T* __restrict__ masked, long long rows, long long channels,
-                                       long long chunk_rows, AccOf<T>* __restrict__ part_g,
-                                       AccOf<T>* __restrict__ part_gy) {
+                                       const T* __restrict__ residual, const AccOf<T>* __restrict__ residual_scale,
+                                       const AccOf<T>* __restrict__ mean, bool relu, T* __restrict__ masked,
+                                       long long rows, long long channels, long long chunk_rows,
+                                       AccOf<T>* __restrict__ part_g, AccOf<T>* __restrict__ part_gy) {
   using Acc = AccOf<T>;
   constexpr int W = Vec<T>::kWidth;
   __shared__ Acc s_g[kVecThreads][W], s_gy[kVecThreads][W];
@@ -550,7 +582,7 @@ __global__ void grad_sums_partials_vec(const T* __restrict__ g, const T* __restr
 #pragma unroll
   for (int ch = 0; ch < W; ++ch) sum_g[ch] = sum_gy[ch] = Acc(0);
   if (active) {
-    GradRows<T, U> in(g, y, residual, scale, shift, relu, c0);
+    GradRows<T, U, kScaled> in(g, y, residual, residual_scale, scale, shift, relu, c0);
     Acc mu[W];
     load_channels(mu, mean, c0);
     for_rows_vec<U>(
@@ -596,9 +628,10 @@ __global__ void grad_sums_partials_vec(const T* __restrict__ g, const T* __restr
 template <typename T>
 __global__ void grad_sums_partials(const T* __restrict__ g, const T* __restrict__ y, const AccOf<T>* __restrict__ scale,
                                    const AccOf<T>* __restrict__ shift, const T* __restrict__ residual,
-                                   const AccOf<T>* __restrict__ mean, bool relu, T* __restrict__ masked,
-                                   long long rows, long long channels, long long chunk_rows,
-                                   AccOf<T>* __restrict__ part_g, AccOf<T>* __restrict__ part_gy) {
+                                   const AccOf<T>* __restrict__ residual_scale, const AccOf<T>* __restrict__ mean,
+                                   bool relu, T* __restrict__ masked, long long rows, long long channels,
+                                   long long chunk_rows, AccOf<T>* __restrict__ part_g,
+                                   AccOf<T>* __restrict__ part_gy) {
   using Acc = AccOf<T>;
   __shared__ Acc s_g[kLanesR][kLanesC], s_gy[kLanesR][kLanesC];
   const long long c = static_cast<long long>(blockIdx.y) * kLanesC + threadIdx.x;
@@ -606,11 +639,12 @@ __global__ void grad_sums_partials(const T* __restrict__ g, const T* __restrict_
   const long long end = begin + chunk_rows < rows ? begin + chunk_rows : rows;
   Acc sum_g = 0, sum_gy = 0;
   if (c < channels) {
-    const Acc s = scale[c], t = shift[c], mu = mean[c];
+    const Acc s = scale[c], t = shift[c], mu = mean[c], rs = residual_scale_of(residual_scale, c);
+    const bool has_rs = residual_scale != nullptr;
     for (long long r = begin + threadIdx.y; r < end; r += kLanesR) {
       const long long i = r * channels + c;
       const Acc yv = AccMath<T>::load(y[i]);
-      const Acc gm = masked_grad<T>(AccMath<T>::load(g[i]), yv, s, t, residual, i, relu);
+      const Acc gm = masked_grad<T>(AccMath<T>::load(g[i]), yv, s, t, residual, i, relu, has_rs, rs);
       if (masked != nullptr) masked[i] = AccMath<T>::store(gm);
       sum_g += gm;
       sum_gy += gm * (yv - mu);
@@ -747,15 +781,27 @@ cudaError_t with_rows_per_thread(F&& f) {
   }
 }
 
-// An elementwise pass: its 16-byte kernel (vec_kernel_at(integral_constant U): the one of U rows per thread) where
-// `vectorized`, else its scalar kernel, with the same arguments.
+// Whether a pass's residual has a per-channel scale: its 16-byte kernels then are the kScaled ones, of one row per
+// thread (the only ones built: projection block ends are 4 of ResNet-50's 53 units).
+bool scaled_residual(const BnPassParams& p) {
+  return p.residual != nullptr && p.residual_scale != nullptr;
+}
+
+using One = std::integral_constant<int, 1>;
+
+// An elementwise pass: its 16-byte kernel (vec_kernel_at(integral_constant U, bool_constant kScaled): the one of U
+// rows per thread) where `vectorized`, else its scalar kernel, with the same arguments.
 template <typename T, typename VecKernelAt, typename Kernel, typename Args>
 cudaError_t launch_elementwise(const BnPassParams& p, bool vectorized, VecKernelAt vec_kernel_at, Kernel scalar,
                                const Args& args, cudaStream_t stream) {
+  if (vectorized && scaled_residual(p)) {
+    const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels, false, 1);
+    return launch_with(vec_kernel_at(One{}, std::true_type{}), grid, block, stream, args);
+  }
   if (vectorized) {
     return with_rows_per_thread<T>([&](auto u) {
       const auto [grid, block] = vec_launch_shape<T>(p.rows, p.channels, false, decltype(u)::value);
-      return launch_with(vec_kernel_at(u), grid, block, stream, args);
+      return launch_with(vec_kernel_at(u, std::false_type{}), grid, block, stream, args);
     });
   }
   return launch_with(scalar, channel_grid(elementwise_blocks(p.rows), p.channels), dim3(kLanesC, kLanesR), stream,
@@ -792,10 +838,12 @@ struct Normalize {
     using Acc = AccOf<T>;
     const auto args = std::make_tuple(static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
                                       static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual),
-                                      static_cast<T*>(p.out), p.rows, p.channels, p.relu);
+                                      static_cast<const Acc*>(p.residual_scale), static_cast<T*>(p.out), p.rows,
+                                      p.channels, p.relu);
     return launch_elementwise<T>(
-        p, vectorizable<T>(p.channels, {p.y, p.residual, p.out, p.scale, p.shift}),
-        [](auto u) { return normalize_vec_kernel<T, decltype(u)::value>; }, normalize_kernel<T>, args, stream);
+        p, vectorizable<T>(p.channels, {p.y, p.residual, p.residual_scale, p.out, p.scale, p.shift}),
+        [](auto u, auto scaled) { return normalize_vec_kernel<T, decltype(u)::value, decltype(scaled)::value>; },
+        normalize_kernel<T>, args, stream);
   }
 };
 
@@ -808,14 +856,20 @@ struct GradSums {
     Acc* part_gy = part_g + chunks.count * p.channels;
     const auto args = std::make_tuple(
         static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
-        static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.mean), p.relu,
-        static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g, part_gy);
+        static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.residual_scale),
+        static_cast<const Acc*>(p.mean), p.relu, static_cast<T*>(p.out), p.rows, p.channels, chunks.rows, part_g,
+        part_gy);
     cudaError_t err;
-    if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out, p.scale, p.shift, p.mean})) {
+    if (vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.residual_scale, p.out, p.scale, p.shift, p.mean})) {
       const auto shape = vec_launch_shape<T>(chunks.count, p.channels, /*rows_are_blocks=*/true);
-      err = with_rows_per_thread<T>([&](auto u) {
-        return launch_with(grad_sums_partials_vec<T, decltype(u)::value>, shape.first, shape.second, stream, args);
-      });
+      if (scaled_residual(p)) {
+        err = launch_with(grad_sums_partials_vec<T, 1, true>, shape.first, shape.second, stream, args);
+      } else {
+        err = with_rows_per_thread<T>([&](auto u) {
+          return launch_with(grad_sums_partials_vec<T, decltype(u)::value, false>, shape.first, shape.second, stream,
+                             args);
+        });
+      }
     } else {
       err = launch_with(grad_sums_partials<T>, channel_grid(chunks.count, p.channels), dim3(kLanesC, kLanesR), stream,
                         args);
@@ -832,11 +886,14 @@ struct GradInput {
     using Acc = AccOf<T>;
     const auto args = std::make_tuple(
         static_cast<const T*>(p.g), static_cast<const T*>(p.y), static_cast<const Acc*>(p.scale),
-        static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.a),
-        static_cast<const Acc*>(p.b), static_cast<const Acc*>(p.c), static_cast<T*>(p.out), p.rows, p.channels, p.relu);
+        static_cast<const Acc*>(p.shift), static_cast<const T*>(p.residual), static_cast<const Acc*>(p.residual_scale),
+        static_cast<const Acc*>(p.a), static_cast<const Acc*>(p.b), static_cast<const Acc*>(p.c),
+        static_cast<T*>(p.out), p.rows, p.channels, p.relu);
     return launch_elementwise<T>(
-        p, vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.out, p.scale, p.shift, p.a, p.b, p.c}),
-        [](auto u) { return grad_input_vec_kernel<T, decltype(u)::value>; }, grad_input_kernel<T>, args, stream);
+        p, vectorizable<T>(p.channels, {p.g, p.y, p.residual, p.residual_scale, p.out, p.scale, p.shift, p.a, p.b,
+                                        p.c}),
+        [](auto u, auto scaled) { return grad_input_vec_kernel<T, decltype(u)::value, decltype(scaled)::value>; },
+        grad_input_kernel<T>, args, stream);
   }
 };
 

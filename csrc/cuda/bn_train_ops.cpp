@@ -21,19 +21,23 @@ namespace {
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
 constexpr int64_t kMaxChannels = 32 * 65535;  // 32 channels per block, grid.y <= 65535 (bn_train.cu)
 
-// y, the gradient and the residual as dense NHWC tensors, kept alive for the launch.
+// y, the gradient and the residual as dense NHWC tensors (the residual's per-channel scale beside it), kept alive
+// for the launch.
 struct NhwcInputs {
   at::Tensor y, g;
-  std::optional<at::Tensor> residual;
+  std::optional<at::Tensor> residual, residual_scale;
 };
 
 NhwcInputs nhwc_inputs(const char* op, const at::Tensor& y, const std::optional<at::Tensor>& g,
-                       const std::optional<at::Tensor>& residual) {
+                       const std::optional<at::Tensor>& residual,
+                       const std::optional<at::Tensor>& residual_scale = std::nullopt) {
   check_bn_y(op, c10::DeviceType::CUDA, y);
   if (g.has_value()) check_bn_like(op, "grad", *g, y);
   if (residual.has_value()) check_bn_like(op, "residual", *residual, y);
-  NhwcInputs in{y.contiguous(kChannelsLast), g.has_value() ? g->contiguous(kChannelsLast) : at::Tensor(), {}};
+  check_bn_residual_scale(op, residual, residual_scale, y);
+  NhwcInputs in{y.contiguous(kChannelsLast), g.has_value() ? g->contiguous(kChannelsLast) : at::Tensor(), {}, {}};
   if (residual.has_value()) in.residual = residual->contiguous(kChannelsLast);
+  in.residual_scale = residual_scale;
   return in;
 }
 
@@ -43,6 +47,7 @@ BnPassParams params(const NhwcInputs& in) {
   p.y = in.y.const_data_ptr();
   p.g = in.g.defined() ? in.g.const_data_ptr() : nullptr;
   p.residual = in.residual.has_value() ? in.residual->const_data_ptr() : nullptr;
+  p.residual_scale = in.residual_scale.has_value() ? in.residual_scale->const_data_ptr() : nullptr;
   p.channels = in.y.size(1);
   p.rows = p.channels == 0 ? 0 : in.y.numel() / p.channels;
   TORCH_CHECK(p.channels <= kMaxChannels, "the CUDA training kernels take at most ", kMaxChannels,
@@ -115,9 +120,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_
 }
 
 at::Tensor bn_normalize_cuda(const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& shift,
-                             const std::optional<at::Tensor>& residual, bool relu) {
+                             const std::optional<at::Tensor>& residual, bool relu,
+                             const std::optional<at::Tensor>& residual_scale) {
   const char* op = "bn_normalize";
-  const NhwcInputs in = nhwc_inputs(op, y_in, std::nullopt, residual);
+  const NhwcInputs in = nhwc_inputs(op, y_in, std::nullopt, residual, residual_scale);
   check_bn_vector(op, "scale", scale, y_in);
   check_bn_vector(op, "shift", shift, y_in);
   c10::cuda::CUDAGuard guard(y_in.device());
@@ -134,8 +140,8 @@ at::Tensor bn_normalize_cuda(const at::Tensor& y_in, const at::Tensor& scale, co
 // bn_grad_sums' checked inputs.
 NhwcInputs grad_sums_inputs(const char* op, const at::Tensor& g_in, const at::Tensor& y_in, const at::Tensor& scale,
                             const at::Tensor& shift, const std::optional<at::Tensor>& residual,
-                            const at::Tensor& mean) {
-  NhwcInputs in = nhwc_inputs(op, y_in, g_in, residual);
+                            const at::Tensor& mean, const std::optional<at::Tensor>& residual_scale) {
+  NhwcInputs in = nhwc_inputs(op, y_in, g_in, residual, residual_scale);
   for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"mean", mean}}) {
     check_bn_vector(op, name, v, y_in);
   }
@@ -172,8 +178,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cuda(const at::Tenso
                                                                  const at::Tensor& scale, const at::Tensor& shift,
                                                                  const std::optional<at::Tensor>& residual,
                                                                  const at::Tensor& mean, bool relu,
-                                                                 bool store_masked) {
-  const NhwcInputs in = grad_sums_inputs("bn_grad_sums", g_in, y_in, scale, shift, residual, mean);
+                                                                 bool store_masked,
+                                                                 const std::optional<at::Tensor>& residual_scale) {
+  const NhwcInputs in = grad_sums_inputs("bn_grad_sums", g_in, y_in, scale, shift, residual, mean, residual_scale);
   c10::cuda::CUDAGuard guard(y_in.device());
   const GradSumsCall call = grad_sums_call(in, y_in, scale, shift, mean, relu, store_masked);
   C10_CUDA_CHECK(launch_bn_grad_sums(call.p, stream_of(y_in)));
@@ -183,9 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cuda(const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_coefficients_cuda(
     const at::Tensor& g_in, const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& shift,
     const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& invstd, bool relu,
-    bool store_masked, double count) {
+    bool store_masked, double count, const std::optional<at::Tensor>& residual_scale) {
   const char* op = "bn_grad_sums_coefficients";
-  const NhwcInputs in = grad_sums_inputs(op, g_in, y_in, scale, shift, residual, mean);
+  const NhwcInputs in = grad_sums_inputs(op, g_in, y_in, scale, shift, residual, mean, residual_scale);
   TORCH_CHECK(y_in.scalar_type() != at::kDouble, op, ": fp64 sums are finished in fp64 by the caller");
   check_bn_vector(op, "invstd", invstd, y_in);
   const int64_t rows = y_in.size(1) == 0 ? 0 : y_in.numel() / y_in.size(1);
@@ -209,9 +216,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_grad_s
 
 at::Tensor bn_grad_input_cuda(const at::Tensor& g_in, const at::Tensor& y_in, const at::Tensor& scale,
                               const at::Tensor& shift, const std::optional<at::Tensor>& residual, const at::Tensor& a,
-                              const at::Tensor& b, const at::Tensor& c, bool relu) {
+                              const at::Tensor& b, const at::Tensor& c, bool relu,
+                              const std::optional<at::Tensor>& residual_scale) {
   const char* op = "bn_grad_input";
-  const NhwcInputs in = nhwc_inputs(op, y_in, g_in, residual);
+  const NhwcInputs in = nhwc_inputs(op, y_in, g_in, residual, residual_scale);
   for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"a", a}, {"b", b}, {"c", c}}) {
     check_bn_vector(op, name, v, y_in);
   }

@@ -88,7 +88,8 @@ struct BnPassParams {
   const void* y;
   const void* g;         // grad_sums, grad_input: the incoming gradient
   const void* residual;  // nullptr: none
-  const void* scale;     // z = y*scale + shift [+ residual]
+  const void* residual_scale;  // per channel, nullptr: 1 (a projection shortcut's raw conv output and BN scale)
+  const void* scale;     // z = y*scale + shift [+ residual*residual_scale]
   const void* shift;
   const void* mean;      // grad_sums
   const void* a;         // grad_input: a*g' + b*y + c

@@ -4,12 +4,12 @@ the "cpu" and "cuda" backends.
 The kernels read and write NHWC (channels_last) tensors. A y in another layout runs the PyTorch passes instead,
 so that every output keeps y's layout (the models convert their input to channels_last once); which one runs
 depends on y alone, so a tensor remade in backward (conv_bn_act_train.Recipe) comes from the same code as in
-forward. Fake implementations let torch.compile trace the ops.
+forward. A residual scale (a projection block end's) has CUDA kernels only: on CPU such a call runs the PyTorch
+passes too, which again depends on the arguments alone. Fake implementations let torch.compile trace the ops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -103,31 +103,50 @@ def grad_sums_coefficients(
     relu: bool,
     store_masked: bool,
     count: int,
+    residual_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(Σg', Σg'·(y − μ)·σ⁻¹, g' where store_masked, b, c): grad_sums, then the coefficients of dL/dy = a·g' + b·y + c
     (a = scale; channel_math.coefficients' formulas) and dL/dγ, in the sums' own launches (csrc/cuda/bn_train.cu:
     the merge kernel goes on); count > 1 and coefficients_apply checked by the caller."""
     sum_g, grad_gamma, b, c, masked = torch.ops.fused_resnet_C.bn_grad_sums_coefficients(
-        g, y, scale, shift, residual, mean, invstd, relu, store_masked, float(count)
+        g, y, scale, shift, residual, mean, invstd, relu, store_masked, float(count), residual_scale
     )
     return sum_g, grad_gamma, masked if store_masked else None, b, c
 
 
-def _kernel_or_torch(op_name: str, fallback: Callable[..., torch.Tensor], y_index: int) -> Callable[..., torch.Tensor]:
-    """The extension's op where y (argument y_index) is channels_last, else the PyTorch pass; same arguments."""
-
-    def run(*args: Any) -> torch.Tensor:
-        if _nhwc(args[y_index]):
-            return getattr(torch.ops.fused_resnet_C, op_name)(*args)
-        return fallback(*args)
-
-    run.__doc__ = fallback.__doc__
-    return run
+def _kernels_take(y: torch.Tensor, residual_scale: torch.Tensor | None) -> bool:
+    """Whether the extension's kernels take a pass over y: channels_last, and a residual scale only on CUDA."""
+    return _nhwc(y) and (residual_scale is None or y.device.type == "cuda")
 
 
-# (y, scale, shift, residual, relu) and (g, y, scale, shift, residual, a, b, c, relu): see passes.py
-normalize = _kernel_or_torch("bn_normalize", torch_passes.normalize, 0)
-grad_input = _kernel_or_torch("bn_grad_input", torch_passes.grad_input, 1)
+def normalize(
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
+    residual_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if not _kernels_take(y, residual_scale):
+        return torch_passes.normalize(y, scale, shift, residual, relu, residual_scale)
+    return torch.ops.fused_resnet_C.bn_normalize(y, scale, shift, residual, relu, residual_scale)
+
+
+def grad_input(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    relu: bool,
+    residual_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if not _kernels_take(y, residual_scale):
+        return torch_passes.grad_input(g, y, scale, shift, residual, a, b, c, relu, residual_scale)
+    return torch.ops.fused_resnet_C.bn_grad_input(g, y, scale, shift, residual, a, b, c, relu, residual_scale)
 
 
 def grad_sums(
@@ -139,11 +158,12 @@ def grad_sums(
     mean: torch.Tensor,
     relu: bool,
     store_masked: bool,
+    residual_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    if not _nhwc(y):
-        return torch_passes.grad_sums(g, y, scale, shift, residual, mean, relu, store_masked)
+    if not _kernels_take(y, residual_scale):
+        return torch_passes.grad_sums(g, y, scale, shift, residual, mean, relu, store_masked, residual_scale)
     sum_g, sum_gy, masked = torch.ops.fused_resnet_C.bn_grad_sums(
-        g, y, scale, shift, residual, mean, relu, store_masked
+        g, y, scale, shift, residual, mean, relu, store_masked, residual_scale
     )
     return sum_g, sum_gy, masked if store_masked else None
 
@@ -162,17 +182,19 @@ def _fake_stats_finalize(y: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...
     return tuple(torch.empty_like(mean) for _ in range(5))
 
 
-def _fake_grad_sums(g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
-    store_masked = args[-1]
+def _fake_grad_sums(
+    g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Any, mean: torch.Tensor,
+    relu: bool, store_masked: bool, residual_scale: Any = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
     masked = _channels_last_like(y) if store_masked else scale.new_empty(0)
     return torch.empty_like(scale), torch.empty_like(scale), masked
 
 
 def _fake_grad_sums_coefficients(
     g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Any, mean: torch.Tensor,
-    invstd: torch.Tensor, relu: bool, store_masked: bool, count: float,
+    invstd: torch.Tensor, relu: bool, store_masked: bool, count: float, residual_scale: Any = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    sum_g, _, masked = _fake_grad_sums(g, y, scale, store_masked)
+    sum_g, _, masked = _fake_grad_sums(g, y, scale, shift, residual, mean, relu, store_masked)
     return sum_g, *(torch.empty_like(scale) for _ in range(3)), masked
 
 

@@ -4,16 +4,18 @@
 kernels (cpp_passes.py, channels_last); "triton" the kernels of triton_passes.py (CUDA, or CPU under the Triton
 interpreter). The autograd Function (conv_bn_act_train.py) names one and calls:
 
-  stats(y)                                               -> BatchStats, merged per channel
-  normalize(y, scale, shift, residual, relu)             -> act(y·scale + shift [+ residual]) in y's dtype
-  grad_sums(g, y, scale, shift, residual, mean, relu, store_masked)
-                                                         -> (Σg', Σg'·(y − mean), g' or None)
-  grad_input(g, y, scale, shift, residual, a, b, c, relu) -> a·g' + b·y + c in y's dtype and layout
+  stats(y)                                                -> BatchStats, merged per channel
+  normalize(y, scale, shift, residual, relu, rs)          -> act(y·scale + shift [+ residual·rs]) in y's dtype
+  grad_sums(g, y, scale, shift, residual, mean, relu, store_masked, rs)
+                                                          -> (Σg', Σg'·(y − mean), g' or None)
+  grad_input(g, y, scale, shift, residual, a, b, c, relu, rs) -> a·g' + b·y + c in y's dtype and layout
 
-with g' = g·1[y·scale + shift [+ residual] > 0] where relu (else g), per-channel vectors in the accumulation
-dtype. grad_sums returns g' when store_masked asks for it (the shortcut's gradient); an implementation that
-materializes it anyway returns it always, and then grad_input is called with g' itself (relu=False, no
-residual) instead of recomputing the mask.
+with g' = g·1[y·scale + shift [+ residual·rs] > 0] where relu (else g), per-channel vectors in the accumulation
+dtype. rs, the residual's per-channel scale (residual_scale, last and optional: None multiplies by nothing), lets
+a block end take its projection shortcut's raw conv output as the residual, that shortcut's BN shift folded into
+`shift` (projection_train.py). grad_sums returns g' when store_masked asks for it (the shortcut's gradient); an
+implementation that materializes it anyway returns it always, and then grad_input is called with g' itself
+(relu=False, no residual) instead of recomputing the mask.
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 A train-mode conv → BN → [+ residual] → [ReLU] unit reads its conv output y three times in all, each one pass:
   forward   1. per-channel (mean, M2) partials of y                       _stats_kernel
-            2. out = act(y·scale + shift [+ r])                           _normalize_kernel
+            2. out = act(y·scale + shift [+ r [·rs]])                     _normalize_kernel
   backward  3. g' = g·1[z > 0]; partial Σg', Σg'·(y − μ) [; store g']    _grad_sums_kernel
             4. dL/dy = a·g' + b·y + c                                     _grad_input_kernel
-with z = y·scale + shift [+ r] recomputed from y in 3 and 4 by the same helper that 2 uses, so the ReLU mask is
-the forward's. Every kernel takes (n, c, h·w) strides, so channels_last and NCHW tensors run without copies;
-the tile is BLOCK_M pixels × BLOCK_C channels, math in the accumulation dtype (fp32, or fp64 for fp64).
+with z = y·scale + shift [+ r [·rs]] recomputed from y in 3 and 4 by the same helper that 2 uses, so the ReLU
+mask is the forward's; rs, the residual's optional per-channel scale, sits behind a constexpr flag
+(HAS_RESIDUAL_SCALE) that removes the multiply where it is absent. Every kernel takes (n, c, h·w) strides, so
+channels_last and NCHW tensors run without copies; the tile is BLOCK_M pixels × BLOCK_C channels, math in the
+accumulation dtype (fp32, or fp64 for fp64).
 
 Partials are [P, C]: program p reduces rows [p·R, (p + 1)·R) in BLOCK_M chunks, merging chunk statistics with
 Chan's pairwise update as it goes; the P partials are merged by stats.merge_partials (statistics) or summed
@@ -44,13 +46,31 @@ def _offsets(rows, cols, HW, stride_n, stride_hw, stride_c, DENSE_ROWS: tl.const
 
 
 @triton.jit
-def _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDUAL: tl.constexpr):
-    # z = y·scale + shift [+ r] in the accumulation dtype; the forward output and backward's mask both come
-    # from this one function, so the recomputed mask is the forward's.
+def _channel_vectors(scale_ptr, shift_ptr, rs_ptr, cols, mask_c, HAS_RESIDUAL_SCALE: tl.constexpr):
+    # The pre-activation's per-channel vectors; without a residual scale, rs is scale (never read).
+    scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=mask_c, other=0.0)
+    if HAS_RESIDUAL_SCALE:
+        rs = tl.load(rs_ptr + cols, mask=mask_c, other=0.0)
+    else:
+        rs = scale
+    return scale, shift, rs
+
+
+@triton.jit
+def _pre_activation(
+    y_ptr, y_offs, r_ptr, r_offs, scale, shift, rs, mask, HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_SCALE: tl.constexpr
+):  # fmt: skip
+    # z = y·scale + shift [+ r [·rs]] in the accumulation dtype; the forward output and backward's mask both come
+    # from this one function, so the recomputed mask is the forward's. Without rs, no multiply: z += r.
     y = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(scale.dtype)
     z = y * scale[None, :] + shift[None, :]
     if HAS_RESIDUAL:
-        z += tl.load(r_ptr + r_offs, mask=mask, other=0.0).to(scale.dtype)
+        r = tl.load(r_ptr + r_offs, mask=mask, other=0.0).to(scale.dtype)
+        if HAS_RESIDUAL_SCALE:
+            z += r * rs[None, :]
+        else:
+            z += r
     return y, z
 
 
@@ -95,17 +115,16 @@ def _normalize_kernel(
     y_ptr, r_ptr, out_ptr, scale_ptr, shift_ptr, M, C, HW,
     stride_yn, stride_yhw, stride_yc, stride_rn, stride_rhw, stride_rc,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DENSE_ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, rs_ptr=None, HAS_RESIDUAL_SCALE: tl.constexpr = False,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cols < C
     mask = (rows < M)[:, None] & mask_c[None, :]
-    scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=mask_c, other=0.0)
+    scale, shift, rs = _channel_vectors(scale_ptr, shift_ptr, rs_ptr, cols, mask_c, HAS_RESIDUAL_SCALE)
     y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc, DENSE_ROWS)
     r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc, DENSE_ROWS)
-    _, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDUAL)
+    _, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, rs, mask, HAS_RESIDUAL, HAS_RESIDUAL_SCALE)
     if RELU:
         z = tl.where(z > 0, z, 0.0)
     # the output, like every tensor these kernels write, is laid out like y
@@ -126,13 +145,12 @@ def _grad_sums_kernel(
     M, C, HW, rows_per_program,
     stride_gn, stride_ghw, stride_gc, stride_yn, stride_yhw, stride_yc, stride_rn, stride_rhw, stride_rc,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STORE_MASKED: tl.constexpr, DENSE_ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, rs_ptr=None, HAS_RESIDUAL_SCALE: tl.constexpr = False,
 ):  # fmt: skip
     pid_m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cols < C
-    scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=mask_c, other=0.0)
+    scale, shift, rs = _channel_vectors(scale_ptr, shift_ptr, rs_ptr, cols, mask_c, HAS_RESIDUAL_SCALE)
     mean = tl.load(mean_ptr + cols, mask=mask_c, other=0.0)
     sum_g = tl.zeros([BLOCK_C], dtype=scale.dtype)
     sum_gy = tl.zeros([BLOCK_C], dtype=scale.dtype)
@@ -143,7 +161,7 @@ def _grad_sums_kernel(
         y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc, DENSE_ROWS)
         r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc, DENSE_ROWS)
         g_offs = _offsets(rows, cols, HW, stride_gn, stride_ghw, stride_gc, DENSE_ROWS)
-        y, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDUAL)
+        y, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, rs, mask, HAS_RESIDUAL, HAS_RESIDUAL_SCALE)
         g = _masked_grad(g_ptr, g_offs, z, mask, RELU)
         if STORE_MASKED:  # the shortcut's gradient, laid out like y (g may be an expanded view)
             tl.store(masked_ptr + y_offs, g, mask=mask)
@@ -160,21 +178,20 @@ def _grad_input_kernel(
     g_ptr, y_ptr, r_ptr, dy_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr, c_ptr, M, C, HW,
     stride_gn, stride_ghw, stride_gc, stride_yn, stride_yhw, stride_yc, stride_rn, stride_rhw, stride_rc,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DENSE_ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, rs_ptr=None, HAS_RESIDUAL_SCALE: tl.constexpr = False,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cols < C
     mask = (rows < M)[:, None] & mask_c[None, :]
-    scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=mask_c, other=0.0)
+    scale, shift, rs = _channel_vectors(scale_ptr, shift_ptr, rs_ptr, cols, mask_c, HAS_RESIDUAL_SCALE)
     a = tl.load(a_ptr + cols, mask=mask_c, other=0.0)
     b = tl.load(b_ptr + cols, mask=mask_c, other=0.0)
     c = tl.load(c_ptr + cols, mask=mask_c, other=0.0)
     y_offs = _offsets(rows, cols, HW, stride_yn, stride_yhw, stride_yc, DENSE_ROWS)
     r_offs = _offsets(rows, cols, HW, stride_rn, stride_rhw, stride_rc, DENSE_ROWS)
     g_offs = _offsets(rows, cols, HW, stride_gn, stride_ghw, stride_gc, DENSE_ROWS)
-    y, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, mask, HAS_RESIDUAL)
+    y, z = _pre_activation(y_ptr, y_offs, r_ptr, r_offs, scale, shift, rs, mask, HAS_RESIDUAL, HAS_RESIDUAL_SCALE)
     g = _masked_grad(g_ptr, g_offs, z, mask, RELU).to(scale.dtype)
     dy = a[None, :] * g + b[None, :] * y + c[None, :]
     tl.store(dy_ptr + y_offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
@@ -269,6 +286,24 @@ def _check_like(y: torch.Tensor, name: str, t: torch.Tensor | None) -> None:
         )
 
 
+def _check_residual(y: torch.Tensor, residual: torch.Tensor | None, residual_scale: torch.Tensor | None) -> None:
+    _check_like(y, "residual", residual)
+    if residual_scale is not None:
+        if residual is None:
+            raise ValueError("residual_scale scales the residual: it was given without a residual")
+        _check_vectors(y, residual_scale=residual_scale)
+
+
+def _residual_args(
+    y: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None, residual_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, tuple[int, int, int], torch.Tensor, bool, bool]:
+    """(r, r's strides, rs, HAS_RESIDUAL, HAS_RESIDUAL_SCALE) for a launch: y and scale stand in (never read) for
+    an absent residual and residual scale."""
+    r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
+    rs = residual_scale if residual_scale is not None else scale
+    return r, r_strides, rs, residual is not None, residual_scale is not None
+
+
 def _check_y(y: torch.Tensor) -> None:
     if y.dim() != 4:
         raise ValueError(f"expected an (N, C, H, W) tensor, got shape {tuple(y.shape)}")
@@ -302,24 +337,29 @@ def _partial_stats(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _normalize(
-    y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, relu: bool
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
+    residual_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """act(y·scale + shift [+ residual]) in y's dtype and layout."""
+    """act(y·scale + shift [+ residual [·residual_scale]]) in y's dtype and layout."""
     _check_y(y)
     _check_vectors(y, scale=scale, shift=shift)
-    _check_like(y, "residual", residual)
+    _check_residual(y, residual, residual_scale)
     y = _dense(y)
     out = _like(y)
     m, c, hw = _shape(y)
     if m and c:
-        r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
+        r, r_strides, rs, has_r, has_rs = _residual_args(y, scale, residual, residual_scale)
         block_c = _block_c(c)
         grid = (cdiv(m, BLOCK_M), cdiv(c, block_c))
         y_strides = _hw_strides(y)
         _normalize_kernel[grid](
             y, r, out, scale, shift, m, c, hw, *y_strides, *r_strides,
-            HAS_RESIDUAL=residual is not None, RELU=relu, DENSE_ROWS=_dense_rows(hw, y_strides, r_strides),
-            BLOCK_M=BLOCK_M, BLOCK_C=block_c,
+            HAS_RESIDUAL=has_r, RELU=relu, DENSE_ROWS=_dense_rows(hw, y_strides, r_strides),
+            BLOCK_M=BLOCK_M, BLOCK_C=block_c, rs_ptr=rs, HAS_RESIDUAL_SCALE=has_rs,
         )  # fmt: skip
     return out
 
@@ -334,12 +374,14 @@ def _grad_sums(
     relu: bool,
     store_masked: bool,
     rows: int,
+    residual_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Σg', Σg'·(y − mean), g' or an empty tensor) per channel, g' = g·1[y·scale + shift [+ residual] > 0]."""
+    """(Σg', Σg'·(y − mean), g' or an empty tensor) per channel, g' = g·1[y·scale + shift [+ residual [·residual_scale]]
+    > 0]."""
     _check_y(y)
     _check_vectors(y, scale=scale, shift=shift, mean=mean)
     _check_like(y, "grad", g)
-    _check_like(y, "residual", residual)
+    _check_residual(y, residual, residual_scale)
     y = _dense(y)
     m, c, hw = _shape(y)
     acc = accumulation_dtype(y.dtype)
@@ -349,15 +391,16 @@ def _grad_sums(
     masked = _like(y, g.dtype) if store_masked else sum_g.new_empty(0)
     if m and c:
         g, g_strides = _readable(g)
-        r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
+        r, r_strides, rs, has_r, has_rs = _residual_args(y, scale, residual, residual_scale)
         block_c = _block_c(c)
         grid = (programs, cdiv(c, block_c))
         y_strides = _hw_strides(y)
         _grad_sums_kernel[grid](
             g, y, r, masked if store_masked else g, scale, shift, mean, sum_g, sum_gy, m, c, hw, rows,
             *g_strides, *y_strides, *r_strides,
-            HAS_RESIDUAL=residual is not None, RELU=relu, STORE_MASKED=store_masked,
+            HAS_RESIDUAL=has_r, RELU=relu, STORE_MASKED=store_masked,
             DENSE_ROWS=_dense_rows(hw, g_strides, y_strides, r_strides), BLOCK_M=BLOCK_M, BLOCK_C=block_c,
+            rs_ptr=rs, HAS_RESIDUAL_SCALE=has_rs,
         )  # fmt: skip
     return sum_g.sum(0), sum_gy.sum(0), masked
 
@@ -372,25 +415,26 @@ def _grad_input(
     b: torch.Tensor,
     c: torch.Tensor,
     relu: bool,
+    residual_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """a·g' + b·y + c per channel in y's dtype and layout, g' masked as in bn_grad_sums."""
     _check_y(y)
     _check_vectors(y, scale=scale, shift=shift, a=a, b=b, c=c)
     _check_like(y, "grad", g)
-    _check_like(y, "residual", residual)
+    _check_residual(y, residual, residual_scale)
     y = _dense(y)
     dy = _like(y)
     m, channels, hw = _shape(y)
     if m and channels:
         g, g_strides = _readable(g)
-        r, r_strides = _readable(residual) if residual is not None else (y, _hw_strides(y))
+        r, r_strides, rs, has_r, has_rs = _residual_args(y, scale, residual, residual_scale)
         block_c = _block_c(channels)
         grid = (cdiv(m, BLOCK_M), cdiv(channels, block_c))
         y_strides = _hw_strides(y)
         _grad_input_kernel[grid](
             g, y, r, dy, scale, shift, a, b, c, m, channels, hw, *g_strides, *y_strides, *r_strides,
-            HAS_RESIDUAL=residual is not None, RELU=relu, DENSE_ROWS=_dense_rows(hw, g_strides, y_strides, r_strides),
-            BLOCK_M=BLOCK_M, BLOCK_C=block_c,
+            HAS_RESIDUAL=has_r, RELU=relu, DENSE_ROWS=_dense_rows(hw, g_strides, y_strides, r_strides),
+            BLOCK_M=BLOCK_M, BLOCK_C=block_c, rs_ptr=rs, HAS_RESIDUAL_SCALE=has_rs,
         )  # fmt: skip
     return dy
 
@@ -411,19 +455,47 @@ def _(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @bn_normalize.register_fake
-def _(y: torch.Tensor, *args: Any) -> torch.Tensor:
+def _(
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
+    residual_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     return _like(_dense(y))
 
 
 @bn_grad_sums.register_fake
-def _(g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
-    store_masked = args[-2]
+def _(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    relu: bool,
+    store_masked: bool,
+    rows: int,
+    residual_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     masked = _like(_dense(y), g.dtype) if store_masked else scale.new_empty(0)
     return torch.empty_like(scale), torch.empty_like(scale), masked
 
 
 @bn_grad_input.register_fake
-def _(g: torch.Tensor, y: torch.Tensor, *args: Any) -> torch.Tensor:
+def _(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    relu: bool,
+    residual_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     return _like(_dense(y))
 
 
@@ -431,8 +503,8 @@ def _eager_or_op(op: Any, body: Callable[..., Any]) -> Callable[..., Any]:
     """The op, or in plain eager calls its body directly: the op's dispatch costs more host time than these
     kernels take on a GPU, and nothing needs it there (ops/eager.py)."""
 
-    def run(*args: Any) -> Any:
-        return body(*args) if plain_eager_call(args[0]) else op(*args)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return body(*args, **kwargs) if plain_eager_call(args[0]) else op(*args, **kwargs)
 
     run.__doc__ = body.__doc__
     return run
@@ -464,8 +536,11 @@ def grad_sums(
     mean: torch.Tensor,
     relu: bool,
     store_masked: bool,
+    residual_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     m, c, _ = _shape(y)
     rows = rows_per_program(m, c)
-    sum_g, sum_gy, masked = _grad_sums_call(g, y, scale, shift, residual, mean, relu, store_masked, rows)
+    sum_g, sum_gy, masked = _grad_sums_call(
+        g, y, scale, shift, residual, mean, relu, store_masked, rows, residual_scale
+    )
     return sum_g, sum_gy, masked if store_masked else None

@@ -12,10 +12,10 @@ extern "C" {
 void fr_bn_params_layout(long long* out) {
   using P = fused_resnet::cuda::BnPassParams;
   const long long layout[] = {
-      sizeof(P),          offsetof(P, dtype), offsetof(P, y),    offsetof(P, g),     offsetof(P, residual),
-      offsetof(P, scale), offsetof(P, shift), offsetof(P, mean), offsetof(P, a),     offsetof(P, b),
-      offsetof(P, c),     offsetof(P, out),   offsetof(P, sum0), offsetof(P, sum1),  offsetof(P, workspace),
-      offsetof(P, rows),  offsetof(P, channels), offsetof(P, relu)};
+      sizeof(P),          offsetof(P, dtype),    offsetof(P, y),    offsetof(P, g),    offsetof(P, residual),
+      offsetof(P, residual_scale), offsetof(P, scale), offsetof(P, shift), offsetof(P, mean), offsetof(P, a),
+      offsetof(P, b),     offsetof(P, c),        offsetof(P, out),  offsetof(P, sum0), offsetof(P, sum1),
+      offsetof(P, workspace), offsetof(P, rows), offsetof(P, channels), offsetof(P, relu)};
   for (size_t i = 0; i < sizeof(layout) / sizeof(layout[0]); ++i) out[i] = layout[i];
 }
 
