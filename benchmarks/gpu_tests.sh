@@ -13,7 +13,8 @@
 set -uo pipefail
 PY=${1:-python}
 EXT_FILES=(tests/test_cpp_ops.py tests/test_cuda_sm90_engine.py tests/test_training_passes.py tests/test_max_pool_kernels.py
-           tests/test_stats_finalize.py tests/test_grad_sums_coefficients.py tests/test_training_cuda_graph.py)
+           tests/test_stats_finalize.py tests/test_grad_sums_coefficients.py tests/test_training_cuda_graph.py
+           tests/test_projection_train.py)
 TMP=$(mktemp -d)
 
 has() { "$PY" -c "import $1" 2>/dev/null; }

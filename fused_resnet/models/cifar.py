@@ -25,7 +25,7 @@ from ..nn.functional import conv_bn_act
 from ._common import init_weights, prepare_input, set_conv_layout
 from ._layers import ResidualLayer
 from ._weights import Weights, load_weights
-from .resnet import conv1x1, conv3x3
+from .resnet import block_end, conv1x1, conv3x3
 
 __all__ = [
     "CifarBasicBlock",
@@ -78,10 +78,10 @@ class CifarBasicBlock(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, donate_x: bool = False) -> torch.Tensor:
-        if self.downsample is not None:
-            shortcut = conv_bn_act(x, self.downsample[0], self.downsample[1], relu=False, backend=self.backend)
-        else:
-            shortcut = _subsample_zero_pad(x, self.stride, self.planes)
+        if self.downsample is not None:  # option B: the projection, as the torchvision blocks make it
+            finish = block_end(x, self.conv2, self.bn2, self.downsample, self.backend)
+            return finish(conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend))
+        shortcut = _subsample_zero_pad(x, self.stride, self.planes)
         # The shortcut may take the output unless it is x itself and the caller still needs x.
         donate = donate_x or shortcut is not x
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn.functional import conv_bn_act
+from ..nn.functional import conv_bn_act, conv_bn_projection_act, projection_trains_fused
 from ._common import init_weights, prepare_input, set_conv_layout
 from ._layers import ResidualLayer, StemMaxPool2d
 from ._weights import Weights, load_weights
@@ -78,7 +78,19 @@ def shortcut(x: Tensor, downsample: nn.Module | None, backend: str, donate_x: bo
     return downsample(x), False  # a module of the user's: its output may share memory with x or be kept
 
 
-def _is_conv_bn(module: nn.Module) -> bool:
+def block_end(
+    x: Tensor, conv: nn.Conv2d, bn: nn.Module, downsample: nn.Module | None, backend: str, donate_x: bool = False
+) -> Callable[[Tensor], Tensor]:
+    """The block's last step, out -> relu(bn(conv(out)) + shortcut(x)), with the shortcut made now (before the
+    block's convs, as torchvision orders them); except a projection (conv1x1 + BN) that trains fused with the block's
+    last BN: then one unit makes both at the end, applying both BNs in its one pass (conv_bn_projection_act)."""
+    if _is_conv_bn(downsample) and projection_trains_fused(bn, downsample[1], backend):
+        return lambda out: conv_bn_projection_act(out, conv, bn, x, downsample[0], downsample[1], backend)
+    identity, donate = shortcut(x, downsample, backend, donate_x)
+    return lambda out: conv_bn_act(out, conv, bn, residual=identity, relu=True, backend=backend, donate_residual=donate)
+
+
+def _is_conv_bn(module: nn.Module | None) -> bool:
     return (
         isinstance(module, nn.Sequential)
         and len(module) == 2
@@ -120,12 +132,9 @@ class BasicBlock(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, donate_x: bool = False) -> Tensor:
-        identity, donate = shortcut(x, self.downsample, self.backend, donate_x)
+        finish = block_end(x, self.conv2, self.bn2, self.downsample, self.backend, donate_x)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
-        # The residual add and the block's final ReLU run in conv2's epilogue.
-        return conv_bn_act(
-            out, self.conv2, self.bn2, residual=identity, relu=True, backend=self.backend, donate_residual=donate
-        )
+        return finish(out)  # the residual add and the block's final ReLU run in conv2's epilogue
 
 
 class Bottleneck(nn.Module):
@@ -163,12 +172,10 @@ class Bottleneck(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, donate_x: bool = False) -> Tensor:
-        identity, donate = shortcut(x, self.downsample, self.backend, donate_x)
+        finish = block_end(x, self.conv3, self.bn3, self.downsample, self.backend, donate_x)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
         out = conv_bn_act(out, self.conv2, self.bn2, relu=True, backend=self.backend)
-        return conv_bn_act(
-            out, self.conv3, self.bn3, residual=identity, relu=True, backend=self.backend, donate_residual=donate
-        )
+        return finish(out)
 
 
 class ResNet(nn.Module):

@@ -5,7 +5,8 @@ train: batch statistics; running stats updated exactly as nn.BatchNorm2d does. A
 runs the fused training Function (fused_resnet.training: statistics as Chan-merged partials, one BN-apply +
 residual + ReLU pass, a backward that recomputes from the raw conv output); "reference" runs stock
 F.conv2d → the BN module itself → add → relu. BNs marked by fused_resnet.training.enable_sync_bn always take the fused
-path, which is the one that synchronizes statistics across processes.
+path, which is the one that synchronizes statistics across processes. conv_bn_projection_act ends a block with a
+projection shortcut: in fused training one unit applies both BNs in its one pass (training/projection_train.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..ops.conv_config import ConvConfig
 from ..ops.eager import plain_eager_call
 from ..training.conv_bn_act_train import conv_bn_act_train
 from ..training.passes import passes_for
+from ..training.projection_train import projection_end_train
 from ..training.sync import sync_group
 from .folding import bn_scale_shift, folded_conv_bn
 
@@ -49,6 +51,25 @@ def _fused_training(bn: nn.Module, backend: str) -> bool:
     return backends.requested_backend(backend) != "reference" or sync_group(bn) is not None
 
 
+def projection_trains_fused(bn: nn.Module, shortcut_bn: nn.Module, backend: str) -> bool:
+    """Whether a block end with this BN and a projection shortcut with shortcut_bn runs as one fused training unit:
+    both normalize with batch statistics on the fused path."""
+    return all(uses_batch_stats(b) and _fused_training(b, backend) for b in (bn, shortcut_bn))
+
+
+def _conv_input(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, ConvConfig, torch.dtype]:
+    """x checked against conv and cast to the dtype the conv runs in, the conv's config and that dtype."""
+    check_activation(x)
+    if conv.bias is not None:
+        raise ValueError("conv_bn_act expects a conv without bias (BatchNorm's shift replaces it)")
+    if x.shape[1] != conv.in_channels:
+        raise ValueError(f"expected input with {conv.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if x.device != conv.weight.device:
+        raise ValueError(f"input is on {x.device} but the model's parameters are on {conv.weight.device}")
+    dtype = compute_dtype(x, conv.weight.dtype)
+    return x.to(dtype), ConvConfig.from_conv(conv), dtype
+
+
 def _conv(x: torch.Tensor, conv: nn.Conv2d, config: ConvConfig) -> torch.Tensor:
     return F.conv2d(x, conv.weight.to(x.dtype), None, config.stride, config.padding, config.dilation, config.groups)
 
@@ -71,16 +92,7 @@ def conv_bn_act(
     donate_residual=True says the caller never reads `residual` again: without autograd (no_grad /
     inference_mode), a backend that can writes the result into the residual's memory and returns it.
     """
-    check_activation(x)
-    if conv.bias is not None:
-        raise ValueError("conv_bn_act expects a conv without bias (BatchNorm's shift replaces it)")
-    if x.shape[1] != conv.in_channels:
-        raise ValueError(f"expected input with {conv.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-    if x.device != conv.weight.device:
-        raise ValueError(f"input is on {x.device} but the model's parameters are on {conv.weight.device}")
-    config = ConvConfig.from_conv(conv)
-    dtype = compute_dtype(x, conv.weight.dtype)
-    x = x.to(dtype)
+    x, config, dtype = _conv_input(x, conv)
     if residual is not None:
         residual = residual.to(dtype)
     if pre_bn is not None and uses_batch_stats(pre_bn):
@@ -105,6 +117,32 @@ def conv_bn_act(
         return chosen.conv_bias_act_into_residual(x, weight, bias, residual, config, relu, in_scale, in_shift)
     run = chosen.launch if chosen.launch is not None and plain_eager_call(x) else chosen.conv_bias_act
     return run(x, weight, bias, residual, config, relu, in_scale, in_shift)
+
+
+def conv_bn_projection_act(
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    shortcut_x: torch.Tensor,
+    shortcut_conv: nn.Conv2d,
+    shortcut_bn: nn.Module,
+    backend: str = "auto",
+    allow_fallback: bool | None = None,
+) -> torch.Tensor:
+    """relu(bn(conv(x)) + shortcut_bn(shortcut_conv(shortcut_x))): a residual block's end with a projection
+    shortcut. Where both BNs train fused (projection_trains_fused), one unit whose single pass applies both
+    (training/projection_train.py); otherwise the shortcut is its own conv_bn_act call, whose output the block end
+    takes as its residual (and may write into)."""
+    if not projection_trains_fused(bn, shortcut_bn, backend):
+        shortcut = conv_bn_act(shortcut_x, shortcut_conv, shortcut_bn, None, False, backend, allow_fallback)
+        return conv_bn_act(x, conv, bn, shortcut, True, backend, allow_fallback, donate_residual=True)
+    x, config, dtype = _conv_input(x, conv)
+    shortcut_x, shortcut_config, _ = _conv_input(shortcut_x, shortcut_conv)
+    passes = passes_for(backend, x, allow_fallback)
+    weight, shortcut_weight = conv.weight.to(dtype), shortcut_conv.weight.to(dtype)
+    return projection_end_train(
+        x, weight, bn, shortcut_x.to(dtype), shortcut_weight, shortcut_bn, config, shortcut_config, passes
+    )
 
 
 def _writable(residual: torch.Tensor | None) -> bool:

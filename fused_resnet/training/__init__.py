@@ -4,6 +4,7 @@ stats.py     per-channel (count, mean, M2) partials, Chan's merge, and finalize 
 channel_math.py       finalize + scale/shift, and backward's coefficients, as one Triton launch each (eager CUDA)
 sync.py      synchronized statistics across processes (enable_sync_bn)
 conv_bn_act_train.py  the autograd Function: recompute-instead-of-store backward
+projection_train.py   a block end with a projection shortcut: both convs, both BNs applied in one pass
 recipes.py   how a unit's output is remade in backward instead of kept (chains through the blocks)
 max_pool_train.py     the stem's max-pool, remaking its input in backward
 passes.py    the Function's passes over the conv output, chosen per backend: torch_passes.py (PyTorch ops),

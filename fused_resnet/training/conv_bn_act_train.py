@@ -14,15 +14,18 @@ dL/dγ and the coefficients of BN's input gradient (cpp_passes.grad_sums_coeffic
 launch.
 
 Where x or the residual is another fused unit's output with a recipe (recipes.py: a bottleneck's inner
-activations, a projection shortcut, most block outputs), the unit saves the recipe's tensors, which their own
-units keep anyway, instead of the tensor, and backward remakes it. torch.compile runs without recipes (Inductor
-chooses what to recompute itself). Backward is once-differentiable: double backward raises.
+activations, most block outputs), the unit saves the recipe's tensors, which their own units keep anyway, instead
+of the tensor, and backward remakes it. torch.compile runs without recipes (Inductor chooses what to recompute
+itself). Backward is once-differentiable: double backward raises. batch_norm_forward (steps 2-3) and unit_backward
+are shared with the block end of a projection shortcut (projection_train.py), which runs two such units in one.
 
 Without a conv (weight=None) the same Function is a train-mode BN + act (pre-activation units): y = x.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,6 +60,36 @@ def _scale_shift(
     return scale.contiguous(), shift.contiguous()
 
 
+def batch_norm_forward(
+    y: torch.Tensor,
+    bn: nn.BatchNorm2d,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    group: Any,
+    passes: str,
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, invstd, scale, shift) of y's batch statistics (the global batch's where group is set), with
+    bn's running-stat update, once: steps 2 and 3 of a unit's forward."""
+    # Locally the count is known from the shape; only synchronized stats must read it from the data.
+    count = y.numel() // y.shape[1] if y.shape[1] else 0
+    if group is None and passes == "cpp" and cpp_passes.finalize_applies(y, bn, gamma, beta):
+        check_count(count)  # the same arithmetic as below, done by the statistics' own kernels
+        mean, invstd, scale, shift = cpp_passes.stats_finalize(y, bn, gamma, beta, count)
+        return count, mean, invstd, scale, shift
+    stats = PASSES[passes].stats(y)
+    if group is not None:
+        stats = all_gather_stats(stats, group)
+        count = total_count(stats)
+    if _one_launch(y, passes):  # the same arithmetic as below, in one launch
+        check_count(count)
+        mean = stats.mean.contiguous()
+        invstd, scale, shift = channel_math.finalize_scale_shift(mean, stats.m2.contiguous(), count, bn, gamma, beta)
+    else:
+        mean, invstd = finalize(stats, bn, count)
+        scale, shift = _scale_shift(mean, invstd, gamma, beta)
+    return count, mean, invstd, scale, shift
+
+
 class ConvBNActTrain(torch.autograd.Function):
     """apply(x, weight | None, gamma | None, beta | None, residual | None, x_recipe | None, residual_recipe | None,
     bn, config, relu, group | None, passes) -> (out, y, scale, shift).
@@ -87,30 +120,11 @@ class ConvBNActTrain(torch.autograd.Function):
             y = x
             if weight is not None:
                 y = F.conv2d(x, weight, None, config.stride, config.padding, config.dilation, config.groups)
-            run = PASSES[passes]
-            # Locally the count is known from the shape; only synchronized stats must read it from the data.
-            count = y.numel() // y.shape[1] if y.shape[1] else 0
-            if group is None and passes == "cpp" and cpp_passes.finalize_applies(y, bn, gamma, beta):
-                check_count(count)  # the same arithmetic as below, done by the statistics' own kernels
-                mean, invstd, scale, shift = cpp_passes.stats_finalize(y, bn, gamma, beta, count)
-            else:
-                stats = run.stats(y)
-                if group is not None:
-                    stats = all_gather_stats(stats, group)
-                    count = total_count(stats)
-                if _one_launch(y, passes):  # the same arithmetic as below, in one launch
-                    check_count(count)
-                    mean = stats.mean.contiguous()
-                    invstd, scale, shift = channel_math.finalize_scale_shift(
-                        mean, stats.m2.contiguous(), count, bn, gamma, beta
-                    )
-                else:
-                    mean, invstd = finalize(stats, bn, count)
-                    scale, shift = _scale_shift(mean, invstd, gamma, beta)
-            out = run.normalize(y, scale, shift, residual, relu)
+            count, mean, invstd, scale, shift = batch_norm_forward(y, bn, gamma, beta, group, passes)
+            out = PASSES[passes].normalize(y, scale, shift, residual, relu)
         ctx.config, ctx.relu, ctx.group, ctx.passes = config, relu, group, passes
         ctx.count = count
-        ctx.has_conv, ctx.has_residual = weight is not None, residual is not None
+        ctx.has_residual = residual is not None
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(y, scale, shift)
         # Kept for backward: x for the weight gradient, the residual for the ReLU mask, each as itself or as the
@@ -145,85 +159,117 @@ class ConvBNActTrain(torch.autograd.Function):
                 made.release()
 
 
+@dataclass
+class Unit:
+    """What one conv → BN [+ residual] → act unit's backward needs besides the incoming gradient: its saved
+    tensors, in the order the Functions save them (weight None: no conv), and settings."""
+
+    weight: torch.Tensor | None
+    y: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    gamma: torch.Tensor | None
+    beta: torch.Tensor | None
+    scale: torch.Tensor
+    shift: torch.Tensor
+    config: ConvConfig
+    relu: bool
+    group: Any
+    passes: str
+    count: int
+
+
 def _sums_then_coefficients(
-    ctx: Any,
+    unit: Unit,
     g: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
     residual: torch.Tensor | None,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
+    residual_scale: torch.Tensor | None,
     store_masked: bool,
     need_gamma: bool,
     need_dy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(Σg', dL/dγ, g' where stored, b, c): the passes' sums, then dL/dγ and the coefficients, each where needed
     (else None), in launches of their own. SyncBN all-reduces the sums for the coefficients only."""
-    sum_g, sum_gy, masked = PASSES[ctx.passes].grad_sums(g, y, scale, shift, residual, mean, ctx.relu, store_masked)
+    y, mean, invstd, scale = unit.y, unit.mean, unit.invstd, unit.scale
+    sum_g, sum_gy, masked = PASSES[unit.passes].grad_sums(
+        g, y, scale, unit.shift, residual, mean, unit.relu, store_masked, residual_scale
+    )
     grad_gamma = sum_gy * invstd if need_gamma else None
     if not need_dy:
         return sum_g, grad_gamma, masked, None, None
     global_g = sum_g
-    if ctx.group is not None:
-        global_g, sum_gy = all_reduce_sum(torch.stack([sum_g, sum_gy]), ctx.group).unbind(0)
-    if _one_launch(y, ctx.passes):
-        b, c = channel_math.coefficients(scale, global_g.contiguous(), sum_gy.contiguous(), invstd, mean, ctx.count)
+    if unit.group is not None:
+        global_g, sum_gy = all_reduce_sum(torch.stack([sum_g, sum_gy]), unit.group).unbind(0)
+    if _one_launch(y, unit.passes):
+        b, c = channel_math.coefficients(scale, global_g.contiguous(), sum_gy.contiguous(), invstd, mean, unit.count)
     else:
-        k = invstd.square() * sum_gy / ctx.count
-        b, c = -scale * k, scale * (k * mean - global_g / ctx.count)
+        k = invstd.square() * sum_gy / unit.count
+        b, c = -scale * k, scale * (k * mean - global_g / unit.count)
     return sum_g, grad_gamma, masked, b, c
+
+
+def unit_backward(
+    unit: Unit,
+    g: torch.Tensor,
+    residual: torch.Tensor | None,
+    residual_scale: torch.Tensor | None,
+    store_masked: bool,
+    needs: tuple[bool, bool, bool, bool],
+    x_of: Callable[[], torch.Tensor],
+) -> tuple[tuple[torch.Tensor | None, ...], torch.Tensor | None]:
+    """((dL/dx, dL/dW, dL/dγ, dL/dβ) where `needs` says so (else None), g' where stored or without a ReLU): the
+    backward of one unit, whose pre-activation had `residual` (times residual_scale) added; x_of() gives the conv
+    input for the weight gradient."""
+    need_x, need_w, need_gamma, need_beta = needs
+    y, scale, shift = unit.y, unit.scale, unit.shift
+    if unit.group is None and unit.passes == "cpp" and cpp_passes.coefficients_apply(y, unit.invstd):
+        sum_g, grad_gamma, masked, b, c = cpp_passes.grad_sums_coefficients(
+            g, y, scale, shift, residual, unit.mean, unit.invstd, unit.relu, store_masked, unit.count, residual_scale
+        )
+    else:
+        sum_g, grad_gamma, masked, b, c = _sums_then_coefficients(
+            unit, g, residual, residual_scale, store_masked, need_gamma, need_x or need_w
+        )
+    if not unit.relu:
+        masked = g
+    grad_gamma = grad_gamma.to(unit.gamma.dtype) if need_gamma else None
+    grad_beta = sum_g.to(unit.beta.dtype) if need_beta else None
+    grad_x = grad_w = None
+    if need_x or need_w:
+        run = PASSES[unit.passes]
+        if masked is not None:  # g' is at hand: no need to recompute the mask
+            dy = run.grad_input(masked, y, scale, shift, None, scale, b, c, False)
+        else:
+            dy = run.grad_input(g, y, scale, shift, residual, scale, b, c, True, residual_scale)
+        if unit.weight is None:
+            grad_x = dy
+        else:
+            config = unit.config
+            stride, padding, dilation = (list(v) for v in (config.stride, config.padding, config.dilation))
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                dy, x_of(), unit.weight, None, stride, padding, dilation, False, [0, 0], config.groups,
+                [need_x, need_w, False],
+            )  # fmt: skip
+    return (grad_x, grad_w, grad_gamma, grad_beta), masked
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple:
     saved = ctx.saved_tensors
     n_x, n_kept = ctx.n_x, ctx.n_x + ctx.n_residual
     weight, y, mean, invstd, gamma, beta, scale, shift = saved[n_kept:]
-    need_x, need_w, need_gamma, need_beta, need_r = ctx.needs_input_grad[:5]
+    need_r = ctx.needs_input_grad[4]
     if grad_out is None:  # only the non-differentiable outputs were used
         return (None,) * 12
     residual = remade(saved[n_x:n_kept], ctx.residual_spec)
+    unit = Unit(weight, y, mean, invstd, gamma, beta, scale, shift, ctx.config, ctx.relu, ctx.group, ctx.passes,
+                ctx.count)  # fmt: skip
     store_masked = ctx.relu and need_r and ctx.has_residual
-    if ctx.group is None and ctx.passes == "cpp" and cpp_passes.coefficients_apply(y, invstd):
-        sum_g, grad_gamma, masked, b, c = cpp_passes.grad_sums_coefficients(
-            grad_out, y, scale, shift, residual, mean, invstd, ctx.relu, store_masked, ctx.count
-        )
-    else:
-        sum_g, grad_gamma, masked, b, c = _sums_then_coefficients(
-            ctx, grad_out, y, scale, shift, residual, mean, invstd, store_masked, need_gamma, need_x or need_w
-        )
-    if not ctx.relu:
-        masked = grad_out
-    grad_gamma = grad_gamma.to(gamma.dtype) if need_gamma else None
-    grad_beta = sum_g.to(beta.dtype) if need_beta else None
-    grad_x = grad_w = None
-    if need_x or need_w:
-        run = PASSES[ctx.passes]
-        a = scale
-        if masked is not None:  # g' is at hand: no need to recompute the mask
-            dy = run.grad_input(masked, y, scale, shift, None, a, b, c, False)
-        else:
-            dy = run.grad_input(grad_out, y, scale, shift, residual, a, b, c, True)
-        if not ctx.has_conv:
-            grad_x = dy
-        else:
-            x = remade(saved[:n_x], ctx.x_spec) if need_w else saved[0]
-            stride, padding, dilation = (list(v) for v in (ctx.config.stride, ctx.config.padding, ctx.config.dilation))
-            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                dy,
-                x,
-                weight,
-                None,
-                stride,
-                padding,
-                dilation,
-                False,
-                [0, 0],
-                ctx.config.groups,
-                [need_x, need_w, False],
-            )
+    grads, masked = unit_backward(
+        unit, grad_out, residual, None, store_masked, ctx.needs_input_grad[:4],
+        lambda: remade(saved[:n_x], ctx.x_spec) if ctx.needs_input_grad[1] else saved[0],
+    )  # fmt: skip
     grad_r = masked if need_r and ctx.has_residual else None
-    return (grad_x, grad_w, grad_gamma, grad_beta, grad_r) + (None,) * 7
+    return (*grads, grad_r) + (None,) * 7
 
 
 def conv_bn_act_train(

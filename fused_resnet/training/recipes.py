@@ -1,10 +1,11 @@
 """Recipes: how a fused unit's output can be made again in backward instead of being kept for it.
 
-A unit's output act(y·scale + shift [+ residual]) is remade from y, which the unit keeps anyway, two per-channel
-vectors, and its residual: nothing, a tensor, or the recipe of one. Units that would keep such an output for their
-backward (the next conv's input, a residual the ReLU mask needs, the stem's max-pool input) keep its recipe's
-tensors instead. A side table maps outputs to their recipes (weakly, checked against in-place changes; writes
-through `tensor.data` bypass the version counter and are not seen, as for autograd's own saved tensors).
+A unit's output act(y·scale + shift [+ residual·residual_scale]) is remade from y, which the unit keeps anyway,
+per-channel vectors, and its residual: nothing, a tensor, or the recipe of one (a projection block end's residual is its
+shortcut's raw conv output, which that unit keeps too, scaled per channel: projection_train.py). Units that would keep
+such an output for their backward (the next conv's input, a residual the ReLU mask needs, the stem's max-pool input)
+keep its recipe's tensors instead. A side table maps outputs to their recipes (weakly, checked against in-place changes;
+writes through `tensor.data` bypass the version counter and are not seen, as for autograd's own saved tensors).
 
 A recipe exists only while it costs nothing: for an output whose unit keeps y for its own backward (the output is
 part of a graph), until that unit has run its backward (every unit that saved the recipe has run its own by then;
@@ -38,10 +39,11 @@ class _Memo:
 
 
 class Recipe:
-    """How a unit's output was made, exactly: PASSES[passes].normalize(y, scale, shift, residual, relu), where the
-    residual is None, a tensor, or the recipe of one (a chain through the blocks of a stage)."""
+    """How a unit's output was made, exactly: PASSES[passes].normalize(y, scale, shift, residual, relu,
+    residual_scale), where the residual is None, a tensor, or the recipe of one (a chain through the blocks of a
+    stage); a residual scale goes with a tensor residual only."""
 
-    __slots__ = ("y", "scale", "shift", "residual", "relu", "passes", "version", "memo", "length")
+    __slots__ = ("y", "scale", "shift", "residual", "residual_scale", "relu", "passes", "version", "memo", "length")
 
     def __init__(
         self,
@@ -53,9 +55,10 @@ class Recipe:
         passes: str,
         version: int,
         length: int,
+        residual_scale: torch.Tensor | None = None,
     ) -> None:
         self.y: torch.Tensor | None = y
-        self.scale, self.shift, self.residual = scale, shift, residual
+        self.scale, self.shift, self.residual, self.residual_scale = scale, shift, residual, residual_scale
         self.relu, self.passes = relu, passes
         self.version = version  # the output's version counter when made: an in-place change since voids the recipe
         self.memo = _Memo()
@@ -67,18 +70,19 @@ class Recipe:
 
     def release(self) -> None:
         """Drops the tensors: the unit that made the output has run its backward."""
-        self.y = self.scale = self.shift = self.residual = None
+        self.y = self.scale = self.shift = self.residual = self.residual_scale = None
         self.memo.tensor = None
 
 
 class _Spec(NamedTuple):
     """A saved recipe without its tensors (those go through save_for_backward): residual is the nested recipe's
-    spec, True for a plain tensor, or None."""
+    spec, True for a plain tensor, or None; scaled says whether a residual scale follows shift."""
 
     relu: bool
     passes: str
     memo: _Memo
     residual: _Spec | bool | None
+    scaled: bool = False
 
 
 # Block outputs are remade from the previous block's output, which is remade from the one before, ...: a chain of
@@ -105,6 +109,7 @@ def record(
     residual_recipe: Recipe | None,
     relu: bool,
     passes: str,
+    residual_scale: torch.Tensor | None = None,
 ) -> Recipe | None:
     """Records how `out` was made and returns the recipe, for its unit to release after its backward; None (no
     recipe) where remaking it would keep a residual that nothing else keeps (no ReLU: the unit itself did not keep
@@ -117,7 +122,7 @@ def record(
         residual = residual_recipe
     elif residual is not None and not relu:
         return None
-    recipe = Recipe(y, scale, shift, residual, relu, passes, out._version, length)
+    recipe = Recipe(y, scale, shift, residual, relu, passes, out._version, length, residual_scale)
     _RECIPES[out] = recipe
     return recipe
 
@@ -136,13 +141,16 @@ def saved_form(item: torch.Tensor | Recipe | None) -> tuple[list[torch.Tensor | 
     if not isinstance(item, Recipe):
         return [item], None
     tensors: list[torch.Tensor | None] = [item.y, item.scale, item.shift]
+    scaled = item.residual_scale is not None
+    if scaled:
+        tensors.append(item.residual_scale)
     residual: _Spec | bool | None = None
     if item.residual is not None:
         nested, nested_spec = saved_form(item.residual)
         tensors += nested
         residual = True if nested_spec is None else nested_spec
     item.memo.users += 1
-    return tensors, _Spec(item.relu, item.passes, item.memo, residual)
+    return tensors, _Spec(item.relu, item.passes, item.memo, residual, scaled)
 
 
 def remade(saved: tuple, spec: _Spec | None) -> torch.Tensor | None:
@@ -153,8 +161,9 @@ def remade(saved: tuple, spec: _Spec | None) -> torch.Tensor | None:
     if spec.memo.tensor is not None:
         return spec.memo.tensor
     y, scale, shift, *rest = saved
+    residual_scale = rest.pop(0) if spec.scaled else None
     residual = None if spec.residual is None else remade(rest, None if spec.residual is True else spec.residual)
-    out = PASSES[spec.passes].normalize(y, scale, shift, residual, spec.relu)
+    out = PASSES[spec.passes].normalize(y, scale, shift, residual, spec.relu, residual_scale)
     if spec.memo.users > 1:
         spec.memo.tensor = out
     return out

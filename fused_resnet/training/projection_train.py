@@ -1,0 +1,158 @@
+"""Train-mode end of a residual block with a projection shortcut, relu(BN(conv(h)) + BN_s(conv_s(x))), as one
+autograd Function: both BNs are applied in the unit's single pass.
+
+As two units (conv_bn_act_train.py), the shortcut's unit would write BN_s(y_s) and the block end read it back; in
+backward, remaking it for the ReLU mask would write and read it again. Here the block end takes y_s, the shortcut's
+raw conv output, as its residual with BN_s's scale per channel and BN_s's shift folded into its own:
+
+  forward    y = conv(h), y_s = conv_s(x); each one's statistics, finalize and running-stat update
+             (conv_bn_act_train.batch_norm_forward); out = relu(y·scale + (shift + shift_s) + y_s·scale_s)
+  backward   the block end's unit as ever (conv_bn_act_train.unit_backward), its mask recomputed from y and y_s,
+             storing g'; then the shortcut's unit on g', which is its BN output's gradient, without a mask
+
+Saved: h and x (or their recipes), both weights, y and y_s, and each BN's per-channel vectors; the output's recipe
+is (y, scale, shift + shift_s, y_s, scale_s), tensors the unit keeps anyway. The passes take the residual scale on
+every backend (the extension's CPU kernels hand such calls to the PyTorch passes: cpp_passes.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..ops.conv_config import ConvConfig
+from . import recipes
+from .conv_bn_act_train import Unit, batch_norm_forward, unit_backward
+from .passes import PASSES
+from .recipes import Recipe, recipe_of, release, remade, saved_form
+from .sync import sync_group
+
+# Per BN (block end, then shortcut): the tensors saved after the inputs, in this order.
+_PER_BN = ("weight", "y", "mean", "invstd", "gamma", "beta", "scale", "shift")
+
+
+def _conv_bn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    bn: nn.BatchNorm2d,
+    config: ConvConfig,
+    passes: str,
+) -> tuple:
+    """(weight, y, mean, invstd, gamma, beta, scale, shift, count) of one conv → BN: _PER_BN's tensors, then the
+    count."""
+    y = F.conv2d(x, weight, None, config.stride, config.padding, config.dilation, config.groups)
+    count, mean, invstd, scale, shift = batch_norm_forward(y, bn, gamma, beta, sync_group(bn), passes)
+    return weight, y, mean, invstd, gamma, beta, scale, shift, count
+
+
+class ProjectionEndTrain(torch.autograd.Function):
+    """apply(h, weight, gamma, beta, x, weight_s, gamma_s, beta_s, h_recipe | None, x_recipe | None, bn, bn_s,
+    config, config_s, passes) -> (out, y, scale, shift, y_s, scale_s): out = relu(bn(conv(h)) + bn_s(conv_s(x))),
+    with `shift` the block end's and the shortcut's shifts together; y and the vectors (not differentiable) are the
+    makings of out's recipe."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        gamma: torch.Tensor | None,
+        beta: torch.Tensor | None,
+        x: torch.Tensor,
+        weight_s: torch.Tensor,
+        gamma_s: torch.Tensor | None,
+        beta_s: torch.Tensor | None,
+        h_recipe: Recipe | None,
+        x_recipe: Recipe | None,
+        bn: nn.BatchNorm2d,
+        bn_s: nn.BatchNorm2d,
+        config: ConvConfig,
+        config_s: ConvConfig,
+        passes: str,
+    ) -> tuple[torch.Tensor, ...]:
+        with torch.autocast(h.device.type, enabled=False):  # the caller chose the compute dtype
+            end = _conv_bn(h, weight, gamma, beta, bn, config, passes)
+            short = _conv_bn(x, weight_s, gamma_s, beta_s, bn_s, config_s, passes)
+            y, scale, y_s, scale_s = end[1], end[6], short[1], short[6]
+            total_shift = end[7] + short[7]
+            out = PASSES[passes].normalize(y, scale, total_shift, y_s, True, scale_s)
+        ctx.configs, ctx.groups, ctx.passes = (config, config_s), (sync_group(bn), sync_group(bn_s)), passes
+        ctx.counts = (end[8], short[8])
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(y, scale, total_shift, y_s, scale_s)
+        saved_h, ctx.h_spec = saved_form(h_recipe or h)
+        saved_x, ctx.x_spec = saved_form(x_recipe or x)
+        ctx.n_h, ctx.n_x = len(saved_h), len(saved_x)
+        # The block end's shift as its pass used it (both shifts): its backward recomputes the mask with it.
+        ctx.save_for_backward(*saved_h, *saved_x, *end[:7], total_shift, *short[:8])
+        return out, y, scale, total_shift, y_s, scale_s
+
+    @staticmethod
+    @once_differentiable  # backward runs custom kernels: a gradient of it would be silently wrong
+    def backward(ctx: Any, grad_out: torch.Tensor | None, *_: Any) -> tuple:
+        try:
+            return _backward(ctx, grad_out)
+        finally:  # this unit no longer needs the tensors its recipes remake
+            release(ctx.h_spec)
+            release(ctx.x_spec)
+            made = getattr(ctx, "made_recipe", None)
+            if made is not None:
+                made.release()
+
+
+def _backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple:
+    if grad_out is None:  # only the non-differentiable outputs were used
+        return (None,) * 15
+    saved = ctx.saved_tensors
+    n_h, n_inputs = ctx.n_h, ctx.n_h + ctx.n_x
+    per_bn = len(_PER_BN)
+    end_tensors, short_tensors = saved[n_inputs : n_inputs + per_bn], saved[n_inputs + per_bn :]
+    (config, config_s), (group, group_s), (count, count_s) = ctx.configs, ctx.groups, ctx.counts
+    end = Unit(*end_tensors, config, True, group, ctx.passes, count)
+    short = Unit(*short_tensors, config_s, False, group_s, ctx.passes, count_s)
+    needs = ctx.needs_input_grad
+    needs_end, needs_short = needs[0:4], needs[4:8]
+    # g' is the shortcut's gradient too: stored where the shortcut's unit needs anything.
+    grads, masked = unit_backward(
+        end, grad_out, short.y, short.scale, any(needs_short), needs_end,
+        lambda: remade(saved[:n_h], ctx.h_spec) if needs_end[1] else saved[0],
+    )  # fmt: skip
+    grads_s: tuple = (None,) * 4
+    if any(needs_short):
+        grads_s, _ = unit_backward(
+            short, masked, None, None, False, needs_short,
+            lambda: remade(saved[n_h:n_inputs], ctx.x_spec) if needs_short[1] else saved[n_h],
+        )  # fmt: skip
+    return (*grads, *grads_s) + (None,) * 7
+
+
+def projection_end_train(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bn: nn.BatchNorm2d,
+    x: torch.Tensor,
+    weight_s: torch.Tensor,
+    bn_s: nn.BatchNorm2d,
+    config: ConvConfig,
+    config_s: ConvConfig,
+    passes: str = "torch",
+) -> torch.Tensor:
+    """relu(bn(conv(h, weight)) + bn_s(conv(x, weight_s))) with batch statistics (global ones where a BN is marked
+    for SyncBN), updating each BN's running stats once; h, x and the weights share one dtype; `passes` names the
+    implementation of the passes over the conv outputs (training/passes.py)."""
+    plain = torch.compiler.is_compiling() or recipes.hooks_active()  # no recipes: see recipes.py
+    h_recipe = None if plain else recipe_of(h, passes)
+    x_recipe = None if plain else recipe_of(x, passes)
+    out, y, scale, shift, y_s, scale_s = ProjectionEndTrain.apply(
+        h, weight, bn.weight, bn.bias, x, weight_s, bn_s.weight, bn_s.bias, h_recipe, x_recipe,
+        bn, bn_s, config, config_s, passes,
+    )  # fmt: skip
+    if not plain and out.grad_fn is not None:  # only then does the unit keep y for its backward
+        out.grad_fn.made_recipe = recipes.record(out, y, scale, shift, y_s, None, True, passes, residual_scale=scale_s)
+    return out
