@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 from ..ops.conv_config import ConvConfig
 from . import cpp_passes, recipes
 from .passes import PASSES
-from .recipes import Recipe, recipe_of, release, remade, saved_form
+from .recipes import Recipe, recipe_of, releasing, remade, saved_form
 from .stats import check_count, finalize, total_count
 from .sync import all_gather_stats, all_reduce_sum, sync_group
 
@@ -149,14 +149,8 @@ class ConvBNActTrain(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # backward runs custom kernels: a gradient of it would be silently wrong
     def backward(ctx: Any, grad_out: torch.Tensor | None, *_: Any) -> tuple:
-        try:
+        with releasing(ctx, ctx.x_spec, ctx.residual_spec):
             return _backward(ctx, grad_out)
-        finally:  # this unit no longer needs the tensors its recipes remake
-            release(ctx.x_spec)
-            release(ctx.residual_spec)
-            made = getattr(ctx, "made_recipe", None)  # the recipe of this unit's output: every user has run
-            if made is not None:
-                made.release()
 
 
 @dataclass

@@ -28,7 +28,7 @@ from ..ops.conv_config import ConvConfig
 from . import recipes
 from .conv_bn_act_train import Unit, batch_norm_forward, unit_backward
 from .passes import PASSES
-from .recipes import Recipe, recipe_of, release, remade, saved_form
+from .recipes import Recipe, recipe_of, releasing, remade, saved_form
 from .sync import sync_group
 
 # Per BN (block end, then shortcut): the tensors saved after the inputs, in this order.
@@ -96,14 +96,8 @@ class ProjectionEndTrain(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # backward runs custom kernels: a gradient of it would be silently wrong
     def backward(ctx: Any, grad_out: torch.Tensor | None, *_: Any) -> tuple:
-        try:
+        with releasing(ctx, ctx.h_spec, ctx.x_spec):
             return _backward(ctx, grad_out)
-        finally:  # this unit no longer needs the tensors its recipes remake
-            release(ctx.h_spec)
-            release(ctx.x_spec)
-            made = getattr(ctx, "made_recipe", None)
-            if made is not None:
-                made.release()
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple:

@@ -20,7 +20,9 @@ tensor is made once and waits in its memo until the last unit that needs it has 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -175,3 +177,18 @@ def release(spec: _Spec | bool | None) -> None:
         if spec.memo.users <= 0:
             spec.memo.tensor = None
         spec = spec.residual
+
+
+@contextlib.contextmanager
+def releasing(ctx: Any, *specs: _Spec | bool | None) -> Iterator[None]:
+    """Around a unit's backward: when it ends, the unit no longer needs the tensors its saved recipes (`specs`)
+    remake, and the recipe of its own output (ctx.made_recipe, where there is one: every user has run) drops its
+    tensors."""
+    try:
+        yield
+    finally:
+        for spec in specs:
+            release(spec)
+        made = getattr(ctx, "made_recipe", None)
+        if made is not None:
+            made.release()
