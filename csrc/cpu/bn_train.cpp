@@ -1,13 +1,13 @@
 // The training path's passes over a conv output y on CPU (fused_resnet/training/passes.py names them "cpp"):
 //   bn_stats(y)                                   per-channel (mean, M2): two-pass per chunk, chunks merged by Chan
-//   bn_normalize(y, scale, shift, r?, relu)       act(y*scale + shift [+ r])
-//   bn_grad_sums(g, y, scale, shift, r?, mean, relu, store_masked)
+//   bn_normalize(y, scale, shift, r?, relu, rs?)  act(y*scale + shift [+ r*rs])
+//   bn_grad_sums(g, y, scale, shift, r?, mean, relu, store_masked, rs?)
 //                                                 (sum g', sum g'*(y - mean), g' or empty), g' = g*[z > 0]
-//   bn_grad_input(g, y, scale, shift, r?, a, b, c, relu)   a*g' + b*y + c
-// with z = y*scale + shift [+ r] computed by one helper (a fused multiply-add) in every pass, so backward's mask
-// is forward's bit for bit. Tensors are NHWC (C innermost); each pass is one at::parallel_for over pixels,
-// vectorized over channels, in fp32 (fp64 for fp64). Chunks are reduced in a fixed order: results do not depend
-// on the thread count.
+//   bn_grad_input(g, y, scale, shift, r?, a, b, c, relu, rs?)   a*g' + b*y + c
+// with z = y*scale + shift [+ r, or + r*rs with a residual scale rs] computed by one helper (fused multiply-adds) in
+// every pass, so backward's mask is forward's bit for bit. Tensors are NHWC (C innermost); each pass is one
+// at::parallel_for over pixels, vectorized over channels, in fp32 (fp64 for fp64). Chunks are reduced in a fixed
+// order: results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -68,10 +68,12 @@ struct Lanes {
   }
 };
 
-// z = y*scale + shift [+ r] for channels [c, c + kSize) of one pixel: the one definition of the pre-activation.
+// z = y*scale + shift [+ r [*rs]] for channels [c, c + kSize) of one pixel: the one definition of the
+// pre-activation (rs, the residual's per-channel scale, nullptr: none).
 template <typename scalar_t>
 void pre_activation(const scalar_t* y, const at::opmath_type<scalar_t>* s, const at::opmath_type<scalar_t>* t,
-                    const scalar_t* r, int64_t c, typename Lanes<scalar_t>::FVec (&z)[Lanes<scalar_t>::kParts],
+                    const scalar_t* r, const at::opmath_type<scalar_t>* rs, int64_t c,
+                    typename Lanes<scalar_t>::FVec (&z)[Lanes<scalar_t>::kParts],
                     typename Lanes<scalar_t>::FVec (&yv)[Lanes<scalar_t>::kParts]) {
   using L = Lanes<scalar_t>;
   using FVec = typename L::FVec;
@@ -83,14 +85,18 @@ void pre_activation(const scalar_t* y, const at::opmath_type<scalar_t>* s, const
   if (r != nullptr) {
     FVec rv[L::kParts];
     L::load(r + c, rv);
-    for (int64_t p = 0; p < L::kParts; ++p) z[p] = z[p] + rv[p];
+    for (int64_t p = 0; p < L::kParts; ++p) {
+      z[p] = rs == nullptr ? z[p] + rv[p] : at::vec::fmadd(rv[p], FVec::loadu(rs + c + p * FVec::size()), z[p]);
+    }
   }
 }
 
 template <typename opmath_t, typename scalar_t>
-opmath_t pre_activation_scalar(const scalar_t* y, const opmath_t* s, const opmath_t* t, const scalar_t* r, int64_t c) {
+opmath_t pre_activation_scalar(const scalar_t* y, const opmath_t* s, const opmath_t* t, const scalar_t* r,
+                               const opmath_t* rs, int64_t c) {
   opmath_t z = std::fma(static_cast<opmath_t>(y[c]), s[c], t[c]);
-  return r == nullptr ? z : z + static_cast<opmath_t>(r[c]);
+  if (r == nullptr) return z;
+  return rs == nullptr ? z + static_cast<opmath_t>(r[c]) : std::fma(static_cast<opmath_t>(r[c]), rs[c], z);
 }
 
 template <typename T>
@@ -113,13 +119,13 @@ FVec relu_mask(const FVec& g, const FVec& z) {
 
 // g' (g masked by forward's ReLU, or g itself) and y as opmath lanes, for channels [c, c + kSize) of one pixel.
 template <typename scalar_t>
-void masked_grad(const scalar_t* yr, const scalar_t* gr, const scalar_t* rr, const at::opmath_type<scalar_t>* s,
-                 const at::opmath_type<scalar_t>* t, int64_t c, bool relu,
+void masked_grad(const scalar_t* yr, const scalar_t* gr, const scalar_t* rr, const at::opmath_type<scalar_t>* rs,
+                 const at::opmath_type<scalar_t>* s, const at::opmath_type<scalar_t>* t, int64_t c, bool relu,
                  typename Lanes<scalar_t>::FVec (&gv)[Lanes<scalar_t>::kParts],
                  typename Lanes<scalar_t>::FVec (&yv)[Lanes<scalar_t>::kParts]) {
   using L = Lanes<scalar_t>;
   typename L::FVec z[L::kParts];
-  pre_activation<scalar_t>(yr, s, t, rr, c, z, yv);
+  pre_activation<scalar_t>(yr, s, t, rr, rs, c, z, yv);
   L::load(gr + c, gv);
   if (relu) {
     for (int64_t p = 0; p < L::kParts; ++p) gv[p] = relu_mask(gv[p], z[p]);
@@ -127,9 +133,9 @@ void masked_grad(const scalar_t* yr, const scalar_t* gr, const scalar_t* rr, con
 }
 
 template <typename opmath_t, typename scalar_t>
-opmath_t masked_grad_scalar(const scalar_t* yr, const scalar_t* gr, const scalar_t* rr, const opmath_t* s,
-                            const opmath_t* t, int64_t c, bool relu) {
-  return masked(static_cast<opmath_t>(gr[c]), pre_activation_scalar(yr, s, t, rr, c), relu);
+opmath_t masked_grad_scalar(const scalar_t* yr, const scalar_t* gr, const scalar_t* rr, const opmath_t* rs,
+                            const opmath_t* s, const opmath_t* t, int64_t c, bool relu) {
+  return masked(static_cast<opmath_t>(gr[c]), pre_activation_scalar(yr, s, t, rr, rs, c), relu);
 }
 
 // -------------------------------------------------------------------------------- float32 rows, two ISAs
@@ -160,47 +166,50 @@ void squared_deviation_row_f32(const float* __restrict y, const float* __restric
 }
 
 inline float pre_activation_f32(const float* __restrict y, const float* __restrict s, const float* __restrict t,
-                                const float* __restrict r, int64_t c) {
+                                const float* __restrict r, const float* __restrict rs, int64_t c) {
   const float z = std::fma(y[c], s[c], t[c]);
-  return r == nullptr ? z : z + r[c];
+  if (r == nullptr) return z;
+  return rs == nullptr ? z + r[c] : std::fma(r[c], rs[c], z);
 }
 
 FUSED_RESNET_ISA_CLONES
 void normalize_row_f32(const float* __restrict y, const float* __restrict s, const float* __restrict t,
-                       const float* __restrict r, float* __restrict o, int64_t C, bool relu) {
+                       const float* __restrict r, const float* __restrict rs, float* __restrict o, int64_t C,
+                       bool relu) {
   for (int64_t c = 0; c < C; ++c) {
-    const float z = pre_activation_f32(y, s, t, r, c);
+    const float z = pre_activation_f32(y, s, t, r, rs, c);
     o[c] = relu && z < 0.f ? 0.f : z;  // keeps NaN, as torch.relu does
   }
 }
 
 inline float masked_f32(const float* __restrict g, const float* __restrict y, const float* __restrict s,
-                        const float* __restrict t, const float* __restrict r, int64_t c, bool relu) {
-  return relu && !(pre_activation_f32(y, s, t, r, c) > 0.f) ? 0.f : g[c];
+                        const float* __restrict t, const float* __restrict r, const float* __restrict rs, int64_t c,
+                        bool relu) {
+  return relu && !(pre_activation_f32(y, s, t, r, rs, c) > 0.f) ? 0.f : g[c];
 }
 
 FUSED_RESNET_ISA_CLONES
 void grad_sums_row_f32(const float* __restrict g, const float* __restrict y, const float* __restrict s,
-                       const float* __restrict t, const float* __restrict r, const float* __restrict mean,
-                       float* __restrict sum_g, float* __restrict sum_gy, float* __restrict masked_out, int64_t C,
-                       bool relu) {
+                       const float* __restrict t, const float* __restrict r, const float* __restrict rs,
+                       const float* __restrict mean, float* __restrict sum_g, float* __restrict sum_gy,
+                       float* __restrict masked_out, int64_t C, bool relu) {
   for (int64_t c = 0; c < C; ++c) {
-    const float gm = masked_f32(g, y, s, t, r, c, relu);
+    const float gm = masked_f32(g, y, s, t, r, rs, c, relu);
     sum_g[c] += gm;
     sum_gy[c] = std::fma(gm, y[c] - mean[c], sum_gy[c]);
   }
   if (masked_out != nullptr) {
-    for (int64_t c = 0; c < C; ++c) masked_out[c] = masked_f32(g, y, s, t, r, c, relu);
+    for (int64_t c = 0; c < C; ++c) masked_out[c] = masked_f32(g, y, s, t, r, rs, c, relu);
   }
 }
 
 FUSED_RESNET_ISA_CLONES
 void grad_input_row_f32(const float* __restrict g, const float* __restrict y, const float* __restrict s,
-                        const float* __restrict t, const float* __restrict r, const float* __restrict a,
-                        const float* __restrict b, const float* __restrict k, float* __restrict dy, int64_t C,
-                        bool relu) {
+                        const float* __restrict t, const float* __restrict r, const float* __restrict rs,
+                        const float* __restrict a, const float* __restrict b, const float* __restrict k,
+                        float* __restrict dy, int64_t C, bool relu) {
   for (int64_t c = 0; c < C; ++c) {
-    dy[c] = std::fma(a[c], masked_f32(g, y, s, t, r, c, relu), std::fma(b[c], y[c], k[c]));
+    dy[c] = std::fma(a[c], masked_f32(g, y, s, t, r, rs, c, relu), std::fma(b[c], y[c], k[c]));
   }
 }
 
@@ -290,7 +299,8 @@ void stats_kernel(const at::Tensor& y, const at::Tensor& mean_out, const at::Ten
 // -------------------------------------------------------------------------------- BN-apply (+ residual) (+ ReLU)
 template <typename scalar_t>
 void normalize_kernel(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                      const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out) {
+                      const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
+                      bool relu, const at::Tensor& out) {
   using opmath_t = at::opmath_type<scalar_t>;
   using L = Lanes<scalar_t>;
   using FVec = typename L::FVec;
@@ -298,6 +308,7 @@ void normalize_kernel(const at::Tensor& y, const at::Tensor& scale, const at::Te
   const int64_t M = y.numel() / C;
   const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
   const scalar_t* r_ptr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+  const opmath_t* rs = residual_scale.has_value() ? residual_scale->const_data_ptr<opmath_t>() : nullptr;
   const opmath_t* s = scale.const_data_ptr<opmath_t>();
   const opmath_t* t = shift.const_data_ptr<opmath_t>();
   scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
@@ -308,20 +319,20 @@ void normalize_kernel(const at::Tensor& y, const at::Tensor& scale, const at::Te
       const scalar_t* rr = r_ptr == nullptr ? nullptr : r_ptr + i * C;
       scalar_t* o = o_ptr + i * C;
       if constexpr (kFloat32<scalar_t>) {
-        normalize_row_f32(yr, s, t, rr, o, C, relu);
+        normalize_row_f32(yr, s, t, rr, rs, o, C, relu);
         continue;
       }
       int64_t c = 0;
       for (; c + L::kSize <= C; c += L::kSize) {
         FVec z[L::kParts], yv[L::kParts];
-        pre_activation<scalar_t>(yr, s, t, rr, c, z, yv);
+        pre_activation<scalar_t>(yr, s, t, rr, rs, c, z, yv);
         if (relu) {  // maximum keeps NaN, as torch.relu does
           for (int64_t p = 0; p < L::kParts; ++p) z[p] = at::vec::maximum(z[p], zero);
         }
         L::store(o + c, z);
       }
       for (; c < C; ++c) {
-        const opmath_t z = pre_activation_scalar(yr, s, t, rr, c);
+        const opmath_t z = pre_activation_scalar(yr, s, t, rr, rs, c);
         o[c] = static_cast<scalar_t>(relu && z < opmath_t(0) ? opmath_t(0) : z);
       }
     }
@@ -331,9 +342,9 @@ void normalize_kernel(const at::Tensor& y, const at::Tensor& scale, const at::Te
 // -------------------------------------------------------------------------------- backward: masked sums
 template <typename scalar_t>
 void grad_sums_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                      const std::optional<at::Tensor>& residual, const at::Tensor& mean_t, bool relu,
-                      const std::optional<at::Tensor>& masked_out, const at::Tensor& sum_g_out,
-                      const at::Tensor& sum_gy_out) {
+                      const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
+                      const at::Tensor& mean_t, bool relu, const std::optional<at::Tensor>& masked_out,
+                      const at::Tensor& sum_g_out, const at::Tensor& sum_gy_out) {
   using opmath_t = at::opmath_type<scalar_t>;
   using L = Lanes<scalar_t>;
   using FVec = typename L::FVec;
@@ -346,6 +357,7 @@ void grad_sums_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tensor
   const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
   const scalar_t* r_ptr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* m_ptr = masked_out.has_value() ? masked_out->mutable_data_ptr<scalar_t>() : nullptr;
+  const opmath_t* rs = residual_scale.has_value() ? residual_scale->const_data_ptr<opmath_t>() : nullptr;
   const opmath_t* s = scale.const_data_ptr<opmath_t>();
   const opmath_t* t = shift.const_data_ptr<opmath_t>();
   const opmath_t* mu = mean_t.const_data_ptr<opmath_t>();
@@ -358,13 +370,13 @@ void grad_sums_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tensor
         const scalar_t* gr = g_ptr + i * C;
         const scalar_t* rr = r_ptr == nullptr ? nullptr : r_ptr + i * C;
         if constexpr (kFloat32<scalar_t>) {
-          grad_sums_row_f32(gr, yr, s, t, rr, mu, sg, sgy, m_ptr == nullptr ? nullptr : m_ptr + i * C, C, relu);
+          grad_sums_row_f32(gr, yr, s, t, rr, rs, mu, sg, sgy, m_ptr == nullptr ? nullptr : m_ptr + i * C, C, relu);
           continue;
         }
         int64_t c = 0;
         for (; c + L::kSize <= C; c += L::kSize) {
           FVec yv[L::kParts], gv[L::kParts];
-          masked_grad<scalar_t>(yr, gr, rr, s, t, c, relu, gv, yv);
+          masked_grad<scalar_t>(yr, gr, rr, rs, s, t, c, relu, gv, yv);
           for (int64_t p = 0; p < L::kParts; ++p) {
             const int64_t o = c + p * FVec::size();
             (FVec::loadu(sg + o) + gv[p]).store(sg + o);
@@ -373,7 +385,7 @@ void grad_sums_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tensor
           if (m_ptr != nullptr) L::store(m_ptr + i * C + c, gv);
         }
         for (; c < C; ++c) {
-          const opmath_t gm = masked_grad_scalar(yr, gr, rr, s, t, c, relu);
+          const opmath_t gm = masked_grad_scalar(yr, gr, rr, rs, s, t, c, relu);
           sg[c] += gm;
           sgy[c] += gm * (static_cast<opmath_t>(yr[c]) - mu[c]);
           if (m_ptr != nullptr) m_ptr[i * C + c] = static_cast<scalar_t>(gm);
@@ -397,8 +409,9 @@ void grad_sums_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tensor
 // -------------------------------------------------------------------------------- backward: BN input gradient
 template <typename scalar_t>
 void grad_input_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                       const std::optional<at::Tensor>& residual, const at::Tensor& a_t, const at::Tensor& b_t,
-                       const at::Tensor& c_t, bool relu, const at::Tensor& dy) {
+                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
+                       const at::Tensor& a_t, const at::Tensor& b_t, const at::Tensor& c_t, bool relu,
+                       const at::Tensor& dy) {
   using opmath_t = at::opmath_type<scalar_t>;
   using L = Lanes<scalar_t>;
   using FVec = typename L::FVec;
@@ -409,6 +422,7 @@ void grad_input_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tenso
   const scalar_t* r_ptr = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
   const opmath_t* s = scale.const_data_ptr<opmath_t>();
   const opmath_t* t = shift.const_data_ptr<opmath_t>();
+  const opmath_t* rs = residual_scale.has_value() ? residual_scale->const_data_ptr<opmath_t>() : nullptr;
   const opmath_t* a = a_t.const_data_ptr<opmath_t>();
   const opmath_t* b = b_t.const_data_ptr<opmath_t>();
   const opmath_t* cc = c_t.const_data_ptr<opmath_t>();
@@ -422,13 +436,13 @@ void grad_input_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tenso
         const scalar_t* gr = g_ptr + i * C;
         const scalar_t* rr = r_ptr == nullptr ? nullptr : r_ptr + i * C;
         if constexpr (kFloat32<scalar_t>) {
-          grad_input_row_f32(gr, yr, s, t, rr, a, b, cc, d_ptr + i * C, C, kRelu);
+          grad_input_row_f32(gr, yr, s, t, rr, rs, a, b, cc, d_ptr + i * C, C, kRelu);
           continue;
         }
         int64_t c = 0;
         for (; c + L::kSize <= C; c += L::kSize) {
           FVec yv[L::kParts], gv[L::kParts];
-          masked_grad<scalar_t>(yr, gr, rr, s, t, c, kRelu, gv, yv);
+          masked_grad<scalar_t>(yr, gr, rr, rs, s, t, c, kRelu, gv, yv);
           for (int64_t p = 0; p < L::kParts; ++p) {
             const int64_t o = c + p * FVec::size();
             gv[p] = at::vec::fmadd(FVec::loadu(a + o), gv[p],
@@ -437,7 +451,7 @@ void grad_input_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tenso
           L::store(d_ptr + i * C + c, gv);
         }
         for (; c < C; ++c) {
-          const opmath_t gm = masked_grad_scalar(yr, gr, rr, s, t, c, kRelu);
+          const opmath_t gm = masked_grad_scalar(yr, gr, rr, rs, s, t, c, kRelu);
           d_ptr[i * C + c] =
               static_cast<scalar_t>(std::fma(a[c], gm, std::fma(b[c], static_cast<opmath_t>(yr[c]), cc[c])));
         }
@@ -452,13 +466,6 @@ void grad_input_kernel(const at::Tensor& g, const at::Tensor& y, const at::Tenso
 }
 
 // -------------------------------------------------------------------------------- ops: check, allocate, run
-// A residual scale (a projection block end's, training/projection_train.py) has CUDA kernels only: on CPU the
-// training path computes those units with PyTorch ops (training/cpp_passes.py).
-void refuse_residual_scale(const char* op, const std::optional<at::Tensor>& residual_scale) {
-  TORCH_CHECK(!residual_scale.has_value(), op,
-              ": residual_scale is not supported by the CPU kernels (CUDA only); use the PyTorch passes for it");
-}
-
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y_in) {
   check_bn_y("bn_stats", c10::DeviceType::CPU, y_in);
   const at::Tensor y = nhwc(y_in);
@@ -474,18 +481,18 @@ at::Tensor bn_normalize_cpu(const at::Tensor& y_in, const at::Tensor& scale, con
                             const std::optional<at::Tensor>& residual, bool relu,
                             const std::optional<at::Tensor>& residual_scale) {
   const char* op = "bn_normalize";
-  refuse_residual_scale(op, residual_scale);
   check_bn_y(op, c10::DeviceType::CPU, y_in);
   check_bn_vector(op, "scale", scale, y_in);
   check_bn_vector(op, "shift", shift, y_in);
   if (residual.has_value()) check_bn_like(op, "residual", *residual, y_in);
+  check_bn_residual_scale(op, residual, residual_scale, y_in);
   const at::Tensor y = nhwc(y_in);
   std::optional<at::Tensor> r;
   if (residual.has_value()) r = nhwc(*residual);
   at::Tensor out = empty_channels_last(y.sizes(), y.options());
   if (y.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_normalize_cpu",
-                                  [&] { normalize_kernel<scalar_t>(y, scale, shift, r, relu, out); });
+                                  [&] { normalize_kernel<scalar_t>(y, scale, shift, r, residual_scale, relu, out); });
   return out;
 }
 
@@ -496,13 +503,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cpu(const at::Tensor
                                                                 bool store_masked,
                                                                 const std::optional<at::Tensor>& residual_scale) {
   const char* op = "bn_grad_sums";
-  refuse_residual_scale(op, residual_scale);
   check_bn_y(op, c10::DeviceType::CPU, y_in);
   check_bn_like(op, "grad", g_in, y_in);
   for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"mean", mean}}) {
     check_bn_vector(op, name, v, y_in);
   }
   if (residual.has_value()) check_bn_like(op, "residual", *residual, y_in);
+  check_bn_residual_scale(op, residual, residual_scale, y_in);
   const at::Tensor y = nhwc(y_in), g = nhwc(g_in);
   std::optional<at::Tensor> r;
   if (residual.has_value()) r = nhwc(*residual);
@@ -512,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_grad_sums_cpu(const at::Tensor
   if (store_masked) masked_out = empty_channels_last(y.sizes(), y.options());
   if (y.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_grad_sums_cpu", [&] {
-      grad_sums_kernel<scalar_t>(g, y, scale, shift, r, mean, relu, masked_out, sum_g, sum_gy);
+      grad_sums_kernel<scalar_t>(g, y, scale, shift, r, residual_scale, mean, relu, masked_out, sum_g, sum_gy);
     });
   }
   return {sum_g, sum_gy, store_masked ? *masked_out : at::empty({0}, bn_accumulation_options(y))};
@@ -523,20 +530,23 @@ at::Tensor bn_grad_input_cpu(const at::Tensor& g_in, const at::Tensor& y_in, con
                              const at::Tensor& b, const at::Tensor& c, bool relu,
                              const std::optional<at::Tensor>& residual_scale) {
   const char* op = "bn_grad_input";
-  refuse_residual_scale(op, residual_scale);
   check_bn_y(op, c10::DeviceType::CPU, y_in);
   check_bn_like(op, "grad", g_in, y_in);
   for (const auto& [name, v] : {std::pair{"scale", scale}, {"shift", shift}, {"a", a}, {"b", b}, {"c", c}}) {
     check_bn_vector(op, name, v, y_in);
   }
   if (residual.has_value()) check_bn_like(op, "residual", *residual, y_in);
+  check_bn_residual_scale(op, residual, residual_scale, y_in);
   const at::Tensor y = nhwc(y_in), g = nhwc(g_in);
   std::optional<at::Tensor> r;
   if (residual.has_value()) r = nhwc(*residual);
   at::Tensor dy = empty_channels_last(y.sizes(), y.options());
   if (y.numel() == 0) return dy;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_grad_input_cpu",
-                                  [&] { grad_input_kernel<scalar_t>(g, y, scale, shift, r, a, b, c, relu, dy); });
+                                  [&] {
+                                    grad_input_kernel<scalar_t>(g, y, scale, shift, r, residual_scale, a, b, c, relu,
+                                                                dy);
+                                  });
   return dy;
 }
 

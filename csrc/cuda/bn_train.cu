@@ -4,12 +4,12 @@
 //   normalize    act(z)
 //   grad_sums    (sum g', sum g'*(y - mean), g' when asked), g' = g*[z > 0]
 //   grad_input   a*g' + b*y + c
-// with z = fma(y, scale, shift) [+ r, or fma(r, r_scale, ...) with a residual scale] computed by one helper in every pass, so backward's mask is forward's bit
-// for bit. A block covers 32 channels (one per lane: a warp reads 32 consecutive values of a pixel) x 8 pixel
-// lanes; every pass has a 16-byte twin (a thread owns a vector of channels) for the common case of channels a
-// multiple of the vector width and aligned tensors. Reductions write one partial per (chunk of pixels, channel) and a
-// second kernel merges the chunks in order (lanes of chunks, then the lanes): the result depends on the shape
-// alone, never on the GPU or the timing.
+// with z = fma(y, scale, shift) [+ r, or fma(r, r_scale, ...) with a residual scale] computed by one helper in every
+// pass, so backward's mask is forward's bit for bit. A block covers 32 channels (one per lane: a warp reads 32
+// consecutive values of a pixel) x 8 pixel lanes; every pass has a 16-byte twin (a thread owns a vector of channels)
+// for the common case of channels a multiple of the vector width and aligned tensors. Reductions write one partial per
+// (chunk of pixels, channel) and a second kernel merges the chunks in order (lanes of chunks, then the lanes): the
+// result depends on the shape alone, never on the GPU or the timing.
 // Torch-free: compiled by nvcc alone (see launch.h).
 #include <algorithm>
 #include <atomic>
@@ -415,9 +415,9 @@ struct GradRows {
   Acc s[W], t[W], rs[W];  // scale, shift and the residual's scale, for the mask (not loaded without a ReLU)
   Vec<T> gv[U], yv[U], rv[U];
 
-  __device__ __forceinline__ GradRows(const T* g_, const T* y_, const T* residual_, const Acc* __restrict__ residual_scale,
-                                      const Acc* __restrict__ scale, const Acc* __restrict__ shift, bool relu_,
-                                      long long c0)
+  __device__ __forceinline__ GradRows(const T* g_, const T* y_, const T* residual_,
+                                      const Acc* __restrict__ residual_scale, const Acc* __restrict__ scale,
+                                      const Acc* __restrict__ shift, bool relu_, long long c0)
       : g(g_), y(y_), residual(residual_), relu(relu_), has_rs(kScaled && relu_ && residual_ != nullptr) {
     load_mask_channels(relu, s, t, scale, shift, c0);
     if constexpr (kScaled) load_residual_scale(has_rs, rs, residual_scale, c0);

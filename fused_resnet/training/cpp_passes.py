@@ -4,8 +4,7 @@ the "cpu" and "cuda" backends.
 The kernels read and write NHWC (channels_last) tensors. A y in another layout runs the PyTorch passes instead,
 so that every output keeps y's layout (the models convert their input to channels_last once); which one runs
 depends on y alone, so a tensor remade in backward (conv_bn_act_train.Recipe) comes from the same code as in
-forward. A residual scale (a projection block end's) has CUDA kernels only: on CPU such a call runs the PyTorch
-passes too, which again depends on the arguments alone. Fake implementations let torch.compile trace the ops.
+forward. Fake implementations let torch.compile trace the ops.
 """
 
 from __future__ import annotations
@@ -114,11 +113,6 @@ def grad_sums_coefficients(
     return sum_g, grad_gamma, masked if store_masked else None, b, c
 
 
-def _kernels_take(y: torch.Tensor, residual_scale: torch.Tensor | None) -> bool:
-    """Whether the extension's kernels take a pass over y: channels_last, and a residual scale only on CUDA."""
-    return _nhwc(y) and (residual_scale is None or y.device.type == "cuda")
-
-
 def normalize(
     y: torch.Tensor,
     scale: torch.Tensor,
@@ -127,7 +121,7 @@ def normalize(
     relu: bool,
     residual_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if not _kernels_take(y, residual_scale):
+    if not _nhwc(y):
         return torch_passes.normalize(y, scale, shift, residual, relu, residual_scale)
     return torch.ops.fused_resnet_C.bn_normalize(y, scale, shift, residual, relu, residual_scale)
 
@@ -144,7 +138,7 @@ def grad_input(
     relu: bool,
     residual_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if not _kernels_take(y, residual_scale):
+    if not _nhwc(y):
         return torch_passes.grad_input(g, y, scale, shift, residual, a, b, c, relu, residual_scale)
     return torch.ops.fused_resnet_C.bn_grad_input(g, y, scale, shift, residual, a, b, c, relu, residual_scale)
 
@@ -160,7 +154,7 @@ def grad_sums(
     store_masked: bool,
     residual_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    if not _kernels_take(y, residual_scale):
+    if not _nhwc(y):
         return torch_passes.grad_sums(g, y, scale, shift, residual, mean, relu, store_masked, residual_scale)
     sum_g, sum_gy, masked = torch.ops.fused_resnet_C.bn_grad_sums(
         g, y, scale, shift, residual, mean, relu, store_masked, residual_scale

@@ -11,8 +11,8 @@ raw conv output, as its residual with BN_s's scale per channel and BN_s's shift 
              storing g'; then the shortcut's unit on g', which is its BN output's gradient, without a mask
 
 Saved: h and x (or their recipes), both weights, y and y_s, and each BN's per-channel vectors; the output's recipe
-is (y, scale, shift + shift_s, y_s, scale_s), tensors the unit keeps anyway. The passes take the residual scale on
-every backend (the extension's CPU kernels hand such calls to the PyTorch passes: cpp_passes.py).
+is (y, scale, shift + shift_s, y_s, scale_s), tensors the unit keeps anyway. Every pass implementation takes the
+residual scale (passes.py).
 """
 
 from __future__ import annotations
