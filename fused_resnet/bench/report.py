@@ -257,7 +257,7 @@ LEGEND = (
     "plain `eager` row (NCHW) of the same batch and dtype; % ceiling = achieved / per-layer roofline ceiling (fused "
     "structure for inference, fused training for train; see roofline below); rel err = ‖y − y_ref‖/‖y_ref‖ of the "
     "logits against fp32 eager NCHW (TF32 off) on the same input; host ms = the host's time to enqueue one call "
-    "(GPU only; near ms p50, the host set the pace); cudaMalloc calls and allocator retries (a retry frees cached "
+    "(GPU only; well below ms p50, the GPU set the pace); cudaMalloc calls and allocator retries (a retry frees cached "
     "blocks and waits for the device) during the timed samples are noted where there were any; "
     "peak MB = torch.cuda.max_memory_allocated over "
     "build, first call and warm-up, above what was allocated before (GPU only; empty on CPU); 1st call s includes "

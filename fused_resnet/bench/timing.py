@@ -2,9 +2,10 @@
 
 GPU: each sample is bracketed by CUDA events after a synchronize (so a sample is the device time of `inner`
 back-to-back calls, launch gaps included), optionally after flushing L2 (what triton.testing.do_bench does).
-Beside it go the host's time to enqueue the calls (near the sample itself: the host, not the GPU, set the pace)
-and the caching allocator's cudaMalloc calls and out-of-memory retries during the samples (a retry frees cached
-blocks, which waits for the device: several contenders alive in one process can make each other's steps do that).
+Beside it go the host's time to enqueue the calls (near the sample itself: the host set the pace, or a full launch
+queue held it back; well below it: the GPU did) and the caching allocator's cudaMalloc calls and out-of-memory
+retries during the samples (a retry frees cached blocks, which waits for the device: several contenders alive in
+one process can make each other's steps do that).
 With hide_launch, a spin kernel keeps the GPU busy while the host enqueues the calls, so that the sample is the
 calls' GPU time alone: without it, a sample of one call also holds the host's time to launch it, which was most
 of each per-layer sample on an H200 (a fused op's Python path took 0.2-0.5 ms there against 0.1-0.3 ms kernels).
