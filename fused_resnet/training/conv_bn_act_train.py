@@ -172,6 +172,17 @@ class Unit:
     passes: str
     count: int
 
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors, in field order: what the unit's Function saves for backward."""
+        return self.weight, self.y, self.mean, self.invstd, self.gamma, self.beta, self.scale, self.shift
+
+    def settings(self) -> tuple:
+        """The fields after the tensors, in order: what the Function keeps on its ctx."""
+        return self.config, self.relu, self.group, self.passes, self.count
+
+
+TENSORS_PER_UNIT = 8  # len(Unit.tensors())
+
 
 def _sums_then_coefficients(
     unit: Unit,

@@ -17,6 +17,7 @@ residual scale (passes.py).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -26,13 +27,10 @@ from torch.autograd.function import once_differentiable
 
 from ..ops.conv_config import ConvConfig
 from . import recipes
-from .conv_bn_act_train import Unit, batch_norm_forward, unit_backward
+from .conv_bn_act_train import TENSORS_PER_UNIT, Unit, batch_norm_forward, unit_backward
 from .passes import PASSES
 from .recipes import Recipe, recipe_of, releasing, remade, saved_form
 from .sync import sync_group
-
-# Per BN (block end, then shortcut): the tensors saved after the inputs, in this order.
-_PER_BN = ("weight", "y", "mean", "invstd", "gamma", "beta", "scale", "shift")
 
 
 def _conv_bn(
@@ -42,13 +40,14 @@ def _conv_bn(
     beta: torch.Tensor | None,
     bn: nn.BatchNorm2d,
     config: ConvConfig,
+    relu: bool,
     passes: str,
-) -> tuple:
-    """(weight, y, mean, invstd, gamma, beta, scale, shift, count) of one conv → BN: _PER_BN's tensors, then the
-    count."""
+) -> Unit:
+    """One conv → BN of the block end: the conv, its batch statistics and bn's running-stat update."""
     y = F.conv2d(x, weight, None, config.stride, config.padding, config.dilation, config.groups)
-    count, mean, invstd, scale, shift = batch_norm_forward(y, bn, gamma, beta, sync_group(bn), passes)
-    return weight, y, mean, invstd, gamma, beta, scale, shift, count
+    group = sync_group(bn)
+    count, mean, invstd, scale, shift = batch_norm_forward(y, bn, gamma, beta, group, passes)
+    return Unit(weight, y, mean, invstd, gamma, beta, scale, shift, config, relu, group, passes, count)
 
 
 class ProjectionEndTrain(torch.autograd.Function):
@@ -77,20 +76,19 @@ class ProjectionEndTrain(torch.autograd.Function):
         passes: str,
     ) -> tuple[torch.Tensor, ...]:
         with torch.autocast(h.device.type, enabled=False):  # the caller chose the compute dtype
-            end = _conv_bn(h, weight, gamma, beta, bn, config, passes)
-            short = _conv_bn(x, weight_s, gamma_s, beta_s, bn_s, config_s, passes)
-            y, scale, y_s, scale_s = end[1], end[6], short[1], short[6]
-            total_shift = end[7] + short[7]
-            out = PASSES[passes].normalize(y, scale, total_shift, y_s, True, scale_s)
-        ctx.configs, ctx.groups, ctx.passes = (config, config_s), (sync_group(bn), sync_group(bn_s)), passes
-        ctx.counts = (end[8], short[8])
+            end = _conv_bn(h, weight, gamma, beta, bn, config, True, passes)
+            short = _conv_bn(x, weight_s, gamma_s, beta_s, bn_s, config_s, False, passes)
+            # The block end's pass adds both shifts: its backward recomputes the mask with the sum.
+            end = dataclasses.replace(end, shift=end.shift + short.shift)
+            out = PASSES[passes].normalize(end.y, end.scale, end.shift, short.y, True, short.scale)
+        ctx.settings = end.settings(), short.settings()
         ctx.set_materialize_grads(False)
+        y, scale, total_shift, y_s, scale_s = end.y, end.scale, end.shift, short.y, short.scale
         ctx.mark_non_differentiable(y, scale, total_shift, y_s, scale_s)
         saved_h, ctx.h_spec = saved_form(h_recipe or h)
         saved_x, ctx.x_spec = saved_form(x_recipe or x)
         ctx.n_h, ctx.n_x = len(saved_h), len(saved_x)
-        # The block end's shift as its pass used it (both shifts): its backward recomputes the mask with it.
-        ctx.save_for_backward(*saved_h, *saved_x, *end[:7], total_shift, *short[:8])
+        ctx.save_for_backward(*saved_h, *saved_x, *end.tensors(), *short.tensors())
         return out, y, scale, total_shift, y_s, scale_s
 
     @staticmethod
@@ -105,11 +103,9 @@ def _backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple:
         return (None,) * 15
     saved = ctx.saved_tensors
     n_h, n_inputs = ctx.n_h, ctx.n_h + ctx.n_x
-    per_bn = len(_PER_BN)
-    end_tensors, short_tensors = saved[n_inputs : n_inputs + per_bn], saved[n_inputs + per_bn :]
-    (config, config_s), (group, group_s), (count, count_s) = ctx.configs, ctx.groups, ctx.counts
-    end = Unit(*end_tensors, config, True, group, ctx.passes, count)
-    short = Unit(*short_tensors, config_s, False, group_s, ctx.passes, count_s)
+    units = saved[n_inputs:]  # the block end's tensors, then the shortcut's (Unit.tensors)
+    end = Unit(*units[:TENSORS_PER_UNIT], *ctx.settings[0])
+    short = Unit(*units[TENSORS_PER_UNIT:], *ctx.settings[1])
     needs = ctx.needs_input_grad
     needs_end, needs_short = needs[0:4], needs[4:8]
     # g' is the shortcut's gradient too: stored where the shortcut's unit needs anything.
