@@ -209,8 +209,9 @@ def test_cuda_ops_are_torchs(window, ceil_mode, dtype):
     want = F.max_pool2d(act, *window, ceil_mode=ceil_mode)
     _assert_bitwise_equal(ops.max_pool_nhwc(act, *window, ceil_mode), want)
     g = torch.randn(want.shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
-    g.view(-1)[::7] = -0.0  # torch copies a lone window's gradient, a -0 or a NaN with its bits
-    g.view(-1)[3::101] = float("nan")
+    flat = g.permute(0, 2, 3, 1).view(-1)  # g's memory in order (a channels_last tensor has no view(-1))
+    flat[::7] = -0.0  # torch copies a lone window's gradient, a -0 or a NaN with its bits
+    flat[3::101] = float("nan")
     a = act.detach().requires_grad_()
     F.max_pool2d(a, *window, ceil_mode=ceil_mode).backward(g)
     _assert_bitwise_equal(ops.max_pool_bn_act_backward(g, y, scale, shift, True, *window), a.grad)
