@@ -8,7 +8,8 @@
 #               unless set; torch is never touched). The extension's Hopper engine needs CUTLASS's headers: where
 #               nvidia-cutlass is not installed and CUTLASS_PATH is unset, the wheel is taken from .whl/ (fetch it
 #               beforehand with `pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl` and carry .whl along)
-#   tests       pytest -m gpu, two groups side by side (benchmarks/gpu_tests.sh)
+#   tests       benchmarks/refusal_probe.py (do the CUDA ops' failed input checks raise, or crash?), then
+#               pytest -m gpu, two groups side by side (benchmarks/gpu_tests.sh)
 #   tune        python -m fused_resnet.ops.triton_tune for ResNet-50, batch 256, bf16 (the table lands in OUTDIR too)
 #   bench       python -m fused_resnet.bench --profile gpu-quick
 #   train       training groups (those the bench stage did not run into OUTDIR) + the largest batch that fits
@@ -177,7 +178,16 @@ for stage in "${STAGES[@]}"; do
             ' "$PY"
             ;;
         tests)
-            run_stage tests "$limit" bash benchmarks/gpu_tests.sh "$PY"
+            if [[ $DRY == 1 ]]; then
+                run_stage tests "$limit" bash benchmarks/gpu_tests.sh "$PY"
+            else
+                # First the refusal probe (a crash seen at two input checks in the 2026-11-27 H100 run), then pytest.
+                run_stage tests "$limit" bash -c '
+                    "$0" benchmarks/refusal_probe.py; probe=$?
+                    bash benchmarks/gpu_tests.sh "$0"; tests=$?
+                    exit $((probe > tests ? probe : tests))
+                ' "$PY"
+            fi
             ;;
         bench)
             run_stage bench "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
