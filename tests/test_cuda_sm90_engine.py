@@ -66,7 +66,7 @@ def test_default_engine_is_the_hopper_one_where_built():
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split()[-1] == ("cutlass" if _C.has_sm90_engine() else "mma")
+    assert result.stdout.split()[-1] == ("cutlass_next" if _C.has_sm90_engine() else "mma")
 
 
 def test_auto_takes_the_cuda_backend_first_where_the_hopper_engine_runs(monkeypatch):

@@ -162,13 +162,14 @@ def bias_residual_relu(
 #   ping-pong GEMM (csrc/cuda/conv_sm90_gemm.cuh), whose epilogues overlap its main loops; convs of at most 64
 #   output channels on 128x64 tiles, two CTAs per SM (conv_sm90_cutlass.cuh, NarrowTile); inputs of under 8
 #   channels (the RGB stem) as that GEMM over im2col rows (launch.cu, ops_cuda.cpp).
-# "cutlass" is the default where it was built: it passed the GPU tests and the sanitizer on an H200 and ran
-# ResNet-50 b256 bf16 inference at 21,703 img/s against the mma engine's 14,075
-# (benchmarks/results/2026-11-27_H200_run1). "cutlass_next" has not yet run on a GPU: it becomes the default only
-# once the GPU check has passed it and measured it faster.
+# "cutlass_next" is the default where the Hopper engine was built. On an H100 it passed the GPU tests (every
+# ResNet-family conv shape of tests/test_cuda_sm90_engine.py) and compute-sanitizer, and ran ResNet-50 b256 bf16
+# inference at 25,156 img/s against 20,094 for "cutlass" and 13,596 for "mma", in the same run
+# (benchmarks/results/2026-11-27_H100_run2). "cutlass" had replaced "mma" the same way on an H200 (21,703 against
+# 14,075 img/s, benchmarks/results/2026-11-27_H200_run1).
 CUDA_ENGINES = ("mma", "cutlass", "cutlass_next")
 HOPPER_ENGINES = ("cutlass", "cutlass_next")
-DEFAULT_CUDA_ENGINE = "cutlass"
+DEFAULT_CUDA_ENGINE = "cutlass_next"
 
 
 def sm90_engine_built() -> bool:
@@ -232,7 +233,8 @@ def prefer_on_hopper(x: torch.Tensor) -> bool:
     """Whether "auto" should take the cuda backend before triton for x: 16-bit CUDA tensors where the Hopper engine
     runs. Measured on an H200, ResNet-50 b256 bf16 inference: the cuda backend 21,703 img/s with it, triton 14,009
     (benchmarks/results/2026-11-27_H200_run1); its convs beat the stock conv + BN + add + ReLU on 23 of the 24
-    layer shapes (run2)."""
+    layer shapes (run2). On an H100: 25,156 img/s ('cutlass_next') against triton's 17,014
+    (benchmarks/results/2026-11-27_H100_run2)."""
     if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
         return False
     return _hopper_engine_enabled(x.device.index if x.device.index is not None else 0)
