@@ -20,7 +20,7 @@
 #               step and GB/s, beside ATen's batch norm (and 2 and 4 rows per thread in the 16-byte kernels); then
 #               benchmarks/profile_step.py: wall vs kernel time per step (host-bound or not), kernel time by kind and
 #               the top kernels, inference and train, stock channels_last vs each fused backend (train: and
-#               torch.compile)
+#               torch.compile, and where the host's time goes, by Python file and function)
 #   sanitize    compute-sanitizer memcheck over `pytest -m gpu -k sanitize` and benchmarks/sanitize_smoke.py
 #   full-bench  gpu-full profile, model by model; rerun the same command to continue (--resume)
 # Each stage runs under `timeout` (STAGE_TIMEOUT seconds, default 290; the default run shares 540 s in all).
@@ -228,7 +228,7 @@ for stage in "${STAGES[@]}"; do
                 run_stage profile "$limit" bash -c '
                     "$0" benchmarks/bn_passes_bench.py --bf16 || exit 1
                     "$0" benchmarks/profile_step.py --bf16 --mode inference || exit 1
-                    "$0" benchmarks/profile_step.py --bf16 --mode train --compile
+                    "$0" benchmarks/profile_step.py --bf16 --mode train --compile --host-profile 12
                 ' "$PY"
             fi
             ;;

@@ -8,7 +8,10 @@ most time. A training step is the bench's: forward, cross-entropy, backward, SGD
 as in the bench (benchmark mode), and each contender's line also gives the median of the bench's own samples (one
 step between CUDA events after a synchronize), to compare with the back-to-back wall time, and on a GPU the host's
 time to enqueue such a step and the caching allocator's cudaMallocs and out-of-memory retries meanwhile. --compile adds
-torch.compile'd stock (default mode), whose step the fused one is measured against.
+torch.compile'd stock (default mode), whose step the fused one is measured against. --host-profile N adds, per
+contender, where the host's time goes: cProfile over the steps (kernels run asynchronously, so this is the host's
+own time), the N Python files and the N functions with the most time of their own per step, and the time spent
+inside PyTorch's compiled functions and ops ("built-ins").
 
     python benchmarks/profile_step.py --device cuda --bf16 --model resnet50 --batch 256 --mode train --compile
 """
@@ -16,9 +19,12 @@ torch.compile'd stock (default mode), whose step the fused one is measured again
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +157,33 @@ def measure(step: Callable[[], None], device: torch.device, steps: int) -> dict:
     }
 
 
+_REPO = str(Path(__file__).resolve().parents[1]) + "/"
+
+
+def host_profile(step: Callable[[], None], device: torch.device, steps: int) -> tuple[list, list]:
+    """(files, functions): [(ms per step, calls per step, name)] of the host's time in `steps` steps, by Python file
+    and by function, each sorted by time of its own; compiled functions and ops are one entry, "built-ins"."""
+    step()
+    _sync(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    _sync(device)
+    files: dict[str, list[float]] = {}
+    functions = []
+    for (path, line, name), (_, calls, own, _, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+        where = "built-ins" if path == "~" else path.split("site-packages/")[-1].removeprefix(_REPO)
+        entry = files.setdefault(where, [0.0, 0.0])
+        entry[0] += own * 1e3 / steps
+        entry[1] += calls / steps
+        if path != "~":
+            functions.append((own * 1e3 / steps, calls / steps, f"{where}:{line}({name})"))
+    by_file = sorted(((ms, n, where) for where, (ms, n) in files.items()), reverse=True)
+    return by_file, sorted(functions, reverse=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
@@ -166,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd stock (default mode)")
+    parser.add_argument(
+        "--host-profile", type=int, default=0, metavar="N",
+        help="also the host's time per step by Python file and function (cProfile), the N largest of each",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True  # as the bench runs (fused_resnet/bench/cli.py): the same cuDNN algorithms
@@ -210,6 +247,13 @@ def _profile(args: argparse.Namespace) -> int:
             print(f"      {ms:7.3f} ms  x{count:<4.0f} [{kind}]")
         for key, ms, count in r["top"]:
             print(f"      {ms:7.3f} ms  x{count:<4d} {key}")
+        if args.host_profile:
+            step = _step(net, x, train, autocast, engine)
+            by_file, by_function = host_profile(step, device, args.steps)
+            total = sum(ms for ms, _, _ in by_file)
+            print(f"      host, under cProfile: {total:.1f} ms a step; by file, then by function (own time):")
+            for ms, calls, where in by_file[: args.host_profile] + by_function[: args.host_profile]:
+                print(f"      {ms:7.2f} ms  x{calls:<6.0f} {where}")
     return 0
 
 

@@ -4,6 +4,10 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
+
+from fused_resnet import fuse
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
 _spec = importlib.util.spec_from_file_location("profile_step", _PATH)
@@ -22,9 +26,7 @@ def test_reports_every_contender(mode, capsys, one_thread):
 
 
 def test_a_backend_name_may_carry_the_cuda_engine():
-    import torchvision
-
-    nets = profile_step._contenders(torchvision.models.resnet18(), profile_step.torch.device("cpu"), ["reference+mma"])
+    nets = profile_step._contenders(torchvision.models.resnet18(), torch.device("cpu"), ["reference+mma"])
     assert nets["stock_cl"][1] is None
     net, engine = nets["fused:reference+mma"]
     fused_units = [m for m in net.modules() if hasattr(m, "backend")]
@@ -41,3 +43,20 @@ def test_kernels_are_told_apart_by_name():
     assert kind("triton_red_fused__native_batch_norm_legit_functional_3") == "inductor"
     assert kind("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<float>>") == "aten"
     assert kind("Memset (Device)") == "other"
+
+
+def test_host_profile_gives_this_packages_files_and_the_ops(one_thread):
+    net = fuse(torchvision.models.resnet18(), backend="cpu").train()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    calls = []
+
+    def step():
+        calls.append(1)
+        net(x).sum().backward()
+
+    by_file, by_function = profile_step.host_profile(step, torch.device("cpu"), steps=2)
+    assert len(calls) == 3  # one step outside the profile, then the profiled ones
+    files = {where for _, _, where in by_file}
+    assert "built-ins" in files and "fused_resnet/training/conv_bn_act_train.py" in files
+    assert all(ms >= 0 for ms, _, _ in by_file) and by_file == sorted(by_file, reverse=True)
+    assert any(where.startswith("fused_resnet/training/conv_bn_act_train.py:") for _, _, where in by_function)
