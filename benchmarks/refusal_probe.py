@@ -146,7 +146,7 @@ def _child(name: str, timeout: float) -> tuple[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES))
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds per case (cuda-gdb: 60)")
     args = parser.parse_args()
     import torch
 
@@ -165,7 +165,7 @@ def main() -> int:
         print(f"\ncuda-gdb backtrace of '{crashed[0]}':", flush=True)
         gdb = ["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, __file__]
         try:
-            out = subprocess.run([*gdb, "--case", crashed[0]], capture_output=True, text=True, timeout=args.timeout)
+            out = subprocess.run([*gdb, "--case", crashed[0]], capture_output=True, text=True, timeout=60)
             print("\n".join((out.stdout + out.stderr).splitlines()[-60:]))
         except subprocess.TimeoutExpired:
             print("cuda-gdb timed out")
