@@ -116,8 +116,8 @@ def _extensions() -> tuple[list, dict]:
     cuda_sources = [src for src in _sources("csrc/cuda/*.cu") if not Path(src).name.startswith("conv_sm90_")]
     define_macros = [("FUSED_RESNET_WITH_CUDA", "1")]
     # The Hopper engine (CUTLASS sm90 kernels) exists only in sm_90a code; its six files (wide-tile conv, narrow-tile
-    # conv and GEMM, per dtype) take 50-60 s of nvcc each on one core, the longest compiles of the build. Not with a plain 9.0 entry beside it: an H100 could load that
-    # cubin, in which CUTLASS's kernels are stubs that write nothing.
+    # conv and GEMM, per dtype) take 50-60 s of nvcc each on one core, the longest compiles of the build. Not with a
+    # plain 9.0 entry beside it: an H100 could load that cubin, in which CUTLASS's kernels are stubs that write nothing.
     arches = [a.split("+")[0] for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")]
     if "9.0a" in arches and "9.0" in arches:
         warnings.warn(
