@@ -8,7 +8,7 @@
 #               unless set; torch is never touched). The extension's Hopper engine needs CUTLASS's headers: where
 #               nvidia-cutlass is not installed and CUTLASS_PATH is unset, the wheel is taken from .whl/ (fetch it
 #               beforehand with `pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl` and carry .whl along)
-#   tests       benchmarks/refusal_probe.py (do the CUDA ops' failed input checks raise, or crash?), then
+#   tests       benchmarks/refusal_probe.py (do the CUDA ops' failed input checks raise, or crash?) beside
 #               pytest -m gpu, two groups side by side (benchmarks/gpu_tests.sh)
 #   tune        python -m fused_resnet.ops.triton_tune for ResNet-50, batch 256, bf16 (the table lands in OUTDIR too)
 #   bench       python -m fused_resnet.bench --profile gpu-quick
@@ -181,10 +181,16 @@ for stage in "${STAGES[@]}"; do
             if [[ $DRY == 1 ]]; then
                 run_stage tests "$limit" bash benchmarks/gpu_tests.sh "$PY"
             else
-                # First the refusal probe (a crash seen at two input checks in the 2026-11-27 H100 run), then pytest.
+                # The refusal probe (a crash seen at two input checks in the 2026-11-27 H100 run) beside pytest: each
+                # mostly waits on its own processes' imports and compiles, and the machine has cores to spare.
                 run_stage tests "$limit" bash -c '
-                    "$0" benchmarks/refusal_probe.py; probe=$?
+                    probe_out=$(mktemp)
+                    trap "echo \"=== refusal probe (stopped):\"; cat \"\$probe_out\"; exit 124" TERM INT
+                    "$0" benchmarks/refusal_probe.py >"$probe_out" 2>&1 &
+                    probe_pid=$!
                     bash benchmarks/gpu_tests.sh "$0"; tests=$?
+                    wait $probe_pid; probe=$?
+                    echo "=== refusal probe: exit $probe"; cat "$probe_out"
                     exit $((probe > tests ? probe : tests))
                 ' "$PY"
             fi
