@@ -375,6 +375,25 @@ def test_candidate_configs(shape, dtype):
     assert packs == ({False, True} if c_in_g < 16 and kh * kw > 1 else {False})  # the tuner tries both orders
 
 
+def test_committed_table_holds_candidates_of_resnet50_shapes():
+    # The tuner only writes a candidate it checked on the GPU: a table entry outside the candidate list (a hand edit,
+    # or a candidate list changed after tuning) would launch a config that no check ever ran.
+    table = tcba.tuned_table()
+    assert table, "no committed table"
+    shapes = {
+        tcba.shape_key((s.batch, s.c_in, s.h, s.w), (s.c_out, s.c_in // s.groups, s.kh, s.kw), s.config,
+                       torch.bfloat16, "cuda"): s
+        for s in triton_tune.resnet_conv_shapes("resnet50", 256)
+    }  # fmt: skip
+    for gpu, entries in table.items():
+        assert set(entries) == set(shapes), gpu
+        for key, fields in entries.items():
+            s = shapes[key]
+            allowed = tcba.candidate_configs(s.c_in // s.groups, s.c_out // s.groups, s.kh, s.kw, torch.bfloat16,
+                                             tma=True)  # fmt: skip
+            assert tcba.KernelConfig(**fields) in allowed, (gpu, key, fields)
+
+
 def test_tuned_table_lookup(monkeypatch):
     config = ConvConfig((1, 1), (1, 1), (1, 1), 1)
     x_shape, w_shape = (24, 64, 56, 56), (64, 64, 3, 3)
