@@ -172,6 +172,14 @@ for stage in "${STAGES[@]}"; do
                 [[ $before == "$after" ]] || { echo "torch changed: $before -> $after"; exit 1; }
                 "$0" -c "import fused_resnet, fused_resnet.backends as b; print(\"backends here:\", b.available_backends())"
                 "$0" -c "from fused_resnet import _C; print(\"sm90 engine built:\", _C.has_sm90_engine())"
+                # What built _C and which C++ runtime it meets (the 2026-11-27 H100 run crashed in std::ostream code
+                # that cuda-gdb placed inside _C itself): the compilers, libstdc++ code defined in _C, the runtime.
+                echo "c++: $(c++ --version 2>&1 | head -1) | nvcc: $(nvcc --version 2>&1 | tail -1)"
+                so=$(compgen -G "fused_resnet/_C*.so" | head -1)
+                echo "libstdc++ stream code defined in $so: $(nm -C --defined-only "$so" | grep -c -E "_M_insert<|codecvt<|num_put<")"
+                nm -C --defined-only "$so" | grep -E "_M_insert<|codecvt<|num_put<" | head -5
+                ldd "$so" | grep -E "stdc\+\+|gcc_s"
+                "$0" -c "import torch; print(\"libstdc++ mapped:\", sorted({l.split()[-1] for l in open(\"/proc/self/maps\") if \"libstdc++\" in l}))"
                 # On a Hopper GPU a build without the engine would skip its tests: fail here instead.
                 "$0" -c "import sys, torch; from fused_resnet import _C; sys.exit(torch.cuda.get_device_capability() == (9, 0) and not _C.has_sm90_engine())" \
                     || { echo "the sm90 engine was not built on this Hopper GPU: carry .whl/ (nvidia-cutlass) or set CUTLASS_PATH"; exit 1; }

@@ -3,8 +3,11 @@
 Why: in the 2026-11-27 H100 run (benchmarks/results/2026-11-27_H100_run1) two GPU test workers died of a
 segmentation fault at such a refusal: max_pool_nhwc given 12 bf16 channels, bn_grad_sums_coefficients given a
 wrong count. Each ran right after its file's opcheck test, while the conv op's float64 refusal passed. The checks
-are plain TORCH_CHECKs that raise on CPU. Each case below runs in a fresh process (the refusal alone, after good
-calls of the op, after each of opcheck's tests alone) and is reported as `raised the check` (as it should),
+were plain TORCH_CHECKs that raise on CPU. The 2026-11-27 run3 probe crashed in every pool and coefficient case,
+even alone, inside std::ostream's integer insertion, while the conv's dtype refusal raised: since then the
+extension's checks (FR_CHECK, csrc/message.h) build their messages without std::ostream. Each case below runs in a
+fresh process (the refusal alone, after good calls of the op, after each of opcheck's tests alone; two CPU ops'
+refusals, one with a number in its message) and is reported as `raised the check` (as it should),
 `raised ANOTHER error`, `NO ERROR`, `failed` (before the refusal), `CRASHED` or `TIMED OUT`; the first crash is
 rerun under cuda-gdb, where it is on PATH, for the host backtrace.
 
@@ -70,6 +73,20 @@ def _refuse_conv() -> None:
     _ops().conv_bias_act(x, w, torch.zeros(8, device="cuda"), None, None, None, [1, 1], [1, 1], [1, 1], 1, True)
 
 
+def _refuse_cpu_bias() -> None:
+    # A CPU op's refusal, its message holding numbers: whether the crash needs CUDA at all.
+    import torch
+
+    _ops().bias_residual_relu(torch.randn(2, 4, 3, 3), torch.zeros(5), None, True)
+
+
+def _refuse_cpu_dtype() -> None:
+    # A CPU op's refusal whose message holds only strings and a dtype (as the conv's, which raised on the H100).
+    import torch
+
+    _ops().bias_residual_relu(torch.ones(2, 4, 3, 3, dtype=torch.int32), torch.zeros(4), None, True)
+
+
 def _good_pool_calls() -> None:
     import torch
 
@@ -104,6 +121,8 @@ CASES: dict[str, tuple[Callable[[], None] | None, Callable[[], None]]] = {
     ),
     "conv alone": (None, _refuse_conv),
     "conv after the pool's opcheck": (_opcheck("max_pool_nhwc", _pool_args, None), _refuse_conv),
+    "cpu op, a number in the message": (None, _refuse_cpu_bias),
+    "cpu op, a dtype in the message": (None, _refuse_cpu_dtype),
 }
 
 
@@ -112,6 +131,8 @@ _MESSAGES = {
     _refuse_pool: "multiple of 8",
     _refuse_coefficients: "count must be the 24 values",
     _refuse_conv: "float16, bfloat16 and float32",
+    _refuse_cpu_bias: "bias must have shape (4,)",
+    _refuse_cpu_dtype: "Int",
 }
 
 

@@ -311,6 +311,23 @@ def test_bias_residual_relu_input_errors():
         ops.bias_residual_relu(torch.randn(4, 3), torch.zeros(4), None, True)
 
 
+def test_refusal_messages_print_numbers_sizes_and_dtypes_as_torch_does():
+    # The extension builds its messages without std::ostream (csrc/message.h: a crash in its integer insertion on
+    # the H100 machine); the whole first line, numbers, sizes and dtype names as torch prints them.
+    y = torch.randn(2, 4, 3, 3)
+    cases = [
+        ((y, torch.zeros(5), None, True), f"bias must have shape (4,), got {list(torch.zeros(5).shape)}"),
+        ((y, torch.zeros(4), torch.randn(2, 4, 3, 2), True),
+         f"residual must have y's shape {list(y.shape)}, got {[2, 4, 3, 2]}"),
+        ((y.int(), torch.zeros(4), None, True),
+         "y must be floating point (float16, bfloat16, float32 or float64), got Int"),
+    ]  # fmt: skip
+    for args, message in cases:
+        with pytest.raises(RuntimeError) as refused:
+            ops.bias_residual_relu(*args)
+        assert str(refused.value).splitlines()[0] == f"bias_residual_relu: {message}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Registration: opcheck, torch.compile, gradcheck
 # ---------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@
 #include "checks.h"
 #include "cpu/epilogue.h"
 #include "cpu/weight_cache.h"
+#include "message.h"
 
 namespace fused_resnet::cpu {
 namespace {
@@ -200,8 +201,8 @@ void conv_bias_act_into_residual_cpu(const at::Tensor& x, const at::Tensor& weig
     const auto needs_grad = [](const at::Tensor* t) { return t != nullptr && t->requires_grad(); };
     for (const at::Tensor* t : {&x, &weight, &bias, &residual, in_scale.has_value() ? &*in_scale : nullptr,
                                 in_shift.has_value() ? &*in_shift : nullptr}) {
-      TORCH_CHECK(!needs_grad(t), "conv_bias_act_into_residual has no backward; call it without autograd ",
-                  "(torch.no_grad() or torch.inference_mode()), or use conv_bias_act");
+      FR_CHECK(!needs_grad(t), "conv_bias_act_into_residual has no backward; call it without autograd ",
+               "(torch.no_grad() or torch.inference_mode()), or use conv_bias_act");
     }
   }
   if (!accumulates_in_place(x, weight, bias, residual, in_scale, in_shift, g)) {

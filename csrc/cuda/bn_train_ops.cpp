@@ -14,6 +14,7 @@
 #include "cuda/current_stream.h"
 #include "cuda/kernel_dtype.h"
 #include "cuda/launch.h"
+#include "message.h"
 
 namespace fused_resnet::cuda {
 namespace {
@@ -50,8 +51,8 @@ BnPassParams params(const NhwcInputs& in) {
   p.residual_scale = in.residual_scale.has_value() ? in.residual_scale->const_data_ptr() : nullptr;
   p.channels = in.y.size(1);
   p.rows = p.channels == 0 ? 0 : in.y.numel() / p.channels;
-  TORCH_CHECK(p.channels <= kMaxChannels, "the CUDA training kernels take at most ", kMaxChannels,
-              " channels, got ", p.channels);
+  FR_CHECK(p.channels <= kMaxChannels, "the CUDA training kernels take at most ", kMaxChannels,
+           " channels, got ", p.channels);
   return p;
 }
 
@@ -85,9 +86,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_
     double eps, double factor) {
   const char* op = "bn_stats_finalize";
   const NhwcInputs in = nhwc_inputs(op, y_in, std::nullopt, std::nullopt);
-  TORCH_CHECK(y_in.scalar_type() != at::kDouble, op, ": fp64 statistics are finalized in fp64 by the caller");
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
-              ": give both running_mean and running_var, or neither");
+  FR_CHECK(y_in.scalar_type() != at::kDouble, op, ": fp64 statistics are finalized in fp64 by the caller");
+  FR_CHECK(running_mean.has_value() == running_var.has_value(), op,
+           ": give both running_mean and running_var, or neither");
   for (const auto& [name, v] : {std::pair{"gamma", &gamma}, std::pair{"beta", &beta},
                                 std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}}) {
     if (v->has_value()) check_bn_vector(op, name, **v, y_in);
@@ -95,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_
   c10::cuda::CUDAGuard guard(y_in.device());
   BnPassParams p = params(in);
   // nn.BatchNorm2d refuses a batch of one value per channel; the count divides what the kernel reduced.
-  TORCH_CHECK(p.rows > 1 && count == static_cast<double>(p.rows), op, ": count must be the ", p.rows,
-              " values per channel of y (and more than 1), got ", count);
+  FR_CHECK(p.rows > 1 && count == static_cast<double>(p.rows), op, ": count must be the ", p.rows,
+           " values per channel of y (and more than 1), got ", count);
   at::Tensor mean = per_channel_result(y_in, p), m2 = per_channel_result(y_in, p);
   at::Tensor invstd = per_channel_result(y_in, p), scale = per_channel_result(y_in, p);
   at::Tensor shift = per_channel_result(y_in, p);
@@ -193,11 +194,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_grad_s
     bool store_masked, double count, const std::optional<at::Tensor>& residual_scale) {
   const char* op = "bn_grad_sums_coefficients";
   const NhwcInputs in = grad_sums_inputs(op, g_in, y_in, scale, shift, residual, mean, residual_scale);
-  TORCH_CHECK(y_in.scalar_type() != at::kDouble, op, ": fp64 sums are finished in fp64 by the caller");
+  FR_CHECK(y_in.scalar_type() != at::kDouble, op, ": fp64 sums are finished in fp64 by the caller");
   check_bn_vector(op, "invstd", invstd, y_in);
   const int64_t rows = y_in.size(1) == 0 ? 0 : y_in.numel() / y_in.size(1);
-  TORCH_CHECK(rows > 1 && count == static_cast<double>(rows), op, ": count must be the ", rows,
-              " values per channel of y (and more than 1), got ", count);
+  FR_CHECK(rows > 1 && count == static_cast<double>(rows), op, ": count must be the ", rows,
+           " values per channel of y (and more than 1), got ", count);
   c10::cuda::CUDAGuard guard(y_in.device());
   const GradSumsCall call = grad_sums_call(in, y_in, scale, shift, mean, relu, store_masked);
   at::Tensor grad_gamma = per_channel_result(y_in, call.p), b = per_channel_result(y_in, call.p);

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include "cuda/launch.h"
+#include "message.h"
 
 namespace fused_resnet::cuda {
 
@@ -19,7 +20,7 @@ inline DType kernel_dtype(c10::ScalarType t) {
     case at::kDouble:
       return DType::kDouble;
     default:
-      TORCH_CHECK(false, "unsupported dtype ", t);
+      FR_CHECK(false, "unsupported dtype ", t);
   }
 }
 

@@ -14,6 +14,7 @@
 #include "cuda/current_stream.h"
 #include "cuda/kernel_dtype.h"
 #include "cuda/launch.h"
+#include "message.h"
 
 namespace fused_resnet::cuda {
 namespace {
@@ -28,7 +29,7 @@ const DeviceInfo& device_info(c10::DeviceIndex index) {
   constexpr int kMaxDevices = 64;
   static std::array<DeviceInfo, kMaxDevices> infos;
   static std::array<std::once_flag, kMaxDevices> once;
-  TORCH_CHECK(index >= 0 && index < kMaxDevices, "CUDA device index ", index, " out of range");
+  FR_CHECK(index >= 0 && index < kMaxDevices, "CUDA device index ", index, " out of range");
   std::call_once(once[index], [index] {
     DeviceInfo& info = infos[index];
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, index));
@@ -83,22 +84,22 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
   const ConvGeometry g = check_conv_bias_act(op, c10::DeviceType::CUDA, x, weight, bias, residual, in_scale,
                                              in_shift, stride, padding, dilation, groups);
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
-              ": the CUDA kernels run float16, bfloat16 and float32 (on TF32 tensor cores), got ", dtype,
-              "; use the reference backend for float64");
+  FR_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
+           ": the CUDA kernels run float16, bfloat16 and float32 (on TF32 tensor cores), got ", dtype,
+           "; use the reference backend for float64");
   c10::cuda::CUDAGuard guard(x.device());
   const DeviceInfo& info = device_info(x.device().index());
-  TORCH_CHECK(info.major >= 8, op, ": the CUDA kernels need compute capability 8.0 or newer, ", x.device(), " is ",
-              info.major, ".", info.minor);
+  FR_CHECK(info.major >= 8, op, ": the CUDA kernels need compute capability 8.0 or newer, ", x.device(), " is ",
+           info.major, ".", info.minor);
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   const int64_t m_total = g.n * g.oh * g.ow;
-  TORCH_CHECK(m_total < kIntMax - 256, op, ": N*OH*OW = ", m_total,
-              " output pixels exceed the kernel's 32-bit row index; split the batch");
-  TORCH_CHECK(g.groups <= 65535, op, ": groups=", g.groups, " exceeds the CUDA grid limit of 65535");
+  FR_CHECK(m_total < kIntMax - 256, op, ": N*OH*OW = ", m_total,
+           " output pixels exceed the kernel's 32-bit row index; split the batch");
+  FR_CHECK(g.groups <= 65535, op, ": groups=", g.groups, " exceeds the CUDA grid limit of 65535");
   for (int64_t v : {g.h, g.w, g.c, g.cout, g.kh * g.kw * (g.c / g.groups), g.pad_h + g.h, g.pad_w + g.w,
                     g.stride_h * g.oh, g.stride_w * g.ow, g.dil_h * g.kh, g.dil_w * g.kw}) {
-    TORCH_CHECK(v < (int64_t{1} << 29), op, ": a size in ", x.sizes(), " / ", weight.sizes(),
-                " is too large for the kernel's 32-bit index math");
+    FR_CHECK(v < (int64_t{1} << 29), op, ": a size in ", x.sizes(), " / ", weight.sizes(),
+             " is too large for the kernel's 32-bit index math");
   }
 
   at::Tensor out = empty_channels_last({g.n, g.cout, g.oh, g.ow}, x.options());
