@@ -175,6 +175,7 @@ for stage in "${STAGES[@]}"; do
                 # What built _C and which C++ runtime it meets (the 2026-11-27 H100 run crashed in std::ostream code
                 # that cuda-gdb placed inside _C itself): the compilers, libstdc++ code defined in _C, the runtime.
                 echo "c++: $(c++ --version 2>&1 | head -1) | nvcc: $(nvcc --version 2>&1 | tail -1)"
+                env | grep -E "^(CC|CXX|CFLAGS|CXXFLAGS|CPPFLAGS|LDFLAGS|LD_PRELOAD|LD_LIBRARY_PATH)="
                 so=$(compgen -G "fused_resnet/_C*.so" | head -1)
                 echo "libstdc++ stream code defined in $so: $(nm -C --defined-only "$so" | grep -c -E "_M_insert<|codecvt<|num_put<")"
                 nm -C --defined-only "$so" | grep -E "_M_insert<|codecvt<|num_put<" | head -5
