@@ -359,3 +359,18 @@ def test_cpu_threads_drop_to_one_on_a_busy_machine(monkeypatch: pytest.MonkeyPat
     assert cli.cpu_threads(2) == 2
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
     assert cli.cpu_threads(None) == torch.get_num_threads()
+
+
+def test_layer_table_shows_a_layer_left_out_by_the_budget_without_a_column_of_its_own() -> None:
+    def layer_row(layer: str, contender: str, **fields: object) -> dict:
+        return {"layer": layer, "layer_type": "1x1/1", "contender": contender, "status": "ok", **fields}
+
+    rows = [
+        layer_row("a", "conv", ms_p50=0.1, speedup_vs_eager=2.0, pct_ceiling=50.0),
+        layer_row("a", "fused", ms_p50=0.2, speedup_vs_eager=1.0, pct_ceiling=25.0),
+        layer_row("b", "-", status="skipped", error="out of time"),
+    ]
+    header, _, first, left_out = report._layer_table(rows).splitlines()
+    assert header.count("µs (× stock)") == 2 and "- µs" not in header
+    assert first.count("|") == left_out.count("|") == header.count("|")
+    assert "| b | 1x1/1 | skipped: out of time |  |  |" in left_out

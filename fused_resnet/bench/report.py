@@ -206,7 +206,8 @@ def _allocator_note(row: dict[str, Any]) -> str:
 
 
 def _layer_table(rows: list[dict[str, Any]]) -> str:
-    contenders = list(dict.fromkeys(r["contender"] for r in rows))
+    # A layer the time budget left out has one row, contender "-" (layers.py): its status fills the first column.
+    contenders = list(dict.fromkeys(r["contender"] for r in rows if r["contender"] != "-"))
     by_layer: dict[str, dict[str, dict]] = defaultdict(dict)
     for r in rows:
         by_layer[r["layer"]][r["contender"]] = r
@@ -215,6 +216,9 @@ def _layer_table(rows: list[dict[str, Any]]) -> str:
     for layer, cells in by_layer.items():
         first = next(iter(cells.values()))
         line = [layer, first.get("layer_type") or ""]
+        if "-" in cells and len(cells) == 1:
+            body.append(line + [f"{first['status']}: {first.get('error') or ''}"] + [""] * len(contenders))
+            continue
         for c in contenders:
             r = cells.get(c)
             if r is None or r["status"] != "ok":
