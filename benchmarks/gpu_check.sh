@@ -12,6 +12,9 @@
 #               pytest -m gpu, two groups side by side (benchmarks/gpu_tests.sh)
 #   tune        python -m fused_resnet.ops.triton_tune for ResNet-50, batch 256, bf16 (the table lands in OUTDIR too)
 #   bench       python -m fused_resnet.bench --profile gpu-quick
+#   max-autotune  ResNet-50 bf16 inference at batch 256, then 32, against torch.compile(mode="max-autotune"), beside
+#               only the rows the issues' targets name (eager_cl+autocast, fused:cuda, fused:triton, compile): its
+#               compile alone ran past 180 s on the H100 (2026-11-27 run4), so give this stage 420 s or more
 #   train       training groups (those the bench stage did not run into OUTDIR) + the largest batch that fits
 #               (ResNet-152 224x224, pre-act ResNet-1001 CIFAR)
 #   memory      benchmarks/train_memory.py: peak memory of a ResNet-50 train step (bf16 autocast, batch 256, 224x224),
@@ -42,7 +45,7 @@ usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 1 && $1 != -* ]] || usage
 OUT=$1
 shift
-ALL_STAGES=(install tests tune bench memory train profile sanitize full-bench)  # each has a branch in the loop below
+ALL_STAGES=(install tests tune bench max-autotune memory train profile sanitize full-bench)  # each has a branch in the loop below
 STAGES=()
 DRY=${GPU_CHECK_CPU_DRY_RUN:-0}
 EXTRA=()
@@ -207,6 +210,14 @@ for stage in "${STAGES[@]}"; do
         bench)
             run_stage bench "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
                 --profile "$PROFILE" "${EXTRA[@]}"
+            ;;
+        max-autotune)
+            # The CPU dry run: the same command on a small model (no max-autotune row there: it is a GPU contender).
+            if [[ $DRY == 1 ]]; then sizes=(--models resnet18 --batch 2); else sizes=(--models resnet50 --batch 256 32); fi
+            run_stage max-autotune "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
+                --profile "$PROFILE" "${sizes[@]}" --dtypes bf16 --mode inference --no-layers \
+                --compile all --max-autotune --resume \
+                --contenders eager_cl+autocast fused:cuda fused:triton compile compile_max_autotune "${EXTRA[@]}"
             ;;
         train)
             run_stage train "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \

@@ -183,6 +183,10 @@ def test_contender_plan() -> None:
     assert not PROFILES["gpu-quick"].max_autotune
     assert cli.make_profile(cli.parse_args(["--profile", "gpu-quick", "--max-autotune"])).max_autotune
     assert cli.make_profile(cli.parse_args(["--profile", "gpu-full"])).max_autotune
+    only_args = ["--profile", "gpu-full", "--contenders", "fused:cuda,compile_max_autotune"]
+    only = cli.make_profile(cli.parse_args(only_args))
+    only_plan = contenders.plan(Group("resnet50", 256, torch.bfloat16, "inference"), only, torch.device("cuda"))
+    assert [c.name for c in only_plan] == ["eager", "fused:cuda", "compile_max_autotune"]  # eager: the × baseline
     assert not any(name.endswith("+graph") for name in cpu_inference)
     train = _names(Group("resnet50", 256, torch.bfloat16, "train"), "gpu-full", "cuda")
     assert train[0] == "eager+autocast" and "bn_folded_cl" not in train and "compile_freezing" not in train

@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "memory access, cause not yet found",
     )
     p.add_argument(
+        "--contenders",
+        nargs="+",
+        metavar="NAME",
+        help="only these contenders (by their row names, e.g. eager_cl+autocast fused:cuda compile_max_autotune) and "
+        "plain eager in every group: a slow compile measured beside its baselines without building the rest",
+    )
+    p.add_argument(
         "--max-autotune",
         action="store_true",
         help="GPU: also torch.compile(mode='max-autotune') wherever the compile contenders run (the issues' inference "
@@ -120,6 +127,7 @@ def make_profile(args: argparse.Namespace) -> Profile:
         compile_where={"profile": profile.compile_where, "all": None, "none": ()}[args.compile],
         graph_replays=args.graph_replays,
         max_autotune=args.max_autotune or profile.max_autotune,
+        only_contenders=tuple(_split(args.contenders) or ()),
     )
 
 

@@ -112,6 +112,8 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
                 out.append(Contender("compile_max_autotune", "compile", cl, weights, compile_mode="max-autotune"))
     if small and not train:
         out.append(Contender("compile_reduce_overhead", "compile", cl, weights, compile_mode="reduce-overhead"))
+    if profile.only_contenders:
+        out = [c for i, c in enumerate(out) if i == 0 or c.name in profile.only_contenders]
     return out
 
 

@@ -66,6 +66,8 @@ class Profile:
     min_rounds: int = 5
     max_rounds: int = 50
     max_minutes: float | None = None  # default time budget (see --max-minutes)
+    # Only these contenders (and plain eager, the × eager baseline) in every group (empty: all; see --contenders).
+    only_contenders: tuple[str, ...] = ()
     note: str = ""
 
     def groups(self) -> list[Group]:
