@@ -17,6 +17,7 @@ import importlib.util
 import os
 import re
 import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -67,9 +68,49 @@ def _cutlass_include_dirs() -> list[str] | None:
     return None
 
 
+# _C runs inside a process whose libstdc++ is the shared one torch loaded. A second, static copy linked into _C
+# (-static-libstdc++) has stream locales of its own that were never set up: outside a torch process here its integer
+# insertion wrote nothing, and on the 2026-11-27 H100 machine the same call, in an input check's message, crashed.
+_STATIC_LIBSTDCXX = "-static-libstdc++"
+
+
+def _drop_static_libstdcxx() -> None:
+    flags = os.environ.get("LDFLAGS", "").split()
+    if _STATIC_LIBSTDCXX in flags:
+        print(f"fused_resnet: building _C without the {_STATIC_LIBSTDCXX} of LDFLAGS (see setup.py)", file=sys.stderr)
+        os.environ["LDFLAGS"] = " ".join(f for f in flags if f != _STATIC_LIBSTDCXX)
+
+
+def _warn_if_own_libstdcxx(library: Path) -> None:
+    """Warns where the linker put libstdc++'s stream code inside _C anyway (a compiler that links it statically
+    by default, or a wrapper adding the flag)."""
+    nm = shutil.which("nm")
+    if nm is None or not library.exists():
+        return
+    symbols = subprocess.run([nm, "-C", "--defined-only", str(library)], capture_output=True, text=True).stdout
+    if re.search(r"std::ostream::_M_insert<|std::num_put<", symbols):
+        warnings.warn(
+            f"{library.name} holds its own copy of libstdc++'s stream code (linked with {_STATIC_LIBSTDCXX}?): "
+            "number formatting inside it breaks next to torch's shared libstdc++; rebuild it with the compiler's "
+            "default, shared libstdc++",
+            stacklevel=1,
+        )
+
+
+def _checked(build_ext: type) -> type:
+    class BuildExtensionAndCheck(build_ext):
+        def run(self) -> None:
+            super().run()
+            for output in self.get_outputs():
+                _warn_if_own_libstdcxx(Path(output))
+
+    return BuildExtensionAndCheck
+
+
 def _extensions() -> tuple[list, dict]:
     if _flag("FUSED_RESNET_SKIP_EXT"):
         return [], {}
+    _drop_static_libstdcxx()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -107,7 +148,7 @@ def _extensions() -> tuple[list, dict]:
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
         )
-        return [ext], {"build_ext": BuildExtension}
+        return [ext], {"build_ext": _checked(BuildExtension)}
 
     # Read by torch's BuildExtension when it composes the -gencode flags; an explicit value is respected. Without
     # one, torch would ask the (possibly absent) GPU. sm_80 SASS also runs on sm_86/89; sm_90a is the H100's.
@@ -150,7 +191,7 @@ def _extensions() -> tuple[list, dict]:
         },
         extra_link_args=link_flags,
     )
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": _checked(BuildExtension)}
 
 
 ext_modules, cmdclass = _extensions()

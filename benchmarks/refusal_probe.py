@@ -191,6 +191,12 @@ def main() -> int:
             print("\n".join((out.stdout + out.stderr).splitlines()[-60:]))
         except subprocess.TimeoutExpired:
             print("cuda-gdb timed out")
+        # The stage after the 2026-11-27 run3 probe died of CUDA out of memory at its first small allocation: whether
+        # the debugged process still holds the GPU once cuda-gdb has returned.
+        if shutil.which("nvidia-smi"):
+            smi = ["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader"]
+            used = subprocess.run(smi, capture_output=True, text=True).stdout.strip()
+            print(f"GPU memory used after cuda-gdb returned: {used}")
     return 0 if all(outcome.startswith("raised the check") for _, outcome in results) else 1
 
 
