@@ -170,7 +170,9 @@ for stage in "${STAGES[@]}"; do
                 arch=$("$0" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f\"{m}.{n}\" + (\"a\" if m == 9 else \"\"))")
                 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
                 echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+                build_start=$SECONDS
                 MAX_JOBS=$(nproc) "$0" -m pip install --no-build-isolation --no-deps -e . || exit 1
+                echo "pip install -e . (the build of _C): $((SECONDS - build_start)) s on $(nproc) cores"
                 after=$("$0" -c "import torch; print(torch.__version__)")
                 [[ $before == "$after" ]] || { echo "torch changed: $before -> $after"; exit 1; }
                 "$0" -c "import fused_resnet, fused_resnet.backends as b; print(\"backends here:\", b.available_backends())"
