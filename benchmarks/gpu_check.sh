@@ -116,6 +116,12 @@ run_stage() {
     local t0 rc status
     t0=$(date +%s)
     echo "=== stage $name (limit ${limit}s): $*" | tee "$TMP/$name.out"
+    # What the GPU holds as the stage starts (the 2026-11-27 run3 tune stage died of out-of-memory at its first
+    # allocation, right after the tests stage).
+    if [[ $DRY != 1 ]] && command -v nvidia-smi >/dev/null; then
+        echo "GPU memory in use: $(nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader 2>&1)" \
+            | tee -a "$TMP/$name.out"
+    fi
     timeout --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$TMP/$name.out"
     rc=${PIPESTATUS[0]}
     local secs=$(($(date +%s) - t0))
