@@ -169,7 +169,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sm90_engine_enabled", &sm90_engine_enabled, "whether CUDA convs are offered to the sm90 engine first");
   m.def("set_sm90_engine_enabled", &set_sm90_engine_enabled, "offer CUDA convs to the sm90 engine first (or not)");
   m.def("sm90_next_enabled", &sm90_next_enabled,
-        "whether the sm90 engine uses its next kernels (1x1 convs as a GEMM, narrow tiles, im2col for small inputs)");
+        "whether the sm90 engine uses its next kernels (1x1 convs as a GEMM, narrow tiles, im2col rows for small "
+        "inputs and strided 1x1 convs)");
   m.def("set_sm90_next_enabled", &set_sm90_next_enabled, "use the sm90 engine's next kernels (or not)");
   m.def("set_bn_rows_per_thread", &set_bn_rows_per_thread,
         "rows a thread of the CUDA training passes' 16-byte kernels loads per round: 1 (default), 2 or 4");

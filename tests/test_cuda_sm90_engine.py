@@ -183,12 +183,24 @@ def _accepts(*args, **kwargs) -> bool:
     return _route(*args, **kwargs) != ""
 
 
+def _on_rows(cin: int, k: int, stride: int, padding: int) -> bool:
+    """Whether the engine in use lays a call it takes out as im2col rows for its GEMM: on the next kernels, inputs of
+    under 8 channels and 1x1 unpadded convs of stride 2-8 (the pixels they read)."""
+    strided_pointwise = k == 1 and padding == 0 and 2 <= stride <= 8
+    return cpp_backend.cuda_engine() == "cutlass_next" and (cin < 8 or strided_pointwise)
+
+
+def _expected_route(cin: int, cout: int, k: int, stride: int, padding: int) -> str:
+    """The tests' own statement of the route (sm90_engine_route) of a call the engine in use takes."""
+    return "im2col-gemm" if _on_rows(cin, k, stride, padding) else _expected_kernel(cin, cout, k, stride, padding)
+
+
 def _expected_kernel(cin: int, cout: int, k: int, stride: int, padding: int) -> str:
     """The tests' own statement of which sm90 kernel the engine in use runs a call it takes on."""
     if cpp_backend.cuda_engine() != "cutlass_next":
         return "conv"
-    if (k, stride, padding) == (1, 1, 0) or cin < 8:
-        return "gemm"  # a 1x1 stride-1 unpadded conv is a GEMM over the pixels; a small input, over im2col rows
+    if (k, stride, padding) == (1, 1, 0) or _on_rows(cin, k, stride, padding):
+        return "gemm"  # a 1x1 stride-1 unpadded conv is a GEMM over the pixels; the rows path's, over the rows
     return "narrow-conv" if cout <= 64 else "conv"
 
 
@@ -207,7 +219,7 @@ def test_engine_takes_every_resnet_conv_that_tma_can_address(residual):
             cin, _, cout, k, stride, padding, _, _ = shape
             expected = ""
             if _takes(shape):
-                expected = "im2col-gemm" if cin < 8 else _expected_kernel(cin, cout, k, stride, padding)
+                expected = _expected_route(cin, cout, k, stride, padding)
             assert _route(shape, dtype, residual) == expected, (dtype, shape)
         for batch in (1, 256):
             expected = _expected_kernel(64, 256, 1, 1, 0)
@@ -235,7 +247,12 @@ def test_small_inputs_take_the_im2col_path_only_on_the_next_kernels():
 def test_gemm_path_takes_only_pointwise_convs():
     with cpp_backend.using_cuda_engine("cutlass_next"):
         assert _route((64, 64, 1, 1, 0, 1, 1), hw=(56, 56)) == "gemm"
-        assert _route((64, 128, 1, 2, 0, 1, 1), hw=(56, 56)) == "conv"  # stride 2: pixels skipped, not a GEMM
+        # Stride 2: not a GEMM over the input's pixels, but over those it reads, gathered as rows first.
+        assert _route((64, 128, 1, 2, 0, 1, 1), hw=(56, 56)) == "im2col-gemm"
+        assert _route((64, 128, 1, 8, 0, 1, 1), hw=(56, 56)) == "im2col-gemm"
+        assert _route((64, 128, 1, 9, 0, 1, 1), hw=(56, 56)) == ""  # past stride 8, as the implicit conv
+        assert _route((2048, 128, 1, 2, 0, 1, 1), hw=(14, 14)) == "conv"  # rows of 2048: past 1024, the conv's
+        assert _route((64, 128, 1, 2, 0, 1, 1), prologue=True, hw=(56, 56)) == ""
         assert _route((64, 128, 1, 1, 1, 1, 1), hw=(56, 56)) == "conv"  # padded: a zero border, not a GEMM
         assert _route((64, 128, 3, 1, 1, 1, 1), hw=(56, 56)) == "conv"
         assert _route((64, 64, 3, 1, 1, 1, 1), hw=(56, 56)) == "narrow-conv"  # at most 64 output channels
@@ -244,6 +261,8 @@ def test_gemm_path_takes_only_pointwise_convs():
         assert _route((12, 64, 1, 1, 0, 1, 1), hw=(56, 56)) == ""  # Cin 12: rows off the 16-byte grid
         assert _route((64, 64, 1, 1, 0, 1, 1), "float32", hw=(56, 56)) == ""
         assert _route((64, 64, 1, 1, 0, 1, 1), prologue=True, hw=(56, 56)) == ""
+    with cpp_backend.using_cuda_engine("cutlass"):
+        assert _route((64, 128, 1, 2, 0, 1, 1), hw=(56, 56)) == "conv"
 
 
 @needs_engine_built
@@ -280,9 +299,9 @@ def test_engine_is_built_for_this_hopper_gpu():
 IM2COL_CHUNK_BYTES = 256 << 20  # ops_cuda.cpp, kIm2colBytes: the im2col path's rows per GEMM launch
 
 
-def _launches(x, w, out_hw) -> int:
-    """Kernel launches of one engine call: one, or one per chunk of images on the im2col path (Cin < 8)."""
-    if x.shape[1] >= 8:
+def _launches(x, w, out_hw, on_rows: bool) -> int:
+    """Kernel launches of one engine call: one, or one per chunk of images on the im2col rows path (_on_rows)."""
+    if not on_rows:
         return 1
     row_bytes = -(-w.shape[1] * w.shape[2] * w.shape[3] // 8) * 8 * x.element_size()
     chunk = max(1, min(IM2COL_CHUNK_BYTES // (out_hw[0] * out_hw[1] * row_bytes), x.shape[0]))
@@ -313,10 +332,12 @@ def _check_on_engine(args, relu, dtype, expect_engine: bool):
     before = {k: _C.sm90_engine_launches(k) for k in kernels}
     _assert_each_tile_close(*_check_cuda(args, relu, dtype), dtype)
     took = {k: _C.sm90_engine_launches(k) - before[k] for k in kernels}
-    launches = _launches(x, w, config.output_shape(x, w)[2:]) if expect_engine else 0
+    shape = (w.shape[1], w.shape[0], w.shape[2], config.stride[0], config.padding[0])  # cin, cout, k, stride, pad
+    on_rows = _on_rows(shape[0], *shape[2:])
+    launches = _launches(x, w, config.output_shape(x, w)[2:], on_rows) if expect_engine else 0
     assert took[""] == launches, f"the sm90 engine launched {took['']} kernels, expected {launches}"
     if expect_engine:
-        kernel = _expected_kernel(w.shape[1], w.shape[0], w.shape[2], config.stride[0], config.padding[0])
+        kernel = _expected_kernel(*shape)
         assert took[kernel] == launches, f"expected the call on the {kernel!r} kernel, the launches were {took}"
 
 
@@ -378,13 +399,15 @@ def test_declined_calls_run_on_the_hand_written_kernel(dtype):
     _check_on_engine((x, w, b, r, config, s, t), True, dtype, expect_engine=not fp32)
 
 
-# Inputs of under 8 channels: the next kernels lay them out as im2col rows for the GEMM (partial rows, strides,
-# dilation, padding, 1 to 7 channels).
+# Inputs of under 8 channels (partial rows, strides, dilation, padding, 1 to 7 channels) and 1x1 convs of stride 2-8
+# (rows of whole pixels, loaded 16 bytes at once): the next kernels lay them out as im2col rows for the GEMM.
 IM2COL_KINDS = {
     "stem7x7s2-c3o64": (3, 64, 7, 2, 3, 1, 1),
     "3x3s1-c1o16": (1, 16, 3, 1, 1, 1, 1),
     "3x3s2d2-c5o24": (5, 24, 3, 2, 2, 2, 1),
     "5x5s1-c7o136": (7, 136, 5, 1, 0, 1, 1),
+    "1x1s2-c16o24": (16, 24, 1, 2, 0, 1, 1),
+    "1x1s3-c136o8": (136, 8, 1, 3, 0, 1, 1),
 }
 
 
@@ -418,6 +441,21 @@ def test_im2col_rows_on_host(kind, dtype, order):
     torch.testing.assert_close(gemm, conv, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(host_cuda_unavailable() is not None, reason="no CUDA headers for the host emulation")
+@pytest.mark.parametrize("off", [0, 1], ids=["on-16-bytes", "2-bytes-off"])
+def test_im2col_rows_of_a_strided_1x1_conv(off):
+    # A 1x1 conv's rows are the pixels it reads: 8 channels loaded at once where x sits on 16 bytes, value by value
+    # where it does not. Both bit for bit the strided pixels.
+    x = torch.randn(2, 16, 9, 7).to(torch.bfloat16)
+    buf = torch.empty(x.numel() + 8, dtype=x.dtype)
+    start = next(k for k in range(8) if (buf.data_ptr() + 2 * k) % 16 == 2 * off)
+    placed = buf[start : start + x.numel()].view(2, 9, 7, 16).permute(0, 3, 1, 2).copy_(x)
+    assert placed.data_ptr() % 16 == 2 * off and placed.is_contiguous(memory_format=torch.channels_last)
+    rows = im2col_rows(placed, (1, 1), (2, 3), (0, 0), (1, 1), 16)
+    expected = x[:, :, ::2, ::3].permute(0, 2, 3, 1).reshape(-1, 16)
+    assert torch.equal(rows.view(torch.int16), expected.view(torch.int16))
+
+
 @gpu
 @needs_sm90
 @pytest.mark.parametrize("epilogue", [(False, True), (True, True), (True, False)], ids=str)
@@ -436,7 +474,7 @@ def test_im2col_path_in_chunks_keeps_nan_and_replays_in_a_graph():
         # 80 images of 224x224: 3.8 MB of rows each, so two chunks of at most 256 MB (ops_cuda.cpp).
         args = _make(IM2COL_KINDS["stem7x7s2-c3o64"], torch.bfloat16, "cuda", residual=True, n=80, hw=(224, 224))
         x, w, b, r, config, _, _ = args
-        assert _launches(x, w, (112, 112)) == 2  # the tests' own count agrees
+        assert _launches(x, w, (112, 112), on_rows=True) == 2  # the tests' own count agrees
         _check_on_engine(args, True, torch.bfloat16, expect_engine=True)
         x = x[:2].clone()
         x[1, 2, 100, 50] = float("nan")

@@ -119,8 +119,15 @@ void set_sm90_next_enabled(bool enabled) { sm90_next_on.store(enabled, std::memo
 bool sm90_next_enabled() { return sm90_next_on.load(std::memory_order_relaxed); }
 
 int sm90_im2col_depth(DType dtype, const ConvBiasActParams& p) {
+  // 1x1 unpadded convs of stride 2-8 (projection shortcuts): their rows are the pixels they read, so that the
+  // persistent GEMM takes them. On the implicit conv (non-persistent; their K is one tap, 4-16 steps) they ran at
+  // 0.47-0.49x of cuDNN's conv on the H100 (benchmarks/results/2026-11-27_H100_run4), where the stride-1 1x1
+  // layers on the GEMM ran at 0.79-1.00x. Strides past 8 stay declined, as on the implicit conv.
+  const bool strided_pointwise = p.kh == 1 && p.kw == 1 && p.pad_h == 0 && p.pad_w == 0 &&
+                                 (p.stride_h > 1 || p.stride_w > 1) && p.stride_h <= 8 && p.stride_w <= 8 &&
+                                 p.c % 8 == 0;
   if (!sm90_next_on.load(std::memory_order_relaxed) || (dtype != DType::kHalf && dtype != DType::kBFloat16) ||
-      p.groups != 1 || p.in_scale != nullptr || p.c > kIm2colMaxChannels) {
+      p.groups != 1 || p.in_scale != nullptr || (p.c > kIm2colMaxChannels && !strided_pointwise)) {
     return 0;
   }
   const long long depth = (static_cast<long long>(p.kh) * p.kw * p.c + 7) / 8 * 8;  // rows of 16-byte granules

@@ -50,9 +50,10 @@ enum class Sm90Route { kNone, kConv, kNarrowConv, kGemm, kIm2colGemm };
 Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p);
 
 // The next kernels' path for convs of under 8 input channels (an RGB stem), which TMA cannot load as an implicit
-// GEMM (16-byte pixel rows): the caller lays each output pixel's input window out as a row of
-// sm90_im2col_depth(dtype, p) values (launch_im2col) and runs the call of sm90_im2col_gemm_params on the rows, a
-// 1x1 conv that the GEMM takes. Depth 0: not this path.
+// GEMM (16-byte pixel rows), and for 1x1 unpadded convs of stride 2-8 (projection shortcuts, whose rows are the
+// pixels they read): the caller lays each output pixel's input window out as a row of sm90_im2col_depth(dtype, p)
+// values (launch_im2col) and runs the call of sm90_im2col_gemm_params on the rows, a 1x1 conv that the GEMM takes.
+// Depth 0: not this path.
 int sm90_im2col_depth(DType dtype, const ConvBiasActParams& p);
 // The GEMM call over the rows of `images` images: x = the rows, weight = [Cout, depth] (the filter in (kh, kw, c)
 // order, zero past KH*KW*C); y and residual offset to image n0.
@@ -67,8 +68,8 @@ cudaError_t launch_im2col(const ConvBiasActParams& p, int n0, int images, void* 
 long long sm90_engine_launches(Sm90Route route = Sm90Route::kNone);
 // Whether the CUDA op offers its calls to the Hopper engine first (process-wide; off until the engine has passed
 // the GPU check: see fused_resnet/ops/cpp_backend.py, set_cuda_engine), and whether that engine uses its next
-// kernels: 1x1 convs on the GEMM path, narrow tiles, im2col rows for small-channel inputs (off by default: until
-// they have passed the GPU check, see cpp_backend.py).
+// kernels: 1x1 convs on the GEMM path (strided ones over their gathered pixels), narrow tiles, im2col rows for
+// small-channel inputs (off by default: until they have passed the GPU check, see cpp_backend.py).
 void set_sm90_engine_enabled(bool enabled);
 bool sm90_engine_enabled();
 void set_sm90_next_enabled(bool enabled);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -43,9 +44,10 @@ int narrow(int64_t v) {
   return static_cast<int>(v);
 }
 
-// The Hopper engine's path for inputs of under 8 channels (launch.h, sm90_im2col_depth): each output pixel's input
-// window laid out as a row, then the GEMM over the rows, a chunk of images at a time so that the rows take at most
-// kIm2colBytes. False where the engine does not take the call this way (nothing was launched).
+// The Hopper engine's path for inputs of under 8 channels and for 1x1 convs of stride 2-8 (launch.h,
+// sm90_im2col_depth): each output pixel's input window laid out as a row, then the GEMM over the rows, a chunk of
+// images at a time so that the rows take at most kIm2colBytes. False where the engine does not take the call this
+// way (nothing was launched).
 constexpr int64_t kIm2colBytes = int64_t{256} << 20;
 
 bool run_im2col_on_sm90(const at::Tensor& x_cl, const at::Tensor& w_cl, const ConvBiasActParams& p,
@@ -61,11 +63,16 @@ bool run_im2col_on_sm90(const at::Tensor& x_cl, const at::Tensor& w_cl, const Co
   const int64_t pixels = int64_t{p.oh} * p.ow;
   const int chunk = static_cast<int>(std::clamp<int64_t>(kIm2colBytes / (pixels * row_bytes), 1, p.n));
   const at::Tensor rows = x_cl.new_empty({chunk * pixels, int64_t{depth}});
-  at::Tensor weight_rows = w_cl.new_empty({int64_t{p.cout}, int64_t{depth}});
-  // The filter in (kh, kw, c) order, as the rows: a channels_last weight is [Cout, KH, KW, C] in memory.
+  // The filter in (kh, kw, c) order, as the rows: a channels_last weight is [Cout, KH, KW, C] in memory, so where the
+  // rows have no zero tail (a 1x1 filter over a multiple of 8 channels) and it sits on 16 bytes, it is used as it is.
   const int64_t taps = int64_t{p.kh} * p.kw * p.c;
-  weight_rows.narrow(1, taps, depth - taps).zero_();
-  weight_rows.narrow(1, 0, taps).copy_(w_cl.permute({0, 2, 3, 1}).reshape({p.cout, taps}));
+  at::Tensor weight_rows = w_cl.permute({0, 2, 3, 1}).reshape({p.cout, taps});
+  if (taps != depth || reinterpret_cast<uintptr_t>(weight_rows.const_data_ptr()) % 16 != 0) {
+    at::Tensor padded = w_cl.new_empty({int64_t{p.cout}, int64_t{depth}});
+    padded.narrow(1, taps, depth - taps).zero_();
+    padded.narrow(1, 0, taps).copy_(weight_rows);
+    weight_rows = padded;
+  }
   for (int n0 = 0; n0 < p.n; n0 += chunk) {
     const int images = std::min(chunk, p.n - n0);
     C10_CUDA_CHECK(launch_im2col(p, n0, images, rows.mutable_data_ptr(), depth, stream));
