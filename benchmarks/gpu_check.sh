@@ -188,10 +188,14 @@ for stage in "${STAGES[@]}"; do
                 echo "c++: $(c++ --version 2>&1 | head -1) | nvcc: $(nvcc --version 2>&1 | tail -1)"
                 env | grep -E "^(CC|CXX|CFLAGS|CXXFLAGS|CPPFLAGS|LDFLAGS|LD_PRELOAD|LD_LIBRARY_PATH)="
                 so=$(compgen -G "fused_resnet/_C*.so" | head -1)
-                echo "libstdc++ stream code defined in $so: $(nm -C --defined-only "$so" | grep -c -E "_M_insert<|codecvt<|num_put<")"
-                nm -C --defined-only "$so" | grep -E "_M_insert<|codecvt<|num_put<" | head -5
                 ldd "$so" | grep -E "stdc\+\+|gcc_s"
                 "$0" -c "import torch; print(\"libstdc++ mapped:\", sorted({l.split()[-1] for l in open(\"/proc/self/maps\") if \"libstdc++\" in l}))"
+                # The pattern of setup.py'"'"'s own check (_warn_if_own_libstdcxx), here a failure: such a _C is broken.
+                own=$(nm -C --defined-only "$so" | grep -E "std::ostream::_M_insert<|std::num_put<")
+                if [[ -n $own ]]; then
+                    echo "$so holds its own copy of libstdc++'"'"'s stream code (linked statically?):"; echo "$own" | head -5
+                    exit 1
+                fi
                 # On a Hopper GPU a build without the engine would skip its tests: fail here instead.
                 "$0" -c "import sys, torch; from fused_resnet import _C; sys.exit(torch.cuda.get_device_capability() == (9, 0) and not _C.has_sm90_engine())" \
                     || { echo "the sm90 engine was not built on this Hopper GPU: carry .whl/ (nvidia-cutlass) or set CUTLASS_PATH"; exit 1; }
