@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("inference", "train"), default="train")
     parser.add_argument(
         "--backends", nargs="+", default=None,
-        help="fused backends; cuda+<engine> (mma, cutlass, cutlass_next) pins the cuda backend's engine "
+        help="fused backends; cuda+<engine> (mma, cutlass, cutlass_next, cutlass_trial) pins the cuda backend's engine "
         "(default: those of the device)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=5)

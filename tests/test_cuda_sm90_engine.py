@@ -1,13 +1,14 @@
 """The CUDA op's Hopper engine (CUTLASS sm90 implicit-GEMM conv, csrc/cuda/conv_sm90_cutlass.cuh; with the
 'cutlass_next' engine also narrow 128x64 conv tiles for at most 64 output channels, 1x1 stride-1 convs on a
-persistent GEMM, csrc/cuda/conv_sm90_gemm.cuh, and inputs of under 8 channels as that GEMM over im2col rows) and the
-engine choice.
+persistent GEMM, csrc/cuda/conv_sm90_gemm.cuh, and inputs of under 8 channels as that GEMM over im2col rows; with
+'cutlass_trial' those kernels with narrow tiles for every width and 64x64 epilogue subtiles on residual GEMMs) and
+the engine choice.
 
 Without a GPU: the engine is compiled wherever CI builds the extension, and the choice (set_cuda_engine, the
 FUSED_RESNET_CUDA_ENGINE variable) behaves. On a compute capability 9.0 GPU (gpu-marked, run by the GPU check):
 every ResNet-family conv shape the engine takes, against cuDNN in fp32 on the same rounded inputs with
 test_cpp_ops' tolerances, each call checked to have run on the kernel the engine should pick (its launch counters),
-and the calls it must decline (grouped, the 3-channel stem except on 'cutlass_next', the prologue, misaligned or
+and the calls it must decline (grouped, the 3-channel stem except on the next kernels, the prologue, misaligned or
 fp32 tensors) checked to run on the hand-written kernel, still right.
 """
 
@@ -44,7 +45,7 @@ def cutlass_engine(request):
 def _takes(shape) -> bool:
     """Whether the engine in use takes this RESNET_SHAPES entry (without a prologue)."""
     cin, _, cout, _, _, _, _, groups = shape
-    im2col = cin < 8 and cpp_backend.cuda_engine() == "cutlass_next"
+    im2col = cin < 8 and _on_next_kernels()
     return groups == 1 and (cin % 8 == 0 or im2col) and cout % 8 == 0
 
 
@@ -109,8 +110,12 @@ def test_engine_choice_round_trip():
         assert cpp_backend.cuda_engine() == "cutlass"
         assert cpp_backend.set_cuda_engine("cutlass_next") == "cutlass"
         assert cpp_backend.cuda_engine() == "cutlass_next" and _C.sm90_engine_enabled() and _C.sm90_next_enabled()
-        assert cpp_backend.set_cuda_engine("mma") == "cutlass_next"
-        assert not _C.sm90_engine_enabled() and not _C.sm90_next_enabled()
+        assert cpp_backend.set_cuda_engine("cutlass_trial") == "cutlass_next"
+        assert _C.sm90_engine_enabled() and _C.sm90_next_enabled() and _C.sm90_trial_enabled()
+        assert cpp_backend.set_cuda_engine("cutlass_next") == "cutlass_trial" and not _C.sm90_trial_enabled()
+        cpp_backend.set_cuda_engine("cutlass_trial")
+        assert cpp_backend.set_cuda_engine("mma") == "cutlass_trial"
+        assert not _C.sm90_engine_enabled() and not _C.sm90_next_enabled() and not _C.sm90_trial_enabled()
         with pytest.raises(ValueError, match="unknown sm90 kernel 'cudnn'"):
             _C.sm90_engine_launches("cudnn")
     finally:
@@ -139,6 +144,12 @@ def test_cutlass_is_refused_where_it_was_not_built(monkeypatch):
             return False
 
         def set_sm90_next_enabled(self, enabled):
+            assert not enabled, "an engine that was not built must not be enabled"
+
+        def sm90_trial_enabled(self):
+            return False
+
+        def set_sm90_trial_enabled(self, enabled):
             assert not enabled, "an engine that was not built must not be enabled"
 
     monkeypatch.setattr(cpp_backend, "_C", WithoutEngine())
@@ -183,25 +194,36 @@ def _accepts(*args, **kwargs) -> bool:
     return _route(*args, **kwargs) != ""
 
 
+def _on_next_kernels() -> bool:
+    """Whether the engine in use runs the next kernels (GEMM path, narrow tiles, im2col rows)."""
+    return cpp_backend.cuda_engine() in ("cutlass_next", "cutlass_trial")
+
+
 def _on_rows(cin: int, k: int, stride: int, padding: int) -> bool:
     """Whether the engine in use lays a call it takes out as im2col rows for its GEMM: on the next kernels, inputs of
     under 8 channels and 1x1 unpadded convs of stride 2-8 (the pixels they read)."""
     strided_pointwise = k == 1 and padding == 0 and 2 <= stride <= 8
-    return cpp_backend.cuda_engine() == "cutlass_next" and (cin < 8 or strided_pointwise)
+    return _on_next_kernels() and (cin < 8 or strided_pointwise)
 
 
-def _expected_route(cin: int, cout: int, k: int, stride: int, padding: int) -> str:
+def _expected_route(cin: int, cout: int, k: int, stride: int, padding: int, residual: bool) -> str:
     """The tests' own statement of the route (sm90_engine_route) of a call the engine in use takes."""
-    return "im2col-gemm" if _on_rows(cin, k, stride, padding) else _expected_kernel(cin, cout, k, stride, padding)
+    if _on_rows(cin, k, stride, padding):
+        return "im2col-gemm"
+    return _expected_kernel(cin, cout, k, stride, padding, residual)
 
 
-def _expected_kernel(cin: int, cout: int, k: int, stride: int, padding: int) -> str:
+def _expected_kernel(cin: int, cout: int, k: int, stride: int, padding: int, residual: bool) -> str:
     """The tests' own statement of which sm90 kernel the engine in use runs a call it takes on."""
-    if cpp_backend.cuda_engine() != "cutlass_next":
+    if not _on_next_kernels():
         return "conv"
     if (k, stride, padding) == (1, 1, 0) or _on_rows(cin, k, stride, padding):
-        return "gemm"  # a 1x1 stride-1 unpadded conv is a GEMM over the pixels; the rows path's, over the rows
-    return "narrow-conv" if cout <= 64 else "conv"
+        # A 1x1 stride-1 unpadded conv is a GEMM over the pixels; the rows path's, over the rows. The trial's GEMM
+        # for calls with a residual has its own epilogue subtiles.
+        trial = cpp_backend.cuda_engine() == "cutlass_trial"
+        return "gemm-wide-epilogue" if trial and residual else "gemm"
+    # The trial runs every other conv on the narrow tiles.
+    return "narrow-conv" if cout <= 64 or cpp_backend.cuda_engine() == "cutlass_trial" else "conv"
 
 
 needs_engine_built = pytest.mark.skipif(not _C.has_sm90_engine(), reason="_C was built without the sm90 engine")
@@ -219,10 +241,10 @@ def test_engine_takes_every_resnet_conv_that_tma_can_address(residual):
             cin, _, cout, k, stride, padding, _, _ = shape
             expected = ""
             if _takes(shape):
-                expected = _expected_route(cin, cout, k, stride, padding)
+                expected = _expected_route(cin, cout, k, stride, padding, residual)
             assert _route(shape, dtype, residual) == expected, (dtype, shape)
         for batch in (1, 256):
-            expected = _expected_kernel(64, 256, 1, 1, 0)
+            expected = _expected_kernel(64, 256, 1, 1, 0, residual)
             assert _route((64, 56, 256, 1, 1, 0, 1, 1), dtype, residual, n=batch) == expected
 
 
@@ -266,6 +288,24 @@ def test_gemm_path_takes_only_pointwise_convs():
 
 
 @needs_engine_built
+def test_trial_runs_wider_layers_on_narrow_tiles_and_residual_gemms_on_wide_epilogues():
+    with cpp_backend.using_cuda_engine("cutlass_trial"):
+        assert _route((64, 256, 1, 1, 0, 1, 1), hw=(56, 56)) == "gemm-wide-epilogue"
+        assert _route((64, 256, 1, 1, 0, 1, 1), residual=False, hw=(56, 56)) == "gemm"  # nothing to load
+        assert _route((128, 128, 3, 1, 1, 1, 1), hw=(28, 28)) == "narrow-conv"
+        assert _route((512, 512, 3, 2, 1, 1, 1), hw=(14, 14)) == "narrow-conv"
+        assert _route((64, 64, 3, 1, 1, 1, 1), hw=(56, 56)) == "narrow-conv"
+        # The rows path takes its GEMM, either one.
+        assert _route((64, 128, 1, 2, 0, 1, 1), hw=(56, 56)) == "im2col-gemm"
+        assert _route((64, 128, 1, 2, 0, 1, 1), residual=False, hw=(56, 56)) == "im2col-gemm"
+        assert _route((3, 64, 7, 2, 3, 1, 1), hw=(224, 224)) == "im2col-gemm"
+        assert _route((64, 64, 1, 1, 0, 1, 1), "float32", hw=(56, 56)) == ""
+    with cpp_backend.using_cuda_engine("cutlass_next"):  # the trial's changes are its own
+        assert _route((64, 256, 1, 1, 0, 1, 1), hw=(56, 56)) == "gemm"
+        assert _route((128, 128, 3, 1, 1, 1, 1), hw=(28, 28)) == "conv"
+
+
+@needs_engine_built
 @pytest.mark.usefixtures("cutlass_engine")
 def test_engine_takes_the_edge_cases_and_declines_what_it_cannot_do():
     for kind in EDGE_KINDS.values():
@@ -273,7 +313,7 @@ def test_engine_takes_the_edge_cases_and_declines_what_it_cannot_do():
     layer = (64, 56, 64, 3, 1, 1, 1, 1)
     assert not _accepts(layer, "float32")
     assert not _accepts(layer, prologue=True)
-    im2col = cpp_backend.cuda_engine() == "cutlass_next"  # lays the 3-channel stem out as rows for the GEMM
+    im2col = _on_next_kernels()  # lays the 3-channel stem out as rows for the GEMM
     assert _route(CONV_KINDS["stem7x7s2"], hw=(13, 10)) == ("im2col-gemm" if im2col else "")
     assert not _accepts(CONV_KINDS["grouped3x3"], hw=(13, 10))
     assert not _accepts((12, 8, 1, 1, 0, 1, 1), hw=(13, 10))  # Cin 12: rows off the 16-byte grid
@@ -327,8 +367,8 @@ def _assert_each_tile_close(out, expected, dtype):
 
 
 def _check_on_engine(args, relu, dtype, expect_engine: bool):
-    x, w, _, _, config, _, _ = args
-    kernels = ("", "conv", "narrow-conv", "gemm")  # "": any
+    x, w, _, r, config, _, _ = args
+    kernels = ("", "conv", "narrow-conv", "gemm", "gemm-wide-epilogue")  # "": any
     before = {k: _C.sm90_engine_launches(k) for k in kernels}
     _assert_each_tile_close(*_check_cuda(args, relu, dtype), dtype)
     took = {k: _C.sm90_engine_launches(k) - before[k] for k in kernels}
@@ -337,7 +377,7 @@ def _check_on_engine(args, relu, dtype, expect_engine: bool):
     launches = _launches(x, w, config.output_shape(x, w)[2:], on_rows) if expect_engine else 0
     assert took[""] == launches, f"the sm90 engine launched {took['']} kernels, expected {launches}"
     if expect_engine:
-        kernel = _expected_kernel(*shape)
+        kernel = _expected_kernel(*shape, residual=r is not None)
         assert took[kernel] == launches, f"expected the call on the {kernel!r} kernel, the launches were {took}"
 
 
@@ -384,7 +424,7 @@ def test_partial_tiles_and_epilogues(kind, dtype, epilogue):
 @pytest.mark.parametrize("dtype", (*ENGINE_DTYPES, torch.float32), ids=str)
 def test_declined_calls_run_on_the_hand_written_kernel(dtype):
     fp32 = dtype == torch.float32
-    im2col = cpp_backend.cuda_engine() == "cutlass_next"  # takes the 3-channel stem
+    im2col = _on_next_kernels()  # takes the 3-channel stem
     for kind in ("stem7x7s2", "grouped3x3", "3x3s1"):  # Cin 3; groups 4; Cout 12
         expect = im2col and kind == "stem7x7s2" and not fp32
         _check_on_engine(_make(CONV_KINDS[kind], dtype, "cuda", n=2, hw=(13, 10)), True, dtype, expect_engine=expect)

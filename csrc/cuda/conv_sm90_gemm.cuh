@@ -14,6 +14,14 @@
 // either way, as torch.relu keeps it), so ReLU and no-ReLU share a kernel: build time on 2 cores is the limit
 // (design.md §2). Without a residual the source operand is `void`: C is never read.
 //
+// The epilogue works through a tile in subtiles, each residual subtile loaded by TMA ahead of its use into one of
+// at most 4 shared-memory stages (CUTLASS's choice for this schedule). CUTLASS's own subtile here is 64×32, 4 KB
+// of bf16, so at most 16 KB of residual in flight per SM, through 8 subtiles a tile. On the H100
+// (benchmarks/results/2026-11-27_H100_run4) the 1×1 layers with a residual moved their bytes at 2.3 TB/s against
+// 2.6 TB/s for the same shape without one (and 2.75 for cuDNN's conv alone), and Triton's kernel ran the largest
+// of them 1.23× as fast: the residual's loads look latency-bound. WideEpilogue: 64×64 subtiles, twice the bytes in
+// flight through half as many subtiles (the "cutlass_trial" engine, launch.cu), for the next GPU run to judge.
+//
 // Torch-free, like every .cu here (see launch.h).
 #pragma once
 
@@ -38,7 +46,14 @@
 
 namespace fused_resnet::cuda::sm90_gemm {
 
-template <class Element, bool kResidual>
+struct AutoEpilogue {
+  using Tile = cutlass::epilogue::collective::EpilogueTileAuto;
+};
+struct WideEpilogue {
+  using Tile = cute::Shape<cute::_64, cute::_64>;
+};
+
+template <class Element, bool kResidual, class EpilogueSubtile = AutoEpilogue>
 struct GemmKernel {
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte TMA granules
   using LayoutA = cutlass::layout::RowMajor;     // x: M×K, K (channels) innermost: NHWC
@@ -54,7 +69,7 @@ struct GemmKernel {
                                                                     float, Element, float>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementSource, LayoutD, kAlignment, Element,
+      typename EpilogueSubtile::Tile, float, float, ElementSource, LayoutD, kAlignment, Element,
       LayoutD, kAlignment, cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
@@ -71,9 +86,9 @@ struct GemmKernel {
 // Runs the call, or with check_only only decides whether this kernel can take it (host-side checks alone: no
 // device is touched, so CPU tests can ask). cudaErrorNotSupported: it cannot. The caller (launch.cu) routes only
 // 1×1, stride-1, unpadded convs here, whose output extents are the input's.
-template <class Element, bool kResidual>
+template <class Element, bool kResidual, class EpilogueSubtile = AutoEpilogue>
 cudaError_t launch(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
-  using K = GemmKernel<Element, kResidual>;
+  using K = GemmKernel<Element, kResidual, EpilogueSubtile>;
   using Gemm = typename K::Gemm;
   using Kernel = typename Gemm::GemmKernel;
 
@@ -110,11 +125,17 @@ cudaError_t launch(const ConvBiasActParams& p, cudaStream_t stream, bool check_o
   return run_cutlass<Gemm>(args, stream, check_only);
 }
 
-// The entry point of one element type (instantiated in conv_sm90_gemm_<dtype>.cu).
+// The entry points of one element type (instantiated in conv_sm90_gemm_<dtype>.cu). The wide-epilogue one takes
+// only calls with a residual (without one the epilogue loads nothing).
 template <class Element>
 cudaError_t launch_typed(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
   return p.residual != nullptr ? launch<Element, true>(p, stream, check_only)
                                : launch<Element, false>(p, stream, check_only);
+}
+
+template <class Element>
+cudaError_t launch_wide_epilogue_typed(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
+  return p.residual != nullptr ? launch<Element, true, WideEpilogue>(p, stream, check_only) : cudaErrorNotSupported;
 }
 
 }  // namespace fused_resnet::cuda::sm90_gemm

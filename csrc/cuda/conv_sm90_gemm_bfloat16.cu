@@ -6,4 +6,7 @@ namespace fused_resnet::cuda {
 cudaError_t launch_gemm_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
   return sm90_gemm::launch_typed<cutlass::bfloat16_t>(p, stream, check_only);
 }
+cudaError_t launch_gemm_wide_epilogue_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
+  return sm90_gemm::launch_wide_epilogue_typed<cutlass::bfloat16_t>(p, stream, check_only);
+}
 }  // namespace fused_resnet::cuda

@@ -35,6 +35,9 @@ cudaError_t launch_conv_sm90_narrow_half(const ConvBiasActParams& p, cudaStream_
 cudaError_t launch_conv_sm90_narrow_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_gemm_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_gemm_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+cudaError_t launch_gemm_wide_epilogue_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+cudaError_t launch_gemm_wide_epilogue_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream,
+                                                    bool check_only);
 #endif
 
 namespace {
@@ -45,6 +48,7 @@ constexpr int kIm2colMaxDepth = 1024;
 std::atomic<long long> sm90_route_launches[kRoutes] = {};
 std::atomic<bool> sm90_enabled{false};
 std::atomic<bool> sm90_next_on{false};
+std::atomic<bool> sm90_trial_on{false};
 
 [[maybe_unused]] bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }  // CUTLASS builds
 
@@ -73,11 +77,14 @@ cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stre
     Launcher half, bfloat16;
   };
   // In the order they are offered the call; each declines what its host-side checks refuse. The next kernels
-  // first, where they are on.
+  // first, where they are on; the trial's changes to them (set_sm90_trial_enabled) before those.
   const bool next = sm90_next_on.load(std::memory_order_relaxed);
+  const bool trial = next && sm90_trial_on.load(std::memory_order_relaxed);
   const Kernel kernels[] = {
+      {trial && pointwise(p), Sm90Route::kGemmWideEpilogue, launch_gemm_wide_epilogue_sm90_half,
+       launch_gemm_wide_epilogue_sm90_bfloat16},
       {next && pointwise(p), Sm90Route::kGemm, launch_gemm_sm90_half, launch_gemm_sm90_bfloat16},
-      {next && p.cout <= kNarrowMaxCout, Sm90Route::kNarrowConv, launch_conv_sm90_narrow_half,
+      {next && (p.cout <= kNarrowMaxCout || trial), Sm90Route::kNarrowConv, launch_conv_sm90_narrow_half,
        launch_conv_sm90_narrow_bfloat16},
       {true, Sm90Route::kConv, launch_conv_sm90_half, launch_conv_sm90_bfloat16},
   };
@@ -118,6 +125,10 @@ void set_sm90_next_enabled(bool enabled) { sm90_next_on.store(enabled, std::memo
 
 bool sm90_next_enabled() { return sm90_next_on.load(std::memory_order_relaxed); }
 
+void set_sm90_trial_enabled(bool enabled) { sm90_trial_on.store(enabled, std::memory_order_relaxed); }
+
+bool sm90_trial_enabled() { return sm90_trial_on.load(std::memory_order_relaxed); }
+
 int sm90_im2col_depth(DType dtype, const ConvBiasActParams& p) {
   // 1x1 unpadded convs of stride 2-8 (projection shortcuts): their rows are the pixels they read, so that the
   // persistent GEMM takes them. On the implicit conv (non-persistent; their K is one tap, 4-16 steps) they ran at
@@ -154,7 +165,8 @@ Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p) {
   if (const int depth = sm90_im2col_depth(dtype, p); depth > 0) {
     // Stand-ins for the caller's row buffers (fresh allocations, aligned) in the host-side checks.
     sm90_call(dtype, sm90_im2col_gemm_params(p, depth, 0, p.n, p.y, p.y), nullptr, /*check_only=*/true, &route);
-    return route == Sm90Route::kGemm ? Sm90Route::kIm2colGemm : Sm90Route::kNone;
+    const bool gemm = route == Sm90Route::kGemm || route == Sm90Route::kGemmWideEpilogue;
+    return gemm ? Sm90Route::kIm2colGemm : Sm90Route::kNone;
   }
   sm90_call(dtype, p, nullptr, /*check_only=*/true, &route);
   return route;

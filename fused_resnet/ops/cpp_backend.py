@@ -162,13 +162,19 @@ def bias_residual_relu(
 #   ping-pong GEMM (csrc/cuda/conv_sm90_gemm.cuh), whose epilogues overlap its main loops; convs of at most 64
 #   output channels on 128x64 tiles, two CTAs per SM (conv_sm90_cutlass.cuh, NarrowTile); inputs of under 8
 #   channels (the RGB stem) as that GEMM over im2col rows (launch.cu, ops_cuda.cpp).
+# - "cutlass_trial": "cutlass_next" with the changes the next GPU run is to judge against it (launch.h,
+#   set_sm90_trial_enabled): 128x64 conv tiles for every output width (the 3x3 layers of over 64 channels ran at
+#   0.68-0.80x of cuDNN's conv on 128x128 tiles, one CTA and one math warp group per SM), and 64x64 epilogue subtiles
+#   on the GEMM for 1x1 layers with a residual (conv_sm90_gemm.cuh says why). Their layers are disjoint, so one
+#   engine shows both in the per-layer rows.
 # "cutlass_next" is the default where the Hopper engine was built. On an H100 it passed the GPU tests (every
 # ResNet-family conv shape of tests/test_cuda_sm90_engine.py) and compute-sanitizer, and ran ResNet-50 b256 bf16
 # inference at 25,156 img/s against 20,094 for "cutlass" and 13,596 for "mma", in the same run
 # (benchmarks/results/2026-11-27_H100_run2). "cutlass" had replaced "mma" the same way on an H200 (21,703 against
 # 14,075 img/s, benchmarks/results/2026-11-27_H200_run1).
-CUDA_ENGINES = ("mma", "cutlass", "cutlass_next")
-HOPPER_ENGINES = ("cutlass", "cutlass_next")
+CUDA_ENGINES = ("mma", "cutlass", "cutlass_next", "cutlass_trial")
+HOPPER_ENGINES = ("cutlass", "cutlass_next", "cutlass_trial")
+NEXT_ENGINES = ("cutlass_next", "cutlass_trial")  # those running the next kernels
 DEFAULT_CUDA_ENGINE = "cutlass_next"
 
 
@@ -187,7 +193,8 @@ def set_cuda_engine(name: str) -> str:
         why = _MISSING or f"fused_resnet._C was built without it (needs CUTLASS and sm_90a); {REBUILD_HINT}"
         raise RuntimeError(f"the {name!r} CUDA engine is not available: {why}")
     if _C is not None:
-        _C.set_sm90_next_enabled(name == "cutlass_next")
+        _C.set_sm90_trial_enabled(name == "cutlass_trial")
+        _C.set_sm90_next_enabled(name in NEXT_ENGINES)
         _C.set_sm90_engine_enabled(name in HOPPER_ENGINES)
     return previous
 
@@ -196,7 +203,9 @@ def cuda_engine() -> str:
     """The CUDA op's engine now in use (see CUDA_ENGINES)."""
     if _C is None or not _C.sm90_engine_enabled():
         return "mma"
-    return "cutlass_next" if _C.sm90_next_enabled() else "cutlass"
+    if not _C.sm90_next_enabled():
+        return "cutlass"
+    return "cutlass_trial" if _C.sm90_trial_enabled() else "cutlass_next"
 
 
 def sm90_engine_runs_on(device: torch.device) -> bool:
