@@ -1,7 +1,8 @@
 """The largest training batch that fits in GPU memory, per contender (mode "max-batch" rows).
 
-Fused training saves the normalized and post-ReLU activations (design.md §3), so it should fit larger batches:
-this measures it for ResNet-152 at 224×224 and a deep pre-activation CIFAR net (if fused_resnet has one).
+Fused training keeps no normalized or post-ReLU activations (it remakes them in backward from the raw conv outputs,
+design.md §3), so it should fit larger batches: this measures it for ResNet-152 at 224×224 and a deep
+pre-activation CIFAR net (if fused_resnet has one).
 """
 
 from __future__ import annotations
