@@ -33,7 +33,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import fused_resnet
-from fused_resnet.bench.contenders import engine_scope, hopper_engine_runs, other_cuda_engines
+from fused_resnet.bench.contenders import engine_scope, engine_unfit, hopper_engine_runs, other_cuda_engines
 from fused_resnet.bench.timing import time_interleaved
 
 
@@ -218,7 +218,12 @@ def _profile(args: argparse.Namespace) -> int:
     backends = args.backends or (["triton", "cuda"] if device.type == "cuda" else ["cpu"])
     if args.backends is None and not train and args.bf16 and hopper_engine_runs(device):
         # the cuda backend's other engines beside the one in use (by default the Hopper one)
-        backends += [f"cuda+{engine}" for engine in other_cuda_engines()]
+        for engine in other_cuda_engines():
+            why = engine_unfit(engine)
+            if why:
+                print(f"  leaving out cuda+{engine}: {why}")
+            else:
+                backends.append(f"cuda+{engine}")
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(num_classes=1000).train(train)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)

@@ -1,8 +1,8 @@
 """The CUDA op's Hopper engine (CUTLASS sm90 implicit-GEMM conv, csrc/cuda/conv_sm90_cutlass.cuh; with the
 'cutlass_next' engine also narrow 128x64 conv tiles for at most 64 output channels, 1x1 stride-1 convs on a
 persistent GEMM, csrc/cuda/conv_sm90_gemm.cuh, and inputs of under 8 channels as that GEMM over im2col rows; with
-'cutlass_trial' those kernels with narrow tiles for every width and 64x64 epilogue subtiles on residual GEMMs) and
-the engine choice.
+'cutlass_trial' those kernels with a persistent conv for over 64 output channels and 64x64 epilogue subtiles on
+residual GEMMs) and the engine choice.
 
 Without a GPU: the engine is compiled wherever CI builds the extension, and the choice (set_cuda_engine, the
 FUSED_RESNET_CUDA_ENGINE variable) behaves. On a compute capability 9.0 GPU (gpu-marked, run by the GPU check):
@@ -26,7 +26,7 @@ from test_cpp_ops import CONV_KINDS, GPU_BATCH, HAS_CUDA, RESNET_SHAPES, _check_
 
 from fused_resnet import tolerances
 from fused_resnet.check import check_model
-from fused_resnet.ops import cpp_backend
+from fused_resnet.ops import cpp_backend, engine_smoke
 
 _C = cpp_backend._C
 REQUIRE_EXT = os.environ.get("FUSED_RESNET_REQUIRE_EXT", "0") not in ("", "0")
@@ -38,6 +38,12 @@ ENGINE_DTYPES = (torch.bfloat16, torch.float16)
 
 @pytest.fixture(params=cpp_backend.HOPPER_ENGINES)
 def cutlass_engine(request):
+    if ON_SM90:
+        # An engine no GPU had run when it was added first runs one call on each of its kernels in a child process
+        # with a time limit: a kernel that hangs would otherwise stall this worker for the rest of the stage.
+        why = engine_smoke.failure(request.param)
+        if why:
+            pytest.fail(why)
     with cpp_backend.using_cuda_engine(request.param):
         yield request.param
 
@@ -222,8 +228,10 @@ def _expected_kernel(cin: int, cout: int, k: int, stride: int, padding: int, res
         # for calls with a residual has its own epilogue subtiles.
         trial = cpp_backend.cuda_engine() == "cutlass_trial"
         return "gemm-wide-epilogue" if trial and residual else "gemm"
-    # The trial runs every other conv on the narrow tiles.
-    return "narrow-conv" if cout <= 64 or cpp_backend.cuda_engine() == "cutlass_trial" else "conv"
+    if cout <= 64:
+        return "narrow-conv"
+    # The trial's persistent conv takes no residual (conv_sm90_persistent.cuh).
+    return "persistent-conv" if cpp_backend.cuda_engine() == "cutlass_trial" and not residual else "conv"
 
 
 needs_engine_built = pytest.mark.skipif(not _C.has_sm90_engine(), reason="_C was built without the sm90 engine")
@@ -288,13 +296,17 @@ def test_gemm_path_takes_only_pointwise_convs():
 
 
 @needs_engine_built
-def test_trial_runs_wider_layers_on_narrow_tiles_and_residual_gemms_on_wide_epilogues():
+def test_trial_runs_wide_convs_persistent_and_residual_gemms_on_wide_epilogues():
     with cpp_backend.using_cuda_engine("cutlass_trial"):
         assert _route((64, 256, 1, 1, 0, 1, 1), hw=(56, 56)) == "gemm-wide-epilogue"
         assert _route((64, 256, 1, 1, 0, 1, 1), residual=False, hw=(56, 56)) == "gemm"  # nothing to load
-        assert _route((128, 128, 3, 1, 1, 1, 1), hw=(28, 28)) == "narrow-conv"
-        assert _route((512, 512, 3, 2, 1, 1, 1), hw=(14, 14)) == "narrow-conv"
-        assert _route((64, 64, 3, 1, 1, 1, 1), hw=(56, 56)) == "narrow-conv"
+        assert _route((128, 128, 3, 1, 1, 1, 1), residual=False, hw=(28, 28)) == "persistent-conv"
+        assert _route((128, 128, 3, 1, 1, 1, 1), hw=(28, 28)) == "conv"  # a residual: the next kernels' conv
+        assert _route((512, 512, 3, 2, 1, 1, 1), residual=False, hw=(14, 14)) == "persistent-conv"
+        assert _route((24, 136, 3, 1, 0, 1, 1), residual=False, hw=(13, 10), n=3) == "persistent-conv"  # partial tiles
+        assert _route((64, 128, 1, 1, 1, 1, 1), residual=False, hw=(56, 56)) == "persistent-conv"  # padded 1x1
+        assert _route((64, 64, 3, 1, 1, 1, 1), residual=False, hw=(56, 56)) == "narrow-conv"
+        assert _route((64, 72, 3, 1, 1, 1, 1), "float32", hw=(56, 56)) == ""
         # The rows path takes its GEMM, either one.
         assert _route((64, 128, 1, 2, 0, 1, 1), hw=(56, 56)) == "im2col-gemm"
         assert _route((64, 128, 1, 2, 0, 1, 1), residual=False, hw=(56, 56)) == "im2col-gemm"
@@ -303,6 +315,25 @@ def test_trial_runs_wider_layers_on_narrow_tiles_and_residual_gemms_on_wide_epil
     with cpp_backend.using_cuda_engine("cutlass_next"):  # the trial's changes are its own
         assert _route((64, 256, 1, 1, 0, 1, 1), hw=(56, 56)) == "gemm"
         assert _route((128, 128, 3, 1, 1, 1, 1), hw=(28, 28)) == "conv"
+
+
+def test_engine_smoke_reports_a_failure_or_a_hang_in_one_line(monkeypatch):
+    assert engine_smoke.failure("cutlass_next") is None  # it has run on GPUs: nothing to ask
+    if not ON_SM90:  # the child's calls fail here (no GPU, or no engine): the reason comes back as one line
+        why = engine_smoke.failure.__wrapped__("cutlass_trial")
+        assert why is not None and why.startswith("cutlass_trial: ") and "\n" not in why, why
+
+    def hangs(cmd, **kwargs):
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(engine_smoke.subprocess, "run", hangs)
+    assert "did not finish within" in engine_smoke.failure.__wrapped__("cutlass_trial")
+
+
+@gpu
+@needs_sm90
+def test_trial_kernels_finish_and_match_conv2d_in_a_child_process():
+    assert engine_smoke.failure.__wrapped__("cutlass_trial") is None
 
 
 @needs_engine_built
@@ -368,7 +399,7 @@ def _assert_each_tile_close(out, expected, dtype):
 
 def _check_on_engine(args, relu, dtype, expect_engine: bool):
     x, w, _, r, config, _, _ = args
-    kernels = ("", "conv", "narrow-conv", "gemm", "gemm-wide-epilogue")  # "": any
+    kernels = ("", "conv", "narrow-conv", "gemm", "persistent-conv", "gemm-wide-epilogue")  # "": any
     before = {k: _C.sm90_engine_launches(k) for k in kernels}
     _assert_each_tile_close(*_check_cuda(args, relu, dtype), dtype)
     took = {k: _C.sm90_engine_launches(k) - before[k] for k in kernels}

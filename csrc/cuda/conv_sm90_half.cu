@@ -1,7 +1,7 @@
 // The float16 implicit-conv kernels of the sm90 CUTLASS engine on its wide tiles. One dtype and one tile
 // shape per file, so that nvcc builds them in parallel: with both tiles in one file it was the longest compile of
 // the build (76 s against 58 s for the wide tiles alone and 51 s for the narrow ones, sm_90a, measured on the 2-core
-// development machine), which sets the build's time on a 16-core one. The narrow tiles: conv_sm90_narrow_half.cu.
+// development machine), which sets the build's time on a 16-core one. The narrow tiles: conv_sm90_next_half.cu.
 #include "cuda/conv_sm90_cutlass.cuh"
 
 namespace fused_resnet::cuda {

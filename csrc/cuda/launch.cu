@@ -33,6 +33,8 @@ cudaError_t launch_conv_sm90_half(const ConvBiasActParams& p, cudaStream_t strea
 cudaError_t launch_conv_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_conv_sm90_narrow_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_conv_sm90_narrow_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+cudaError_t launch_conv_sm90_persistent_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+cudaError_t launch_conv_sm90_persistent_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_gemm_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_gemm_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_gemm_wide_epilogue_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
@@ -84,8 +86,9 @@ cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stre
       {trial && pointwise(p), Sm90Route::kGemmWideEpilogue, launch_gemm_wide_epilogue_sm90_half,
        launch_gemm_wide_epilogue_sm90_bfloat16},
       {next && pointwise(p), Sm90Route::kGemm, launch_gemm_sm90_half, launch_gemm_sm90_bfloat16},
-      {next && (p.cout <= kNarrowMaxCout || trial), Sm90Route::kNarrowConv, launch_conv_sm90_narrow_half,
+      {next && p.cout <= kNarrowMaxCout, Sm90Route::kNarrowConv, launch_conv_sm90_narrow_half,
        launch_conv_sm90_narrow_bfloat16},
+      {trial, Sm90Route::kPersistentConv, launch_conv_sm90_persistent_half, launch_conv_sm90_persistent_bfloat16},
       {true, Sm90Route::kConv, launch_conv_sm90_half, launch_conv_sm90_bfloat16},
   };
   for (const Kernel& kernel : kernels) {

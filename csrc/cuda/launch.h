@@ -45,9 +45,9 @@ bool sm90_engine_built();
 cudaError_t launch_conv_bias_act_sm90(DType dtype, const ConvBiasActParams& p, cudaStream_t stream);
 // Which of its kernels would take the call, by its host-side checks alone (no device needed): the implicit conv
 // with 128x128 tiles (kConv) or, with the next kernels on, 128x64 tiles (kNarrowConv: at most 64 output channels),
-// the GEMM (kGemm; with the trial on, kGemmWideEpilogue for calls with a residual), or the GEMM over im2col rows the
-// caller lays out (kIm2colGemm, below).
-enum class Sm90Route { kNone, kConv, kNarrowConv, kGemm, kGemmWideEpilogue, kIm2colGemm };
+// the GEMM (kGemm), or the GEMM over im2col rows the caller lays out (kIm2colGemm, below); with the trial on also the
+// persistent conv (kPersistentConv) and the GEMM's wide-epilogue kernel (kGemmWideEpilogue).
+enum class Sm90Route { kNone, kConv, kNarrowConv, kGemm, kPersistentConv, kGemmWideEpilogue, kIm2colGemm };
 Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p);
 
 // The next kernels' path for convs of under 8 input channels (an RGB stem), which TMA cannot load as an implicit
@@ -76,9 +76,9 @@ bool sm90_engine_enabled();
 void set_sm90_next_enabled(bool enabled);
 bool sm90_next_enabled();
 // The trial: changes to the next kernels that a GPU run is to judge against them, on top of them (so only with the
-// next kernels on): 128x64 conv tiles for every output width, not just up to 64 (two CTAs per SM, one's epilogue
-// beside the other's main loop, where 128x128 tiles hold one CTA with one math warp group), and 64x64 epilogue
-// subtiles on the GEMM for calls with a residual (conv_sm90_gemm.cuh, WideEpilogue).
+// next kernels on), on disjoint layers: the convs of over 64 output channels without a residual that the GEMM does
+// not take on a persistent ping-pong kernel (conv_sm90_persistent.cuh), and 64x64 epilogue subtiles on the GEMM for calls with a
+// residual (conv_sm90_gemm.cuh, WideEpilogue).
 void set_sm90_trial_enabled(bool enabled);
 bool sm90_trial_enabled();
 

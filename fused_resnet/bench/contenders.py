@@ -86,7 +86,7 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
         for engine in other_cuda_engines():
             note = f"the cuda backend's {engine!r} engine"
             out.append(Contender(f"fused:cuda+{engine}{suffix}", "fused", cl, weights, amp, backend="cuda", note=note,
-                                 cuda_engine=engine))  # fmt: skip
+                                 cuda_engine=engine, skip=engine_unfit(engine)))  # fmt: skip
     if device.type == "cuda" and profile.graph_replays:
         # Replayed CUDA graphs: how much of each eager row (inference, or a whole train step) is host launch
         # overhead rather than GPU time.
@@ -131,6 +131,14 @@ def other_cuda_engines() -> list[str]:
     from ..ops import cpp_backend
 
     return [engine for engine in cpp_backend.CUDA_ENGINES if engine != cpp_backend.cuda_engine()]
+
+
+def engine_unfit(engine: str) -> str | None:
+    """Why the engine's kernels are not run here: an engine that no GPU had run when it was added must first finish
+    one call on each of its kernels, right, in a child process (fused_resnet/ops/engine_smoke.py). None: run it."""
+    from ..ops import engine_smoke
+
+    return engine_smoke.failure(engine)
 
 
 def engine_scope(cuda_engine: str | None) -> contextlib.AbstractContextManager:

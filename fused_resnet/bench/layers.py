@@ -25,7 +25,7 @@ from .. import backends
 from ..nn.functional import conv_bn_act
 from ..tolerances import max_abs_error, relative_error
 from . import roofline
-from .contenders import DEVICE_BACKENDS, engine_scope, hopper_engine_runs, other_cuda_engines
+from .contenders import DEVICE_BACKENDS, engine_scope, engine_unfit, hopper_engine_runs, other_cuda_engines
 from .profiles import Profile, dtype_name
 from .progress import Progress
 from .runner import OUT_OF_TIME, free_memory, layers_of, one_line, rounds_for, strict_fp32, timing_fields
@@ -99,6 +99,8 @@ def _functions(
     if "fused:cuda" in fns and hopper_engine_runs(device):
         # fused:cuda runs the engine in use (by default CUTLASS's sm90 convs here); the others beside it.
         for engine in other_cuda_engines():
+            if engine_unfit(engine):  # the model rows say why
+                continue
 
             def on_engine(x: torch.Tensor, engine: str = engine) -> torch.Tensor:
                 with engine_scope(engine):
