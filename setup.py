@@ -19,7 +19,9 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -97,8 +99,55 @@ def _warn_if_own_libstdcxx(library: Path) -> None:
         )
 
 
+# The Hopper engine's files (csrc/cuda/conv_sm90_*.cu) are compiled apart from the rest, for sm_90a alone: their
+# kernels exist only in sm_90a code (for any other architecture CUTLASS makes them stubs), yet each other entry of the
+# arch list would cost a front-end pass over CUTLASS's headers, 8-10 s of nvcc per file on one core (measured on the
+# 2-core machine, 2026-11-27), on the longest compiles of the build. They are torch-free, so they need none of torch's
+# headers or flags; objects newer than every csrc/cuda source are kept.
+_SM90_NVCC_FLAGS = [
+    "-O3", "-std=c++20", "-lineinfo", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+    "-gencode=arch=compute_90a,code=sm_90a",
+    # as torch's own nvcc flags (cpp_extension.COMMON_NVCC_FLAGS), so that CUDA's headers read the same everywhere
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]  # fmt: skip
+
+
+def _compile_sm90(sources: list[str], nvcc: str, include_dirs: list[str], macros: list, out_dir: Path) -> list[str]:
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    newest_source = max(p.stat().st_mtime for p in (ROOT / "csrc" / "cuda").iterdir())
+    flags = [*_SM90_NVCC_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    flags += [f"-D{name}={value}" for name, value in macros] + [f"-I{d}" for d in include_dirs]
+    if os.environ.get("CC"):  # as torch does for its nvcc calls
+        flags = ["-ccbin", os.environ["CC"], *flags]
+
+    def compile_one(source: str) -> str:
+        obj = out_dir / (Path(source).stem + ".o")
+        if not obj.exists() or obj.stat().st_mtime < newest_source:
+            subprocess.run([nvcc, "-c", str(ROOT / source), "-o", str(obj), *flags], check=True)
+        return str(obj)
+
+    jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        objects = list(pool.map(compile_one, sources))
+    seconds = time.monotonic() - start
+    print(f"fused_resnet: {len(sources)} sm_90a files in {seconds:.0f} s ({jobs} jobs)", file=sys.stderr)
+    return objects
+
+
 def _checked(build_ext: type) -> type:
     class BuildExtensionAndCheck(build_ext):
+        def build_extension(self, ext) -> None:
+            sm90 = getattr(ext, "sm90_sources", None)
+            if sm90:
+                macros = ext.define_macros
+                objects = _compile_sm90(sm90, ext.sm90_nvcc, ext.include_dirs, macros, Path(self.build_temp) / "sm90")
+                ext.extra_objects = [*ext.extra_objects, *objects]
+            super().build_extension(ext)
+
         def run(self) -> None:
             super().run()
             for output in self.get_outputs():
@@ -156,16 +205,18 @@ def _extensions() -> tuple[list, dict]:
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
     cuda_sources = [src for src in _sources("csrc/cuda/*.cu") if not Path(src).name.startswith("conv_sm90_")]
     define_macros = [("FUSED_RESNET_WITH_CUDA", "1")]
-    # The Hopper engine (CUTLASS sm90 kernels) exists only in sm_90a code; its six files (wide-tile conv, narrow-tile
-    # conv and GEMM, per dtype) take 50-60 s of nvcc each on one core, the longest compiles of the build. Not with a
-    # plain 9.0 entry beside it: an H100 could load that cubin, in which CUTLASS's kernels are stubs that write nothing.
+    # The Hopper engine (CUTLASS sm90 kernels) exists only in sm_90a code; its six files (wide-tile conv, the next
+    # kernels' convs, GEMM, per dtype) are compiled for sm_90a alone (_compile_sm90), 45-60 s of nvcc each on one core,
+    # the longest compiles of the build. Not with a plain 9.0 entry beside it: an H100 could load that cubin, in which
+    # CUTLASS's kernels are stubs that write nothing.
     arches = [a.split("+")[0] for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")]
     if "9.0a" in arches and "9.0" in arches:
         warnings.warn(
             "TORCH_CUDA_ARCH_LIST lists both 9.0 and 9.0a: building fused_resnet._C without its Hopper (sm90) engine",
             stacklevel=1,
         )
-    elif "9.0a" in arches:
+    sm90_sources: list[str] = []
+    if "9.0a" in arches and "9.0" not in arches:
         cutlass_dirs = _cutlass_include_dirs()
         if cutlass_dirs is None:
             warnings.warn(
@@ -174,7 +225,7 @@ def _extensions() -> tuple[list, dict]:
                 stacklevel=1,
             )
         else:
-            cuda_sources += _sources("csrc/cuda/conv_sm90_*.cu")
+            sm90_sources = _sources("csrc/cuda/conv_sm90_*.cu")
             include_dirs += cutlass_dirs
             define_macros.append(("FUSED_RESNET_WITH_CUTLASS", "1"))
     ext = CUDAExtension(
@@ -191,6 +242,8 @@ def _extensions() -> tuple[list, dict]:
         },
         extra_link_args=link_flags,
     )
+    ext.sm90_sources = sm90_sources  # compiled by _compile_sm90 (see there), linked in as objects
+    ext.sm90_nvcc = _nvcc(CUDA_HOME)
     return [ext], {"build_ext": _checked(BuildExtension)}
 
 
