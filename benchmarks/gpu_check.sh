@@ -13,7 +13,8 @@
 #   tune        python -m fused_resnet.ops.triton_tune for ResNet-50, batch 256, bf16 (the table lands in OUTDIR too)
 #   bench       python -m fused_resnet.bench --profile gpu-quick
 #   max-autotune  ResNet-50 bf16 inference at batch 256, then 32, against torch.compile(mode="max-autotune"), beside
-#               only the rows the issues' targets name (eager_cl+autocast, fused:cuda, fused:triton, compile): its
+#               only the rows the issues' targets name (eager_cl+autocast, fused:cuda, fused:triton, compile) and the
+#               cuda backend's trial engine (fused:cuda+cutlass_trial, the candidate for its next default): its
 #               compile alone ran past 180 s on the H100 (2026-11-27 run4), so give this stage 420 s or more
 #   train       training groups (those the bench stage did not run into OUTDIR) + the largest batch that fits
 #               (ResNet-152 224x224, pre-act ResNet-1001 CIFAR)
@@ -229,7 +230,8 @@ for stage in "${STAGES[@]}"; do
             run_stage max-autotune "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
                 --profile "$PROFILE" "${sizes[@]}" --dtypes bf16 --mode inference --no-layers \
                 --compile all --max-autotune --resume \
-                --contenders eager_cl+autocast fused:cuda fused:triton compile compile_max_autotune "${EXTRA[@]}"
+                --contenders eager_cl+autocast fused:cuda fused:cuda+cutlass_trial fused:triton compile \
+                compile_max_autotune "${EXTRA[@]}"
             ;;
         train)
             run_stage train "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
