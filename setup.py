@@ -123,19 +123,21 @@ def _compile_sm90(sources: list[str], nvcc: str, include_dirs: list[str], macros
     if os.environ.get("CC"):  # as torch does for its nvcc calls
         flags = ["-ccbin", os.environ["CC"], *flags]
 
-    def compile_one(source: str) -> str:
+    def compile_one(source: str) -> tuple[str, float]:
         obj = out_dir / (Path(source).stem + ".o")
+        start = time.monotonic()
         if not obj.exists() or obj.stat().st_mtime < newest_source:
             subprocess.run([nvcc, "-c", str(ROOT / source), "-o", str(obj), *flags], check=True)
-        return str(obj)
+        return str(obj), time.monotonic() - start
 
     jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        objects = list(pool.map(compile_one, sources))
-    seconds = time.monotonic() - start
-    print(f"fused_resnet: {len(sources)} sm_90a files in {seconds:.0f} s ({jobs} jobs)", file=sys.stderr)
-    return objects
+        done = list(pool.map(compile_one, sources))
+    each = ", ".join(f"{Path(s).stem} {seconds:.0f} s" for s, (_, seconds) in zip(sources, done, strict=True))
+    total = time.monotonic() - start
+    print(f"fused_resnet: {len(sources)} sm_90a files in {total:.0f} s ({jobs} jobs): {each}", file=sys.stderr)
+    return [obj for obj, _ in done]
 
 
 def _checked(build_ext: type) -> type:

@@ -205,11 +205,17 @@ def _on_next_kernels() -> bool:
     return cpp_backend.cuda_engine() in ("cutlass_next", "cutlass_trial")
 
 
+def _padded(cin: int) -> bool:
+    """Whether the engine in use pads the input's channels to 8 for the call (the trial, under 8 channels)."""
+    return cin < 8 and cpp_backend.cuda_engine() == "cutlass_trial"
+
+
 def _on_rows(cin: int, k: int, stride: int, padding: int) -> bool:
     """Whether the engine in use lays a call it takes out as im2col rows for its GEMM: on the next kernels, inputs of
-    under 8 channels and 1x1 unpadded convs of stride 2-8 (the pixels they read)."""
+    under 8 channels (not on the trial, which pads them) and 1x1 unpadded convs of stride 2-8 (the pixels they
+    read)."""
     strided_pointwise = k == 1 and padding == 0 and 2 <= stride <= 8
-    return _on_next_kernels() and (cin < 8 or strided_pointwise)
+    return _on_next_kernels() and not _padded(cin) and (cin < 8 or strided_pointwise)
 
 
 def _expected_route(cin: int, cout: int, k: int, stride: int, padding: int, residual: bool) -> str:
@@ -223,6 +229,8 @@ def _expected_kernel(cin: int, cout: int, k: int, stride: int, padding: int, res
     """The tests' own statement of which sm90 kernel the engine in use runs a call it takes on."""
     if not _on_next_kernels():
         return "conv"
+    if _padded(cin):
+        cin = 8  # the call then runs as any other on 8 channels
     if (k, stride, padding) == (1, 1, 0) or _on_rows(cin, k, stride, padding):
         # A 1x1 stride-1 unpadded conv is a GEMM over the pixels; the rows path's, over the rows. The trial's GEMM
         # for calls with a residual has its own epilogue subtiles.
@@ -296,7 +304,7 @@ def test_gemm_path_takes_only_pointwise_convs():
 
 
 @needs_engine_built
-def test_trial_runs_wide_convs_persistent_and_residual_gemms_on_wide_epilogues():
+def test_trial_routes_wide_convs_residual_gemms_and_small_inputs_to_its_kernels():
     with cpp_backend.using_cuda_engine("cutlass_trial"):
         assert _route((64, 256, 1, 1, 0, 1, 1), hw=(56, 56)) == "gemm-wide-epilogue"
         assert _route((64, 256, 1, 1, 0, 1, 1), residual=False, hw=(56, 56)) == "gemm"  # nothing to load
@@ -310,11 +318,20 @@ def test_trial_runs_wide_convs_persistent_and_residual_gemms_on_wide_epilogues()
         # The rows path takes its GEMM, either one.
         assert _route((64, 128, 1, 2, 0, 1, 1), hw=(56, 56)) == "im2col-gemm"
         assert _route((64, 128, 1, 2, 0, 1, 1), residual=False, hw=(56, 56)) == "im2col-gemm"
-        assert _route((3, 64, 7, 2, 3, 1, 1), hw=(224, 224)) == "im2col-gemm"
+        # Under 8 channels: padded to 8, then the kernel any 8-channel call of that shape takes.
+        assert _route((3, 64, 7, 2, 3, 1, 1), residual=False, hw=(224, 224), n=256) == "narrow-conv"
+        assert _route((3, 128, 7, 2, 3, 1, 1), residual=False, hw=(224, 224)) == "persistent-conv"
+        assert _route((1, 16, 3, 1, 1, 1, 1), hw=(32, 32)) == "narrow-conv"  # a grayscale CIFAR stem
+        assert _route((4, 16, 1, 1, 0, 1, 1), hw=(32, 32)) == "gemm-wide-epilogue"  # 1x1, now 16-byte rows
+        assert _route((4, 16, 1, 2, 0, 1, 1), residual=False, hw=(32, 32)) == "narrow-conv"  # strided: not rows
+        assert _route((3, 64, 7, 2, 3, 1, 1), "float32", hw=(224, 224)) == ""
+        assert _route((3, 64, 7, 2, 3, 1, 1), prologue=True, hw=(224, 224)) == ""
+        assert _route((4, 16, 3, 1, 1, 1, 2), hw=(32, 32)) == ""  # grouped
         assert _route((64, 64, 1, 1, 0, 1, 1), "float32", hw=(56, 56)) == ""
     with cpp_backend.using_cuda_engine("cutlass_next"):  # the trial's changes are its own
         assert _route((64, 256, 1, 1, 0, 1, 1), hw=(56, 56)) == "gemm"
         assert _route((128, 128, 3, 1, 1, 1, 1), hw=(28, 28)) == "conv"
+        assert _route((3, 64, 7, 2, 3, 1, 1), residual=False, hw=(224, 224)) == "im2col-gemm"
 
 
 def test_engine_smoke_reports_a_failure_or_a_hang_in_one_line(monkeypatch):
@@ -344,8 +361,10 @@ def test_engine_takes_the_edge_cases_and_declines_what_it_cannot_do():
     layer = (64, 56, 64, 3, 1, 1, 1, 1)
     assert not _accepts(layer, "float32")
     assert not _accepts(layer, prologue=True)
-    im2col = _on_next_kernels()  # lays the 3-channel stem out as rows for the GEMM
-    assert _route(CONV_KINDS["stem7x7s2"], hw=(13, 10)) == ("im2col-gemm" if im2col else "")
+    # The next kernels lay the 3-channel stem out as rows for the GEMM; the trial pads its channels to 8.
+    cin, cout, k, stride, padding, _, _ = CONV_KINDS["stem7x7s2"]
+    expected = _expected_route(cin, cout, k, stride, padding, residual=True) if _on_next_kernels() else ""
+    assert _route(CONV_KINDS["stem7x7s2"], hw=(13, 10)) == expected
     assert not _accepts(CONV_KINDS["grouped3x3"], hw=(13, 10))
     assert not _accepts((12, 8, 1, 1, 0, 1, 1), hw=(13, 10))  # Cin 12: rows off the 16-byte grid
     # TMA's im2col mode limits the padding (at most 256 per side for 2-D convs) and the stride (at most 8).

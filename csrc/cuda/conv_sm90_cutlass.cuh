@@ -33,18 +33,6 @@
 
 namespace fused_resnet::cuda::sm90 {
 
-template <bool kRelu>
-struct Activation {
-  template <class T>
-  using Fn = cutlass::epilogue::thread::ReLu<T>;  // max(v, 0) with NaN kept, as torch.relu
-};
-
-template <>
-struct Activation<false> {
-  template <class T>
-  using Fn = cutlass::epilogue::thread::Identity<T>;
-};
-
 // The output tile and the main loop's pipeline depth (0: as many stages as shared memory holds).
 // Wide: 128×128 tiles, 64-deep K steps (four 16-deep wgmma steps): the tile design.md §2 measured to build in ~36 s
 // without spilling; 128×256 spills. One CTA per SM (168 registers per thread, shared memory full of stages).
@@ -60,22 +48,22 @@ struct NarrowTile {
   static constexpr int kStages = 4;
 };
 
-// One kernel per (element type, residual or not, activation, tile). Without a residual the source operand is
-// `void`, so the epilogue never reads C at all (beta·C with beta = 0 would still read it, and 0·NaN is NaN).
-// Activation Clamp takes its bounds at run time (ReLU: [0, +inf), none: (-inf, +inf); NaN propagates), so one
-// kernel serves both; the wide kernels keep a kernel per activation, as they passed the GPU check.
-template <class Element, bool kResidual, template <class> class ActivationFn, class Tile>
+// One kernel per (element type, residual or not, tile). Without a residual the source operand is `void`, so the
+// epilogue never reads C at all (beta·C with beta = 0 would still read it, and 0·NaN is NaN). The activation, Clamp,
+// takes its bounds at run time (ReLU: [0, +inf), none: (-inf, +inf); NaN propagates, as the GPU tests check), so one
+// kernel serves both: until 2026-11-27 the wide tiles had a kernel per activation (ReLu, Identity), which cost the
+// 2-core build two more CUTLASS instantiations per dtype.
+template <class Element, bool kResidual, class Tile>
 struct ConvKernel {
   using Layout = cutlass::layout::TensorNHWC;  // activations NHWC; the filter [Cout, KH, KW, Cin] alike
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte TMA granules
-  static constexpr bool kRuntimeActivation =
-      std::is_same_v<ActivationFn<float>, cutlass::epilogue::thread::Clamp<float>>;
   using ElementSource = std::conditional_t<kResidual, Element, void>;
   using TileShape = typename Tile::Shape;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
 
   using Fusion =
-      cutlass::epilogue::fusion::LinCombPerColBiasEltAct<ActivationFn, Element, float, float, Element, float>;
+      cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::Clamp, Element, float, float,
+                                                         Element, float>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementSource, Layout, kAlignment, Element,
@@ -128,30 +116,24 @@ cudaError_t launch(const ConvBiasActParams& p, cudaStream_t stream, bool check_o
   args.epilogue.thread.alpha = 1.f;
   args.epilogue.thread.beta = kResidual ? 1.f : 0.f;
   args.epilogue.thread.bias_ptr = p.bias;
-  if constexpr (K::kRuntimeActivation) {
-    args.epilogue.thread.activation.lower_bound = p.relu ? 0.f : -std::numeric_limits<float>::infinity();
-    args.epilogue.thread.activation.upper_bound = std::numeric_limits<float>::infinity();
-  }
+  args.epilogue.thread.activation.lower_bound = p.relu ? 0.f : -std::numeric_limits<float>::infinity();
+  args.epilogue.thread.activation.upper_bound = std::numeric_limits<float>::infinity();
 
   return run_cutlass<Conv>(args, stream, check_only);
 }
 
 // The entry points of one element type (instantiated in conv_sm90_<dtype>.cu);
 // the caller checked the rest of what the engine needs (sm90_call in launch.cu).
-template <class Element, bool kResidual, bool kRelu>
-using WideKernel = ConvKernel<Element, kResidual, Activation<kRelu>::template Fn, WideTile>;
+template <class Element, bool kResidual>
+using WideKernel = ConvKernel<Element, kResidual, WideTile>;
 
 template <class Element, bool kResidual>
-using NarrowKernel = ConvKernel<Element, kResidual, cutlass::epilogue::thread::Clamp, NarrowTile>;
+using NarrowKernel = ConvKernel<Element, kResidual, NarrowTile>;
 
 template <class Element>
 cudaError_t launch_typed(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
-  if (p.residual != nullptr) {
-    return p.relu ? launch<Element, WideKernel<Element, true, true>>(p, stream, check_only)
-                  : launch<Element, WideKernel<Element, true, false>>(p, stream, check_only);
-  }
-  return p.relu ? launch<Element, WideKernel<Element, false, true>>(p, stream, check_only)
-                : launch<Element, WideKernel<Element, false, false>>(p, stream, check_only);
+  return p.residual != nullptr ? launch<Element, WideKernel<Element, true>>(p, stream, check_only)
+                               : launch<Element, WideKernel<Element, false>>(p, stream, check_only);
 }
 
 template <class Element>

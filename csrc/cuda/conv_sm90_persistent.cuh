@@ -90,8 +90,8 @@ struct PersistentMainloop : Conv {
     const auto unit = cute::make_layout(cute::_1{}, cute::_0{});
     const auto& layout = tiled.layout();
     if constexpr (cute::is_composed_layout<cute::remove_cvref_t<decltype(layout)>>::value) {
-      return cute::make_tensor(tiled.data(),
-                               cute::composition(layout.layout_a(), layout.offset(), cute::append(layout.layout_b(), unit)));
+      const auto outer = cute::append(layout.layout_b(), unit);
+      return cute::make_tensor(tiled.data(), cute::composition(layout.layout_a(), layout.offset(), outer));
     } else {
       return cute::make_tensor(tiled.data(), cute::append(layout, unit));
     }

@@ -77,10 +77,17 @@ void set_sm90_next_enabled(bool enabled);
 bool sm90_next_enabled();
 // The trial: changes to the next kernels that a GPU run is to judge against them, on top of them (so only with the
 // next kernels on), on disjoint layers: the convs of over 64 output channels without a residual that the GEMM does
-// not take on a persistent ping-pong kernel (conv_sm90_persistent.cuh), and 64x64 epilogue subtiles on the GEMM for calls with a
-// residual (conv_sm90_gemm.cuh, WideEpilogue).
+// not take on a persistent ping-pong kernel (conv_sm90_persistent.cuh), 64x64 epilogue subtiles on the GEMM for
+// calls with a residual (conv_sm90_gemm.cuh, WideEpilogue), and inputs of under 8 channels padded to 8 (below).
 void set_sm90_trial_enabled(bool enabled);
 bool sm90_trial_enabled();
+// The trial's path for inputs of under 8 channels (an RGB stem), in place of the im2col rows: x and the filter
+// copied with their channels padded by zeros to 8 (16-byte pixels, which TMA's im2col loads address), then the call
+// on those as any other. The stem as rows wrote and read 152 values a pixel (7x7x3, padded to 16 bytes), 9.5x its
+// input, and ran at cuDNN's 1.8 ms (H100, b256), about a fifth of the model's time and far from either roofline; the
+// padded input is 8 values a pixel, for 2.7x the stem's multiply-adds (an estimate: not yet run). Returns the padded
+// channel count (8), or 0 where the call does not take this path.
+int sm90_padded_channels(DType dtype, const ConvBiasActParams& p);
 
 // out = act(y + bias[c] + residual) over `rows` NHWC pixels of `channels` channels; out may be y.
 // bias is fp64 for kDouble, fp32 otherwise.

@@ -83,6 +83,30 @@ bool run_im2col_on_sm90(const at::Tensor& x_cl, const at::Tensor& w_cl, const Co
   return true;
 }
 
+// The trial's path for inputs of under 8 channels (launch.h, sm90_padded_channels): x and the filter copied with their
+// channels padded by zeros, then the call on the copies. False where the engine does not take the call this way
+// (nothing was launched).
+bool run_padded_on_sm90(const at::Tensor& x_cl, const at::Tensor& w_cl, const ConvBiasActParams& p,
+                        cudaStream_t stream) {
+  const DType dtype = kernel_dtype(x_cl.scalar_type());
+  const int channels = sm90_padded_channels(dtype, p);
+  if (channels == 0 || sm90_engine_route(dtype, p) == Sm90Route::kNone) return false;
+  // [N, H, W, 8] in memory (channels_last), zero past the tensor's own channels.
+  const auto padded = [channels](const at::Tensor& t) {
+    at::Tensor out = t.new_zeros({t.size(0), t.size(2), t.size(3), int64_t{channels}});
+    out.narrow(3, 0, t.size(1)).copy_(t.permute({0, 2, 3, 1}));
+    return out;
+  };
+  const at::Tensor x_padded = padded(x_cl);
+  const at::Tensor w_padded = padded(w_cl);
+  ConvBiasActParams q = p;
+  q.x = x_padded.const_data_ptr();
+  q.weight = w_padded.const_data_ptr();
+  q.c = channels;
+  C10_CUDA_CHECK(launch_conv_bias_act_sm90(dtype, q, stream));
+  return true;
+}
+
 at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                               const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& in_scale,
                               const std::optional<at::Tensor>& in_shift, c10::IntArrayRef stride,
@@ -150,7 +174,7 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight, con
   const cudaStream_t stream = stream_of(x);
   // sm_90a code (the Hopper engine) runs on compute capability 9.0 exactly.
   if (sm90_engine_enabled() && info.major == 9 && info.minor == 0) {
-    if (run_im2col_on_sm90(x_cl, w_cl, p, stream)) return out;
+    if (run_padded_on_sm90(x_cl, w_cl, p, stream) || run_im2col_on_sm90(x_cl, w_cl, p, stream)) return out;
     const cudaError_t err = launch_conv_bias_act_sm90(kernel_dtype(dtype), p, stream);
     if (err != cudaErrorNotSupported) {
       C10_CUDA_CHECK(err);

@@ -19,13 +19,14 @@ from .conv_config import ConvConfig
 
 TIMEOUT_S = 180  # the child imports torch and the extension and initializes CUDA first: seconds on the H100 machine
 
-# (kernel the engine should take it on, x shape, weight shape, padding, with a residual) for each kernel of the
-# trial: ResNet-50's layer2 3x3 conv (persistent conv) and a 1x1 layer with the block's residual (the GEMM's wide
-# epilogue), at small batches.
+# (kernel the engine should take it on, x shape, weight shape, stride, padding, with a residual) for each kernel or
+# path of the trial: ResNet-50's layer2 3x3 conv (persistent conv), a 1x1 layer with the block's residual (the GEMM's
+# wide epilogue) and the RGB stem (channels padded to 8, then the narrow conv), at small batches.
 _CASES = {
     "cutlass_trial": (
-        ("persistent-conv", (4, 128, 28, 28), (128, 128, 3, 3), 1, False),
-        ("gemm-wide-epilogue", (4, 64, 14, 14), (256, 64, 1, 1), 0, True),
+        ("persistent-conv", (4, 128, 28, 28), (128, 128, 3, 3), 1, 1, False),
+        ("gemm-wide-epilogue", (4, 64, 14, 14), (256, 64, 1, 1), 1, 0, True),
+        ("narrow-conv", (2, 3, 64, 64), (64, 3, 7, 7), 2, 3, False),
     ),
 }
 
@@ -36,11 +37,11 @@ def _run(engine: str) -> str | None:
 
     cpp_backend.set_cuda_engine(engine)
     gen = torch.Generator().manual_seed(0)
-    for kernel, x_shape, w_shape, padding, with_residual in _CASES[engine]:
+    for kernel, x_shape, w_shape, stride, padding, with_residual in _CASES[engine]:
         x = torch.randn(x_shape, generator=gen)
         w = torch.randn(w_shape, generator=gen) * (2.0 / (w_shape[1] * w_shape[2] * w_shape[3])) ** 0.5
         b = torch.randn(w_shape[0], generator=gen) * 0.1
-        config = ConvConfig((1, 1), (padding, padding), (1, 1), 1)
+        config = ConvConfig((stride, stride), (padding, padding), (1, 1), 1)
         r = torch.randn(config.output_shape(x, w), generator=gen) if with_residual else None
 
         def on_gpu(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -53,7 +54,7 @@ def _run(engine: str) -> str | None:
         torch.cuda.synchronize()
         if cpp_backend._C.sm90_engine_launches(kernel) == before:
             return f"{engine}: the call for its {kernel!r} kernel ran on another kernel"
-        expected = F.conv2d(on_gpu(x).float(), on_gpu(w).float(), b.cuda(), padding=padding)
+        expected = F.conv2d(on_gpu(x).float(), on_gpu(w).float(), b.cuda(), stride=stride, padding=padding)
         expected = torch.relu(expected + (0 if r is None else on_gpu(r).float()))
         err = tolerances.relative_error(out, expected)
         tol = tolerances.forward_rtol(torch.bfloat16, "cuda")
