@@ -36,21 +36,20 @@ bool has_sm90_engine() {
 #endif
 }
 
-bool sm90_engine_enabled() {
+// The Hopper engine's process-wide switches (launch.h): on, its next kernels, the trial. Without the CUDA part they
+// exist but stay off.
 #ifdef FUSED_RESNET_WITH_CUDA
-  return fused_resnet::cuda::sm90_engine_enabled();
+namespace switches = fused_resnet::cuda;
 #else
-  return false;
+namespace switches {
+bool sm90_engine_enabled() { return false; }
+void set_sm90_engine_enabled(bool) {}
+bool sm90_next_enabled() { return false; }
+void set_sm90_next_enabled(bool) {}
+bool sm90_trial_enabled() { return false; }
+void set_sm90_trial_enabled(bool) {}
+}  // namespace switches
 #endif
-}
-
-void set_sm90_engine_enabled(bool enabled) {
-#ifdef FUSED_RESNET_WITH_CUDA
-  fused_resnet::cuda::set_sm90_engine_enabled(enabled);
-#else
-  (void)enabled;
-#endif
-}
 
 #ifdef FUSED_RESNET_WITH_CUDA
 // The names Python sees for the sm90 engine's kernels (launch.h, Sm90Route).
@@ -87,38 +86,6 @@ long long sm90_engine_launches(const std::string& kernel) {
 #else
   (void)kernel;
   return 0;
-#endif
-}
-
-bool sm90_next_enabled() {
-#ifdef FUSED_RESNET_WITH_CUDA
-  return fused_resnet::cuda::sm90_next_enabled();
-#else
-  return false;
-#endif
-}
-
-void set_sm90_next_enabled(bool enabled) {
-#ifdef FUSED_RESNET_WITH_CUDA
-  fused_resnet::cuda::set_sm90_next_enabled(enabled);
-#else
-  (void)enabled;
-#endif
-}
-
-bool sm90_trial_enabled() {
-#ifdef FUSED_RESNET_WITH_CUDA
-  return fused_resnet::cuda::sm90_trial_enabled();
-#else
-  return false;
-#endif
-}
-
-void set_sm90_trial_enabled(bool enabled) {
-#ifdef FUSED_RESNET_WITH_CUDA
-  fused_resnet::cuda::set_sm90_trial_enabled(enabled);
-#else
-  (void)enabled;
 #endif
 }
 
@@ -184,16 +151,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("torch_version", [] { return std::string(kTorchVersion); }, "torch.__version__ this extension was built with");
   m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
   m.def("has_sm90_engine", &has_sm90_engine, "whether the CUTLASS sm90 conv engine was compiled in (needs sm_90a)");
-  m.def("sm90_engine_enabled", &sm90_engine_enabled, "whether CUDA convs are offered to the sm90 engine first");
-  m.def("set_sm90_engine_enabled", &set_sm90_engine_enabled, "offer CUDA convs to the sm90 engine first (or not)");
-  m.def("sm90_next_enabled", &sm90_next_enabled,
+  m.def("sm90_engine_enabled", &switches::sm90_engine_enabled,
+        "whether CUDA convs are offered to the sm90 engine first");
+  m.def("set_sm90_engine_enabled", &switches::set_sm90_engine_enabled,
+        "offer CUDA convs to the sm90 engine first (or not)");
+  m.def("sm90_next_enabled", &switches::sm90_next_enabled,
         "whether the sm90 engine uses its next kernels (1x1 convs as a GEMM, narrow tiles, im2col rows for small "
         "inputs and strided 1x1 convs)");
-  m.def("set_sm90_next_enabled", &set_sm90_next_enabled, "use the sm90 engine's next kernels (or not)");
-  m.def("sm90_trial_enabled", &sm90_trial_enabled,
+  m.def("set_sm90_next_enabled", &switches::set_sm90_next_enabled, "use the sm90 engine's next kernels (or not)");
+  m.def("sm90_trial_enabled", &switches::sm90_trial_enabled,
         "whether the next kernels run with the trial's changes (a persistent conv for over 64 output channels, 64x64 "
         "residual epilogue subtiles on the GEMM)");
-  m.def("set_sm90_trial_enabled", &set_sm90_trial_enabled, "run the next kernels with the trial's changes (or not)");
+  m.def("set_sm90_trial_enabled", &switches::set_sm90_trial_enabled,
+        "run the next kernels with the trial's changes (or not)");
   m.def("set_bn_rows_per_thread", &set_bn_rows_per_thread,
         "rows a thread of the CUDA training passes' 16-byte kernels loads per round: 1 (default), 2 or 4");
   m.def("bn_rows_per_thread", &bn_rows_per_thread, "what set_bn_rows_per_thread chose");
