@@ -99,26 +99,25 @@ def _warn_if_own_libstdcxx(library: Path) -> None:
         )
 
 
+# The .cu files are torch-free (raw pointers + csrc/cuda/launch.h), so they compile in seconds (CUTLASS's excepted).
+# -DNDEBUG: device-side asserts in CUTLASS's kernels are calls that make ptxas serialize the wgmma pipeline (warning
+# C7510); our own kernels assert nothing at run time.
+_NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "-DNDEBUG", "--expt-relaxed-constexpr"]
+
+
 # The Hopper engine's files (csrc/cuda/conv_sm90_*.cu) are compiled apart from the rest, for sm_90a alone: their
 # kernels exist only in sm_90a code (for any other architecture CUTLASS makes them stubs), yet each other entry of the
 # arch list would cost a front-end pass over CUTLASS's headers, 8-10 s of nvcc per file on one core (measured on the
 # 2-core machine, 2026-11-27), on the longest compiles of the build. They are torch-free, so they need none of torch's
-# headers or flags; objects newer than every csrc/cuda source are kept.
-_SM90_NVCC_FLAGS = [
-    "-O3", "-std=c++20", "-lineinfo", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
-    "-gencode=arch=compute_90a,code=sm_90a",
-    # as torch's own nvcc flags (cpp_extension.COMMON_NVCC_FLAGS), so that CUDA's headers read the same everywhere
-    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    "-D__CUDA_NO_HALF2_OPERATORS__",
-]  # fmt: skip
-
-
+# headers; they get the flags the other .cu files get (torch's own nvcc defines included, so that CUDA's headers read
+# the same everywhere).
 def _compile_sm90(sources: list[str], nvcc: str, include_dirs: list[str], macros: list, out_dir: Path) -> list[str]:
     import torch
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    newest_source = max(p.stat().st_mtime for p in (ROOT / "csrc" / "cuda").iterdir())
-    flags = [*_SM90_NVCC_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    flags = [*_NVCC_FLAGS, *COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a"]
+    flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     flags += [f"-D{name}={value}" for name, value in macros] + [f"-I{d}" for d in include_dirs]
     if os.environ.get("CC"):  # as torch does for its nvcc calls
         flags = ["-ccbin", os.environ["CC"], *flags]
@@ -126,8 +125,7 @@ def _compile_sm90(sources: list[str], nvcc: str, include_dirs: list[str], macros
     def compile_one(source: str) -> tuple[str, float]:
         obj = out_dir / (Path(source).stem + ".o")
         start = time.monotonic()
-        if not obj.exists() or obj.stat().st_mtime < newest_source:
-            subprocess.run([nvcc, "-c", str(ROOT / source), "-o", str(obj), *flags], check=True)
+        subprocess.run([nvcc, "-c", str(ROOT / source), "-o", str(obj), *flags], check=True)
         return str(obj), time.monotonic() - start
 
     jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
@@ -237,10 +235,7 @@ def _extensions() -> tuple[list, dict]:
         define_macros=define_macros,
         extra_compile_args={
             "cxx": cxx_flags,
-            # The .cu files are torch-free (raw pointers + csrc/cuda/launch.h), so they compile in seconds (CUTLASS's
-            # excepted). -DNDEBUG: device-side asserts in CUTLASS's kernels are calls that make ptxas serialize the
-            # wgmma pipeline (warning C7510); our own kernels assert nothing at run time.
-            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "-DNDEBUG", "--expt-relaxed-constexpr"],
+            "nvcc": _NVCC_FLAGS,
         },
         extra_link_args=link_flags,
     )

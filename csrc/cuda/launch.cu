@@ -53,6 +53,11 @@ std::atomic<bool> sm90_enabled{false};
 std::atomic<bool> sm90_next_on{false};
 std::atomic<bool> sm90_trial_on{false};
 
+// The trial's changes run on top of the next kernels only (launch.h).
+bool trial_on() {
+  return sm90_next_on.load(std::memory_order_relaxed) && sm90_trial_on.load(std::memory_order_relaxed);
+}
+
 [[maybe_unused]] bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }  // CUTLASS builds
 
 // A 1x1, stride-1, unpadded conv is a plain GEMM over the NHWC pixels (conv_sm90_gemm.cuh says why it has its own
@@ -82,7 +87,7 @@ cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stre
   // In the order they are offered the call; each declines what its host-side checks refuse. The next kernels
   // first, where they are on; the trial's changes to them (set_sm90_trial_enabled) before those.
   const bool next = sm90_next_on.load(std::memory_order_relaxed);
-  const bool trial = next && sm90_trial_on.load(std::memory_order_relaxed);
+  const bool trial = trial_on();
   const Kernel kernels[] = {
       {trial && pointwise(p), Sm90Route::kGemmWideEpilogue, launch_gemm_wide_epilogue_sm90_half,
        launch_gemm_wide_epilogue_sm90_bfloat16},
@@ -134,8 +139,7 @@ void set_sm90_trial_enabled(bool enabled) { sm90_trial_on.store(enabled, std::me
 bool sm90_trial_enabled() { return sm90_trial_on.load(std::memory_order_relaxed); }
 
 int sm90_padded_channels(DType dtype, const ConvBiasActParams& p) {
-  const bool trial = sm90_next_on.load(std::memory_order_relaxed) && sm90_trial_on.load(std::memory_order_relaxed);
-  const bool takes = trial && (dtype == DType::kHalf || dtype == DType::kBFloat16) && p.groups == 1 &&
+  const bool takes = trial_on() && (dtype == DType::kHalf || dtype == DType::kBFloat16) && p.groups == 1 &&
                      p.in_scale == nullptr && p.c > 0 && p.c < kPaddedChannels;
   return takes ? kPaddedChannels : 0;
 }
