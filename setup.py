@@ -111,42 +111,77 @@ _NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "-DNDEBUG", "--expt-relaxed-con
 # 2-core machine, 2026-11-27), on the longest compiles of the build. They are torch-free, so they need none of torch's
 # headers; they get the flags the other .cu files get (torch's own nvcc defines included, so that CUDA's headers read
 # the same everywhere).
-def _compile_sm90(sources: list[str], nvcc: str, include_dirs: list[str], macros: list, out_dir: Path) -> list[str]:
+def _sm90_command(source: str, obj: Path, nvcc: str, include_dirs: list[str], macros: list) -> list[str]:
     import torch
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     flags = [*_NVCC_FLAGS, *COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a"]
     flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     flags += [f"-D{name}={value}" for name, value in macros] + [f"-I{d}" for d in include_dirs]
     if os.environ.get("CC"):  # as torch does for its nvcc calls
         flags = ["-ccbin", os.environ["CC"], *flags]
+    return [nvcc, "-c", str(ROOT / source), "-o", str(obj), *flags]
 
-    def compile_one(source: str) -> tuple[str, float]:
-        obj = out_dir / (Path(source).stem + ".o")
+
+class _Sm90Build:
+    """The sm_90a files' compiles, started at once and run beside ninja's build of the rest (MAX_JOBS each): on the
+    16-core GPU machine the build then lasts as long as its longest file rather than the sm_90a files followed by
+    the rest; on 2 cores the total work, hence the time, is the same either way. wait() before the link."""
+
+    def __init__(self, sources: list[str], nvcc: str, include_dirs: list[str], macros: list, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.sources = sources
+        self.objects = [str(out_dir / (Path(source).stem + ".o")) for source in sources]
+        self.jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+        self.start = time.monotonic()
+        self.pool = ThreadPoolExecutor(max_workers=self.jobs)
+        self.futures = [
+            self.pool.submit(self._compile_one, _sm90_command(source, Path(obj), nvcc, include_dirs, macros))
+            for source, obj in zip(sources, self.objects, strict=True)
+        ]
+
+    @staticmethod
+    def _compile_one(command: list[str]) -> float:
         start = time.monotonic()
-        subprocess.run([nvcc, "-c", str(ROOT / source), "-o", str(obj), *flags], check=True)
-        return str(obj), time.monotonic() - start
+        subprocess.run(command, check=True)
+        return time.monotonic() - start
 
-    jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
-    start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        done = list(pool.map(compile_one, sources))
-    each = ", ".join(f"{Path(s).stem} {seconds:.0f} s" for s, (_, seconds) in zip(sources, done, strict=True))
-    total = time.monotonic() - start
-    print(f"fused_resnet: {len(sources)} sm_90a files in {total:.0f} s ({jobs} jobs): {each}", file=sys.stderr)
-    return [obj for obj, _ in done]
+    def wait(self) -> None:
+        """Returns when every file is compiled, and says how long each took; raises the first compile's error."""
+        seconds = [future.result() for future in self.futures]
+        each = ", ".join(f"{Path(s).stem} {t:.0f} s" for s, t in zip(self.sources, seconds, strict=True))
+        total = time.monotonic() - self.start
+        print(
+            f"fused_resnet: {len(self.sources)} sm_90a files in {total:.0f} s ({self.jobs} jobs): {each}",
+            file=sys.stderr,
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _checked(build_ext: type) -> type:
     class BuildExtensionAndCheck(build_ext):
         def build_extension(self, ext) -> None:
-            sm90 = getattr(ext, "sm90_sources", None)
-            if sm90:
-                macros = ext.define_macros
-                objects = _compile_sm90(sm90, ext.sm90_nvcc, ext.include_dirs, macros, Path(self.build_temp) / "sm90")
-                ext.extra_objects = [*ext.extra_objects, *objects]
-            super().build_extension(ext)
+            sources = getattr(ext, "sm90_sources", None)
+            if not sources:
+                super().build_extension(ext)
+                return
+            out_dir = Path(self.build_temp) / "sm90"
+            sm90 = _Sm90Build(sources, ext.sm90_nvcc, ext.include_dirs, ext.define_macros, out_dir)
+            ext.extra_objects = [*ext.extra_objects, *sm90.objects]
+            link = self.compiler.link_shared_object
+
+            def link_when_sm90_built(*args, **kwargs):
+                sm90.wait()
+                return link(*args, **kwargs)
+
+            self.compiler.link_shared_object = link_when_sm90_built
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.link_shared_object = link
+                sm90.close()
 
         def run(self) -> None:
             super().run()
@@ -206,7 +241,7 @@ def _extensions() -> tuple[list, dict]:
     cuda_sources = [src for src in _sources("csrc/cuda/*.cu") if not Path(src).name.startswith("conv_sm90_")]
     define_macros = [("FUSED_RESNET_WITH_CUDA", "1")]
     # The Hopper engine (CUTLASS sm90 kernels) exists only in sm_90a code; its six files (wide-tile conv, the next
-    # kernels' convs, GEMM, per dtype) are compiled for sm_90a alone (_compile_sm90), 45-60 s of nvcc each on one core,
+    # kernels' convs, GEMM, per dtype) are compiled for sm_90a alone (_Sm90Build), 55-85 s of nvcc each on one core,
     # the longest compiles of the build. Not with a plain 9.0 entry beside it: an H100 could load that cubin, in which
     # CUTLASS's kernels are stubs that write nothing.
     arches = [a.split("+")[0] for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")]
@@ -239,7 +274,7 @@ def _extensions() -> tuple[list, dict]:
         },
         extra_link_args=link_flags,
     )
-    ext.sm90_sources = sm90_sources  # compiled by _compile_sm90 (see there), linked in as objects
+    ext.sm90_sources = sm90_sources  # compiled by _Sm90Build (see there), linked in as objects
     ext.sm90_nvcc = _nvcc(CUDA_HOME)
     return [ext], {"build_ext": _checked(BuildExtension)}
 
