@@ -161,7 +161,8 @@ def bias_residual_relu(
 # - "cutlass_next": the Hopper engine's next kernels, on top of "cutlass": 1x1 stride-1 convs run as a persistent
 #   ping-pong GEMM (csrc/cuda/conv_sm90_gemm.cuh), whose epilogues overlap its main loops; convs of at most 64
 #   output channels on 128x64 tiles, two CTAs per SM (conv_sm90_cutlass.cuh, NarrowTile); inputs of under 8
-#   channels (the RGB stem) as that GEMM over im2col rows (launch.cu, ops_cuda.cpp).
+#   channels (the RGB stem) and 1x1 stride-2 convs (projection shortcuts) as that GEMM over rows gathered from the
+#   input (im2col rows of the stem's 7x7 windows; the shortcut's strided pixels) (launch.cu, ops_cuda.cpp).
 # - "cutlass_trial": "cutlass_next" with the changes the next GPU run is to judge against it (launch.h,
 #   set_sm90_trial_enabled): convs of over 64 output channels without a residual that the GEMM does not take on a
 #   persistent ping-pong kernel (conv_sm90_persistent.cuh; ResNet-50's 3x3 layers ran at 0.68-0.80x of cuDNN's conv
