@@ -9,6 +9,7 @@ from torch import nn
 
 from fused_resnet import ConvBNAct
 from fused_resnet.nn import bn_act, conv_bn_act
+from fused_resnet.nn.folding import cached_fold
 from fused_resnet.tolerances import relative_error
 
 
@@ -86,9 +87,9 @@ def test_eval_fold_is_cached_and_invalidated():
     x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         y0 = m(x)
-        key = m.conv.__dict__["_fused_resnet_fold_cache"][0]
+        first = cached_fold(m.conv)[0]
         assert torch.equal(m(x), y0)
-        assert m.conv.__dict__["_fused_resnet_fold_cache"][0] == key  # reused
+        assert cached_fold(m.conv)[0] is first  # reused
         # load_state_dict changes the values in place (bumps version counters): the fold must follow.
         other = _module().eval()
         m.load_state_dict(other.state_dict())
@@ -108,6 +109,61 @@ def test_eval_fold_is_cached_and_invalidated():
         assert relative_error(m(x), _plain(m, x)) < 1e-12
 
 
+def test_eval_fold_follows_a_replaced_parameter():
+    # A new parameter may be made where a freed one was, its version counter at 0 again: the cache must not take
+    # it for the one it folded (a replacement after a `del`, or two replacements between calls).
+    m = _module().eval()
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(8):
+            m(x)
+            del m.conv.weight
+            m.conv.weight = nn.Parameter(torch.randn(16, 8, 3, 3, dtype=torch.float64))
+            assert relative_error(m(x), _plain(m, x)) < 1e-12
+            m.bn.weight = nn.Parameter(torch.rand(16, dtype=torch.float64) + 0.5)
+            m.bn.weight = nn.Parameter(torch.rand(16, dtype=torch.float64) + 0.5)
+            assert relative_error(m(x), _plain(m, x)) < 1e-12
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.factor = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.factor
+
+
+def test_eval_reads_parametrized_weights():
+    # A parametrization makes `weight` a property of the module's class, computed at each access: the fold must
+    # read it (not the stored original) and follow a change of the parametrization's own parameters.
+    from torch.nn.utils import parametrize
+
+    m = _module().eval()
+    parametrize.register_parametrization(m.conv, "weight", _Scaled())
+    parametrize.register_parametrization(m.bn, "weight", _Scaled())
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        m.bn.parametrizations.weight[0].factor.fill_(0.5)
+        for factor in (3.0, -2.0, 0.25, 7.0, -1.0, 3.0):
+            m.conv.parametrizations.weight[0].factor.fill_(factor)
+            assert relative_error(m(x), _plain(m, x)) < 1e-12
+
+
+def test_eval_reads_a_weight_set_as_a_plain_attribute():
+    # The older reparametrizations (torch.nn.utils.weight_norm) delete the parameter and set `weight` as a plain
+    # attribute before each forward.
+    m = _module().eval()
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    weight = m.conv.weight.detach().clone()
+    del m.conv.weight
+    m.conv.weight = weight * 2
+    with torch.no_grad():
+        assert relative_error(m(x), _plain(m, x)) < 1e-12
+        m.conv.weight = weight * -1
+        assert relative_error(m(x), _plain(m, x)) < 1e-12
+
+
 def test_inference_mode_works_and_does_not_poison_the_cache():
     m = _module().eval()
     x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
@@ -116,7 +172,7 @@ def test_inference_mode_works_and_does_not_poison_the_cache():
     assert relative_error(y, _plain(m, x)) < 1e-12
     # The fold is an ordinary tensor even when made under inference_mode: reusable outside it, and cacheable by
     # backends that key on version counters.
-    folded_weight = m.conv.__dict__["_fused_resnet_fold_cache"][1][0]
+    folded_weight = cached_fold(m.conv)[0]
     assert not folded_weight.is_inference()
     # A fold cached inside inference_mode must not leak into autograd outside it.
     xg = x.clone().requires_grad_(True)
@@ -147,9 +203,9 @@ def test_conv_without_bn_is_cached_too():
     x = torch.randn(1, 8, 5, 5)
     with torch.no_grad():
         y = conv_bn_act(x, conv, None, relu=False)
-        first = conv.__dict__["_fused_resnet_fold_cache"][1][0]
+        first = cached_fold(conv)[0]
         conv_bn_act(x, conv, None, relu=False)
-        assert conv.__dict__["_fused_resnet_fold_cache"][1][0] is first
+        assert cached_fold(conv)[0] is first
         conv.weight.mul_(2)
         assert relative_error(conv_bn_act(x, conv, None, relu=False), 2 * y) < 1e-6
 

@@ -2,10 +2,13 @@
 
 Folding in bf16/fp16 measurably hurts accuracy, so the fold runs in fp32 (fp64 for fp64 models); W' is then
 cast to the compute dtype and b' stays fp32. The result is cached on the conv module, keyed on the
-parameters' version counters, storage and dtype, so load_state_dict, an optimizer step or .to() invalidates it.
+parameters' identity, version counters, storage and dtype, so load_state_dict, an optimizer step, .to() or a
+replaced parameter invalidates it; tensors a module makes at each access (parametrizations) are folded at each call.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -45,11 +48,50 @@ def fold_conv_bn(
     return weight.contiguous(memory_format=torch.channels_last), shift
 
 
-def _tensors(conv: nn.Conv2d, bn: nn.Module | None) -> list[torch.Tensor]:
-    if bn is None:
-        return [conv.weight]
-    candidates = (conv.weight, getattr(bn, "weight", None), getattr(bn, "bias", None), bn.running_mean, bn.running_var)
-    return [t for t in candidates if t is not None]
+# (module class, name) -> whether the class itself defines no attribute of that name, so that the module's own
+# parameter and buffer dicts answer getattr: a parametrized module's class defines its weight as a property.
+_PLAIN_NAMES: dict[tuple[type, str], bool] = {}
+
+
+def _lookup(module: nn.Module, name: str) -> tuple[torch.Tensor | None, bool]:
+    """(getattr(module, name, None), whether that is one of the module's own parameters or buffers). Read from the
+    module's dicts where that gives the same: nn.Module's attribute fallback costs ~0.7 µs of host time a lookup (CI
+    machine), and every fused eval call made a dozen of them."""
+    kind = type(module)
+    plain = _PLAIN_NAMES.get((kind, name))
+    if plain is None:
+        plain = _PLAIN_NAMES[(kind, name)] = not hasattr(kind, name)
+    if plain:
+        tensor = module._parameters.get(name)
+        if tensor is None:
+            tensor = module._buffers.get(name)
+        if tensor is not None:
+            return tensor, True
+    # A property (parametrizations) or an instance attribute (torch.nn.utils.weight_norm sets one before each
+    # forward): a tensor made anew at each access, or None.
+    return getattr(module, name, None), False
+
+
+def module_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """getattr(module, name, None), for a parameter or buffer (see _lookup)."""
+    if torch.compiler.is_compiling():  # Dynamo traces getattr itself (and guards on it)
+        return getattr(module, name, None)
+    return _lookup(module, name)[0]
+
+
+def _tensors(conv: nn.Conv2d, bn: nn.Module | None) -> tuple[list[torch.Tensor], bool]:
+    """The tensors the fold reads, and whether each is one the modules store (else a fold of them must not be
+    cached: a tensor made at each access has version 0 and, once freed, its address may come back for the next
+    one, so the cache key would match a fold of other values)."""
+    names = ("weight", "bias", "running_mean", "running_var") if bn is not None else ()
+    weight, stored = _lookup(conv, "weight")
+    tensors = [weight]
+    for name in names:
+        tensor, own = _lookup(bn, name)
+        if tensor is not None:
+            tensors.append(tensor)
+            stored = stored and own
+    return tensors, stored
 
 
 def _cache_key(tensors: list[torch.Tensor], bn: nn.Module | None, dtype: torch.dtype) -> tuple | None:
@@ -60,29 +102,42 @@ def _cache_key(tensors: list[torch.Tensor], bn: nn.Module | None, dtype: torch.d
     return (dtype, None if bn is None else float(bn.eps), state)
 
 
+def _same_objects(refs: tuple[weakref.ref, ...], tensors: list[torch.Tensor]) -> bool:
+    # The key's addresses and version counters alone would match a new tensor made where a freed one was, with its
+    # version counter at 0 again (a parameter replaced by another, twice between two calls or after a `del`).
+    return len(refs) == len(tensors) and all(ref() is t for ref, t in zip(refs, tensors, strict=True))
+
+
 def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """fold_conv_bn, cached when no gradient is wanted (a cached tensor must not carry autograd history)."""
-    tensors = _tensors(conv, bn)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     # Under torch.compile the fold is traced into the graph (and constant-folded with freezing).
-    if needs_grad or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return fold_conv_bn(conv.weight, bn, dtype)
-    key = _cache_key(tensors, bn, dtype)
+    tensors, stored = _tensors(conv, bn)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return fold_conv_bn(tensors[0], bn, dtype)
+    key = _cache_key(tensors, bn, dtype) if stored else None
     cached = conv.__dict__.get(_CACHE_ATTR)
-    if key is not None and cached is not None and cached[0] == key:
-        weight, bias = cached[1]
+    if key is not None and cached is not None and cached[0] == key and _same_objects(cached[1], tensors):
+        weight, bias = cached[2]
         # A fold made inside inference_mode is an inference tensor, unusable outside it.
         if torch.is_inference_mode_enabled() or not weight.is_inference():
             return weight, bias
     # Folded outside inference mode (when the parameters allow it) so that the result is an ordinary tensor:
     # usable later outside inference_mode, and cacheable by backends that key on version counters (the CPU
     # backend's prepacked oneDNN weights).
-    with torch.inference_mode(conv.weight.is_inference()), torch.no_grad():
-        folded = fold_conv_bn(conv.weight, bn, dtype)
+    with torch.inference_mode(tensors[0].is_inference()), torch.no_grad():
+        folded = fold_conv_bn(tensors[0], bn, dtype)
     if key is not None:
-        conv.__dict__[_CACHE_ATTR] = (key, folded)
+        conv.__dict__[_CACHE_ATTR] = (key, tuple(weakref.ref(t) for t in tensors), folded)
         cpp_backend.allow_prepacking(folded[0])  # kept: the CPU backend may keep its oneDNN-layout copy
     return folded
+
+
+def cached_fold(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (weight, bias) fold cached on conv, if any (for tests and tools)."""
+    cached = conv.__dict__.get(_CACHE_ATTR)
+    return None if cached is None else cached[2]
 
 
 def clear_fold_cache(conv: nn.Conv2d) -> None:

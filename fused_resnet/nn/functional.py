@@ -24,7 +24,7 @@ from ..training.conv_bn_act_train import conv_bn_act_train
 from ..training.passes import passes_for
 from ..training.projection_train import projection_end_train
 from ..training.sync import sync_group
-from .folding import bn_scale_shift, folded_conv_bn
+from .folding import bn_scale_shift, folded_conv_bn, module_tensor
 
 
 def compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
@@ -60,14 +60,15 @@ def projection_trains_fused(bn: nn.Module, shortcut_bn: nn.Module, backend: str)
 def _conv_input(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, ConvConfig, torch.dtype]:
     """x checked against conv and cast to the dtype the conv runs in, the conv's config and that dtype."""
     check_activation(x)
-    if conv.bias is not None:
+    if module_tensor(conv, "bias") is not None:
         raise ValueError("conv_bn_act expects a conv without bias (BatchNorm's shift replaces it)")
     if x.shape[1] != conv.in_channels:
         raise ValueError(f"expected input with {conv.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-    if x.device != conv.weight.device:
-        raise ValueError(f"input is on {x.device} but the model's parameters are on {conv.weight.device}")
-    dtype = compute_dtype(x, conv.weight.dtype)
-    return x.to(dtype), ConvConfig.from_conv(conv), dtype
+    weight = module_tensor(conv, "weight")
+    if x.device != weight.device:
+        raise ValueError(f"input is on {x.device} but the model's parameters are on {weight.device}")
+    dtype = compute_dtype(x, weight.dtype)
+    return x if x.dtype == dtype else x.to(dtype), ConvConfig.from_conv(conv), dtype
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv2d, config: ConvConfig) -> torch.Tensor:
