@@ -27,7 +27,8 @@ SHAPES = [
     (1, 3, 17, 15, 16, 7, 2, False),
     (2, 16, 9, 7, 24, 1, 1, True),  # 1x1 stride 1: the Hopper engine's GEMM path ('cutlass_next'; the trial's own)
     (1, 8, 9, 7, 72, 3, 1, True),  # over 64 output channels with a residual: the wide conv, one partial N tile
-    (1, 16, 9, 7, 136, 3, 2, False),  # and without one: 'cutlass_trial' runs it on its persistent conv
+    (1, 24, 9, 7, 136, 3, 2, False),  # and without one: 'cutlass_trial' runs it on its persistent conv
+    (1, 16, 9, 7, 136, 3, 2, False),  # at most 16 input channels: the trial's stem tiles, three partial N tiles
 ]
 DEVICE_BACKENDS = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 

@@ -53,13 +53,14 @@ void set_sm90_trial_enabled(bool) {}
 
 #ifdef FUSED_RESNET_WITH_CUDA
 // The names Python sees for the sm90 engine's kernels (launch.h, Sm90Route).
-constexpr std::array<std::pair<fused_resnet::cuda::Sm90Route, const char*>, 7> kRouteNames = {{
+constexpr std::array<std::pair<fused_resnet::cuda::Sm90Route, const char*>, 8> kRouteNames = {{
     {fused_resnet::cuda::Sm90Route::kNone, ""},
     {fused_resnet::cuda::Sm90Route::kConv, "conv"},
     {fused_resnet::cuda::Sm90Route::kNarrowConv, "narrow-conv"},
     {fused_resnet::cuda::Sm90Route::kGemm, "gemm"},
     {fused_resnet::cuda::Sm90Route::kPersistentConv, "persistent-conv"},
     {fused_resnet::cuda::Sm90Route::kGemmWideEpilogue, "gemm-wide-epilogue"},
+    {fused_resnet::cuda::Sm90Route::kStemConv, "stem-conv"},
     {fused_resnet::cuda::Sm90Route::kIm2colGemm, "im2col-gemm"},
 }};
 
@@ -72,7 +73,7 @@ std::string route_name(fused_resnet::cuda::Sm90Route route) {
 #endif
 
 // Kernel launches of the sm90 engine (one per call; one per chunk of images on the im2col path): on the kernel of
-// that name ("conv", "narrow-conv", "gemm", "persistent-conv", "gemm-wide-epilogue"), or on any ("").
+// that name ("conv", "narrow-conv", "gemm", "persistent-conv", "gemm-wide-epilogue", "stem-conv"), or on any ("").
 long long sm90_engine_launches(const std::string& kernel) {
 #ifdef FUSED_RESNET_WITH_CUDA
   for (const auto& [value, name] : kRouteNames) {
@@ -82,7 +83,7 @@ long long sm90_engine_launches(const std::string& kernel) {
     }
   }
   throw std::invalid_argument("unknown sm90 kernel '" + kernel +
-                              "'; choose conv, narrow-conv, gemm, persistent-conv or gemm-wide-epilogue");
+                              "'; choose conv, narrow-conv, gemm, persistent-conv, gemm-wide-epilogue or stem-conv");
 #else
   (void)kernel;
   return 0;
@@ -108,9 +109,10 @@ int bn_rows_per_thread() {
 }
 
 // Which sm90 kernel would take a call of these shapes (its host-side checks: no device needed): "conv",
-// "narrow-conv", "gemm", "persistent-conv", "gemm-wide-epilogue", "im2col-gemm" (the GEMM over im2col rows), or ""
-// where the engine declines it (or the shapes make no conv). dtype is "float16" or "bfloat16" (others: ""); x is
-// (N, C, H, W), weight (Cout, C/groups, KH, KW); the tensors are taken to be 16-byte aligned, dense channels_last.
+// "narrow-conv", "gemm", "persistent-conv", "gemm-wide-epilogue", "stem-conv", "im2col-gemm" (the GEMM over im2col
+// rows), or "" where the engine declines it (or the shapes make no conv). dtype is "float16" or "bfloat16" (others:
+// ""); x is (N, C, H, W), weight (Cout, C/groups, KH, KW); the tensors are taken to be 16-byte aligned, dense
+// channels_last.
 std::string sm90_engine_route(const std::string& dtype, std::array<int, 4> x, std::array<int, 4> weight,
                               std::array<int, 2> stride, std::array<int, 2> padding, std::array<int, 2> dilation,
                               int groups, bool residual, bool prologue) {
@@ -161,7 +163,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_sm90_next_enabled", &switches::set_sm90_next_enabled, "use the sm90 engine's next kernels (or not)");
   m.def("sm90_trial_enabled", &switches::sm90_trial_enabled,
         "whether the next kernels run with the trial's changes (a persistent conv for over 64 output channels, 64x64 "
-        "residual epilogue subtiles on the GEMM)");
+        "residual epilogue subtiles on the GEMM, the RGB stem padded to 8 channels on 16-deep K steps)");
   m.def("set_sm90_trial_enabled", &switches::set_sm90_trial_enabled,
         "run the next kernels with the trial's changes (or not)");
   m.def("set_bn_rows_per_thread", &set_bn_rows_per_thread,
@@ -169,14 +171,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_rows_per_thread", &bn_rows_per_thread, "what set_bn_rows_per_thread chose");
   m.def("sm90_engine_route", &sm90_engine_route,
         "which sm90 kernel would take a call of these shapes: 'conv', 'narrow-conv', 'gemm', 'persistent-conv', "
-        "'gemm-wide-epilogue', 'im2col-gemm' or '' (declined)",
+        "'gemm-wide-epilogue', 'stem-conv', 'im2col-gemm' or '' (declined)",
         pybind11::arg("dtype"), pybind11::arg("x_shape"), pybind11::arg("w_shape"), pybind11::arg("stride"),
         pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"), pybind11::arg("residual"),
         pybind11::arg("prologue"));
   m.def("sm90_engine_launches", &sm90_engine_launches,
         "kernel launches of the sm90 engine in this process (one per call; one per chunk of images on the im2col "
-        "path): on the kernel of that name ('conv', 'narrow-conv', 'gemm', 'persistent-conv', 'gemm-wide-epilogue'), "
-        "or on any ('')",
+        "path): on the kernel of that name ('conv', 'narrow-conv', 'gemm', 'persistent-conv', 'gemm-wide-epilogue', "
+        "'stem-conv'), or on any ('')",
         pybind11::arg("kernel") = "");
   m.def("clear_weight_cache", &fused_resnet::cpu::clear_weight_cache,
         "drop every prepacked (oneDNN-layout) CPU weight");

@@ -183,7 +183,7 @@ def test_environment_variable_chooses_the_engine():
 
 
 def _route(shape_or_kind, dtype="bfloat16", residual=True, prologue=False, n=GPU_BATCH, hw=None) -> str:
-    """The sm90 kernel that would take the call under the engine in use: "conv", "narrow-conv", "gemm" or ""
+    """The sm90 kernel that would take the call under the engine in use: "conv", "narrow-conv", "gemm", ... or ""
     (declined)."""
     if len(shape_or_kind) == 8:  # a RESNET_SHAPES entry
         cin, size, cout, k, stride, padding, dilation, groups = shape_or_kind
@@ -236,10 +236,13 @@ def _expected_kernel(cin: int, cout: int, k: int, stride: int, padding: int, res
         # for calls with a residual has its own epilogue subtiles.
         trial = cpp_backend.cuda_engine() == "cutlass_trial"
         return "gemm-wide-epilogue" if trial and residual else "gemm"
+    trial = cpp_backend.cuda_engine() == "cutlass_trial"
+    if trial and cin <= 16 and not residual:
+        return "stem-conv"  # 16-deep K steps for inputs of few channels; no residual (conv_sm90_cutlass.cuh)
     if cout <= 64:
         return "narrow-conv"
     # The trial's persistent conv takes no residual (conv_sm90_persistent.cuh).
-    return "persistent-conv" if cpp_backend.cuda_engine() == "cutlass_trial" and not residual else "conv"
+    return "persistent-conv" if trial and not residual else "conv"
 
 
 needs_engine_built = pytest.mark.skipif(not _C.has_sm90_engine(), reason="_C was built without the sm90 engine")
@@ -315,15 +318,20 @@ def test_trial_routes_wide_convs_residual_gemms_and_small_inputs_to_its_kernels(
         assert _route((64, 128, 1, 1, 1, 1, 1), residual=False, hw=(56, 56)) == "persistent-conv"  # padded 1x1
         assert _route((64, 64, 3, 1, 1, 1, 1), residual=False, hw=(56, 56)) == "narrow-conv"
         assert _route((64, 72, 3, 1, 1, 1, 1), "float32", hw=(56, 56)) == ""
+        # At most 16 input channels, no residual: the stem tiles (16-deep K steps), whatever the output's width.
+        assert _route((16, 16, 3, 1, 1, 1, 1), residual=False, hw=(32, 32)) == "stem-conv"
+        assert _route((8, 136, 3, 1, 1, 1, 1), residual=False, hw=(13, 10), n=3) == "stem-conv"
+        assert _route((16, 16, 3, 1, 1, 1, 1), hw=(32, 32)) == "narrow-conv"  # a residual
+        assert _route((24, 64, 3, 1, 1, 1, 1), residual=False, hw=(32, 32)) == "narrow-conv"  # 24 channels
         # The rows path takes its GEMM, either one.
         assert _route((64, 128, 1, 2, 0, 1, 1), hw=(56, 56)) == "im2col-gemm"
         assert _route((64, 128, 1, 2, 0, 1, 1), residual=False, hw=(56, 56)) == "im2col-gemm"
         # Under 8 channels: padded to 8, then the kernel any 8-channel call of that shape takes.
-        assert _route((3, 64, 7, 2, 3, 1, 1), residual=False, hw=(224, 224), n=256) == "narrow-conv"
-        assert _route((3, 128, 7, 2, 3, 1, 1), residual=False, hw=(224, 224)) == "persistent-conv"
-        assert _route((1, 16, 3, 1, 1, 1, 1), hw=(32, 32)) == "narrow-conv"  # a grayscale CIFAR stem
+        assert _route((3, 64, 7, 2, 3, 1, 1), residual=False, hw=(224, 224), n=256) == "stem-conv"
+        assert _route((3, 128, 7, 2, 3, 1, 1), residual=False, hw=(224, 224)) == "stem-conv"
+        assert _route((1, 16, 3, 1, 1, 1, 1), hw=(32, 32)) == "narrow-conv"  # a grayscale CIFAR stem, a residual
         assert _route((4, 16, 1, 1, 0, 1, 1), hw=(32, 32)) == "gemm-wide-epilogue"  # 1x1, now 16-byte rows
-        assert _route((4, 16, 1, 2, 0, 1, 1), residual=False, hw=(32, 32)) == "narrow-conv"  # strided: not rows
+        assert _route((4, 16, 1, 2, 0, 1, 1), residual=False, hw=(32, 32)) == "stem-conv"  # strided: not rows
         assert _route((3, 64, 7, 2, 3, 1, 1), "float32", hw=(224, 224)) == ""
         assert _route((3, 64, 7, 2, 3, 1, 1), prologue=True, hw=(224, 224)) == ""
         assert _route((4, 16, 3, 1, 1, 1, 2), hw=(32, 32)) == ""  # grouped
@@ -418,7 +426,7 @@ def _assert_each_tile_close(out, expected, dtype):
 
 def _check_on_engine(args, relu, dtype, expect_engine: bool):
     x, w, _, r, config, _, _ = args
-    kernels = ("", "conv", "narrow-conv", "gemm", "persistent-conv", "gemm-wide-epilogue")  # "": any
+    kernels = ("", "conv", "narrow-conv", "gemm", "persistent-conv", "gemm-wide-epilogue", "stem-conv")  # "": any
     before = {k: _C.sm90_engine_launches(k) for k in kernels}
     _assert_each_tile_close(*_check_cuda(args, relu, dtype), dtype)
     took = {k: _C.sm90_engine_launches(k) - before[k] for k in kernels}

@@ -47,6 +47,15 @@ struct NarrowTile {
   using Shape = cute::Shape<cute::_128, cute::_64, cute::Shape<cute::_64>>;
   static constexpr int kStages = 4;
 };
+// Stem: 128×64 tiles with 16-deep K steps, for inputs of at most 16 channels (the trial's RGB stem, padded to 8:
+// launch.h). A K step of the implicit conv covers channels of one filter tap: 64 deep, an 8-channel tap is 7/8 zeros,
+// so a 7×7 stem took 49 steps of 64, 3,136 multiply-adds per output value for its 147 (21×; the im2col rows' GEMM:
+// 192). 16 deep: 784 (5.3×; ~0.33 TFLOP for ResNet-50's stem at batch 256). 16 stages of 6 KB keep a CTA near 107 KB
+// of shared memory, two CTAs per SM as on the narrow tiles, with ~1,000 cycles of wgmma in flight per CTA.
+struct StemTile {
+  using Shape = cute::Shape<cute::_128, cute::_64, cute::Shape<cute::_16>>;
+  static constexpr int kStages = 16;
+};
 
 // One kernel per (element type, residual or not, tile). Without a residual the source operand is `void`, so the
 // epilogue never reads C at all (beta·C with beta = 0 would still read it, and 0·NaN is NaN). The activation, Clamp,
@@ -140,6 +149,13 @@ template <class Element>
 cudaError_t launch_narrow_typed(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
   return p.residual != nullptr ? launch<Element, NarrowKernel<Element, true>>(p, stream, check_only)
                                : launch<Element, NarrowKernel<Element, false>>(p, stream, check_only);
+}
+
+// Without a residual only: an RGB stem has none (and each kernel costs the 2-core build ~20 s of nvcc).
+template <class Element>
+cudaError_t launch_stem_typed(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
+  return p.residual == nullptr ? launch<Element, ConvKernel<Element, false, StemTile>>(p, stream, check_only)
+                               : cudaErrorNotSupported;
 }
 
 }  // namespace fused_resnet::cuda::sm90

@@ -1,6 +1,6 @@
 // The float16 implicit-conv kernels of the sm90 engine's next kernels: narrow 128x64 tiles for at most 64 output
-// channels, and the trial's persistent conv (conv_sm90_persistent.cuh). A file of their own: see
-// conv_sm90_half.cu.
+// channels, the trial's persistent conv (conv_sm90_persistent.cuh) and its stem tiles (16-deep K steps). A file of
+// their own: see conv_sm90_half.cu.
 #include "cuda/conv_sm90_persistent.cuh"
 
 namespace fused_resnet::cuda {
@@ -9,5 +9,8 @@ cudaError_t launch_conv_sm90_narrow_half(const ConvBiasActParams& p, cudaStream_
 }
 cudaError_t launch_conv_sm90_persistent_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
   return sm90::launch_persistent_typed<cutlass::half_t>(p, stream, check_only);
+}
+cudaError_t launch_conv_sm90_stem_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only) {
+  return sm90::launch_stem_typed<cutlass::half_t>(p, stream, check_only);
 }
 }  // namespace fused_resnet::cuda

@@ -35,6 +35,8 @@ cudaError_t launch_conv_sm90_narrow_half(const ConvBiasActParams& p, cudaStream_
 cudaError_t launch_conv_sm90_narrow_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_conv_sm90_persistent_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_conv_sm90_persistent_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+cudaError_t launch_conv_sm90_stem_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
+cudaError_t launch_conv_sm90_stem_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_gemm_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_gemm_sm90_bfloat16(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
 cudaError_t launch_gemm_wide_epilogue_sm90_half(const ConvBiasActParams& p, cudaStream_t stream, bool check_only);
@@ -44,6 +46,7 @@ cudaError_t launch_gemm_wide_epilogue_sm90_bfloat16(const ConvBiasActParams& p, 
 
 namespace {
 constexpr int kNarrowMaxCout = 64;  // the narrow conv tile's width
+constexpr int kStemMaxChannels = 16;  // the stem tiles' K step; inputs of more channels take 64-deep ones
 constexpr int kRoutes = static_cast<int>(Sm90Route::kIm2colGemm) + 1;
 constexpr int kIm2colMaxChannels = 7;  // inputs the implicit conv cannot take: rows of under 8 channels
 constexpr int kIm2colMaxDepth = 1024;
@@ -92,6 +95,8 @@ cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stre
       {trial && pointwise(p), Sm90Route::kGemmWideEpilogue, launch_gemm_wide_epilogue_sm90_half,
        launch_gemm_wide_epilogue_sm90_bfloat16},
       {next && pointwise(p), Sm90Route::kGemm, launch_gemm_sm90_half, launch_gemm_sm90_bfloat16},
+      {trial && p.c <= kStemMaxChannels, Sm90Route::kStemConv, launch_conv_sm90_stem_half,
+       launch_conv_sm90_stem_bfloat16},
       {next && p.cout <= kNarrowMaxCout, Sm90Route::kNarrowConv, launch_conv_sm90_narrow_half,
        launch_conv_sm90_narrow_bfloat16},
       {trial, Sm90Route::kPersistentConv, launch_conv_sm90_persistent_half, launch_conv_sm90_persistent_bfloat16},

@@ -46,8 +46,9 @@ cudaError_t launch_conv_bias_act_sm90(DType dtype, const ConvBiasActParams& p, c
 // Which of its kernels would take the call, by its host-side checks alone (no device needed): the implicit conv
 // with 128x128 tiles (kConv) or, with the next kernels on, 128x64 tiles (kNarrowConv: at most 64 output channels),
 // the GEMM (kGemm), or the GEMM over im2col rows the caller lays out (kIm2colGemm, below); with the trial on also the
-// persistent conv (kPersistentConv) and the GEMM's wide-epilogue kernel (kGemmWideEpilogue).
-enum class Sm90Route { kNone, kConv, kNarrowConv, kGemm, kPersistentConv, kGemmWideEpilogue, kIm2colGemm };
+// persistent conv (kPersistentConv), the GEMM's wide-epilogue kernel (kGemmWideEpilogue) and the stem tiles
+// (kStemConv: inputs of at most 16 channels, without a residual).
+enum class Sm90Route { kNone, kConv, kNarrowConv, kGemm, kPersistentConv, kGemmWideEpilogue, kStemConv, kIm2colGemm };
 Sm90Route sm90_engine_route(DType dtype, const ConvBiasActParams& p);
 
 // The next kernels' path for convs of under 8 input channels (an RGB stem), which TMA cannot load as an implicit
@@ -78,15 +79,18 @@ bool sm90_next_enabled();
 // The trial: changes to the next kernels that a GPU run is to judge against them, on top of them (so only with the
 // next kernels on), on disjoint layers: the convs of over 64 output channels without a residual that the GEMM does
 // not take on a persistent ping-pong kernel (conv_sm90_persistent.cuh), 64x64 epilogue subtiles on the GEMM for
-// calls with a residual (conv_sm90_gemm.cuh, WideEpilogue), and inputs of under 8 channels padded to 8 (below).
+// calls with a residual (conv_sm90_gemm.cuh, WideEpilogue), and inputs of under 8 channels padded to 8 (below) for
+// tiles with 16-deep K steps.
 void set_sm90_trial_enabled(bool enabled);
 bool sm90_trial_enabled();
 // The trial's path for inputs of under 8 channels (an RGB stem), in place of the im2col rows: x and the filter
 // copied with their channels padded by zeros to 8 (16-byte pixels, which TMA's im2col loads address), then the call
-// on those as any other. The stem as rows wrote and read 152 values a pixel (7x7x3, padded to 16 bytes), 9.5x its
-// input, and ran at cuDNN's 1.8 ms (H100, b256), about a fifth of the model's time and far from either roofline; the
-// padded input is 8 values a pixel, for 2.7x the stem's multiply-adds (an estimate: not yet run). Returns the padded
-// channel count (8), or 0 where the call does not take this path.
+// on those as any other, which takes the trial's stem tiles (16-deep K steps: conv_sm90_cutlass.cuh, StemTile). The
+// stem as rows wrote and read 152 values a pixel (7x7x3, padded to 16 bytes), 9.5x its input, and ran at cuDNN's
+// 1.8 ms (H100, b256), about a fifth of the model's time and far from either roofline. Padded, the input is 8 values a
+// pixel, and the 16-deep K steps make 5.3x the stem's multiply-adds (the 64-deep ones of the other tiles, 21x: each
+// K step holds one filter tap). Estimates, not yet run. Returns the padded channel count (8), or 0 where the call does
+// not take this path.
 int sm90_padded_channels(DType dtype, const ConvBiasActParams& p);
 
 // out = act(y + bias[c] + residual) over `rows` NHWC pixels of `channels` channels; out may be y.

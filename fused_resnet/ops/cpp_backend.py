@@ -168,7 +168,8 @@ def bias_residual_relu(
 #   persistent ping-pong kernel (conv_sm90_persistent.cuh; ResNet-50's 3x3 layers ran at 0.68-0.80x of cuDNN's conv
 #   on CUTLASS's non-persistent one), 64x64 epilogue subtiles on the GEMM for 1x1 layers with a residual
 #   (conv_sm90_gemm.cuh says why), and inputs of under 8 channels (the RGB stem) padded by zeros to 8 for the implicit
-#   conv instead of laid out as im2col rows (launch.h, sm90_padded_channels). Their layers are disjoint, so one
+#   conv instead of laid out as im2col rows (launch.h, sm90_padded_channels), on tiles with 16-deep K steps for
+#   inputs of at most 16 channels (conv_sm90_cutlass.cuh, StemTile). Their layers are disjoint, so one
 #   engine shows each in the per-layer rows.
 # "cutlass_next" is the default where the Hopper engine was built. On an H100 it passed the GPU tests (every
 # ResNet-family conv shape of tests/test_cuda_sm90_engine.py) and compute-sanitizer, and ran ResNet-50 b256 bf16
