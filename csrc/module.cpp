@@ -46,8 +46,8 @@ bool sm90_engine_enabled() { return false; }
 void set_sm90_engine_enabled(bool) {}
 bool sm90_next_enabled() { return false; }
 void set_sm90_next_enabled(bool) {}
-bool sm90_trial_enabled() { return false; }
-void set_sm90_trial_enabled(bool) {}
+int sm90_trial_features() { return 0; }
+void set_sm90_trial_features(int) {}
 }  // namespace switches
 #endif
 
@@ -161,11 +161,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether the sm90 engine uses its next kernels (1x1 convs as a GEMM, narrow tiles, im2col rows for small "
         "inputs and strided 1x1 convs)");
   m.def("set_sm90_next_enabled", &switches::set_sm90_next_enabled, "use the sm90 engine's next kernels (or not)");
-  m.def("sm90_trial_enabled", &switches::sm90_trial_enabled,
-        "whether the next kernels run with the trial's changes (a persistent conv for over 64 output channels, 64x64 "
-        "residual epilogue subtiles on the GEMM, the RGB stem padded to 8 channels on 16-deep K steps)");
-  m.def("set_sm90_trial_enabled", &switches::set_sm90_trial_enabled,
-        "run the next kernels with the trial's changes (or not)");
+  m.def("sm90_trial_features", &switches::sm90_trial_features,
+        "the trial's changes to the next kernels that are on, as a mask: 1 a persistent conv for over 64 output "
+        "channels, 2 64x64 residual epilogue subtiles on the GEMM, 4 the RGB stem padded to 8 channels on 16-deep K "
+        "steps (0: the next kernels as they are)");
+  m.def("set_sm90_trial_features", &switches::set_sm90_trial_features,
+        "turn the trial's changes on by mask (see sm90_trial_features)");
   m.def("set_bn_rows_per_thread", &set_bn_rows_per_thread,
         "rows a thread of the CUDA training passes' 16-byte kernels loads per round: 1 (default), 2 or 4");
   m.def("bn_rows_per_thread", &bn_rows_per_thread, "what set_bn_rows_per_thread chose");

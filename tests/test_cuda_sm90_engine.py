@@ -25,6 +25,7 @@ from cuda_on_host import unavailable as host_cuda_unavailable
 from test_cpp_ops import CONV_KINDS, GPU_BATCH, HAS_CUDA, RESNET_SHAPES, _check_cuda, _cuda_case, _make, _shape_id
 
 from fused_resnet import tolerances
+from fused_resnet.bench.contenders import engine_note
 from fused_resnet.check import check_model
 from fused_resnet.ops import cpp_backend, engine_smoke
 
@@ -117,11 +118,11 @@ def test_engine_choice_round_trip():
         assert cpp_backend.set_cuda_engine("cutlass_next") == "cutlass"
         assert cpp_backend.cuda_engine() == "cutlass_next" and _C.sm90_engine_enabled() and _C.sm90_next_enabled()
         assert cpp_backend.set_cuda_engine("cutlass_trial") == "cutlass_next"
-        assert _C.sm90_engine_enabled() and _C.sm90_next_enabled() and _C.sm90_trial_enabled()
-        assert cpp_backend.set_cuda_engine("cutlass_next") == "cutlass_trial" and not _C.sm90_trial_enabled()
+        assert _C.sm90_engine_enabled() and _C.sm90_next_enabled() and _C.sm90_trial_features() == 7
+        assert cpp_backend.set_cuda_engine("cutlass_next") == "cutlass_trial" and _C.sm90_trial_features() == 0
         cpp_backend.set_cuda_engine("cutlass_trial")
         assert cpp_backend.set_cuda_engine("mma") == "cutlass_trial"
-        assert not _C.sm90_engine_enabled() and not _C.sm90_next_enabled() and not _C.sm90_trial_enabled()
+        assert not _C.sm90_engine_enabled() and not _C.sm90_next_enabled() and _C.sm90_trial_features() == 0
         with pytest.raises(ValueError, match="unknown sm90 kernel 'cudnn'"):
             _C.sm90_engine_launches("cudnn")
     finally:
@@ -152,11 +153,11 @@ def test_cutlass_is_refused_where_it_was_not_built(monkeypatch):
         def set_sm90_next_enabled(self, enabled):
             assert not enabled, "an engine that was not built must not be enabled"
 
-        def sm90_trial_enabled(self):
-            return False
+        def sm90_trial_features(self):
+            return 0
 
-        def set_sm90_trial_enabled(self, enabled):
-            assert not enabled, "an engine that was not built must not be enabled"
+        def set_sm90_trial_features(self, features):
+            assert not features, "an engine that was not built must not be enabled"
 
     monkeypatch.setattr(cpp_backend, "_C", WithoutEngine())
     for engine in cpp_backend.HOPPER_ENGINES:
@@ -205,9 +206,15 @@ def _on_next_kernels() -> bool:
     return cpp_backend.cuda_engine() in ("cutlass_next", "cutlass_trial")
 
 
+def _trial_runs(feature: str) -> bool:
+    """Whether the engine in use is the trial, with this change of it on (cpp_backend.TRIAL_FEATURES)."""
+    return cpp_backend.cuda_engine() == "cutlass_trial" and feature in cpp_backend.trial_features()
+
+
 def _padded(cin: int) -> bool:
-    """Whether the engine in use pads the input's channels to 8 for the call (the trial, under 8 channels)."""
-    return cin < 8 and cpp_backend.cuda_engine() == "cutlass_trial"
+    """Whether the engine in use pads the input's channels to 8 for the call (the trial's stem tiles, under 8
+    channels)."""
+    return cin < 8 and _trial_runs("stem-conv")
 
 
 def _on_rows(cin: int, k: int, stride: int, padding: int) -> bool:
@@ -234,15 +241,13 @@ def _expected_kernel(cin: int, cout: int, k: int, stride: int, padding: int, res
     if (k, stride, padding) == (1, 1, 0) or _on_rows(cin, k, stride, padding):
         # A 1x1 stride-1 unpadded conv is a GEMM over the pixels; the rows path's, over the rows. The trial's GEMM
         # for calls with a residual has its own epilogue subtiles.
-        trial = cpp_backend.cuda_engine() == "cutlass_trial"
-        return "gemm-wide-epilogue" if trial and residual else "gemm"
-    trial = cpp_backend.cuda_engine() == "cutlass_trial"
-    if trial and cin <= 16 and not residual:
+        return "gemm-wide-epilogue" if _trial_runs("gemm-wide-epilogue") and residual else "gemm"
+    if _trial_runs("stem-conv") and cin <= 16 and not residual:
         return "stem-conv"  # 16-deep K steps for inputs of few channels; no residual (conv_sm90_cutlass.cuh)
     if cout <= 64:
         return "narrow-conv"
     # The trial's persistent conv takes no residual (conv_sm90_persistent.cuh).
-    return "persistent-conv" if trial and not residual else "conv"
+    return "persistent-conv" if _trial_runs("persistent-conv") and not residual else "conv"
 
 
 needs_engine_built = pytest.mark.skipif(not _C.has_sm90_engine(), reason="_C was built without the sm90 engine")
@@ -342,23 +347,96 @@ def test_trial_routes_wide_convs_residual_gemms_and_small_inputs_to_its_kernels(
         assert _route((3, 64, 7, 2, 3, 1, 1), residual=False, hw=(224, 224)) == "im2col-gemm"
 
 
+@needs_engine_built
+def test_trial_runs_only_the_changes_chosen():
+    previous = cpp_backend.trial_features()
+    stem = (3, 64, 7, 2, 3, 1, 1)
+    try:
+        with cpp_backend.using_cuda_engine("cutlass_trial"):
+            assert cpp_backend.set_trial_features(["stem-conv"]) == tuple(cpp_backend.TRIAL_FEATURES)
+            assert _C.sm90_trial_features() == 4 and cpp_backend.cuda_engine() == "cutlass_trial"
+            assert _route((64, 256, 1, 1, 0, 1, 1), hw=(56, 56)) == "gemm"
+            assert _route((128, 128, 3, 1, 1, 1, 1), residual=False, hw=(28, 28)) == "conv"
+            assert _route(stem, residual=False, hw=(224, 224), n=256) == "stem-conv"
+            cpp_backend.set_trial_features(["gemm-wide-epilogue", "persistent-conv"])
+            assert cpp_backend.trial_features() == ("persistent-conv", "gemm-wide-epilogue")
+            assert _C.sm90_trial_features() == 3
+            assert _route(stem, residual=False, hw=(224, 224), n=256) == "im2col-gemm"  # not padded: the rows
+            assert _route((128, 128, 3, 1, 1, 1, 1), residual=False, hw=(28, 28)) == "persistent-conv"
+            assert _route((64, 256, 1, 1, 0, 1, 1), hw=(56, 56)) == "gemm-wide-epilogue"
+            with pytest.raises(ValueError, match="at least one"):
+                cpp_backend.set_trial_features([])
+            with pytest.raises(ValueError, match="unknown trial features"):
+                cpp_backend.set_trial_features(["stem-conv", "faster"])
+            assert cpp_backend.trial_features() == ("persistent-conv", "gemm-wide-epilogue")  # unchanged
+        # Chosen under another engine: in effect once the trial is.
+        cpp_backend.set_trial_features(["stem-conv"])
+        with cpp_backend.using_cuda_engine("cutlass_next"):
+            assert _C.sm90_trial_features() == 0
+            with cpp_backend.using_cuda_engine("cutlass_trial"):
+                assert _C.sm90_trial_features() == 4
+    finally:
+        cpp_backend.set_trial_features(previous)
+
+
 def test_engine_smoke_reports_a_failure_or_a_hang_in_one_line(monkeypatch):
     assert engine_smoke.failure("cutlass_next") is None  # it has run on GPUs: nothing to ask
-    if not ON_SM90:  # the child's calls fail here (no GPU, or no engine): the reason comes back as one line
+    if not ON_SM90:  # the children's calls fail here (no GPU, or no engine): the reasons come back as one line
         why = engine_smoke.failure.__wrapped__("cutlass_trial")
         assert why is not None and why.startswith("cutlass_trial: ") and "\n" not in why, why
+        assert why.count("cutlass_trial: ") == len(cpp_backend.TRIAL_FEATURES), why  # one child per kernel
 
-    def hangs(cmd, **kwargs):
-        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+    class Hangs:
+        def __init__(self, cmd, **kwargs):
+            self.cmd, self.killed, self.returncode = cmd, False, None
 
-    monkeypatch.setattr(engine_smoke.subprocess, "run", hangs)
-    assert "did not finish within" in engine_smoke.failure.__wrapped__("cutlass_trial")
+        def communicate(self, timeout=None):
+            if not self.killed:
+                raise subprocess.TimeoutExpired(self.cmd, timeout)
+            return "", None
+
+        def kill(self):
+            self.killed = True
+
+    monkeypatch.setattr(engine_smoke.subprocess, "Popen", Hangs)
+    why = engine_smoke.failure.__wrapped__("cutlass_trial")
+    assert "'stem-conv' kernel did not finish within" in why and "'persistent-conv' kernel did not finish" in why
+
+
+def test_engine_smoke_leaves_out_the_trial_kernels_that_fail(monkeypatch):
+    previous = cpp_backend.trial_features()
+    reason = "cutlass_trial: its 'stem-conv' kernel is off by 1.00e+00 relative (tolerance 0.04)"
+    monkeypatch.setattr(engine_smoke, "kernel_failures", lambda engine: {"stem-conv": reason})
+    monkeypatch.setattr(engine_smoke, "_DROPPED", {})
+    monkeypatch.setattr(cpp_backend, "_C", _FeatureSwitches())
+    try:
+        assert engine_smoke.failure.__wrapped__("cutlass_trial") is None  # the rest still runs
+        assert cpp_backend.trial_features() == ("persistent-conv", "gemm-wide-epilogue")
+        assert engine_smoke.dropped("cutlass_trial") == reason
+        note = engine_note("cutlass_trial")  # the trial's bench rows say what ran and what was left out
+        assert (
+            "(persistent-conv, gemm-wide-epilogue)" in note
+            and f"left out, as they failed their first call: {reason}" in note
+        )
+        every = {name: f"cutlass_trial: {name} failed" for name in cpp_backend.TRIAL_FEATURES}
+        monkeypatch.setattr(engine_smoke, "kernel_failures", lambda engine: every)
+        why = engine_smoke.failure.__wrapped__("cutlass_trial")  # nothing left: refused, with every reason
+        assert why == "; ".join(every.values())
+    finally:
+        cpp_backend.set_trial_features(previous)
+
+
+class _FeatureSwitches:
+    """A stand-in for _C's engine switches (the engine off): set_trial_features consults cuda_engine()."""
+
+    def sm90_engine_enabled(self):
+        return False
 
 
 @gpu
 @needs_sm90
 def test_trial_kernels_finish_and_match_conv2d_in_a_child_process():
-    assert engine_smoke.failure.__wrapped__("cutlass_trial") is None
+    assert engine_smoke.kernel_failures("cutlass_trial") == {}
 
 
 @needs_engine_built

@@ -54,11 +54,12 @@ constexpr int kPaddedChannels = 8;  // 16 bytes of a 16-bit pixel: what TMA move
 std::atomic<long long> sm90_route_launches[kRoutes] = {};
 std::atomic<bool> sm90_enabled{false};
 std::atomic<bool> sm90_next_on{false};
-std::atomic<bool> sm90_trial_on{false};
+std::atomic<int> trial_feature_mask{0};
 
-// The trial's changes run on top of the next kernels only (launch.h).
-bool trial_on() {
-  return sm90_next_on.load(std::memory_order_relaxed) && sm90_trial_on.load(std::memory_order_relaxed);
+// Whether one of the trial's changes (a Sm90TrialFeature) is on: on top of the next kernels only (launch.h).
+bool trial_has(int feature) {
+  return sm90_next_on.load(std::memory_order_relaxed) &&
+         (trial_feature_mask.load(std::memory_order_relaxed) & feature) != 0;
 }
 
 [[maybe_unused]] bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }  // CUTLASS builds
@@ -88,18 +89,18 @@ cudaError_t sm90_call(DType dtype, const ConvBiasActParams& p, cudaStream_t stre
     Launcher half, bfloat16;
   };
   // In the order they are offered the call; each declines what its host-side checks refuse. The next kernels
-  // first, where they are on; the trial's changes to them (set_sm90_trial_enabled) before those.
+  // first, where they are on; the trial's changes to them (set_sm90_trial_features) before those.
   const bool next = sm90_next_on.load(std::memory_order_relaxed);
-  const bool trial = trial_on();
   const Kernel kernels[] = {
-      {trial && pointwise(p), Sm90Route::kGemmWideEpilogue, launch_gemm_wide_epilogue_sm90_half,
+      {trial_has(kTrialWideEpilogue) && pointwise(p), Sm90Route::kGemmWideEpilogue, launch_gemm_wide_epilogue_sm90_half,
        launch_gemm_wide_epilogue_sm90_bfloat16},
       {next && pointwise(p), Sm90Route::kGemm, launch_gemm_sm90_half, launch_gemm_sm90_bfloat16},
-      {trial && p.c <= kStemMaxChannels, Sm90Route::kStemConv, launch_conv_sm90_stem_half,
+      {trial_has(kTrialStemTiles) && p.c <= kStemMaxChannels, Sm90Route::kStemConv, launch_conv_sm90_stem_half,
        launch_conv_sm90_stem_bfloat16},
       {next && p.cout <= kNarrowMaxCout, Sm90Route::kNarrowConv, launch_conv_sm90_narrow_half,
        launch_conv_sm90_narrow_bfloat16},
-      {trial, Sm90Route::kPersistentConv, launch_conv_sm90_persistent_half, launch_conv_sm90_persistent_bfloat16},
+      {trial_has(kTrialPersistentConv), Sm90Route::kPersistentConv, launch_conv_sm90_persistent_half,
+       launch_conv_sm90_persistent_bfloat16},
       {true, Sm90Route::kConv, launch_conv_sm90_half, launch_conv_sm90_bfloat16},
   };
   for (const Kernel& kernel : kernels) {
@@ -139,13 +140,15 @@ void set_sm90_next_enabled(bool enabled) { sm90_next_on.store(enabled, std::memo
 
 bool sm90_next_enabled() { return sm90_next_on.load(std::memory_order_relaxed); }
 
-void set_sm90_trial_enabled(bool enabled) { sm90_trial_on.store(enabled, std::memory_order_relaxed); }
+void set_sm90_trial_features(int features) {
+  trial_feature_mask.store(features & kTrialAll, std::memory_order_relaxed);
+}
 
-bool sm90_trial_enabled() { return sm90_trial_on.load(std::memory_order_relaxed); }
+int sm90_trial_features() { return trial_feature_mask.load(std::memory_order_relaxed); }
 
 int sm90_padded_channels(DType dtype, const ConvBiasActParams& p) {
-  const bool takes = trial_on() && (dtype == DType::kHalf || dtype == DType::kBFloat16) && p.groups == 1 &&
-                     p.in_scale == nullptr && p.c > 0 && p.c < kPaddedChannels;
+  const bool takes = trial_has(kTrialStemTiles) && (dtype == DType::kHalf || dtype == DType::kBFloat16) &&
+                     p.groups == 1 && p.in_scale == nullptr && p.c > 0 && p.c < kPaddedChannels;
   return takes ? kPaddedChannels : 0;
 }
 

@@ -81,8 +81,16 @@ bool sm90_next_enabled();
 // not take on a persistent ping-pong kernel (conv_sm90_persistent.cuh), 64x64 epilogue subtiles on the GEMM for
 // calls with a residual (conv_sm90_gemm.cuh, WideEpilogue), and inputs of under 8 channels padded to 8 (below) for
 // tiles with 16-deep K steps.
-void set_sm90_trial_enabled(bool enabled);
-bool sm90_trial_enabled();
+// Each change is on or off by itself (a mask of Sm90TrialFeature), so that one whose kernel fails its first GPU run
+// can be left out while the others are measured (fused_resnet/ops/engine_smoke.py).
+enum Sm90TrialFeature : int {
+  kTrialPersistentConv = 1,  // route kPersistentConv
+  kTrialWideEpilogue = 2,    // route kGemmWideEpilogue
+  kTrialStemTiles = 4,       // route kStemConv, and the padding of inputs of under 8 channels (below)
+  kTrialAll = 7,
+};
+void set_sm90_trial_features(int features);
+int sm90_trial_features();
 // The trial's path for inputs of under 8 channels (an RGB stem), in place of the im2col rows: x and the filter
 // copied with their channels padded by zeros to 8 (16-byte pixels, which TMA's im2col loads address), then the call
 // on those as any other, which takes the trial's stem tiles (16-deep K steps: conv_sm90_cutlass.cuh, StemTile). The

@@ -84,9 +84,9 @@ def plan(group: Group, profile: Profile, device: torch.device) -> list[Contender
     if not train and half and hopper_engine_runs(device):  # the Hopper engine runs 16-bit convs only
         # fused:cuda runs the engine in use (by default CUTLASS's sm90 convs here); these rows, the others.
         for engine in other_cuda_engines():
-            note = f"the cuda backend's {engine!r} engine"
-            out.append(Contender(f"fused:cuda+{engine}{suffix}", "fused", cl, weights, amp, backend="cuda", note=note,
-                                 cuda_engine=engine, skip=engine_unfit(engine)))  # fmt: skip
+            skip = engine_unfit(engine)  # first: it may leave out the trial's failing kernels, which the note says
+            out.append(Contender(f"fused:cuda+{engine}{suffix}", "fused", cl, weights, amp, backend="cuda",
+                                 note=engine_note(engine), cuda_engine=engine, skip=skip))  # fmt: skip
     if device.type == "cuda" and profile.graph_replays:
         # Replayed CUDA graphs: how much of each eager row (inference, or a whole train step) is host launch
         # overhead rather than GPU time.
@@ -139,6 +139,17 @@ def engine_unfit(engine: str) -> str | None:
     from ..ops import engine_smoke
 
     return engine_smoke.failure(engine)
+
+
+def engine_note(engine: str) -> str:
+    """The note of an engine's rows: the engine, and for the trial the changes it ran and any it left out."""
+    from ..ops import cpp_backend, engine_smoke
+
+    note = f"the cuda backend's {engine!r} engine"
+    if engine == "cutlass_trial":
+        note += f" ({', '.join(cpp_backend.trial_features())})"
+    dropped = engine_smoke.dropped(engine)
+    return note + (f"; left out, as they failed their first call: {dropped}" if dropped else "")
 
 
 def engine_scope(cuda_engine: str | None) -> contextlib.AbstractContextManager:

@@ -164,12 +164,12 @@ def bias_residual_relu(
 #   channels (the RGB stem) and 1x1 stride-2 convs (projection shortcuts) as that GEMM over rows gathered from the
 #   input (im2col rows of the stem's 7x7 windows; the shortcut's strided pixels) (launch.cu, ops_cuda.cpp).
 # - "cutlass_trial": "cutlass_next" with the changes the next GPU run is to judge against it (launch.h,
-#   set_sm90_trial_enabled): convs of over 64 output channels without a residual that the GEMM does not take on a
-#   persistent ping-pong kernel (conv_sm90_persistent.cuh; ResNet-50's 3x3 layers ran at 0.68-0.80x of cuDNN's conv
-#   on CUTLASS's non-persistent one), 64x64 epilogue subtiles on the GEMM for 1x1 layers with a residual
-#   (conv_sm90_gemm.cuh says why), and inputs of under 8 channels (the RGB stem) padded by zeros to 8 for the implicit
-#   conv instead of laid out as im2col rows (launch.h, sm90_padded_channels), on tiles with 16-deep K steps for
-#   inputs of at most 16 channels (conv_sm90_cutlass.cuh, StemTile). Their layers are disjoint, so one
+#   set_sm90_trial_features; TRIAL_FEATURES below): convs of over 64 output channels without a residual that the
+#   GEMM does not take on a persistent ping-pong kernel (conv_sm90_persistent.cuh; ResNet-50's 3x3 layers ran at
+#   0.68-0.80x of cuDNN's conv on CUTLASS's non-persistent one), 64x64 epilogue subtiles on the GEMM for 1x1 layers
+#   with a residual (conv_sm90_gemm.cuh says why), and inputs of under 8 channels (the RGB stem) padded by zeros to 8
+#   for the implicit conv instead of laid out as im2col rows (launch.h, sm90_padded_channels), on tiles with 16-deep K
+#   steps for inputs of at most 16 channels (conv_sm90_cutlass.cuh, StemTile). Their layers are disjoint, so one
 #   engine shows each in the per-layer rows.
 # "cutlass_next" is the default where the Hopper engine was built. On an H100 it passed the GPU tests (every
 # ResNet-family conv shape of tests/test_cuda_sm90_engine.py) and compute-sanitizer, and ran ResNet-50 b256 bf16
@@ -180,6 +180,37 @@ CUDA_ENGINES = ("mma", "cutlass", "cutlass_next", "cutlass_trial")
 HOPPER_ENGINES = ("cutlass", "cutlass_next", "cutlass_trial")
 NEXT_ENGINES = ("cutlass_next", "cutlass_trial")  # those running the next kernels
 DEFAULT_CUDA_ENGINE = "cutlass_next"
+# The trial's changes, each named by the route of the kernel it adds, with its bit in the extension's mask (launch.h,
+# Sm90TrialFeature). "cutlass_trial" runs those of trial_features(): all, unless a caller left some out
+# (engine_smoke.py does where a kernel fails its first run, so that the others are still measured).
+TRIAL_FEATURES = {"persistent-conv": 1, "gemm-wide-epilogue": 2, "stem-conv": 4}
+_trial_features: tuple[str, ...] = tuple(TRIAL_FEATURES)
+
+
+def _trial_mask() -> int:
+    return sum(TRIAL_FEATURES[name] for name in _trial_features)
+
+
+def trial_features() -> tuple[str, ...]:
+    """The changes the "cutlass_trial" engine runs (see TRIAL_FEATURES)."""
+    return _trial_features
+
+
+def set_trial_features(names: Iterable[str]) -> tuple[str, ...]:
+    """Chooses the changes the "cutlass_trial" engine runs (at least one; in effect at once where it is the engine
+    in use); returns the previous choice."""
+    global _trial_features
+    wanted = set(names)
+    unknown = wanted - set(TRIAL_FEATURES)
+    if unknown:
+        raise ValueError(f"unknown trial features {sorted(unknown)}; choose from {', '.join(TRIAL_FEATURES)}")
+    if not wanted:
+        raise ValueError("the trial runs at least one of its changes; the 'cutlass_next' engine is the trial without")
+    previous, running = _trial_features, cuda_engine() == "cutlass_trial"
+    _trial_features = tuple(name for name in TRIAL_FEATURES if name in wanted)
+    if running:
+        _C.set_sm90_trial_features(_trial_mask())
+    return previous
 
 
 def sm90_engine_built() -> bool:
@@ -197,7 +228,7 @@ def set_cuda_engine(name: str) -> str:
         why = _MISSING or f"fused_resnet._C was built without it (needs CUTLASS and sm_90a); {REBUILD_HINT}"
         raise RuntimeError(f"the {name!r} CUDA engine is not available: {why}")
     if _C is not None:
-        _C.set_sm90_trial_enabled(name == "cutlass_trial")
+        _C.set_sm90_trial_features(_trial_mask() if name == "cutlass_trial" else 0)
         _C.set_sm90_next_enabled(name in NEXT_ENGINES)
         _C.set_sm90_engine_enabled(name in HOPPER_ENGINES)
     return previous
@@ -209,7 +240,7 @@ def cuda_engine() -> str:
         return "mma"
     if not _C.sm90_next_enabled():
         return "cutlass"
-    return "cutlass_trial" if _C.sm90_trial_enabled() else "cutlass_next"
+    return "cutlass_trial" if _C.sm90_trial_features() else "cutlass_next"
 
 
 def sm90_engine_runs_on(device: torch.device) -> bool:
