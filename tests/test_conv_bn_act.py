@@ -9,7 +9,7 @@ from torch import nn
 
 from fused_resnet import ConvBNAct
 from fused_resnet.nn import bn_act, conv_bn_act
-from fused_resnet.nn.folding import cached_fold
+from fused_resnet.nn.folding import cached_fold, clear_caches
 from fused_resnet.tolerances import relative_error
 
 
@@ -162,6 +162,143 @@ def test_eval_reads_a_weight_set_as_a_plain_attribute():
         assert relative_error(m(x), _plain(m, x)) < 1e-12
         m.conv.weight = weight * -1
         assert relative_error(m(x), _plain(m, x)) < 1e-12
+
+
+def test_eval_fold_follows_a_parameter_whose_storage_is_swapped():
+    # `p.data = t` keeps the object and its version counter; two such swaps between calls could bring a new storage
+    # to the folded one's address (found by an audit: wrong results from the third call on).
+    m = _module().eval()
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    weight = m.conv.weight
+    new = [torch.randn_like(weight) for _ in range(3)]
+    with torch.no_grad():
+        for i in range(9):
+            weight.data = new[i % 3].clone()
+            assert relative_error(m(x), _plain(m, x)) < 1e-12
+            weight.data = weight.data.clone()
+
+
+def test_a_conv_without_bn_never_hands_its_parameter_to_a_cache():
+    # Without a BN the fold is the weight itself: it must be a copy, so that dropping the fold drops everything
+    # cached from it (the CPU backend's prepacked weights were keyed on the user's parameter).
+    conv = nn.Conv2d(4, 8, 3, padding=1, bias=False).to(memory_format=torch.channels_last).requires_grad_(False)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        conv_bn_act(x, conv, None, relu=False)
+        assert cached_fold(conv)[0].data_ptr() != conv.weight.data_ptr()
+        conv.weight.data.mul_(-1)  # a write no version counter sees
+        clear_caches(conv)
+        assert relative_error(conv_bn_act(x, conv, None, relu=False), F.conv2d(x, conv.weight, padding=1)) < 1e-6
+
+
+def test_clear_caches_after_writes_through_data():
+    # An EMA model updated through `.data` (no version counter moves): documented, and clear_caches is the remedy.
+    m = _module().eval()
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        m(x)
+        m.conv.weight.data.mul_(0.5)
+        clear_caches(m)
+        assert relative_error(m(x), _plain(m, x)) < 1e-12
+
+
+def test_swapping_conversions_and_assigned_state_dicts():
+    # torch.utils.swap_tensors (module.to() in swap mode, load_state_dict(assign=True) there) refuses tensors with
+    # weak references: the cache must hold none.
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        m = _module().eval()
+        x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+        with torch.no_grad():
+            for _ in range(3):
+                m(x)
+                state = {k: v + 0.25 if v.is_floating_point() else v for k, v in m.state_dict().items()}
+                m.load_state_dict(state, assign=True)
+                assert relative_error(m(x), _plain(m, x)) < 1e-12
+            m.float()
+            assert relative_error(m(x.float()), _plain(m, x.float())) < 1e-6
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+@pytest.mark.parametrize("reparametrize", ["weight_norm", "spectral_norm", "prune"])
+def test_weights_made_in_a_conv_forward_pre_hook(reparametrize):
+    # weight_norm, spectral_norm and pruning recompute the conv's weight in its forward pre-hook: the call must run
+    # the conv's own forward (an audit found the fused path folding a stale weight).
+    import warnings
+
+    from torch.nn.utils import prune
+
+    m = _module().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight_norm is deprecated in favour of parametrizations
+        if reparametrize == "weight_norm":
+            torch.nn.utils.weight_norm(m.conv)
+        elif reparametrize == "spectral_norm":
+            torch.nn.utils.spectral_norm(m.conv)
+        else:
+            prune.random_unstructured(m.conv, "weight", amount=0.5)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for p in m.conv.parameters():
+            p.mul_(3.0)
+        got = m(x)  # first: the pre-hook has not run since the change
+        assert relative_error(got, _plain(m, x)) < 1e-12
+
+
+def test_hooks_on_the_conv_and_bn_fire():
+    m = _module().eval()
+    seen = []
+    m.conv.register_forward_hook(lambda module, args, out: seen.append("conv"))
+    m.bn.register_forward_pre_hook(lambda module, args: seen.append("bn"))
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        got = m(x)
+        assert seen == ["conv", "bn"]
+        assert relative_error(got, _plain(m, x)) < 1e-12
+
+
+def test_global_module_hooks_see_the_conv_and_bn():
+    m = _module().eval()
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(type(module)))
+    try:
+        with torch.no_grad():
+            got = m(torch.ones(1, 8, 6, 6, dtype=torch.float64))
+    finally:
+        handle.remove()
+    assert nn.Conv2d in seen and nn.BatchNorm2d in seen
+    with torch.no_grad():
+        assert relative_error(got, _plain(m, torch.ones(1, 8, 6, 6, dtype=torch.float64))) < 1e-12
+
+
+class _ShiftedBN(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1.0
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_batchnorm_subclass_runs_its_own_forward(training):
+    m = _module().train(training)
+    shifted = _ShiftedBN(16).double().train(training)
+    shifted.load_state_dict(m.bn.state_dict())
+    m.bn = shifted
+    plain = copy.deepcopy(m)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    assert relative_error(m(x), _plain(plain, x)) < 1e-12
+
+
+def test_jit_trace_after_an_eager_call_keeps_following_the_weights():
+    m = _module().eval()
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        m(x)  # the fold is cached
+        traced = torch.jit.trace(m, x)
+        state = {k: v + 0.5 if v.is_floating_point() else v for k, v in m.state_dict().items()}
+        traced.load_state_dict(state)
+        m.load_state_dict(state)
+        assert relative_error(traced(x), _plain(m, x)) < 1e-12
 
 
 def test_inference_mode_works_and_does_not_poison_the_cache():

@@ -139,3 +139,22 @@ def test_no_warning_for_clean_models():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fuse(torchvision.models.resnet50())
+
+
+def test_sync_batchnorm_converted_after_fusing_trains_on_batch_statistics():
+    # The usual DDP recipe converts BNs to nn.SyncBatchNorm after the model is built: those must train on batch
+    # statistics (their own forward) and fold in eval, as torchvision's would (an audit found them folded in train).
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10)
+    fused = nn.SyncBatchNorm.convert_sync_batchnorm(fuse(tv))
+    tv = nn.SyncBatchNorm.convert_sync_batchnorm(tv)
+    x = torch.randn(4, 3, 32, 32)
+    tv.train(), fused.train()
+    # fp32, but channels_last against NCHW convs, normalized by 4 samples' statistics in layer4 (1x1 pixels): 1e-4.
+    # The folded running statistics of the bug were off by about half the output's scale.
+    assert relative_error(fused(x), tv(x)) < 1e-4
+    assert relative_error(fused.bn1.running_mean, tv.bn1.running_mean) < 1e-5
+    assert fused.bn1.num_batches_tracked.item() == tv.bn1.num_batches_tracked.item() == 1
+    tv.eval(), fused.eval()
+    with torch.no_grad():
+        assert relative_error(fused(x), tv(x)) < 1e-5

@@ -4,11 +4,12 @@ Folding in bf16/fp16 measurably hurts accuracy, so the fold runs in fp32 (fp64 f
 cast to the compute dtype and b' stays fp32. The result is cached on the conv module, keyed on the
 parameters' identity, version counters, storage and dtype, so load_state_dict, an optimizer step, .to() or a
 replaced parameter invalidates it; tensors a module makes at each access (parametrizations) are folded at each call.
+The cache holds the tensors it folded (and so their memory) until the next call refolds: a new tensor can then never
+take a folded one's address. Writes through `tensor.data` bump no version counter and are not seen, as for autograd's
+own saved-tensor checks: after such writes (an EMA model updated through `.data`), fused_resnet.clear_caches(model).
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 from torch import nn
@@ -16,6 +17,15 @@ from torch import nn
 from ..ops import cpp_backend
 
 _CACHE_ATTR = "_fused_resnet_fold_cache"
+
+# The norms whose eval forward is the affine of their running statistics that bn_scale_shift computes. Any other
+# (a BatchNorm2d subclass, which may override forward, a norm of another kind) runs its own forward instead.
+try:  # torchvision is optional
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    FOLDABLE_NORMS: tuple[type, ...] = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+except ImportError:
+    FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +52,9 @@ def fold_conv_bn(
     bn=None (a conv with no BN after it): the weight cast and repacked, a zero bias."""
     if bn is None:
         bias = torch.zeros(conv_weight.shape[0], dtype=torch.float32, device=conv_weight.device)
-        return conv_weight.to(dtype).contiguous(memory_format=torch.channels_last), bias
+        # A copy even where the parameter already has this dtype and layout: the fold is the package's own tensor,
+        # which the CPU backend may prepack and keep (allow_prepacking), never the user's parameter.
+        return conv_weight.to(dtype, copy=True, memory_format=torch.channels_last), bias
     scale, shift = bn_scale_shift(bn)
     weight = (conv_weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
     return weight.contiguous(memory_format=torch.channels_last), shift
@@ -102,16 +114,17 @@ def _cache_key(tensors: list[torch.Tensor], bn: nn.Module | None, dtype: torch.d
     return (dtype, None if bn is None else float(bn.eps), state)
 
 
-def _same_objects(refs: tuple[weakref.ref, ...], tensors: list[torch.Tensor]) -> bool:
+def _same_objects(held: tuple[torch.Tensor, ...], tensors: list[torch.Tensor]) -> bool:
     # The key's addresses and version counters alone would match a new tensor made where a freed one was, with its
     # version counter at 0 again (a parameter replaced by another, twice between two calls or after a `del`).
-    return len(refs) == len(tensors) and all(ref() is t for ref, t in zip(refs, tensors, strict=True))
+    return len(held) == len(tensors) and all(a is b for a, b in zip(held, tensors, strict=True))
 
 
 def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """fold_conv_bn, cached when no gradient is wanted (a cached tensor must not carry autograd history)."""
-    # Under torch.compile the fold is traced into the graph (and constant-folded with freezing).
-    if torch.compiler.is_compiling():
+    # Under torch.compile the fold is traced into the graph (and constant-folded with freezing); so it is under
+    # torch.jit.trace, whose graph would otherwise keep a cached fold as a constant that later weights never reach.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return fold_conv_bn(conv.weight, bn, dtype)
     tensors, stored = _tensors(conv, bn)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -119,7 +132,7 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) ->
     key = _cache_key(tensors, bn, dtype) if stored else None
     cached = conv.__dict__.get(_CACHE_ATTR)
     if key is not None and cached is not None and cached[0] == key and _same_objects(cached[1], tensors):
-        weight, bias = cached[2]
+        weight, bias = cached[3]
         # A fold made inside inference_mode is an inference tensor, unusable outside it.
         if torch.is_inference_mode_enabled() or not weight.is_inference():
             return weight, bias
@@ -129,7 +142,11 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) ->
     with torch.inference_mode(tensors[0].is_inference()), torch.no_grad():
         folded = fold_conv_bn(tensors[0], bn, dtype)
     if key is not None:
-        conv.__dict__[_CACHE_ATTR] = (key, tuple(weakref.ref(t) for t in tensors), folded)
+        # Held: the tensors (identity) and their storages as they were (`.data =` swaps a parameter's storage while
+        # the object stays), so that no new tensor can be made at a folded one's address while this entry lives.
+        # Strong references, not weak ones: torch.utils.swap_tensors (module.to() in swap mode) refuses tensors
+        # with weak references.
+        conv.__dict__[_CACHE_ATTR] = (key, tuple(tensors), tuple(t.detach() for t in tensors), folded)
         cpp_backend.allow_prepacking(folded[0])  # kept: the CPU backend may keep its oneDNN-layout copy
     return folded
 
@@ -137,8 +154,17 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) ->
 def cached_fold(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The (weight, bias) fold cached on conv, if any (for tests and tools)."""
     cached = conv.__dict__.get(_CACHE_ATTR)
-    return None if cached is None else cached[2]
+    return None if cached is None else cached[3]
 
 
 def clear_fold_cache(conv: nn.Conv2d) -> None:
     conv.__dict__.pop(_CACHE_ATTR, None)
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Drops the cached BN folds of every conv in `model` (the CPU backend's prepacked copies of them go with them):
+    after writes that the caches cannot see (through `tensor.data`), or to release the memory they hold (a model
+    moved to another device keeps its last folds, and the tensors they were made from, until its next call)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            clear_fold_cache(module)

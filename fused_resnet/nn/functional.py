@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import backends
 from ..ops import reference
@@ -24,7 +26,7 @@ from ..training.conv_bn_act_train import conv_bn_act_train
 from ..training.passes import passes_for
 from ..training.projection_train import projection_end_train
 from ..training.sync import sync_group
-from .folding import bn_scale_shift, folded_conv_bn, module_tensor
+from .folding import FOLDABLE_NORMS, bn_scale_shift, folded_conv_bn, module_tensor
 
 
 def compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
@@ -41,7 +43,42 @@ def compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
 
 def uses_batch_stats(bn: nn.Module) -> bool:
     """True where BN normalizes with the batch's statistics (train mode, or no running stats)."""
-    return isinstance(bn, nn.BatchNorm2d) and (bn.training or bn.running_mean is None)
+    return isinstance(bn, _BatchNorm) and (bn.training or bn.running_mean is None)
+
+
+def _hooked(module: nn.Module | None) -> bool:
+    return module is not None and bool(
+        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
+    )
+
+
+def runs_own_forwards(*modules: nn.Module | None) -> bool:
+    """Whether a fused call over these modules (conv, BN, pre-activation BN; None: absent) must run their own forwards
+    instead: one with hooks (torch.nn.utils.weight_norm, spectral_norm and pruning recompute a conv's weight in a
+    forward pre-hook; a user's hooks, or global module hooks, expect to see their module run), or a norm the fused
+    path does not know (FOLDABLE_NORMS: e.g. a BatchNorm2d subclass, whose forward may differ)."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    for module in modules:
+        if module is None:
+            continue
+        if _hooked(module) or (not isinstance(module, nn.Conv2d) and type(module) not in FOLDABLE_NORMS):
+            return True
+    return False
+
+
+def _own_forwards(
+    x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module | None, residual: torch.Tensor | None, relu: bool,
+    pre_bn: nn.Module | None,
+) -> torch.Tensor:  # fmt: skip
+    if pre_bn is not None:
+        x = torch.relu(pre_bn(x))
+    y = conv(x)
+    if bn is not None:
+        y = bn(y)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
 
 
 def _fused_training(bn: nn.Module, backend: str) -> bool:
@@ -96,6 +133,8 @@ def conv_bn_act(
     x, config, dtype = _conv_input(x, conv)
     if residual is not None:
         residual = residual.to(dtype)
+    if runs_own_forwards(conv, bn, pre_bn):
+        return _own_forwards(x, conv, bn, residual, relu, pre_bn)
     if pre_bn is not None and uses_batch_stats(pre_bn):
         x, pre_bn = bn_act(x, pre_bn, relu=True, backend=backend, allow_fallback=allow_fallback), None
     if bn is not None and uses_batch_stats(bn):
@@ -134,7 +173,7 @@ def conv_bn_projection_act(
     shortcut. Where both BNs train fused (projection_trains_fused), one unit whose single pass applies both
     (training/projection_train.py); otherwise the shortcut is its own conv_bn_act call, whose output the block end
     takes as its residual (and may write into)."""
-    if not projection_trains_fused(bn, shortcut_bn, backend):
+    if not projection_trains_fused(bn, shortcut_bn, backend) or runs_own_forwards(conv, bn, shortcut_conv, shortcut_bn):
         shortcut = conv_bn_act(shortcut_x, shortcut_conv, shortcut_bn, None, False, backend, allow_fallback)
         return conv_bn_act(x, conv, bn, shortcut, True, backend, allow_fallback, donate_residual=True)
     x, config, dtype = _conv_input(x, conv)
@@ -162,6 +201,9 @@ def bn_act(
 ) -> torch.Tensor:
     """act(bn(x)) with BN's mode: a pre-activation unit (fused into the next conv's prologue later)."""
     check_activation(x)
+    if runs_own_forwards(bn):
+        y = bn(x)
+        return torch.relu(y) if relu else y
     if uses_batch_stats(bn):
         if _fused_training(bn, backend):
             return conv_bn_act_train(x, None, bn, None, relu, passes=passes_for(backend, x, allow_fallback))
