@@ -2,8 +2,8 @@
 state_dict keys as torchvision.models.resnet, so torchvision checkpoints load strictly.
 
 Each conv/BN pair stays a plain nn.Conv2d / nn.BatchNorm2d child (that is what keeps the keys); the blocks'
-forward hands the pair to the fused functional instead of calling them one by one. Forward hooks on the
-individual conv/bn children therefore do not fire.
+forward hands the pair to the fused functional instead of calling them one by one; a pair where either has hooks
+(or while global module hooks exist) runs the two modules' own forwards, so that the hooks fire (nn/functional.py).
 """
 
 from __future__ import annotations
