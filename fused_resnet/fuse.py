@@ -61,6 +61,9 @@ def _unfusable_reason(module: nn.Module) -> str | None:
             return f"{conv_name} is not a bias-free zero-padded nn.Conv2d ({type(conv).__name__})"
         if type(bn) not in fused.SUPPORTED_NORMS:
             return f"{bn_name} is {type(bn).__name__}, not BatchNorm2d/FrozenBatchNorm2d"
+    relu = getattr(module, "relu", None)
+    if type(relu) is not nn.ReLU:  # the fused kernels apply ReLU itself
+        return f"relu is {type(relu).__name__}, not nn.ReLU"
     return None
 
 
@@ -100,7 +103,9 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict:
         set_conv_layout(converted, torch.channels_last)
     _report(skipped, strict, "fuse")
     if not converted:
-        raise ValueError(f"fuse() found no torchvision ResNet, BasicBlock or Bottleneck in {type(model).__name__}")
+        why = f"; every one found was left as it was: {'; '.join(map(str, skipped))}" if skipped else ""
+        name = type(model).__name__
+        raise ValueError(f"fuse() converted no torchvision ResNet, BasicBlock or Bottleneck in {name}{why}")
     set_backend(model, backend)
     return model
 

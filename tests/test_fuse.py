@@ -158,3 +158,38 @@ def test_sync_batchnorm_converted_after_fusing_trains_on_batch_statistics():
     tv.eval(), fused.eval()
     with torch.no_grad():
         assert relative_error(fused(x), tv(x)) < 1e-5
+
+
+def test_a_block_whose_relu_is_another_activation_is_left_as_is():
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    tv.layer1[0].relu = nn.SiLU()
+    with pytest.warns(FuseWarning, match="relu is SiLU, not nn.ReLU"):
+        fused = fuse(tv)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(fused(x), tv(x)) < 1e-5
+    # Swapped after fusing: that block runs its modules' own forwards.
+    fused.layer2[0].relu, tv.layer2[0].relu = nn.SiLU(), nn.SiLU()
+    with torch.no_grad():
+        assert relative_error(fused(x), tv(x)) < 1e-5
+
+
+def test_hooks_on_relu_modules_fire_and_shape_the_gradient():
+    # Guided backprop clamps the gradient in a full backward hook on every nn.ReLU (an audit found the fused model
+    # running none of them: its input gradient came out wrong).
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10).double().eval()
+    fused = fuse(tv)
+    for net in (tv, fused):
+        for module in net.modules():
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
+                module.register_full_backward_hook(lambda m, grad_in, grad_out: (grad_in[0].clamp(min=0),))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    grads = []
+    for net in (tv, fused):
+        xg = x.clone().requires_grad_(True)
+        net(xg)[:, 3].sum().backward()
+        grads.append(xg.grad)
+    assert relative_error(grads[1], grads[0]) < 1e-10

@@ -79,15 +79,18 @@ def shortcut(x: Tensor, downsample: nn.Module | None, backend: str, donate_x: bo
 
 
 def block_end(
-    x: Tensor, conv: nn.Conv2d, bn: nn.Module, downsample: nn.Module | None, backend: str, donate_x: bool = False
-) -> Callable[[Tensor], Tensor]:
+    x: Tensor, conv: nn.Conv2d, bn: nn.Module, downsample: nn.Module | None, backend: str, donate_x: bool = False,
+    act: nn.Module | None = None,
+) -> Callable[[Tensor], Tensor]:  # fmt: skip
     """The block's last step, out -> relu(bn(conv(out)) + shortcut(x)), with the shortcut made now (before the
     block's convs, as torchvision orders them); except a projection (conv1x1 + BN) that trains fused with the block's
     last BN: then one unit makes both at the end, applying both BNs in its one pass (conv_bn_projection_act)."""
     if _is_conv_bn(downsample) and projection_trains_fused(bn, downsample[1], backend):
-        return lambda out: conv_bn_projection_act(out, conv, bn, x, downsample[0], downsample[1], backend)
+        return lambda out: conv_bn_projection_act(out, conv, bn, x, downsample[0], downsample[1], backend, act=act)
     identity, donate = shortcut(x, downsample, backend, donate_x)
-    return lambda out: conv_bn_act(out, conv, bn, residual=identity, relu=True, backend=backend, donate_residual=donate)
+    return lambda out: conv_bn_act(
+        out, conv, bn, residual=identity, relu=True, backend=backend, donate_residual=donate, act=act
+    )
 
 
 def _is_conv_bn(module: nn.Module | None) -> bool:
@@ -132,8 +135,8 @@ class BasicBlock(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, donate_x: bool = False) -> Tensor:
-        finish = block_end(x, self.conv2, self.bn2, self.downsample, self.backend, donate_x)
-        out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
+        finish = block_end(x, self.conv2, self.bn2, self.downsample, self.backend, donate_x, self.relu)
+        out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend, act=self.relu)
         return finish(out)  # the residual add and the block's final ReLU run in conv2's epilogue
 
 
@@ -172,9 +175,9 @@ class Bottleneck(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, donate_x: bool = False) -> Tensor:
-        finish = block_end(x, self.conv3, self.bn3, self.downsample, self.backend, donate_x)
-        out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
-        out = conv_bn_act(out, self.conv2, self.bn2, relu=True, backend=self.backend)
+        finish = block_end(x, self.conv3, self.bn3, self.downsample, self.backend, donate_x, self.relu)
+        out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend, act=self.relu)
+        out = conv_bn_act(out, self.conv2, self.bn2, relu=True, backend=self.backend, act=self.relu)
         return finish(out)
 
 
@@ -286,7 +289,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = prepare_input(x, self.conv1.in_channels)
-        x = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
+        x = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend, act=self.relu)
         x = self.maxpool(x)
 
         x = self.layer1(x)

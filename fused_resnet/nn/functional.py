@@ -67,9 +67,18 @@ def runs_own_forwards(*modules: nn.Module | None) -> bool:
     return False
 
 
+def own_activation(act: nn.Module | None) -> bool:
+    """Whether a call whose ReLU is this module (a block's `relu`; None: none given) must run the module itself: it has
+    hooks (guided backprop's on nn.ReLU, a user's), or it is not an nn.ReLU at all (an activation swapped in after
+    the model was fused)."""
+    if act is None:
+        return False
+    return type(act) is not nn.ReLU or _hooked(act) or bool(_module._global_forward_hooks)
+
+
 def _own_forwards(
     x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module | None, residual: torch.Tensor | None, relu: bool,
-    pre_bn: nn.Module | None,
+    pre_bn: nn.Module | None, act: nn.Module | None = None,
 ) -> torch.Tensor:  # fmt: skip
     if pre_bn is not None:
         x = torch.relu(pre_bn(x))
@@ -78,7 +87,9 @@ def _own_forwards(
         y = bn(y)
     if residual is not None:
         y = y + residual
-    return torch.relu(y) if relu else y
+    if not relu:
+        return y
+    return act(y) if act is not None else torch.relu(y)
 
 
 def _fused_training(bn: nn.Module, backend: str) -> bool:
@@ -122,19 +133,23 @@ def conv_bn_act(
     allow_fallback: bool | None = None,
     pre_bn: nn.Module | None = None,
     donate_residual: bool = False,
+    act: nn.Module | None = None,
 ) -> torch.Tensor:
     """act(bn(conv(pre(x))) + residual) with the modules' own parameters and each BN's mode.
 
     bn=None means no BN after the conv; pre_bn (with ReLU) is a pre-activation applied to x before the conv,
     as in pre-activation ResNets. In eval both BNs are folded and the whole call is one fused op.
     donate_residual=True says the caller never reads `residual` again: without autograd (no_grad /
-    inference_mode), a backend that can writes the result into the residual's memory and returns it.
+    inference_mode), a backend that can writes the result into the residual's memory and returns it. `act`, where
+    given, is the module whose ReLU this is (a block's `relu`): one with hooks, or not an nn.ReLU, is run itself.
     """
     x, config, dtype = _conv_input(x, conv)
     if residual is not None:
         residual = residual.to(dtype)
-    if runs_own_forwards(conv, bn, pre_bn):
-        return _own_forwards(x, conv, bn, residual, relu, pre_bn)
+    # An empty batch trains as nn.BatchNorm2d's own forward does (an empty result, no statistics to take).
+    empty_train = x.shape[0] == 0 and bn is not None and uses_batch_stats(bn)
+    if runs_own_forwards(conv, bn, pre_bn) or (relu and own_activation(act)) or empty_train:
+        return _own_forwards(x, conv, bn, residual, relu, pre_bn, act)
     if pre_bn is not None and uses_batch_stats(pre_bn):
         x, pre_bn = bn_act(x, pre_bn, relu=True, backend=backend, allow_fallback=allow_fallback), None
     if bn is not None and uses_batch_stats(bn):
@@ -168,14 +183,16 @@ def conv_bn_projection_act(
     shortcut_bn: nn.Module,
     backend: str = "auto",
     allow_fallback: bool | None = None,
+    act: nn.Module | None = None,
 ) -> torch.Tensor:
     """relu(bn(conv(x)) + shortcut_bn(shortcut_conv(shortcut_x))): a residual block's end with a projection
     shortcut. Where both BNs train fused (projection_trains_fused), one unit whose single pass applies both
     (training/projection_train.py); otherwise the shortcut is its own conv_bn_act call, whose output the block end
     takes as its residual (and may write into)."""
-    if not projection_trains_fused(bn, shortcut_bn, backend) or runs_own_forwards(conv, bn, shortcut_conv, shortcut_bn):
+    own = runs_own_forwards(conv, bn, shortcut_conv, shortcut_bn) or own_activation(act) or x.shape[0] == 0
+    if own or not projection_trains_fused(bn, shortcut_bn, backend):
         shortcut = conv_bn_act(shortcut_x, shortcut_conv, shortcut_bn, None, False, backend, allow_fallback)
-        return conv_bn_act(x, conv, bn, shortcut, True, backend, allow_fallback, donate_residual=True)
+        return conv_bn_act(x, conv, bn, shortcut, True, backend, allow_fallback, donate_residual=True, act=act)
     x, config, dtype = _conv_input(x, conv)
     shortcut_x, shortcut_config, _ = _conv_input(shortcut_x, shortcut_conv)
     passes = passes_for(backend, x, allow_fallback)

@@ -45,7 +45,10 @@ class Recipe:
     residual_scale), where the residual is None, a tensor, or the recipe of one (a chain through the blocks of a
     stage); a residual scale goes with a tensor residual only."""
 
-    __slots__ = ("y", "scale", "shift", "residual", "residual_scale", "relu", "passes", "version", "memo", "length")
+    __slots__ = (
+        "y", "scale", "shift", "residual", "residual_scale", "relu", "passes", "version", "memo", "length",
+        "residual_version",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -65,9 +68,16 @@ class Recipe:
         self.version = version  # the output's version counter when made: an in-place change since voids the recipe
         self.memo = _Memo()
         self.length = length  # recipes in the chain, this one included
+        # A tensor residual changed in place since would remake another output (found by an audit: a partial
+        # backward, autograd.grad, then took a wrong weight gradient); inference tensors have no version counter.
+        self.residual_version = (
+            residual._version if isinstance(residual, torch.Tensor) and not residual.is_inference() else None
+        )
 
     def alive(self) -> bool:
         residual = self.residual
+        if isinstance(residual, torch.Tensor):
+            return self.y is not None and (self.residual_version is None or residual._version == self.residual_version)
         return self.y is not None and (not isinstance(residual, Recipe) or residual.alive())
 
     def release(self) -> None:
