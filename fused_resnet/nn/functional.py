@@ -70,10 +70,8 @@ def runs_own_forwards(*modules: nn.Module | None) -> bool:
 def own_activation(act: nn.Module | None) -> bool:
     """Whether a call whose ReLU is this module (a block's `relu`; None: none given) must run the module itself: it has
     hooks (guided backprop's on nn.ReLU, a user's), or it is not an nn.ReLU at all (an activation swapped in after
-    the model was fused)."""
-    if act is None:
-        return False
-    return type(act) is not nn.ReLU or _hooked(act) or bool(_module._global_forward_hooks)
+    the model was fused). Global module hooks are runs_own_forwards' to see, which every caller asks as well."""
+    return act is not None and (type(act) is not nn.ReLU or _hooked(act))
 
 
 def _own_forwards(
