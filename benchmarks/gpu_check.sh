@@ -13,8 +13,11 @@
 #   tune        python -m fused_resnet.ops.triton_tune for ResNet-50, batch 256, bf16 (the table lands in OUTDIR too)
 #   bench       python -m fused_resnet.bench --profile gpu-quick
 #   max-autotune  ResNet-50 bf16 inference at batch 256, then 32, against torch.compile(mode="max-autotune"), beside
-#               only the rows the issues' targets name (eager_cl+autocast, fused:cuda, fused:triton, compile) and the
-#               cuda backend's trial engine (fused:cuda+cutlass_trial, the candidate for its next default): its
+#               only the rows the issues' targets name (eager_cl+autocast, fused:cuda, fused:triton, compile), the
+#               cuda backend's trial engine (fused:cuda+cutlass_trial, the candidate for its next default) and
+#               fused:cuda replayed from a CUDA graph (+graph: the eager forward captured; +cudagraphs, batch 32:
+#               torch.compile(mode="reduce-overhead")), as max-autotune replays its own: at batch 32 an eager
+#               forward is host-bound (5.9 ms of host time per ResNet-50 forward on the H100, 2026-11-27 run2). Its
 #               compile alone ran past 180 s on the H100 (2026-11-27 run4), so give this stage 420 s or more
 #   train       training groups (those the bench stage did not run into OUTDIR) + the largest batch that fits
 #               (ResNet-152 224x224, pre-act ResNet-1001 CIFAR)
@@ -229,9 +232,9 @@ for stage in "${STAGES[@]}"; do
             if [[ $DRY == 1 ]]; then sizes=(--models resnet18 --batch 2); else sizes=(--models resnet50 --batch 256 32); fi
             run_stage max-autotune "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
                 --profile "$PROFILE" "${sizes[@]}" --dtypes bf16 --mode inference --no-layers \
-                --compile all --max-autotune --resume \
+                --compile all --max-autotune --graph-replays --resume \
                 --contenders eager_cl+autocast fused:cuda fused:cuda+cutlass_trial fused:triton compile \
-                compile_max_autotune "${EXTRA[@]}"
+                compile_max_autotune fused:cuda+graph fused:cuda+cudagraphs "${EXTRA[@]}"
             ;;
         train)
             run_stage train "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
