@@ -109,6 +109,43 @@ def test_eval_fold_is_cached_and_invalidated():
         assert relative_error(m(x), _plain(m, x)) < 1e-12
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_eval_fold_follows_a_train_forward_of_the_bn_module_itself(backend):
+    # Stock BN's train forward (BN recalibration; here the reference backend's training, or a BN with a hook, which
+    # runs its own forward) moves the running statistics inside ATen's kernel, which bumps no version counter: an
+    # audit found the fold cached before it still in use after (2.6 off on a 3.8-scale output).
+    m = _module()
+    m.backend = backend
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    m.eval()
+    with torch.no_grad():
+        m(x)
+        assert cached_fold(m.conv) is not None
+        handle = m.bn.register_forward_hook(lambda *args: None)  # the cpu backend's own training is the fused one
+        m.train()
+        m(x * 3 + 1)
+        handle.remove()
+        m.eval()
+        assert relative_error(m(x), _plain(m, x)) < 1e-12
+
+
+def test_the_fold_cache_is_neither_saved_nor_copied(tmp_path):
+    m = _module().eval()
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    before = tmp_path / "before.pt"
+    torch.save(m, before)
+    with torch.no_grad():
+        y = m(x)
+    after = tmp_path / "after.pt"
+    torch.save(m, after)
+    # The fold (and its aliases of the parameters) would double the file.
+    assert after.stat().st_size < before.stat().st_size * 1.05
+    for other in (torch.load(after, weights_only=False), copy.deepcopy(m)):
+        assert cached_fold(other.conv) is None
+        with torch.no_grad():
+            assert torch.equal(other(x), y)
+
+
 def test_eval_fold_follows_a_replaced_parameter():
     # A new parameter may be made where a freed one was, its version counter at 0 again: the cache must not take
     # it for the one it folded (a replacement after a `del`, or two replacements between calls).

@@ -4,6 +4,9 @@ Folding in bf16/fp16 measurably hurts accuracy, so the fold runs in fp32 (fp64 f
 cast to the compute dtype and b' stays fp32. The result is cached on the conv module, keyed on the
 parameters' identity, version counters, storage and dtype, so load_state_dict, an optimizer step, .to() or a
 replaced parameter invalidates it; tensors a module makes at each access (parametrizations) are folded at each call.
+The key holds BN's num_batches_tracked too: a train-mode forward of the BN module itself (stock BN recalibration)
+moves the running statistics inside ATen's kernel, which bumps no version counter, but counts the batch in place.
+The cache is never pickled or deep-copied (torch.save of a model would store every fold beside the weights).
 The cache holds the tensors it folded (and so their memory) until the next call refolds: a new tensor can then never
 take a folded one's address. Writes through `tensor.data` bump no version counter and are not seen, as for autograd's
 own saved-tensor checks: after such writes (an EMA model updated through `.data`), fused_resnet.clear_caches(model).
@@ -95,7 +98,7 @@ def _tensors(conv: nn.Conv2d, bn: nn.Module | None) -> tuple[list[torch.Tensor],
     """The tensors the fold reads, and whether each is one the modules store (else a fold of them must not be
     cached: a tensor made at each access has version 0 and, once freed, its address may come back for the next
     one, so the cache key would match a fold of other values)."""
-    names = ("weight", "bias", "running_mean", "running_var") if bn is not None else ()
+    names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked") if bn is not None else ()
     weight, stored = _lookup(conv, "weight")
     tensors = [weight]
     for name in names:
@@ -118,6 +121,18 @@ def _same_objects(held: tuple[torch.Tensor, ...], tensors: list[torch.Tensor]) -
     # The key's addresses and version counters alone would match a new tensor made where a freed one was, with its
     # version counter at 0 again (a parameter replaced by another, twice between two calls or after a `del`).
     return len(held) == len(tensors) and all(a is b for a, b in zip(held, tensors, strict=True))
+
+
+def _dropped() -> None:
+    return None
+
+
+class _FoldEntry(tuple):
+    """(key, the tensors folded, detached aliases of their storages, (weight, bias)): a cache entry, which pickles
+    (torch.save, copy.deepcopy) as None, a cache miss."""
+
+    def __reduce__(self) -> tuple:
+        return _dropped, ()
 
 
 def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +161,7 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) ->
         # the object stays), so that no new tensor can be made at a folded one's address while this entry lives.
         # Strong references, not weak ones: torch.utils.swap_tensors (module.to() in swap mode) refuses tensors
         # with weak references.
-        conv.__dict__[_CACHE_ATTR] = (key, tuple(tensors), tuple(t.detach() for t in tensors), folded)
+        conv.__dict__[_CACHE_ATTR] = _FoldEntry((key, tuple(tensors), tuple(t.detach() for t in tensors), folded))
         cpp_backend.allow_prepacking(folded[0])  # kept: the CPU backend may keep its oneDNN-layout copy
     return folded
 
