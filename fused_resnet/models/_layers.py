@@ -36,23 +36,25 @@ class ResidualLayer(nn.Sequential):
 
 
 def _donates(module: nn.Module | None) -> bool:
-    # Only the package's own block classes: a subclass may keep its output or have another forward signature.
-    return module is not None and "takes_donated_input" in type(module).__dict__
+    # Only the package's own block classes, with their own forward: a subclass, or a forward set on the instance
+    # (monkeypatched), may keep its output or have another signature.
+    return module is not None and "takes_donated_input" in type(module).__dict__ and "forward" not in module.__dict__
 
 
 def _input_is_dead(previous: nn.Module | None, block: nn.Module) -> bool:
     if not (_donates(previous) and _donates(block)):
         return False
-    # A hook that sees the tensor may keep it: forward hooks on the previous block (its output), pre-hooks and
-    # forward hooks on this one (its input, the latter after the block has run).
-    hooks = (
-        previous._forward_hooks,
-        block._forward_pre_hooks,
-        block._forward_hooks,
-        _module._global_forward_hooks,
-        _module._global_forward_pre_hooks,
-    )
-    return not any(hooks)
+    # A hook that sees the tensor may keep it: forward hooks on the previous block (its output), any on the modules
+    # inside it (its relu's, which hooks make run itself: activation capture for Grad-CAM; an in-place relu's input
+    # is its output), any on this block or the modules inside it (its input: a pre-hook on its first conv).
+    if previous._forward_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
+    inside = (m for blk in (previous, block) for m in blk.modules() if m is not previous)
+    return not any(_forward_hooked(m) for m in inside)
+
+
+def _forward_hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class StemMaxPool2d(nn.MaxPool2d):
