@@ -175,6 +175,27 @@ def test_a_block_whose_relu_is_another_activation_is_left_as_is():
         assert relative_error(fused(x), tv(x)) < 1e-5
 
 
+class _HalvedShortcut(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_hooked_or_subclassed_downsample_runs_itself(training):
+    # An audit found hooks on a block's downsample container never firing, and an nn.Sequential subclass with its own
+    # forward fused as a plain conv + BN (1.15 off on a 2.8 scale, no warning).
+    torch.manual_seed(0)
+    tv = randomize_bn_(torchvision.models.resnet18(num_classes=10)).double().train(training)
+    fused = fuse(tv)
+    calls = []
+    for net in (tv, fused):
+        net.layer2[0].downsample.register_forward_hook(lambda module, args, out: calls.append(1) or out * 0.5)
+        net.layer3[0].downsample = _HalvedShortcut(*net.layer3[0].downsample)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert relative_error(fused(x), tv(x)) < 1e-10
+    assert len(calls) == 2
+
+
 def test_hooks_on_relu_modules_fire_and_shape_the_gradient():
     # Guided backprop clamps the gradient in a full backward hook on every nn.ReLU (an audit found the fused model
     # running none of them: its input gradient came out wrong).

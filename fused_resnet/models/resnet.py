@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn.functional import conv_bn_act, conv_bn_projection_act, projection_trains_fused
+from ..nn.functional import conv_bn_act, conv_bn_projection_act, has_hooks, projection_trains_fused
 from ._common import init_weights, prepare_input, set_conv_layout
 from ._layers import ResidualLayer, StemMaxPool2d
 from ._weights import Weights, load_weights
@@ -94,8 +94,10 @@ def block_end(
 
 
 def _is_conv_bn(module: nn.Module | None) -> bool:
+    # Exactly an nn.Sequential without hooks: a subclass may override forward, and hooks expect to see it run.
     return (
-        isinstance(module, nn.Sequential)
+        type(module) is nn.Sequential
+        and not has_hooks(module)
         and len(module) == 2
         and type(module[0]) is nn.Conv2d
         and module[0].bias is None

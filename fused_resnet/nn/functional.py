@@ -46,23 +46,38 @@ def uses_batch_stats(bn: nn.Module) -> bool:
     return isinstance(bn, _BatchNorm) and (bn.training or bn.running_mean is None)
 
 
-def _hooked(module: nn.Module | None) -> bool:
+def has_hooks(module: nn.Module | None) -> bool:
+    """Whether the module has hooks of its own (forward, forward pre-, backward or backward pre-hooks)."""
     return module is not None and bool(
         module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
     )
 
 
+def _conv_unfusable(conv: nn.Conv2d) -> bool:
+    # A subclass may override forward (weight standardization, a scaled conv); a bias, a padding mode other than
+    # zeros or padding="same" set after the model was built is no conv of the fused kernels.
+    return (
+        type(conv) is not nn.Conv2d
+        or module_tensor(conv, "bias") is not None
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+    )
+
+
 def runs_own_forwards(*modules: nn.Module | None) -> bool:
-    """Whether a fused call over these modules (conv, BN, pre-activation BN; None: absent) must run their own forwards
-    instead: one with hooks (torch.nn.utils.weight_norm, spectral_norm and pruning recompute a conv's weight in a
-    forward pre-hook; a user's hooks, or global module hooks, expect to see their module run), or a norm the fused
-    path does not know (FOLDABLE_NORMS: e.g. a BatchNorm2d subclass, whose forward may differ)."""
+    """Whether a fused call over these modules (convs, BNs, pre-activation BN; None: absent) must run their own
+    forwards instead: one with hooks (torch.nn.utils.weight_norm, spectral_norm and pruning recompute a conv's weight
+    in a forward pre-hook; a user's hooks, or global module hooks, expect to see their module run), a norm the fused
+    path does not know (FOLDABLE_NORMS: e.g. a BatchNorm2d subclass, whose forward may differ), or a conv that is not
+    a plain zero-padded nn.Conv2d without bias (_conv_unfusable)."""
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return True
     for module in modules:
         if module is None:
             continue
-        if _hooked(module) or (not isinstance(module, nn.Conv2d) and type(module) not in FOLDABLE_NORMS):
+        if has_hooks(module):
+            return True
+        if _conv_unfusable(module) if isinstance(module, nn.Conv2d) else type(module) not in FOLDABLE_NORMS:
             return True
     return False
 
@@ -71,7 +86,7 @@ def own_activation(act: nn.Module | None) -> bool:
     """Whether a call whose ReLU is this module (a block's `relu`; None: none given) must run the module itself: it has
     hooks (guided backprop's on nn.ReLU, a user's), or it is not an nn.ReLU at all (an activation swapped in after
     the model was fused). Global module hooks are runs_own_forwards' to see, which every caller asks as well."""
-    return act is not None and (type(act) is not nn.ReLU or _hooked(act))
+    return act is not None and (type(act) is not nn.ReLU or has_hooks(act))
 
 
 def _own_forwards(
@@ -106,8 +121,6 @@ def projection_trains_fused(bn: nn.Module, shortcut_bn: nn.Module, backend: str)
 def _conv_input(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, ConvConfig, torch.dtype]:
     """x checked against conv and cast to the dtype the conv runs in, the conv's config and that dtype."""
     check_activation(x)
-    if module_tensor(conv, "bias") is not None:
-        raise ValueError("conv_bn_act expects a conv without bias (BatchNorm's shift replaces it)")
     if x.shape[1] != conv.in_channels:
         raise ValueError(f"expected input with {conv.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     weight = module_tensor(conv, "weight")
@@ -141,13 +154,14 @@ def conv_bn_act(
     inference_mode), a backend that can writes the result into the residual's memory and returns it. `act`, where
     given, is the module whose ReLU this is (a block's `relu`): one with hooks, or not an nn.ReLU, is run itself.
     """
-    x, config, dtype = _conv_input(x, conv)
-    if residual is not None:
-        residual = residual.to(dtype)
+    check_activation(x)
     # An empty batch trains as nn.BatchNorm2d's own forward does (an empty result, no statistics to take).
     empty_train = x.shape[0] == 0 and bn is not None and uses_batch_stats(bn)
     if runs_own_forwards(conv, bn, pre_bn) or (relu and own_activation(act)) or empty_train:
-        return _own_forwards(x, conv, bn, residual, relu, pre_bn, act)
+        return _own_forwards(x, conv, bn, residual, relu, pre_bn, act)  # the modules cast for autocast themselves
+    x, config, dtype = _conv_input(x, conv)
+    if residual is not None:
+        residual = residual.to(dtype)
     if pre_bn is not None and uses_batch_stats(pre_bn):
         x, pre_bn = bn_act(x, pre_bn, relu=True, backend=backend, allow_fallback=allow_fallback), None
     if bn is not None and uses_batch_stats(bn):

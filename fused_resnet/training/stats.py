@@ -76,12 +76,14 @@ def running_update(bn: nn.BatchNorm2d) -> tuple[bool, float]:
     """Whether nn.BatchNorm2d would move bn's running stats in this forward, and the factor it would move them by
     (momentum, or 1/num_batches_tracked for momentum=None); counts the batch in num_batches_tracked where it
     would. Once per forward: it is the update's one side effect on the host."""
-    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    counts = bn.training and bn.track_running_stats
+    update = counts and bn.running_mean is not None
     factor = 0.0 if bn.momentum is None else bn.momentum
-    if update and bn.num_batches_tracked is not None:
+    # Counted wherever nn.BatchNorm2d counts it: also where the running buffers were set to None.
+    if counts and bn.num_batches_tracked is not None:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
+        if update and bn.momentum is None:
             factor = 1.0 / float(bn.num_batches_tracked)
     return update, factor
 
