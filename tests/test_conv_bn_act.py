@@ -456,6 +456,17 @@ def test_convs_the_kernels_do_not_take_run_themselves(make, training):
         assert relative_error(m.bn.running_mean, stock.bn.running_mean) < 1e-12
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_autocast_leaves_a_float64_module_in_float64(training):
+    m = _module().train(training)
+    stock = copy.deepcopy(m)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = m(x), _plain(stock, x)
+    assert got.dtype == want.dtype == torch.float64
+    assert relative_error(got, want) < 1e-12
+
+
 def test_errors_name_the_problem():
     m = _module()
     with pytest.raises(TypeError, match="does not match"):

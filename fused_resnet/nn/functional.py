@@ -30,8 +30,9 @@ from .folding import FOLDABLE_NORMS, bn_scale_shift, folded_conv_bn, module_tens
 
 
 def compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the conv runs in: autocast's when it is on, else the parameters' (which x must match)."""
-    if torch.is_autocast_enabled(x.device.type):
+    """The dtype the conv runs in: autocast's when it is on, else the parameters' (which x must match). Autocast
+    leaves float64 alone, and so an fp64 model runs in fp64 under it too."""
+    if torch.is_autocast_enabled(x.device.type) and param_dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     if x.dtype != param_dtype:
         raise TypeError(
