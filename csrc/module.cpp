@@ -9,6 +9,7 @@
 #include <string>
 #include <utility>
 
+#include "cpu/input_scans.h"
 #include "cpu/weight_cache.h"
 #ifdef FUSED_RESNET_WITH_CUDA
 #include "cuda/launch.h"
@@ -184,4 +185,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clear_weight_cache", &fused_resnet::cpu::clear_weight_cache,
         "drop every prepacked (oneDNN-layout) CPU weight");
   m.def("weight_cache_size", &fused_resnet::cpu::weight_cache_size, "number of prepacked CPU weights held");
+  m.def("cpu_input_scans_enabled", &fused_resnet::cpu::input_scans_enabled,
+        "whether the CPU conv scans its activations for NaN/inf on this thread (cpu/input_scans.h)");
+  m.def("set_cpu_input_scans_enabled", &fused_resnet::cpu::set_input_scans_enabled,
+        "turn this thread's CPU activation scans on or off; returns the previous setting", pybind11::arg("enabled"));
 }

@@ -264,6 +264,31 @@ def test_bias_residual_relu_keeps_nan():
     assert torch.isnan(out[0, 0]).all() and out[0, 1].item() == 0.0 and out[0, 2].item() == 2.0
 
 
+@pytest.mark.parametrize("into_residual", [False, True])
+@pytest.mark.parametrize("where", ["input", "inf_input", "weight", "bias", "residual", "prologue"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["3x3s1", "grouped3x3"])
+def test_conv_bias_act_cpu_keeps_nan(kind, dtype, where, into_residual):
+    # oneDNN's ReLU post-op makes a NaN 0; torch.relu keeps it, and so must the op (an audit found a NaN input pixel
+    # giving finite logits through the cpu backend). The NaN pattern must be the reference's exactly.
+    x, w, b, r, config, s, t = _make(CONV_KINDS[kind], dtype, prologue=where == "prologue")
+    target = {"input": x, "inf_input": x, "weight": w, "bias": b, "residual": r, "prologue": s}[where]
+    if where == "inf_input":  # +inf and -inf in one pixel: their products meet in the same sums (inf - inf)
+        target[0, 0, 1, 1], target[0, 1, 1, 1] = float("inf"), float("-inf")
+    else:
+        target[(0, 0, 1, 1)[: target.dim()]] = float("nan")
+    want = _reference(x, w, b, r, config, True, s, t, torch.float64)
+    if into_residual:
+        out = cpp_backend.conv_bias_act_into_residual(x, w, b, r.clone(), config, True, s, t)
+    else:
+        out = _call(x, w, b, r, config, True, s, t)
+    assert torch.isnan(want).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    finite = torch.isfinite(want)
+    err = tolerances.relative_error(out[finite], want[finite])
+    assert err <= tolerances.forward_rtol(dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Input checks: errors a user can act on
 # ---------------------------------------------------------------------------------------------------------

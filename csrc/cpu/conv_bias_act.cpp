@@ -7,17 +7,25 @@
 // or torch was built without it, at::convolution runs the conv and one vectorized pass adds bias + residual
 // and applies ReLU. The pre-activation prologue is one vectorized pass before the conv.
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/convolution.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sum.h>
 #include <c10/core/MemoryFormat.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/epilogue.h"
+#include "cpu/input_scans.h"
 #include "cpu/weight_cache.h"
 #include "message.h"
 
@@ -86,23 +94,78 @@ bool onednn_takes(c10::ScalarType dtype) {
   }
 }
 
-// The oneDNN ops' arguments for one call: geometry lists, the prepacked weight, the bias in the activation dtype.
+// Whether no value among n has all its exponent bits set (NaN or an infinity): the least of ~bits & mask over them
+// is 0 exactly where one has, an unsigned min reduction the compiler vectorizes; parallel over large tensors.
+template <typename Bits>
+bool no_exponent_all_ones(const void* data, int64_t n, Bits mask) {
+  const Bits* bits = static_cast<const Bits*>(data);
+  std::atomic<bool> found{false};
+  at::parallel_for(0, n, int64_t{1} << 16, [&](int64_t begin, int64_t end) {
+    Bits least = mask;
+    for (int64_t i = begin; i < end; ++i) least = std::min<Bits>(least, static_cast<Bits>(~bits[i] & mask));
+    if (least == 0) found.store(true, std::memory_order_relaxed);
+  });
+  return !found.load();
+}
+
+// Whether every value of t is finite, reading its memory once (a dense tensor's values fill numel slots from its
+// data pointer, whatever its strides).
+bool all_finite(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  const at::Tensor d = t.is_non_overlapping_and_dense() ? t : t.contiguous();
+  switch (d.scalar_type()) {
+    case at::kFloat:
+      return no_exponent_all_ones<uint32_t>(d.const_data_ptr(), d.numel(), 0x7f800000u);
+    case at::kBFloat16:
+      return no_exponent_all_ones<uint16_t>(d.const_data_ptr(), d.numel(), 0x7f80u);
+    case at::kHalf:
+      return no_exponent_all_ones<uint16_t>(d.const_data_ptr(), d.numel(), 0x7c00u);
+    default:  // a NaN or an infinity makes the sum NaN or infinite (an overflow only takes the slower path)
+      return std::isfinite(d.sum().item<double>());
+  }
+}
+
+thread_local bool scan_inputs = true;
+
+// A call whose weight, bias or prologue parameters are not all finite may make NaN from finite activations: from it
+// on, this thread's convs scan theirs again (until the model's forward restores the switch: input_scans.h).
+void scan_from_here_unless(bool params_finite) {
+  if (!params_finite) scan_inputs = true;
+}
+
+// The oneDNN ops' arguments for one call: geometry lists, the prepacked weight, the bias in the activation dtype,
+// and the unary post-op. oneDNN's ReLU is x86's max(x, 0), which makes a NaN 0: where an input, the weight or the
+// bias holds NaN or an infinity (whose differences are NaN), the ReLU runs after the primitive instead, as torch.relu
+// does, keeping NaN (an audit found a NaN input pixel giving finite logits). The check reads the input and the
+// residual once more where input_scans_enabled() (input_scans.h); the weight's is made once, when it is packed.
 struct OneDnnCall {
   std::vector<int64_t> stride, padding, dilation;
   at::Tensor packed, bias;
+  bool relu_after;  // ReLU wanted and not taken as the primitive's post-op
+  c10::IValue post_op;
 };
 
 OneDnnCall onednn_call(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& weight_arg,
-                       const at::Tensor& bias, const ConvGeometry& g) {
-  OneDnnCall call{{g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, {}, {}};
-  call.packed = cached_prepacked_weight(weight_arg, input.sizes(), call.stride, call.padding, call.dilation, g.groups,
-                                        [&] {
-                                          return call_boxed(onednn_ops()->reorder,
-                                                            {weight, call.padding, call.stride, call.dilation,
-                                                             g.groups, input.sizes().vec()});
-                                        });
+                       const at::Tensor& bias, const std::optional<at::Tensor>& residual, const ConvGeometry& g,
+                       bool relu) {
+  OneDnnCall call{{g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, {}, {}, false, {}};
+  const PackedWeight packed =
+      cached_prepacked_weight(weight_arg, input.sizes(), call.stride, call.padding, call.dilation, g.groups, [&] {
+        return PackedWeight{call_boxed(onednn_ops()->reorder, {weight, call.padding, call.stride, call.dilation,
+                                                               g.groups, input.sizes().vec()}),
+                            all_finite(weight)};
+      });
+  call.packed = packed.packed;
   // oneDNN wants the bias in the activation dtype (the reference rounds it the same way).
   call.bias = bias.to(input.scalar_type());
+  const bool params_finite = packed.finite && all_finite(bias);
+  scan_from_here_unless(params_finite);
+  if (relu) {
+    const bool finite =
+        params_finite && (!scan_inputs || (all_finite(input) && (!residual.has_value() || all_finite(*residual))));
+    call.relu_after = !finite;
+    if (finite) call.post_op = c10::IValue("relu");
+  }
   return call;
 }
 
@@ -110,16 +173,12 @@ at::Tensor conv_onednn(const at::Tensor& input, const at::Tensor& weight, const 
                        const at::Tensor& bias, const std::optional<at::Tensor>& residual, const ConvGeometry& g,
                        bool relu) {
   const OneDnnOps& ops = *onednn_ops();
-  const OneDnnCall call = onednn_call(input, weight, weight_arg, bias, g);
-  const auto& [stride, padding, dilation, packed, b] = call;
+  const bool grouped_residual = residual.has_value() && g.groups != 1;
+  const OneDnnCall call = onednn_call(input, weight, weight_arg, bias, residual, g, relu && !grouped_residual);
+  const auto& [stride, padding, dilation, packed, b, relu_after, post_op] = call;
   const c10::List<std::optional<at::Scalar>> no_scalars;
   const c10::IValue none;
-  if (residual.has_value() && g.groups == 1) {
-    // dst = relu(conv + bias + residual): binary-add and eltwise-relu post-ops of the one conv primitive.
-    return call_boxed(ops.conv_binary, {input, *residual, packed, b, padding, stride, dilation, g.groups, "add", none,
-                                        relu ? c10::IValue("relu") : none, no_scalars, none});
-  }
-  if (residual.has_value()) {
+  if (grouped_residual) {
     // torch takes the binary post-op only for groups == 1 (its own fallback has no bfloat16 add_relu).
     at::Tensor y = call_boxed(ops.conv, {input, packed, none, padding, stride, dilation, g.groups, "none",
                                          no_scalars, none})
@@ -127,8 +186,18 @@ at::Tensor conv_onednn(const at::Tensor& input, const at::Tensor& weight, const 
     bias_residual_relu_into(y, bias, residual, relu, y);
     return y;
   }
-  return call_boxed(ops.conv,
-                    {input, packed, b, padding, stride, dilation, g.groups, relu ? "relu" : "none", no_scalars, none});
+  at::Tensor y;
+  if (residual.has_value()) {
+    // dst = relu(conv + bias + residual): binary-add and eltwise-relu post-ops of the one conv primitive.
+    y = call_boxed(ops.conv_binary,
+                   {input, *residual, packed, b, padding, stride, dilation, g.groups, "add", none, post_op, no_scalars,
+                    none});
+  } else {
+    y = call_boxed(ops.conv, {input, packed, b, padding, stride, dilation, g.groups,
+                              post_op.isNone() ? c10::IValue("none") : post_op, no_scalars, none});
+  }
+  if (relu_after) y.relu_();
+  return y;
 }
 
 at::Tensor conv_generic(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
@@ -158,6 +227,7 @@ at::Tensor conv_bias_act_checked(const at::Tensor& x, const at::Tensor& weight, 
   }
   const at::Tensor input = conv_input(x, in_scale, in_shift);
   const at::Tensor w = weight.contiguous(kChannelsLast);
+  scan_from_here_unless(!in_scale.has_value() || (all_finite(*in_scale) && all_finite(*in_shift)));
   std::optional<at::Tensor> r;
   if (residual.has_value()) r = residual->contiguous(kChannelsLast);
 
@@ -211,15 +281,28 @@ void conv_bias_act_into_residual_cpu(const at::Tensor& x, const at::Tensor& weig
     return;
   }
   const at::Tensor input = conv_input(x, in_scale, in_shift);
-  const OneDnnCall call = onednn_call(input, weight.contiguous(kChannelsLast), weight, bias, g);
+  scan_from_here_unless(!in_scale.has_value() || (all_finite(*in_scale) && all_finite(*in_shift)));
+  const OneDnnCall call = onednn_call(input, weight.contiguous(kChannelsLast), weight, bias, residual, g, relu);
   const c10::IValue none;
   // residual = relu(conv + bias + residual): oneDNN's sum post-op reads and writes the residual's memory.
   call_boxed(onednn_ops()->conv_binary_inplace,
              {residual, input, call.packed, call.bias, call.padding, call.stride, call.dilation, g.groups, "add", none,
-              relu ? c10::IValue("relu") : none, c10::List<std::optional<at::Scalar>>(), none});
+              call.post_op, c10::List<std::optional<at::Scalar>>(), none});
+  if (call.relu_after) residual.relu_();
 }
 
 }  // namespace
+
+bool input_scans_enabled() {
+  return scan_inputs;
+}
+
+bool set_input_scans_enabled(bool enabled) {
+  const bool previous = scan_inputs;
+  scan_inputs = enabled;
+  return previous;
+}
+
 }  // namespace fused_resnet::cpu
 
 TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) {

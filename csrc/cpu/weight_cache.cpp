@@ -22,7 +22,7 @@ struct Entry {
   int64_t version;
   c10::ScalarType dtype;
   std::vector<int64_t> key;  // storage offset, sizes, strides, input sizes, stride, padding, dilation, groups
-  at::Tensor packed;
+  PackedWeight packed;
 
   bool alive() const { return !storage.expired(); }
 };
@@ -74,9 +74,9 @@ std::vector<int64_t> make_key(const at::Tensor& weight, c10::IntArrayRef input_s
 
 }  // namespace
 
-at::Tensor cached_prepacked_weight(const at::Tensor& weight, c10::IntArrayRef input_sizes, c10::IntArrayRef stride,
-                                   c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                                   const std::function<at::Tensor()>& pack) {
+PackedWeight cached_prepacked_weight(const at::Tensor& weight, c10::IntArrayRef input_sizes, c10::IntArrayRef stride,
+                                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                                     const std::function<PackedWeight()>& pack) {
   // Inference tensors have no version counter, so a change to them could not be seen: never cache them.
   if (!cache_enabled() || weight.is_inference() || weight.requires_grad() || !weight.has_storage()) {
     return pack();
@@ -109,7 +109,7 @@ at::Tensor cached_prepacked_weight(const at::Tensor& weight, c10::IntArrayRef in
     }
     ++it;
   }
-  at::Tensor packed = pack();
+  PackedWeight packed = pack();
   c.entries.push_front(Entry{weight.storage().getWeakStorageImpl(), data, version, weight.scalar_type(),
                              std::move(key), packed});
   while (c.entries.size() > kMaxEntries) {

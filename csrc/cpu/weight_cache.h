@@ -23,10 +23,17 @@
 
 namespace fused_resnet::cpu {
 
+// A prepacked weight, and whether every value of its source weight is finite (known when it was packed, so that
+// the caller need not read the weight again at each call).
+struct PackedWeight {
+  at::Tensor packed;
+  bool finite;
+};
+
 // The prepacked weight for this call: from the cache, or made by `pack` (and cached when that is safe).
-at::Tensor cached_prepacked_weight(const at::Tensor& weight, c10::IntArrayRef input_sizes, c10::IntArrayRef stride,
-                                   c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                                   const std::function<at::Tensor()>& pack);
+PackedWeight cached_prepacked_weight(const at::Tensor& weight, c10::IntArrayRef input_sizes, c10::IntArrayRef stride,
+                                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                                     const std::function<PackedWeight()>& pack);
 
 // Declares `weight`'s storage stable (held weakly): calls with it may use the cache.
 void allow_prepacking(const at::Tensor& weight);

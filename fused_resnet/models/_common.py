@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from ..nn.folding import FOLDABLE_NORMS
+from ..nn.functional import has_hooks, runs_own_forwards
+from ..ops import cpp_backend
 from ..ops.checks import check_activation
 
 
@@ -17,6 +20,47 @@ def prepare_input(x: torch.Tensor, in_channels: int) -> torch.Tensor:
     if x.shape[1] != in_channels:
         raise ValueError(f"input must have {in_channels} channels (N, {in_channels}, H, W), got shape {tuple(x.shape)}")
     return x.contiguous(memory_format=torch.channels_last)
+
+
+# The torch modules a fused model is built of, besides the package's own (models/): with only these inside, and no
+# hooks, nothing of the user's runs between its convs.
+_STOCK_PARTS = (
+    nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linear, nn.Sequential, nn.Identity, *FOLDABLE_NORMS
+)  # fmt: skip
+
+
+def _only_own_parts(model: nn.Module) -> bool:
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    for m in model.modules():
+        kind = type(m)
+        if has_hooks(m) or not (kind in _STOCK_PARTS or kind.__module__.startswith("fused_resnet.models.")):
+            return False
+        # Every conv and BN one fused eval call (whose parameters the extension checks), none training.
+        if isinstance(m, (nn.Conv2d, *FOLDABLE_NORMS)) and (m.training or runs_own_forwards(m)):
+            return False
+    return True
+
+
+def forward_checked(model: nn.Module, x: torch.Tensor, body: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """body(x): a fused model's forward from its prepared input. Where x is a finite CPU tensor of 32 or 16 bits
+    (not fp16, whose activations can overflow to infinities mid-network) and nothing of the user's runs inside the
+    model, the CPU conv's NaN scans are off meanwhile (csrc/cpu/input_scans.h): its activations are finite."""
+    previous = None
+    traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
+    if not traced and x.device.type == "cpu" and cpp_backend.has_cpu_input_scans():
+        half = x.dtype == torch.float16 or (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+        )
+        # One sum over the input: NaN or infinite where any value is (a finite sum that overflows keeps the scans).
+        if not half and x.is_floating_point() and _only_own_parts(model) and bool(torch.isfinite(x.sum())):
+            previous = cpp_backend.set_cpu_input_scans(False)
+    if previous is None:
+        return body(x)
+    try:
+        return body(x)
+    finally:
+        cpp_backend.set_cpu_input_scans(previous)
 
 
 def init_weights(model: nn.Module) -> None:

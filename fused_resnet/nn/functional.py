@@ -18,7 +18,7 @@ from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import backends
-from ..ops import reference
+from ..ops import cpp_backend, reference
 from ..ops.checks import check_activation, check_conv_bias_act
 from ..ops.conv_config import ConvConfig
 from ..ops.eager import plain_eager_call
@@ -240,4 +240,7 @@ def bn_act(
         y = bn(x)
         return torch.relu(y) if relu else y
     scale, shift = bn_scale_shift(bn)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and cpp_backend.has_cpu_input_scans():
+        if not bool(torch.isfinite(scale + shift).all()):
+            cpp_backend.set_cpu_input_scans(True)  # NaN made here: the convs after must look (models/_common.py)
     return reference.bn_act(x, scale, shift, relu)

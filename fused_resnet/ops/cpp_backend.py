@@ -139,6 +139,17 @@ def _into_residual_op(*args: Any) -> torch.Tensor:
 conv_bias_act_into_residual = call_with_config(_into_residual_op)
 
 
+def has_cpu_input_scans() -> bool:
+    """Whether the extension's CPU conv has the NaN scans' switch (csrc/cpu/input_scans.h)."""
+    return _C is not None and hasattr(_C, "set_cpu_input_scans_enabled")
+
+
+def set_cpu_input_scans(enabled: bool) -> bool:
+    """Turns this thread's NaN scans of the CPU conv's activations on or off; returns the previous setting. Off only
+    where the activations are known finite (models/_common.py: forward_checked)."""
+    return _C.set_cpu_input_scans_enabled(enabled)
+
+
 def allow_prepacking(weight: torch.Tensor) -> None:
     """Declares a CPU weight stable (kept and only changed through version-counted writes), so that the CPU
     backend may cache its oneDNN-layout copy; see csrc/cpu/weight_cache.h."""
