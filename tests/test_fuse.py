@@ -196,6 +196,87 @@ def test_a_hooked_or_subclassed_downsample_runs_itself(training):
     assert len(calls) == 2
 
 
+class _NanShortcut(nn.Module):
+    def __init__(self, downsample: nn.Module) -> None:
+        super().__init__()
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.downsample(x)
+        out[0, 0, 0, 0] = float("nan")
+        return out
+
+
+def _nan_case(case: str, model: nn.Module, x: torch.Tensor) -> None:
+    if case == "input":
+        x[0, 1, 5, 7] = float("nan")
+    elif case == "weight":  # a diverged checkpoint
+        with torch.no_grad():
+            model.layer2[1].conv1.weight[3, 0, 0, 0] = float("nan")
+    else:  # a module of the user's inside the model makes one
+        model.layer3[0].downsample = _NanShortcut(model.layer3[0].downsample)
+
+
+@pytest.mark.parametrize("case", ["input", "weight", "user_module"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_nan_gives_nan_logits_as_stock(backend, case):
+    # The cpu backend's oneDNN ReLU post-op made NaN 0: a corrupt image gave finite logits (an audit). Its convs now
+    # scan their activations unless the model's forward found its input finite with only its own modules inside.
+    torch.manual_seed(0)
+    tv = randomize_bn_(torchvision.models.resnet18(num_classes=10)).eval()
+    fused = fuse(tv, backend=backend)
+    x = torch.randn(2, 3, 32, 32)
+    for net in (tv, fused):
+        _nan_case(case, net, x)
+    with torch.no_grad():
+        got, want = fused(x), tv(x)
+    assert torch.isnan(want[0]).all() and torch.equal(torch.isnan(got), torch.isnan(want))
+    if case == "input":
+        assert relative_error(got[1], want[1]) < 1e-5
+
+
+@pytest.mark.parametrize("which", ["bn1", "bn2"])
+def test_a_nan_bn_statistic_in_a_preact_net_gives_nan_logits(which):
+    # A pre-activation BN's NaN reaches the next conv through its prologue or a separate bn_act: the convs after it
+    # must see the NaN that makes (compared with the reference backend: stock convs, NaN kept).
+    torch.manual_seed(0)
+    model = randomize_bn_(fused_resnet.preact_resnet164(num_classes=10)).eval()
+    with torch.no_grad():
+        getattr(model.layer2[0], which).running_var[2] = -4.0  # rsqrt of a negative variance: NaN
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = set_backend(model, "reference")(x)
+        got = set_backend(model, "auto")(x)
+    assert torch.isnan(want).all() and torch.isnan(got).all()
+
+
+def test_the_nan_scans_are_off_only_inside_a_clean_forward(monkeypatch):
+    from fused_resnet.ops import cpp_backend
+
+    if not cpp_backend.has_cpu_input_scans():
+        pytest.skip("needs the extension's cpu backend")
+    seen = []
+    real = cpp_backend.set_cpu_input_scans
+    monkeypatch.setattr(cpp_backend, "set_cpu_input_scans", lambda on: seen.append(on) or real(on))
+    model = fused_models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        assert seen == [False, True] and cpp_backend._C.cpu_input_scans_enabled()
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.float16):
+            model(x)
+        handle = model.layer1[0].bn1.register_forward_hook(lambda *args: None)
+        model(x)
+        handle.remove()
+        model.layer1[0].bn1.train()  # a BN left training: its unit is no fused eval call
+        model(x)
+        model.layer1[0].bn1.eval()
+        model.fc = nn.Sequential(nn.Linear(512, 10), nn.Softmax(dim=1))  # a part of the user's
+        model(x)
+    assert seen == []
+
+
 def test_hooks_on_relu_modules_fire_and_shape_the_gradient():
     # Guided backprop clamps the gradient in a full backward hook on every nn.ReLU (an audit found the fused model
     # running none of them: its input gradient came out wrong).

@@ -18,7 +18,7 @@ from ..training.max_pool_train import max_pool_train
 
 # fx.symbolic_trace only (torch.export and torch.compile never write in place: nn/functional.py); newer torch
 # names it apart from is_fx_tracing, which also answers for torch.export and logs a warning saying so.
-_fx_symbolic_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
+fx_symbolic_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
 
 
 class ResidualLayer(nn.Sequential):
@@ -27,7 +27,7 @@ class ResidualLayer(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         # A symbolic trace would record the donation and replay it where the graph may return the tensor.
-        tracing = _fx_symbolic_tracing()
+        tracing = fx_symbolic_tracing()
         previous = None
         for block in self:
             x = block(x, donate_x=True) if not tracing and _input_is_dead(previous, block) else block(x)
@@ -63,5 +63,5 @@ class StemMaxPool2d(nn.MaxPool2d):
     (training/max_pool_train.py)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = None if _fx_symbolic_tracing() else max_pool_train(self, x)
+        out = None if fx_symbolic_tracing() else max_pool_train(self, x)
         return super().forward(x) if out is None else out

@@ -22,10 +22,15 @@ from torch import nn
 
 from ..backends import requested_backend
 from ..nn.functional import conv_bn_act
-from ._common import init_weights, prepare_input, set_conv_layout
+from ._common import forward_checked, init_weights, prepare_input, set_conv_layout
 from ._layers import ResidualLayer
 from ._weights import Weights, load_weights
 from .resnet import block_end, conv1x1, conv3x3
+
+# torch.fx.symbolic_trace (torchvision's create_feature_extractor) records each call of these as it is, the modules
+# as arguments, instead of tracing into the checks and folds they make on real tensors.
+torch.fx.wrap("prepare_input")
+torch.fx.wrap("conv_bn_act")
 
 __all__ = [
     "CifarBasicBlock",
@@ -41,13 +46,14 @@ __all__ = [
 ShortcutOption = Literal["A", "B"]
 
 
-def _subsample_zero_pad(x: torch.Tensor, stride: int, planes: int) -> torch.Tensor:
-    """Option A shortcut: x itself, or x subsampled by `stride` with zero channels appended up to `planes`."""
-    if stride == 1 and x.shape[1] == planes:
+def _subsample_zero_pad(x: torch.Tensor, stride: int, inplanes: int, planes: int) -> torch.Tensor:
+    """Option A shortcut: x itself (of `inplanes` channels), or x subsampled by `stride` with zero channels appended
+    up to `planes` (the channel counts are the block's, not read from x, which fx.symbolic_trace cannot branch on)."""
+    if stride == 1 and inplanes == planes:
         return x
     x = x[:, :, ::stride, ::stride]
     # Zeros after the identity channels, as in the Torch CIFAR code of the paper (Concat(Identity, MulConstant(0))).
-    x = F.pad(x, (0, 0, 0, 0, 0, planes - x.shape[1]))
+    x = F.pad(x, (0, 0, 0, 0, 0, planes - inplanes))
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -74,6 +80,7 @@ class CifarBasicBlock(nn.Module):
         if option == "B" and (stride != 1 or inplanes != planes):
             self.downsample = nn.Sequential(conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes))
         self.stride = stride
+        self.inplanes = inplanes
         self.planes = planes
         self.backend = backend
 
@@ -81,7 +88,7 @@ class CifarBasicBlock(nn.Module):
         if self.downsample is not None:  # option B: the projection, as the torchvision blocks make it
             finish = block_end(x, self.conv2, self.bn2, self.downsample, self.backend)
             return finish(conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend))
-        shortcut = _subsample_zero_pad(x, self.stride, self.planes)
+        shortcut = _subsample_zero_pad(x, self.stride, self.inplanes, self.planes)
         # The shortcut may take the output unless it is x itself and the caller still needs x.
         donate = donate_x or shortcut is not x
 
@@ -132,7 +139,9 @@ class CifarResNet(nn.Module):
         return ResidualLayer(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = prepare_input(x, self.conv1.in_channels)
+        return forward_checked(self, prepare_input(x, self.conv1.in_channels), self._forward_impl)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         x = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend)
 
         x = self.layer1(x)

@@ -45,10 +45,16 @@ from torch import nn
 
 from ..backends import requested_backend
 from ..nn.functional import bn_act, conv_bn_act, uses_batch_stats
-from ._common import init_weights, prepare_input, set_conv_layout
+from ._common import forward_checked, init_weights, prepare_input, set_conv_layout
 from ._layers import ResidualLayer
 from ._weights import Weights, load_weights
 from .resnet import conv1x1, conv3x3
+
+# torch.fx.symbolic_trace (torchvision's create_feature_extractor) records each call of these as it is, the modules
+# as arguments, instead of tracing into the checks and folds they make on real tensors.
+torch.fx.wrap("prepare_input")
+torch.fx.wrap("conv_bn_act")
+torch.fx.wrap("bn_act")
 
 __all__ = ["PreActBottleneck", "PreActResNet", "preact_resnet164", "preact_resnet1001"]
 
@@ -125,7 +131,9 @@ class PreActResNet(nn.Module):
         return ResidualLayer(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = prepare_input(x, self.conv1.in_channels)
+        return forward_checked(self, prepare_input(x, self.conv1.in_channels), self._forward_impl)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         x = conv_bn_act(x, self.conv1, None, relu=False, backend=self.backend)
 
         x = self.layer1(x)

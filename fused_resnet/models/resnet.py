@@ -15,9 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.functional import conv_bn_act, conv_bn_projection_act, has_hooks, projection_trains_fused
-from ._common import init_weights, prepare_input, set_conv_layout
-from ._layers import ResidualLayer, StemMaxPool2d
+from ._common import forward_checked, init_weights, prepare_input, set_conv_layout
+from ._layers import ResidualLayer, StemMaxPool2d, fx_symbolic_tracing
 from ._weights import Weights, load_weights
+
+# torch.fx.symbolic_trace (torchvision's create_feature_extractor) records each call of these as it is, the modules
+# as arguments, instead of tracing into the checks and folds they make on real tensors.
+torch.fx.wrap("prepare_input")
+torch.fx.wrap("conv_bn_act")
+torch.fx.wrap("conv_bn_projection_act")
+
 
 __all__ = [
     "BasicBlock",
@@ -88,6 +95,8 @@ def block_end(
     if _is_conv_bn(downsample) and projection_trains_fused(bn, downsample[1], backend):
         return lambda out: conv_bn_projection_act(out, conv, bn, x, downsample[0], downsample[1], backend, act=act)
     identity, donate = shortcut(x, downsample, backend, donate_x)
+    # A symbolic trace records the call as made: the graph may return the projection's output as a feature.
+    donate = donate and not fx_symbolic_tracing()
     return lambda out: conv_bn_act(
         out, conv, bn, residual=identity, relu=True, backend=backend, donate_residual=donate, act=act
     )
@@ -290,7 +299,9 @@ class ResNet(nn.Module):
         return ResidualLayer(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = prepare_input(x, self.conv1.in_channels)
+        return forward_checked(self, prepare_input(x, self.conv1.in_channels), self._forward_impl)
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
         x = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend, act=self.relu)
         x = self.maxpool(x)
 
