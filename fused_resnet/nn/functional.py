@@ -240,7 +240,8 @@ def bn_act(
         y = bn(x)
         return torch.relu(y) if relu else y
     scale, shift = bn_scale_shift(bn)
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and cpp_backend.has_cpu_input_scans():
+    traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if x.device.type == "cpu" and not traced and cpp_backend.has_cpu_input_scans():
         if not bool(torch.isfinite(scale + shift).all()):
             cpp_backend.set_cpu_input_scans(True)  # NaN made here: the convs after must look (models/_common.py)
     return reference.bn_act(x, scale, shift, relu)
