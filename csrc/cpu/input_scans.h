@@ -3,7 +3,9 @@
 // forward whose input it found finite, in eval, where every conv is one of these calls and nothing of the user's runs
 // between them (models/_common.py): its activations are then finite too, unless a weight, bias or BN statistic is
 // not, and a call that finds such parameters turns the scans back on for the calls after it (the weights' check is
-// made once, when packed). The scans cost a read of every activation: 4-7 % of a ResNet-50 forward (2-core CPU).
+// made once, when packed). The scans cost a read of every activation: on the 2-core CPU, 1.58 -> 2.32 ms for a 1x1 conv
+// 256->64 at 4x56x56; for a whole ResNet-50 forward an estimate of 4-7 % from the bytes read, and at batch 4 its ratio
+// to torch.compile went from 0.968-1.016 (every activation scanned) to 1.077 (scans off) on 2026-11-28.
 #pragma once
 
 namespace fused_resnet::cpu {

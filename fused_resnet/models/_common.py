@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..nn.folding import FOLDABLE_NORMS
-from ..nn.functional import has_hooks, runs_own_forwards
+from ..nn.functional import conv_unfusable, has_hooks
 from ..ops import cpp_backend
 from ..ops.checks import check_activation
 
@@ -36,8 +36,8 @@ def _only_own_parts(model: nn.Module) -> bool:
         kind = type(m)
         if has_hooks(m) or not (kind in _STOCK_PARTS or kind.__module__.startswith("fused_resnet.models.")):
             return False
-        # Every conv and BN one fused eval call (whose parameters the extension checks), none training.
-        if isinstance(m, (nn.Conv2d, *FOLDABLE_NORMS)) and (m.training or runs_own_forwards(m)):
+        # Every conv and BN one fused eval call (whose parameters the extension checks): the types are exact here.
+        if (kind is nn.Conv2d and conv_unfusable(m)) or (kind in FOLDABLE_NORMS and m.training):
             return False
     return True
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
 
+from ..nn.functional import has_hooks
 from ..training.max_pool_train import max_pool_train
 
 # fx.symbolic_trace only (torch.export and torch.compile never write in place: nn/functional.py); newer torch
@@ -27,11 +28,17 @@ class ResidualLayer(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         # A symbolic trace would record the donation and replay it where the graph may return the tensor.
-        tracing = fx_symbolic_tracing()
-        previous = None
+        if fx_symbolic_tracing() or _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return super().forward(x)
+        # A hook that sees the tensor may keep it: forward hooks on the previous block (its output), any on the
+        # modules inside it (its relu's, which hooks make run itself: activation capture for Grad-CAM; an in-place
+        # relu's input is its output), any on this block or inside it (its input: a pre-hook on its first conv).
+        previous_kept = True  # the stage's input: the caller's
         for block in self:
-            x = block(x, donate_x=True) if not tracing and _input_is_dead(previous, block) else block(x)
-            previous = block
+            kept = not _donates(block) or _hooked_inside(block)
+            sees_input = block._forward_pre_hooks or block._forward_hooks
+            x = block(x) if previous_kept or kept or sees_input else block(x, donate_x=True)
+            previous_kept = kept or bool(block._forward_hooks)
         return x
 
 
@@ -41,20 +48,8 @@ def _donates(module: nn.Module | None) -> bool:
     return module is not None and "takes_donated_input" in type(module).__dict__ and "forward" not in module.__dict__
 
 
-def _input_is_dead(previous: nn.Module | None, block: nn.Module) -> bool:
-    if not (_donates(previous) and _donates(block)):
-        return False
-    # A hook that sees the tensor may keep it: forward hooks on the previous block (its output), any on the modules
-    # inside it (its relu's, which hooks make run itself: activation capture for Grad-CAM; an in-place relu's input
-    # is its output), any on this block or the modules inside it (its input: a pre-hook on its first conv).
-    if previous._forward_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return False
-    inside = (m for blk in (previous, block) for m in blk.modules() if m is not previous)
-    return not any(_forward_hooked(m) for m in inside)
-
-
-def _forward_hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+def _hooked_inside(block: nn.Module) -> bool:
+    return any(has_hooks(m) for m in block.modules() if m is not block)
 
 
 class StemMaxPool2d(nn.MaxPool2d):

@@ -54,7 +54,8 @@ def has_hooks(module: nn.Module | None) -> bool:
     )
 
 
-def _conv_unfusable(conv: nn.Conv2d) -> bool:
+def conv_unfusable(conv: nn.Conv2d) -> bool:
+    """Whether a conv is no conv of the fused kernels."""
     # A subclass may override forward (weight standardization, a scaled conv); a bias, a padding mode other than
     # zeros or padding="same" set after the model was built is no conv of the fused kernels.
     return (
@@ -70,7 +71,7 @@ def runs_own_forwards(*modules: nn.Module | None) -> bool:
     forwards instead: one with hooks (torch.nn.utils.weight_norm, spectral_norm and pruning recompute a conv's weight
     in a forward pre-hook; a user's hooks, or global module hooks, expect to see their module run), a norm the fused
     path does not know (FOLDABLE_NORMS: e.g. a BatchNorm2d subclass, whose forward may differ), or a conv that is not
-    a plain zero-padded nn.Conv2d without bias (_conv_unfusable)."""
+    a plain zero-padded nn.Conv2d without bias (conv_unfusable)."""
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return True
     for module in modules:
@@ -78,7 +79,7 @@ def runs_own_forwards(*modules: nn.Module | None) -> bool:
             continue
         if has_hooks(module):
             return True
-        if _conv_unfusable(module) if isinstance(module, nn.Conv2d) else type(module) not in FOLDABLE_NORMS:
+        if conv_unfusable(module) if isinstance(module, nn.Conv2d) else type(module) not in FOLDABLE_NORMS:
             return True
     return False
 
@@ -240,8 +241,9 @@ def bn_act(
         y = bn(x)
         return torch.relu(y) if relu else y
     scale, shift = bn_scale_shift(bn)
+    # While a model's forward has the CPU convs' NaN scans off (models/_common.py), a NaN made here must turn them on.
     traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
-    if x.device.type == "cpu" and not traced and cpp_backend.has_cpu_input_scans():
+    if x.device.type == "cpu" and not traced and not cpp_backend.cpu_input_scans():
         if not bool(torch.isfinite(scale + shift).all()):
-            cpp_backend.set_cpu_input_scans(True)  # NaN made here: the convs after must look (models/_common.py)
+            cpp_backend.set_cpu_input_scans(True)
     return reference.bn_act(x, scale, shift, relu)

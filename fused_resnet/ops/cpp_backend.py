@@ -144,6 +144,11 @@ def has_cpu_input_scans() -> bool:
     return _C is not None and hasattr(_C, "set_cpu_input_scans_enabled")
 
 
+def cpu_input_scans() -> bool:
+    """Whether this thread's CPU convs scan their activations for NaN (True where the extension has no switch)."""
+    return not has_cpu_input_scans() or _C.cpu_input_scans_enabled()
+
+
 def set_cpu_input_scans(enabled: bool) -> bool:
     """Turns this thread's NaN scans of the CPU conv's activations on or off; returns the previous setting. Off only
     where the activations are known finite (models/_common.py: forward_checked)."""
