@@ -181,7 +181,12 @@ for stage in "${STAGES[@]}"; do
                 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
                 echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
                 build_start=$SECONDS
-                MAX_JOBS=$(nproc) "$0" -m pip install --no-build-isolation --no-deps -e . || exit 1
+                # -v for setup.py'"'"'s own lines (the sm_90a files'"'"' seconds each); the whole log only if it fails.
+                build_log=$(mktemp)
+                if ! MAX_JOBS=$(nproc) "$0" -m pip install -v --no-build-isolation --no-deps -e . >"$build_log" 2>&1; then
+                    tail -n 80 "$build_log"; exit 1
+                fi
+                grep -E "^ *fused_resnet: |Successfully installed" "$build_log"
                 echo "pip install -e . (the build of _C): $((SECONDS - build_start)) s on $(nproc) cores"
                 after=$("$0" -c "import torch; print(torch.__version__)")
                 [[ $before == "$after" ]] || { echo "torch changed: $before -> $after"; exit 1; }
