@@ -295,3 +295,29 @@ def test_hooks_on_relu_modules_fire_and_shape_the_gradient():
         net(xg)[:, 3].sum().backward()
         grads.append(xg.grad)
     assert relative_error(grads[1], grads[0]) < 1e-10
+
+
+def _deep_stem() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 64, 3, 1, 1, bias=False)
+    )
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_stem_swapped_for_a_module_that_is_no_conv_runs_as_in_torchvision(train):
+    # A "deep stem" (ResNet-C/D) put in conv1's place after fusing: the model's input check asked conv1 for its
+    # in_channels and raised AttributeError.
+    torch.manual_seed(0)
+    reference = randomize_bn_(torchvision.models.resnet18(num_classes=10)).double()
+    fused = fuse(reference)
+    reference.conv1 = _deep_stem().double()
+    fused.conv1 = copy.deepcopy(reference.conv1)
+    reference.train(train), fused.train(train)
+    x = _x()
+    out, want = fused(x), reference(x)
+    assert relative_error(out, want) <= 1e-12
+    if train:
+        out.sum().backward(), want.sum().backward()
+        assert relative_error(fused.conv1[0].weight.grad, reference.conv1[0].weight.grad) <= 1e-10
+    with pytest.raises(RuntimeError):  # the stem's own conv refuses a wrong channel count
+        fused(torch.randn(2, 4, 64, 64, dtype=torch.float64))

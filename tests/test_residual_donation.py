@@ -190,7 +190,7 @@ def model_stem(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from fused_resnet.models._common import prepare_input
     from fused_resnet.nn.functional import conv_bn_act
 
-    return conv_bn_act(prepare_input(x, 3), model.conv1, model.bn1, relu=True, backend="cpu")
+    return conv_bn_act(prepare_input(x, model.conv1), model.conv1, model.bn1, relu=True, backend="cpu")
 
 
 def test_a_symbolic_trace_records_no_donation():

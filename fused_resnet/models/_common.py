@@ -13,11 +13,13 @@ from ..ops import cpp_backend
 from ..ops.checks import check_activation
 
 
-def prepare_input(x: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Checks a model's input and converts it to channels_last, once for the whole network (the fused kernels
-    work in NHWC; converting per layer would cost a memory pass each)."""
+def prepare_input(x: torch.Tensor, stem: nn.Module) -> torch.Tensor:
+    """Checks a model's input against its stem (the module that takes it first) and converts it to channels_last,
+    once for the whole network (the fused kernels work in NHWC; converting per layer would cost a memory pass each).
+    A stem that is not a conv (a "deep stem" nn.Sequential a user put in its place) checks its input itself."""
     check_activation(x)
-    if x.shape[1] != in_channels:
+    in_channels = getattr(stem, "in_channels", None)
+    if isinstance(in_channels, int) and x.shape[1] != in_channels:
         raise ValueError(f"input must have {in_channels} channels (N, {in_channels}, H, W), got shape {tuple(x.shape)}")
     return x.contiguous(memory_format=torch.channels_last)
 

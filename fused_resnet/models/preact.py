@@ -131,7 +131,7 @@ class PreActResNet(nn.Module):
         return ResidualLayer(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return forward_checked(self, prepare_input(x, self.conv1.in_channels), self._forward_impl)
+        return forward_checked(self, prepare_input(x, self.conv1), self._forward_impl)
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         x = conv_bn_act(x, self.conv1, None, relu=False, backend=self.backend)

@@ -299,7 +299,7 @@ class ResNet(nn.Module):
         return ResidualLayer(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return forward_checked(self, prepare_input(x, self.conv1.in_channels), self._forward_impl)
+        return forward_checked(self, prepare_input(x, self.conv1), self._forward_impl)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         x = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=self.backend, act=self.relu)
