@@ -145,6 +145,29 @@ def test_conv_bias_act_cpu_any_input_layout(kind, dtype):
     assert tolerances.relative_error(out, _reference(x1, w1, b1, r1, config1, True, s1, t1, torch.float64)) <= rtol
 
 
+@pytest.mark.parametrize("into_residual", [False, True])
+@pytest.mark.parametrize("bias_kind", ["strided", "expanded"])
+def test_conv_bias_act_cpu_reads_a_bias_of_any_strides(bias_kind, into_residual):
+    # An audit: a strided fp32 bias reached oneDNN as it was, which read its memory as dense (1.25 off); an expanded
+    # one read past its storage.
+    x, w, b, r, config, s, t = _make(CONV_KINDS["3x3s1"], torch.float32, prologue=False)
+    b = torch.stack([b, -b], dim=1)[:, 0] if bias_kind == "strided" else torch.full((1,), 0.5).expand(b.shape[0])
+    expected = _reference(x, w, b, r, config, True, s, t, torch.float64)
+    if into_residual:
+        with torch.no_grad():
+            out = cpp_backend.conv_bias_act_into_residual(x, w, b, r.clone(), config, True)
+    else:
+        out = _call(x, w, b, r, config, True, s, t)
+    assert tolerances.relative_error(out, expected) <= tolerances.forward_rtol(torch.float32)
+
+
+def test_a_conv_config_refuses_a_stride_of_zero():
+    with pytest.raises(ValueError, match="stride"):
+        ConvConfig((0, 1))
+    with pytest.raises(ValueError, match="padding"):
+        ConvConfig(padding=(-1, 0))
+
+
 def test_conv_bias_act_cpu_empty_batch():
     x, w, b, r, config, s, t = _make(CONV_KINDS["3x3s1"], torch.float32, n=0, residual=False)
     out = _call(x, w, b, r, config, True, s, t)

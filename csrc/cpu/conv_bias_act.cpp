@@ -156,8 +156,9 @@ OneDnnCall onednn_call(const at::Tensor& input, const at::Tensor& weight, const 
                             all_finite(weight)};
       });
   call.packed = packed.packed;
-  // oneDNN wants the bias in the activation dtype (the reference rounds it the same way).
-  call.bias = bias.to(input.scalar_type());
+  // oneDNN wants the bias in the activation dtype (the reference rounds it the same way), and dense: it reads
+  // the data pointer as cout values in a row (a strided or expanded bias of the right dtype passed through as it was).
+  call.bias = bias.to(input.scalar_type()).contiguous();
   const bool params_finite = packed.finite && all_finite(bias);
   scan_from_here_unless(params_finite);
   if (relu) {

@@ -26,6 +26,14 @@ class ConvConfig:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
 
+    def __post_init__(self) -> None:
+        # As torch's conv refuses them (output_hw would divide by a zero stride).
+        if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0 or self.groups < 1:
+            raise ValueError(
+                f"invalid convolution: stride {self.stride} and dilation {self.dilation} must be positive, padding "
+                f"{self.padding} non-negative and groups {self.groups} at least 1"
+            )
+
     @staticmethod
     def from_conv(conv: nn.Conv2d) -> ConvConfig:
         if not isinstance(conv, nn.Conv2d):
