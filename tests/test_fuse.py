@@ -277,6 +277,65 @@ def test_the_nan_scans_are_off_only_inside_a_clean_forward(monkeypatch):
     assert seen == []
 
 
+@pytest.mark.parametrize("case", ["large_weights", "small_variance"])
+def test_activations_that_overflow_give_nan_logits_as_stock(case):
+    # A finite input whose activations pass fp32's range mid-network: the convs' sums make infinities, then NaN,
+    # which oneDNN's ReLU post-op made 0 while the scans were off (an audit: 20 finite logits where stock gave NaN).
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        for module in tv.modules():
+            if case == "large_weights" and isinstance(module, nn.Conv2d):
+                module.weight.mul_(1e5)  # a diverged checkpoint, every value finite
+            if case == "small_variance" and isinstance(module, nn.BatchNorm2d):
+                module.running_var.fill_(1e-4)
+    fused = fuse(tv)
+    x = torch.randn(2, 3, 32, 32) * (1e30 if case == "large_weights" else 1e20)
+    with torch.no_grad():
+        got, want = fused(x), tv(x)
+    assert torch.isnan(want).all() and torch.isnan(got).all()
+
+
+def test_each_conv_output_is_within_its_bound(monkeypatch):
+    # The bounds that keep the NaN scans off (nn/activation_bounds.py) must hold for every value they bound.
+    from fused_resnet.nn import activation_bounds
+    from fused_resnet.ops import cpp_backend
+
+    if not cpp_backend.has_cpu_input_scans():
+        pytest.skip("needs the extension's cpu backend")
+    recorded = []
+    real = activation_bounds.record
+    monkeypatch.setattr(
+        activation_bounds, "record", lambda out, bound: recorded.append((out.clone(), bound)) or real(out, bound)
+    )
+    torch.manual_seed(0)
+    convs = 0
+    for model in (fused_models.resnet50(num_classes=10), fused_resnet.preact_resnet164(num_classes=10)):
+        randomize_bn_(model).eval()
+        convs += sum(isinstance(m, nn.Conv2d) for m in model.modules())
+        with torch.no_grad():
+            model(torch.randn(2, 3, 32, 32) * 100)
+    assert len(recorded) == convs  # every conv ran under bounds: the scans stayed off
+    assert all(float(out.abs().max()) <= bound for out, bound in recorded)
+    assert any(float(out.abs().max()) > 0.1 * bound for out, bound in recorded)  # the bounds are not all loose
+
+
+def test_a_stock_module_between_the_convs_is_read_before_a_conv_takes_its_output():
+    # A deep stem (stock modules) with a NaN statistic: the convs after it must see that NaN, though the model's
+    # input is finite and its parts all known types.
+    torch.manual_seed(0)
+    tv = randomize_bn_(torchvision.models.resnet18(num_classes=10)).eval()
+    fused = fuse(tv)
+    tv.conv1 = _deep_stem().eval()
+    with torch.no_grad():
+        tv.conv1[1].running_var[5] = float("nan")
+    fused.conv1 = copy.deepcopy(tv.conv1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got, want = fused(x), tv(x)
+    assert torch.isnan(want).all() and torch.isnan(got).all()
+
+
 def test_hooks_on_relu_modules_fire_and_shape_the_gradient():
     # Guided backprop clamps the gradient in a full backward hook on every nn.ReLU (an audit found the fused model
     # running none of them: its input gradient came out wrong).

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..nn import activation_bounds
 from ..nn.folding import FOLDABLE_NORMS
 from ..nn.functional import conv_unfusable, has_hooks
 from ..ops import cpp_backend
@@ -46,23 +47,26 @@ def _only_own_parts(model: nn.Module) -> bool:
 
 def forward_checked(model: nn.Module, x: torch.Tensor, body: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """body(x): a fused model's forward from its prepared input. Where x is a finite CPU tensor of 32 or 16 bits
-    (not fp16, whose activations can overflow to infinities mid-network) and nothing of the user's runs inside the
-    model, the CPU conv's NaN scans are off meanwhile (csrc/cpu/input_scans.h): its activations are finite."""
+    (not fp16, whose activations overflow to infinities at 65504) and nothing of the user's runs inside the model, the
+    CPU conv's NaN scans are off meanwhile (csrc/cpu/input_scans.h), under bounds on the activations' magnitudes
+    that show them finite (nn/activation_bounds.py: where a bound may overflow, the scans go back on)."""
     previous = None
     traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
     if not traced and x.device.type == "cpu" and cpp_backend.has_cpu_input_scans():
         half = x.dtype == torch.float16 or (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
         )
-        # One sum over the input: NaN or infinite where any value is (a finite sum that overflows keeps the scans).
-        if not half and x.is_floating_point() and _only_own_parts(model) and bool(torch.isfinite(x.sum())):
-            previous = cpp_backend.set_cpu_input_scans(False)
+        if not half and x.is_floating_point() and _only_own_parts(model):
+            largest = activation_bounds.largest_magnitude(x)  # NaN or infinite where any value is
+            if largest <= activation_bounds.LIMIT:
+                previous = cpp_backend.set_cpu_input_scans(False), activation_bounds.begin(x, largest)
     if previous is None:
         return body(x)
     try:
         return body(x)
     finally:
-        cpp_backend.set_cpu_input_scans(previous)
+        cpp_backend.set_cpu_input_scans(previous[0])
+        activation_bounds.end(previous[1])
 
 
 def init_weights(model: nn.Module) -> None:

@@ -128,8 +128,9 @@ def _dropped() -> None:
 
 
 class _FoldEntry(tuple):
-    """(key, the tensors folded, detached aliases of their storages, (weight, bias)): a cache entry, which pickles
-    (torch.save, copy.deepcopy) as None, a cache miss."""
+    """(key, the tensors folded, detached aliases of their storages, (weight, bias), a dict for what is derived from
+    the fold (activation_bounds' gain)): a cache entry, which pickles (torch.save, copy.deepcopy) as None, a cache
+    miss."""
 
     def __reduce__(self) -> tuple:
         return _dropped, ()
@@ -161,7 +162,8 @@ def folded_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) ->
         # the object stays), so that no new tensor can be made at a folded one's address while this entry lives.
         # Strong references, not weak ones: torch.utils.swap_tensors (module.to() in swap mode) refuses tensors
         # with weak references.
-        conv.__dict__[_CACHE_ATTR] = _FoldEntry((key, tuple(tensors), tuple(t.detach() for t in tensors), folded))
+        entry = (key, tuple(tensors), tuple(t.detach() for t in tensors), folded, {})
+        conv.__dict__[_CACHE_ATTR] = _FoldEntry(entry)
         cpp_backend.allow_prepacking(folded[0])  # kept: the CPU backend may keep its oneDNN-layout copy
     return folded
 
@@ -170,6 +172,13 @@ def cached_fold(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The (weight, bias) fold cached on conv, if any (for tests and tools)."""
     cached = conv.__dict__.get(_CACHE_ATTR)
     return None if cached is None else cached[3]
+
+
+def derived_from_fold(conv: nn.Conv2d, weight: torch.Tensor) -> dict | None:
+    """The dict kept beside conv's cached fold while `weight` is that fold's weight (else None): a place for what is
+    computed from the fold, dropped with it."""
+    cached = conv.__dict__.get(_CACHE_ATTR)
+    return cached[4] if cached is not None and cached[3][0] is weight else None
 
 
 def clear_fold_cache(conv: nn.Conv2d) -> None:

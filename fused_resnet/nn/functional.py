@@ -26,6 +26,7 @@ from ..training.conv_bn_act_train import conv_bn_act_train
 from ..training.passes import passes_for
 from ..training.projection_train import projection_end_train
 from ..training.sync import sync_group
+from . import activation_bounds
 from .folding import FOLDABLE_NORMS, bn_scale_shift, folded_conv_bn, module_tensor
 
 
@@ -182,10 +183,20 @@ def conv_bn_act(
         in_scale, in_shift = bn_scale_shift(pre_bn)
     check_conv_bias_act(x, weight, bias, residual, config)
     chosen = backends.select(backend, x, weight, residual, config, pre_bn is not None, allow_fallback)
+    bound = None
+    if chosen.name == "cpu" and activation_bounds.active():  # the CPU conv's NaN scans are off: see there
+        bound = activation_bounds.output_bound(x, conv, weight, bias, residual, in_scale, in_shift)
+        if bound is None:
+            cpp_backend.set_cpu_input_scans(True)
+            activation_bounds.stop()
     if donate_residual and chosen.conv_bias_act_into_residual is not None and _writable(residual):
-        return chosen.conv_bias_act_into_residual(x, weight, bias, residual, config, relu, in_scale, in_shift)
-    run = chosen.launch if chosen.launch is not None and plain_eager_call(x) else chosen.conv_bias_act
-    return run(x, weight, bias, residual, config, relu, in_scale, in_shift)
+        out = chosen.conv_bias_act_into_residual(x, weight, bias, residual, config, relu, in_scale, in_shift)
+    else:
+        run = chosen.launch if chosen.launch is not None and plain_eager_call(x) else chosen.conv_bias_act
+        out = run(x, weight, bias, residual, config, relu, in_scale, in_shift)
+    if bound is not None:
+        activation_bounds.record(out, bound)
+    return out
 
 
 def conv_bn_projection_act(
