@@ -319,8 +319,9 @@ def bad_call(**changes):
         ({"bias": torch.ones(3)}, ValueError, r"bias must have shape \(8,\)"),
         ({"stride": [0, 1]}, ValueError, "stride must be two integers >= 1"),
         ({"residual": torch.ones(1, 8, 4, 4)}, ValueError, "residual must have the output shape"),
+        ({"weight": torch.ones(8, 4, 0, 3)}, ValueError, "non-empty kernel"),  # it returned relu(bias) (an audit)
     ],
-    ids=["scale_shape", "shift_missing", "shift_dtype", "bias_shape", "stride", "residual_shape"],
+    ids=["scale_shape", "shift_missing", "shift_dtype", "bias_shape", "stride", "residual_shape", "empty_kernel"],
 )
 def test_bad_inputs(changes, error, match):
     changes = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in changes.items()}

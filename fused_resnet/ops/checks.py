@@ -49,6 +49,8 @@ def check_conv_bias_act(
     check_activation(x)
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (Cout, Cin/groups, KH, KW), got shape {tuple(weight.shape)}")
+    if min(weight.shape[1:]) < 1:  # as torch's conv refuses it (the Triton kernel would return act(bias))
+        raise ValueError(f"weight must have a non-empty kernel (Cin/groups, KH, KW), got shape {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match the input dtype {x.dtype}")
     if x.shape[1] != weight.shape[1] * config.groups:
