@@ -56,6 +56,22 @@ def test_matches_plain_modules(relu, with_residual, training):
         assert torch.allclose(getattr(fused.bn, name), getattr(plain.bn, name), rtol=1e-12, atol=0), name
 
 
+@pytest.mark.parametrize("shape", [(1, 16, 1, 1), (16, 1, 1), (2, 1, 9, 7)])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_residual_that_broadcasts(shape, training):
+    # `y + residual` broadcasts (stock, and the train path); eval refused it (an audit).
+    fused = _module().train(training)
+    plain = copy.deepcopy(fused)
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64)
+    r = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    got, want = fused(x, r), _plain(plain, x, r)
+    assert relative_error(got, want) < 1e-12
+    g = torch.randn_like(want)
+    assert relative_error(torch.autograd.grad(got, r, g)[0], torch.autograd.grad(want, r, g)[0]) < 1e-10
+    with torch.no_grad():
+        assert relative_error(fused(x, r), want) < 1e-12
+
+
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
 def test_running_stats_follow_batchnorm_over_steps(momentum):
     fused = _module(momentum=momentum).train()
@@ -474,7 +490,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="8 channels"):
         m(torch.randn(1, 3, 4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="residual must have the output shape"):
-        m.eval()(torch.randn(1, 8, 4, 4, dtype=torch.float64), torch.randn(1, 16, 1, 1, dtype=torch.float64))
+        m.eval()(torch.randn(1, 8, 4, 4, dtype=torch.float64), torch.randn(1, 16, 3, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="too small"):
         m.eval()(torch.randn(1, 8, 0, 4, dtype=torch.float64))
 

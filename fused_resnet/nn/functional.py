@@ -178,6 +178,8 @@ def conv_bn_act(
             y = y + residual
         return torch.relu(y) if relu else y
     weight, bias = folded_conv_bn(conv, bn, dtype)
+    if residual is not None and residual.shape != (out_shape := config.output_shape(x, weight)):
+        residual = _broadcast_residual(residual, out_shape)
     in_scale = in_shift = None
     if pre_bn is not None:
         in_scale, in_shift = bn_scale_shift(pre_bn)
@@ -197,6 +199,16 @@ def conv_bn_act(
     if bound is not None:
         activation_bounds.record(out, bound)
     return out
+
+
+def _broadcast_residual(residual: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+    # One that broadcasts, as `y + residual` takes it (stock, and the train path).
+    try:
+        return residual.expand(out_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"residual must have the output shape {tuple(out_shape)} or broadcast to it, got {tuple(residual.shape)}"
+        ) from None
 
 
 def conv_bn_projection_act(
