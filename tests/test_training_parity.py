@@ -233,6 +233,15 @@ def test_resnet1202_trains_a_few_steps_on_the_fused_path():
 def test_double_backward_raises_instead_of_being_wrong():
     m = ConvBNAct(4, 4, 3, padding=1).train()
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
-    (gx,) = torch.autograd.grad(m(x).square().sum(), [x], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        gx.square().sum().backward()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(m(x).square().sum(), [x], create_graph=True)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "preact_resnet164"])
+def test_a_hessian_vector_product_raises_instead_of_being_zero(name):
+    # once_differentiable raised only where a second backward reached its outputs: an HVP through a train-mode model
+    # came back as zeros, allow_unused gradients as None (an audit).
+    model = getattr(fused_resnet, name)(num_classes=10).double().train()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.functional.hvp(lambda t: model(t).pow(2).sum(), x, torch.randn_like(x))

@@ -42,6 +42,7 @@ def largest_magnitude(t: torch.Tensor) -> float:
     """max |t| (NaN where t holds NaN, inf where an infinity), reading t once."""
     if t.numel() == 0:
         return 0.0
+    t = t.detach()  # an eval forward with autograd on: no graph, and no warning when made a float
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
         t = t.as_strided((t.numel(),), (1,))  # its values fill numel slots: read as 1-D, channels_last 7x as fast
     low, high = torch.aminmax(t)
@@ -75,7 +76,7 @@ def _gain(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> tuple[fl
     kept = derived_from_fold(conv, weight)
     gain = kept.get("gain") if kept is not None else None
     if gain is None:
-        rows = weight.abs().sum(dim=(1, 2, 3), dtype=torch.float64)
+        rows = weight.detach().abs().sum(dim=(1, 2, 3), dtype=torch.float64)
         gain = (float(rows.max()) if rows.numel() else 0.0, largest_magnitude(bias))
         if kept is not None:
             kept["gain"] = gain

@@ -16,8 +16,9 @@ launch.
 Where x or the residual is another fused unit's output with a recipe (recipes.py: a bottleneck's inner
 activations, most block outputs), the unit saves the recipe's tensors, which their own units keep anyway, instead
 of the tensor, and backward remakes it. torch.compile runs without recipes (Inductor chooses what to recompute
-itself). Backward is once-differentiable: double backward raises. batch_norm_forward (steps 2-3) and unit_backward
-are shared with the block end of a projection shortcut (projection_train.py), which runs two such units in one.
+itself). Backward is first order only: create_graph=True raises (first_order.py). batch_norm_forward (steps 2-3) and
+unit_backward are shared with the block end of a projection shortcut (projection_train.py), which runs two such units
+in one.
 
 Without a conv (weight=None) the same Function is a train-mode BN + act (pre-activation units): y = x.
 """
@@ -31,10 +32,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..ops.conv_config import ConvConfig
 from . import cpp_passes, recipes
+from .first_order import first_order_only
 from .passes import PASSES
 from .recipes import Recipe, recipe_of, releasing, remade, saved_form
 from .stats import check_count, finalize, total_count
@@ -147,7 +148,7 @@ class ConvBNActTrain(torch.autograd.Function):
     # SyncBN: the two sums in dL/dy run over every process's batch (all-reduced); dL/dγ, dL/dβ stay local, as in
     # nn.SyncBatchNorm, because DistributedDataParallel averages parameter gradients itself.
     @staticmethod
-    @once_differentiable  # backward runs custom kernels: a gradient of it would be silently wrong
+    @first_order_only  # backward runs custom kernels: a gradient of it would be silently wrong
     def backward(ctx: Any, grad_out: torch.Tensor | None, *_: Any) -> tuple:
         with releasing(ctx, ctx.x_spec, ctx.residual_spec):
             return _backward(ctx, grad_out)

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from ..ops import cpp_backend
+from .first_order import first_order_only
 from .recipes import Recipe, hooks_active, recipe_of, release, remade, saved_form
 
 _POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -115,7 +115,7 @@ class MaxPoolOfRecipe(torch.autograd.Function):
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only  # backward runs custom kernels: a gradient of it would be silently wrong
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         try:
             if ctx.gather:

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..ops.conv_config import ConvConfig
 from . import recipes
 from .conv_bn_act_train import TENSORS_PER_UNIT, Unit, batch_norm_forward, unit_backward
+from .first_order import first_order_only
 from .passes import PASSES
 from .recipes import Recipe, recipe_of, releasing, remade, saved_form
 from .sync import sync_group
@@ -92,7 +92,7 @@ class ProjectionEndTrain(torch.autograd.Function):
         return out, y, scale, total_shift, y_s, scale_s
 
     @staticmethod
-    @once_differentiable  # backward runs custom kernels: a gradient of it would be silently wrong
+    @first_order_only  # backward runs custom kernels: a gradient of it would be silently wrong
     def backward(ctx: Any, grad_out: torch.Tensor | None, *_: Any) -> tuple:
         with releasing(ctx, ctx.h_spec, ctx.x_spec):
             return _backward(ctx, grad_out)
