@@ -233,15 +233,29 @@ def test_resnet1202_trains_a_few_steps_on_the_fused_path():
 def test_double_backward_raises_instead_of_being_wrong():
     m = ConvBNAct(4, 4, 3, padding=1).train()
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
-    with pytest.raises(RuntimeError, match="create_graph=True"):
-        torch.autograd.grad(m(x).square().sum(), [x], create_graph=True)
+    (gx,) = torch.autograd.grad(m(x).square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="gradient of a gradient"):
+        gx.square().sum().backward()
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet18", "preact_resnet164"])
-def test_a_hessian_vector_product_raises_instead_of_being_zero(name):
+def test_a_second_differentiation_raises_instead_of_being_zero(name):
     # once_differentiable raised only where a second backward reached its outputs: an HVP through a train-mode model
-    # came back as zeros, allow_unused gradients as None (an audit).
+    # came back as zeros, allow_unused gradients as None (an audit). First-order values under create_graph=True
+    # stay right.
+    torch.manual_seed(0)
     model = getattr(fused_resnet, name)(num_classes=10).double().train()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="create_graph=True"):
+    with pytest.raises(RuntimeError, match="gradient of a gradient"):
         torch.autograd.functional.hvp(lambda t: model(t).pow(2).sum(), x, torch.randn_like(x))
+    # The same first-order gradient with and without create_graph (the same kernels run).
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    firsts = [
+        torch.autograd.grad(model(xg).pow(2).sum(), [xg], create_graph=graph)[0]
+        for graph, xg in zip((True, False), inputs, strict=True)
+    ]
+    assert torch.equal(firsts[0], firsts[1])
+    penalty = firsts[0].pow(2).sum()
+    for wrt in (inputs[0], model.fc.weight, model.conv1.weight):
+        with pytest.raises(RuntimeError, match="gradient of a gradient"):
+            torch.autograd.grad(penalty, [wrt], allow_unused=True, retain_graph=True)

@@ -16,9 +16,9 @@ launch.
 Where x or the residual is another fused unit's output with a recipe (recipes.py: a bottleneck's inner
 activations, most block outputs), the unit saves the recipe's tensors, which their own units keep anyway, instead
 of the tensor, and backward remakes it. torch.compile runs without recipes (Inductor chooses what to recompute
-itself). Backward is first order only: create_graph=True raises (first_order.py). batch_norm_forward (steps 2-3) and
-unit_backward are shared with the block end of a projection shortcut (projection_train.py), which runs two such units
-in one.
+itself). Backward is first order only: a second differentiation raises (first_order.py). batch_norm_forward (steps
+2-3) and unit_backward are shared with the block end of a projection shortcut (projection_train.py), which runs two
+such units in one.
 
 Without a conv (weight=None) the same Function is a train-mode BN + act (pre-activation units): y = x.
 """
