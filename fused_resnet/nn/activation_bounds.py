@@ -89,9 +89,14 @@ def _bound_of(t: torch.Tensor, bounds: Bounds) -> tuple[float, bool]:
     known = bounds.get(id(t))
     if known is not None and known[0]() is t:
         return known[1], known[2]
+    return _read(t, bounds), True
+
+
+def _read(t: torch.Tensor, bounds: Bounds) -> float:
+    """t's largest magnitude, read and kept as its bound."""
     bound = largest_magnitude(t)
     bounds[id(t)] = (weakref.ref(t), bound, True)
-    return bound, True
+    return bound
 
 
 def output_bound(
@@ -121,12 +126,8 @@ def output_bound(
     r_bound, r_exact = _bound_of(residual, bounds) if residual is not None else (0.0, True)
     out = of(x_bound, r_bound)
     if not out <= LIMIT and not (x_exact and r_exact):  # compounded bounds: read the inputs' own largest values
-        if not x_exact:
-            x_bound = largest_magnitude(x)
-            bounds[id(x)] = (weakref.ref(x), x_bound, True)
-        if not r_exact:
-            r_bound = largest_magnitude(residual)
-            bounds[id(residual)] = (weakref.ref(residual), r_bound, True)
+        x_bound = x_bound if x_exact else _read(x, bounds)
+        r_bound = r_bound if r_exact else _read(residual, bounds)
         out = of(x_bound, r_bound)
     return out if out <= LIMIT and math.isfinite(out) else None
 
