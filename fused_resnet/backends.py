@@ -111,6 +111,11 @@ def get_backend(name: str) -> Backend:
     return entry
 
 
+def loaded(name: str) -> Backend | str | None:
+    """The entry load_backends made for `name` (a Backend, or why it could not load), None before it ran."""
+    return _LOADED.get(name)
+
+
 @torch.compiler.assume_constant_result
 def unavailable_reason(name: str) -> str | None:
     """Why backend `name` cannot run at all in this process (None if it can)."""

@@ -94,6 +94,51 @@ def module_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     return _lookup(module, name)[0]
 
 
+_BN_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+# One tensor a cached fold was made from, as fold_sources records it: the module, the name, the tensor (None: the
+# module had none of that name) and the tensor's version counter, data pointer and dtype then.
+Source = tuple[nn.Module, str, torch.Tensor | None, int, int, torch.dtype | None]
+
+
+def fold_sources(conv: nn.Conv2d, bn: nn.Module | None, weight: torch.Tensor) -> tuple[Source, ...] | None:
+    """What conv's cached fold (whose weight is `weight`) was made from, for fold_current's quick check; None where
+    there is no such fold or a tensor it read is no parameter or buffer of the modules (then nothing is cached)."""
+    cached = conv.__dict__.get(_CACHE_ATTR)
+    if cached is None or cached[3][0] is not weight:
+        return None
+    sources = []
+    for module, names in ((conv, ("weight",)), (bn, _BN_NAMES if bn is not None else ())):
+        for name in names:
+            tensor, own = _lookup(module, name)
+            if tensor is None:
+                if name in module.__dict__ or not _PLAIN_NAMES[(type(module), name)]:
+                    return None
+                sources.append((module, name, None, 0, 0, None))
+            elif not own:
+                return None
+            else:
+                sources.append((module, name, tensor, tensor._version, tensor.data_ptr(), tensor.dtype))
+    return tuple(sources)
+
+
+def fold_current(sources: tuple[Source, ...]) -> bool:
+    """Whether a fold made from `sources` (fold_sources) is still what folding them would give: each module still
+    has the same tensor (or none) under each name, unchanged since (version counter, storage, dtype). Writes through
+    `tensor.data` are not seen, as for the cache itself (see the module's docstring)."""
+    for module, name, tensor, version, ptr, dtype in sources:
+        found = module._parameters.get(name)
+        if found is None:
+            found = module._buffers.get(name)
+        if found is not tensor:
+            return False
+        if tensor is not None and (tensor._version != version or tensor.data_ptr() != ptr or tensor.dtype != dtype):
+            return False
+        if tensor is None and name in module.__dict__:
+            return False
+    return True
+
+
 def _tensors(conv: nn.Conv2d, bn: nn.Module | None) -> tuple[list[torch.Tensor], bool]:
     """The tensors the fold reads, and whether each is one the modules store (else a fold of them must not be
     cached: a tensor made at each access has version 0 and, once freed, its address may come back for the next
@@ -179,6 +224,12 @@ def derived_from_fold(conv: nn.Conv2d, weight: torch.Tensor) -> dict | None:
     computed from the fold, dropped with it."""
     cached = conv.__dict__.get(_CACHE_ATTR)
     return cached[4] if cached is not None and cached[3][0] is weight else None
+
+
+def kept_with_fold(conv: nn.Conv2d) -> dict | None:
+    """The dict kept beside conv's cached fold, whichever its weight (None without a cached fold)."""
+    cached = conv.__dict__.get(_CACHE_ATTR)
+    return None if cached is None else cached[4]
 
 
 def clear_fold_cache(conv: nn.Conv2d) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import backends
@@ -26,8 +25,9 @@ from ..training.conv_bn_act_train import conv_bn_act_train
 from ..training.passes import passes_for
 from ..training.projection_train import projection_end_train
 from ..training.sync import sync_group
-from . import activation_bounds
+from . import eval_plans
 from .folding import FOLDABLE_NORMS, bn_scale_shift, folded_conv_bn, module_tensor
+from .hooks import global_forward_hooks, has_hooks
 
 
 def compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
@@ -48,13 +48,6 @@ def uses_batch_stats(bn: nn.Module) -> bool:
     return isinstance(bn, _BatchNorm) and (bn.training or bn.running_mean is None)
 
 
-def has_hooks(module: nn.Module | None) -> bool:
-    """Whether the module has hooks of its own (forward, forward pre-, backward or backward pre-hooks)."""
-    return module is not None and bool(
-        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
-    )
-
-
 def conv_unfusable(conv: nn.Conv2d) -> bool:
     """Whether a conv is no conv of the fused kernels."""
     # A subclass may override forward (weight standardization, a scaled conv); a bias, a padding mode other than
@@ -73,7 +66,7 @@ def runs_own_forwards(*modules: nn.Module | None) -> bool:
     in a forward pre-hook; a user's hooks, or global module hooks, expect to see their module run), a norm the fused
     path does not know (FOLDABLE_NORMS: e.g. a BatchNorm2d subclass, whose forward may differ), or a conv that is not
     a plain zero-padded nn.Conv2d without bias (conv_unfusable)."""
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    if global_forward_hooks():
         return True
     for module in modules:
         if module is None:
@@ -157,12 +150,18 @@ def conv_bn_act(
     inference_mode), a backend that can writes the result into the residual's memory and returns it. `act`, where
     given, is the module whose ReLU this is (a block's `relu`): one with hooks, or not an nn.ReLU, is run itself.
     """
+    plan = eval_plans.plan_of(conv) if pre_bn is None else None
+    if plan is not None:  # the decisions of an earlier call with these operands, where they still hold
+        out = plan.run(x, conv, bn, residual, relu, backend, allow_fallback, donate_residual, act)
+        if out is not None:
+            return out
     check_activation(x)
     # An empty batch trains as nn.BatchNorm2d's own forward does (an empty result, no statistics to take).
     empty_train = x.shape[0] == 0 and bn is not None and uses_batch_stats(bn)
     if runs_own_forwards(conv, bn, pre_bn) or (relu and own_activation(act)) or empty_train:
         return _own_forwards(x, conv, bn, residual, relu, pre_bn, act)  # the modules cast for autocast themselves
     x, config, dtype = _conv_input(x, conv)
+    given_residual = residual
     if residual is not None:
         residual = residual.to(dtype)
     if pre_bn is not None and uses_batch_stats(pre_bn):
@@ -185,19 +184,14 @@ def conv_bn_act(
         in_scale, in_shift = bn_scale_shift(pre_bn)
     check_conv_bias_act(x, weight, bias, residual, config)
     chosen = backends.select(backend, x, weight, residual, config, pre_bn is not None, allow_fallback)
-    bound = None
-    if chosen.name == "cpu" and activation_bounds.active():  # the CPU conv's NaN scans are off: see there
-        bound = activation_bounds.output_bound(x, conv, weight, bias, residual, in_scale, in_shift)
-        if bound is None:
-            cpp_backend.set_cpu_input_scans(True)
-            activation_bounds.stop()
-    if donate_residual and chosen.conv_bias_act_into_residual is not None and _writable(residual):
-        out = chosen.conv_bias_act_into_residual(x, weight, bias, residual, config, relu, in_scale, in_shift)
-    else:
-        run = chosen.launch if chosen.launch is not None and plain_eager_call(x) else chosen.conv_bias_act
-        out = run(x, weight, bias, residual, config, relu, in_scale, in_shift)
-    if bound is not None:
-        activation_bounds.record(out, bound)
+    donated = donate_residual and _writable(residual)
+    into = donated and chosen.conv_bias_act_into_residual is not None
+    eager = plain_eager_call(x)
+    out = eval_plans.launch_folded(
+        chosen, x, conv, weight, bias, residual, config, relu, in_scale, in_shift, into, eager
+    )
+    if eager and pre_bn is None and residual is given_residual:  # taken as given: neither cast nor broadcast
+        eval_plans.keep(x, conv, bn, residual, relu, backend, donate_residual, weight, bias, config, chosen, donated)
     return out
 
 
