@@ -517,3 +517,15 @@ def test_a_residual_changed_in_place_after_use_is_not_remade_from():
         grads[kind] = torch.autograd.grad(loss, [a2.conv.weight, a2.bn.weight])
     for got, want in zip(grads["fused"], grads["stock"], strict=True):
         assert relative_error(got, want) < 1e-10
+
+
+def test_submodules_lists_what_modules_yields():
+    from fused_resnet.nn.hooks import submodules
+
+    shared = nn.Conv2d(2, 2, 1)
+    model = nn.Sequential(shared, nn.Sequential(shared, nn.ReLU(), nn.Sequential()), _module())
+    model.add_module("absent", None)
+    got = submodules(model)
+    assert len(got) == len({id(m) for m in got})
+    assert {id(m) for m in got} == {id(m) for m in model.modules()}
+    assert got[0] is model

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..nn import activation_bounds
 from ..nn.folding import FOLDABLE_NORMS
-from ..nn.functional import conv_unfusable, has_hooks
+from ..nn.functional import conv_unfusable
+from ..nn.hooks import global_forward_hooks, has_hooks, submodules
 from ..ops import cpp_backend
 from ..ops.checks import check_activation
 
@@ -33,9 +34,9 @@ _STOCK_PARTS = (
 
 
 def _only_own_parts(model: nn.Module) -> bool:
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if global_forward_hooks():
         return False
-    for m in model.modules():
+    for m in submodules(model):
         kind = type(m)
         if has_hooks(m) or not (kind in _STOCK_PARTS or kind.__module__.startswith("fused_resnet.models.")):
             return False

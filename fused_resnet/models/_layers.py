@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
 
-from ..nn.functional import has_hooks
+from ..nn.hooks import has_hooks, submodules
 from ..training.max_pool_train import max_pool_train
 
 # fx.symbolic_trace only (torch.export and torch.compile never write in place: nn/functional.py); newer torch
@@ -49,7 +49,7 @@ def _donates(module: nn.Module | None) -> bool:
 
 
 def _hooked_inside(block: nn.Module) -> bool:
-    return any(has_hooks(m) for m in block.modules() if m is not block)
+    return any(has_hooks(m) for m in submodules(block)[1:])
 
 
 class StemMaxPool2d(nn.MaxPool2d):

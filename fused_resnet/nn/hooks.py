@@ -16,3 +16,17 @@ def has_hooks(module: nn.Module | None) -> bool:
 def global_forward_hooks() -> bool:
     """Whether global module forward (or forward pre-) hooks are registered: they expect every module to run."""
     return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
+def submodules(module: nn.Module) -> list[nn.Module]:
+    """module and every module inside it, each once: the modules module.modules() yields (in another order), listed
+    without its chain of generators, which costs ~1.5 µs a module: the per-forward checks over a whole model
+    (models/_common.py, models/_layers.py) walk ~150 modules in a ResNet-50."""
+    found = [module]
+    seen = {id(module)}
+    for parent in found:  # grows while it is walked: breadth first
+        for child in parent._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+    return found
