@@ -529,3 +529,17 @@ def test_submodules_lists_what_modules_yields():
     assert len(got) == len({id(m) for m in got})
     assert {id(m) for m in got} == {id(m) for m in model.modules()}
     assert got[0] is model
+
+
+def test_a_bn_without_num_batches_tracked_is_folded_again_after_its_own_train_forward():
+    # Its running statistics move inside ATen's kernel, which bumps no version counter (found by audit).
+    m = _module().eval()
+    m.bn.num_batches_tracked = None
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        m(x)
+        m.bn.train()
+        m.bn(m.conv(x) * 3 + 1)  # stock BN recalibration: momentum 0.1, no count
+        m.bn.eval()
+        got = m(x)
+        assert relative_error(got, _plain(m, x)) < 1e-12

@@ -35,7 +35,7 @@ def _conv_settings(conv: nn.Conv2d) -> tuple:
     d = conv.__dict__
     return (
         d.get("stride"), d.get("padding"), d.get("dilation"), d.get("groups"), d.get("padding_mode"),
-        d.get("in_channels"), conv._parameters.get("bias"), conv._buffers.get("bias"),
+        d.get("in_channels"), conv._parameters.get("bias"), conv._buffers.get("bias"), d.get("bias"),
     )  # fmt: skip
 
 
@@ -81,7 +81,7 @@ class EvalPlan:
 
     __slots__ = (
         "signature", "bn", "bn_type", "eps", "settings", "sources", "weight", "bias", "config", "chosen",
-        "into_residual", "device_type", "inference",
+        "into_residual", "device_type", "inference", "order",
     )  # fmt: skip
 
     def __init__(
@@ -102,6 +102,7 @@ class EvalPlan:
         self.eps = None if bn is None else bn.eps
         self.settings = _conv_settings(conv)
         self.chosen = chosen if chosen.name == "cpu" else None  # see the module's docstring
+        self.order = backends.AUTO_ORDER.get(device_type)  # "auto"'s order then (a table a user may replace)
         self.into_residual = into_residual
         self.device_type = device_type
         self.inference = weight.is_inference()
@@ -136,7 +137,11 @@ class EvalPlan:
         if not fold_current(self.sources):
             return None
         chosen = self.chosen
-        if chosen is None or backends.loaded(chosen.name) is not chosen:
+        if (
+            chosen is None
+            or backends.loaded(chosen.name) is not chosen
+            or self.order is not backends.AUTO_ORDER.get(self.device_type)
+        ):
             chosen = backends.select(backend, x, self.weight, residual, self.config, False, allow_fallback)
         into = self.into_residual and chosen.conv_bias_act_into_residual is not None
         weight, bias, config = self.weight, self.bias, self.config

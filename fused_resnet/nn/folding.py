@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import cpp_backend
 
@@ -151,6 +152,10 @@ def _tensors(conv: nn.Conv2d, bn: nn.Module | None) -> tuple[list[torch.Tensor],
         if tensor is not None:
             tensors.append(tensor)
             stored = stored and own
+    if isinstance(bn, _BatchNorm) and bn.running_mean is not None and bn.num_batches_tracked is None:
+        # A train-mode forward of the BN module itself moves its running statistics inside ATen's kernel, which bumps
+        # no version counter; only num_batches_tracked (in the key) shows it, and this BN has none (found by audit).
+        stored = False
     return tensors, stored
 
 

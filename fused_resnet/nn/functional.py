@@ -187,12 +187,12 @@ def conv_bn_act(
     donated = donate_residual and _writable(residual)
     into = donated and chosen.conv_bias_act_into_residual is not None
     eager = plain_eager_call(x)
-    out = eval_plans.launch_folded(
-        chosen, x, conv, weight, bias, residual, config, relu, in_scale, in_shift, into, eager
-    )
+    # Kept before the launch, which may write into a tensor the fold read (a donated residual that aliases it).
     if eager and pre_bn is None and residual is given_residual:  # taken as given: neither cast nor broadcast
         eval_plans.keep(x, conv, bn, residual, relu, backend, donate_residual, weight, bias, config, chosen, donated)
-    return out
+    return eval_plans.launch_folded(
+        chosen, x, conv, weight, bias, residual, config, relu, in_scale, in_shift, into, eager
+    )
 
 
 def _broadcast_residual(residual: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
