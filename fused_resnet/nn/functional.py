@@ -21,7 +21,7 @@ from ..ops import cpp_backend, reference
 from ..ops.checks import check_activation, check_conv_bias_act
 from ..ops.conv_config import ConvConfig
 from ..ops.eager import plain_eager_call
-from ..training.conv_bn_act_train import conv_bn_act_train
+from ..training.conv_bn_act_train import as_dtype, conv_bn_act_train
 from ..training.passes import passes_for
 from ..training.projection_train import projection_end_train
 from ..training.sync import sync_group
@@ -163,7 +163,7 @@ def conv_bn_act(
     x, config, dtype = _conv_input(x, conv)
     given_residual = residual
     if residual is not None:
-        residual = residual.to(dtype)
+        residual = as_dtype(residual, dtype)
     if pre_bn is not None and uses_batch_stats(pre_bn):
         x, pre_bn = bn_act(x, pre_bn, relu=True, backend=backend, allow_fallback=allow_fallback), None
     if bn is not None and uses_batch_stats(bn):
@@ -171,7 +171,7 @@ def conv_bn_act(
             x = bn_act(x, pre_bn, relu=True, backend=backend, allow_fallback=allow_fallback)
         if _fused_training(bn, backend):
             passes = passes_for(backend, x, allow_fallback)
-            return conv_bn_act_train(x, conv.weight.to(dtype), bn, residual, relu, config, passes)
+            return conv_bn_act_train(x, as_dtype(conv.weight, dtype), bn, residual, relu, config, passes)
         y = bn(_conv(x, conv, config))  # stock nn.BatchNorm2d (or the subclass's own forward)
         if residual is not None:
             y = y + residual
@@ -227,9 +227,9 @@ def conv_bn_projection_act(
     x, config, dtype = _conv_input(x, conv)
     shortcut_x, shortcut_config, _ = _conv_input(shortcut_x, shortcut_conv)
     passes = passes_for(backend, x, allow_fallback)
-    weight, shortcut_weight = conv.weight.to(dtype), shortcut_conv.weight.to(dtype)
+    weight, shortcut_weight = as_dtype(conv.weight, dtype), as_dtype(shortcut_conv.weight, dtype)
     return projection_end_train(
-        x, weight, bn, shortcut_x.to(dtype), shortcut_weight, shortcut_bn, config, shortcut_config, passes
+        x, weight, bn, as_dtype(shortcut_x, dtype), shortcut_weight, shortcut_bn, config, shortcut_config, passes
     )
 
 

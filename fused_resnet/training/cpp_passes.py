@@ -55,10 +55,16 @@ def finalize_applies(
     parameters and running stats on its device (else the statistics, then training/channel_math.py's kernel or the
     PyTorch formulas). For a unit training with these passes, which the caller chose because the extension runs on
     y's device. The op has a CUDA kernel only; device_type is for tests that give it another."""
-    if torch.compiler.is_compiling() or y.device.type != device_type or y.dtype == torch.float64 or not _nhwc(y):
+    if torch.compiler.is_compiling() or y.dtype == torch.float64:
         return False
-    vectors = [gamma, beta, bn.running_mean, bn.running_var]
-    return all(v is None or (v.dtype == torch.float32 and v.is_contiguous() and v.device == y.device) for v in vectors)
+    device = y.device
+    if device.type != device_type or not _nhwc(y):
+        return False
+    buffers = bn._buffers  # not bn.running_mean: nn.Module's attribute fallback costs host time, per unit
+    for v in (gamma, beta, buffers.get("running_mean"), buffers.get("running_var")):
+        if v is not None and (v.dtype != torch.float32 or not v.is_contiguous() or v.device != device):
+            return False
+    return True
 
 
 def stats_finalize(

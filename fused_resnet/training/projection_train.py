@@ -26,7 +26,7 @@ from torch import nn
 
 from ..ops.conv_config import ConvConfig
 from . import recipes
-from .conv_bn_act_train import TENSORS_PER_UNIT, Unit, batch_norm_forward, unit_backward
+from .conv_bn_act_train import TENSORS_PER_UNIT, Unit, autocast_off, batch_norm_forward, unit_backward
 from .first_order import first_order_only
 from .passes import PASSES
 from .recipes import Recipe, recipe_of, releasing, remade, saved_form
@@ -75,7 +75,7 @@ class ProjectionEndTrain(torch.autograd.Function):
         config_s: ConvConfig,
         passes: str,
     ) -> tuple[torch.Tensor, ...]:
-        with torch.autocast(h.device.type, enabled=False):  # the caller chose the compute dtype
+        with autocast_off(h.device.type):  # the caller chose the compute dtype
             end = _conv_bn(h, weight, gamma, beta, bn, config, True, passes)
             short = _conv_bn(x, weight_s, gamma_s, beta_s, bn_s, config_s, False, passes)
             # The block end's pass adds both shifts: its backward recomputes the mask with the sum.

@@ -76,15 +76,19 @@ def running_update(bn: nn.BatchNorm2d) -> tuple[bool, float]:
     """Whether nn.BatchNorm2d would move bn's running stats in this forward, and the factor it would move them by
     (momentum, or 1/num_batches_tracked for momentum=None); counts the batch in num_batches_tracked where it
     would. Once per forward: it is the update's one side effect on the host."""
+    # Buffers read from their dict: nn.Module's attribute fallback costs ~0.7 µs of host time a lookup, per unit.
+    buffers = bn._buffers
     counts = bn.training and bn.track_running_stats
-    update = counts and bn.running_mean is not None
-    factor = 0.0 if bn.momentum is None else bn.momentum
+    update = counts and buffers.get("running_mean") is not None
+    momentum = bn.momentum
+    factor = 0.0 if momentum is None else momentum
     # Counted wherever nn.BatchNorm2d counts it: also where the running buffers were set to None.
-    if counts and bn.num_batches_tracked is not None:
+    tracked = buffers.get("num_batches_tracked")
+    if counts and tracked is not None:
         with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-        if update and bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked)
+            tracked.add_(1)
+        if update and momentum is None:
+            factor = 1.0 / float(tracked)
     return update, factor
 
 
