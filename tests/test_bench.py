@@ -378,3 +378,44 @@ def test_layer_table_shows_a_layer_left_out_by_the_budget_without_a_column_of_it
     assert header.count("µs (× stock)") == 2 and "- µs" not in header
     assert first.count("|") == left_out.count("|") == header.count("|")
     assert "| b | 1x1/1 | skipped: out of time |  |  |" in left_out
+
+
+def test_parity_judge_marks_a_fused_row_off_the_reference() -> None:
+    from fused_resnet.bench import parity
+
+    def row(contender: str, dtype: str, err: float, status: str = "ok") -> dict:
+        return {"contender": contender, "dtype": dtype, "rel_err": err, "status": status}
+
+    cpu = torch.device("cpu")
+    rows = [
+        row("eager", "fp32", 0.0),
+        row("eager_cl+autocast", "bf16", 2e-2),
+        row("fused:cpu", "fp32", 5e-6),  # within fp32's 1e-5
+        row("fused:reference", "fp32", 2e-5),  # past it
+        row("fused:cpu+autocast", "bf16", 3.9e-2),  # within 4e-2
+        row("fused:triton+autocast", "bf16", 5e-2),  # past 4e-2 but within 4x stock's 2e-2
+        row("fused:cuda+autocast", "bf16", float("nan")),
+        row("fused:x", "fp32", 1.0, status="failed"),  # already failed: left alone
+    ]
+    parity.judge(rows, cpu)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "wrong", "ok", "ok", "wrong", "failed"]
+    assert "2e-05" in rows[3]["error"] and "past the bound 1e-05" in rows[3]["error"]
+
+
+def test_a_wrong_fused_kernel_is_reported_wrong(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    backends.load_backends()
+    good = backends.get_backend("reference")
+
+    def off(*args: object) -> torch.Tensor:
+        return good.conv_bias_act(*args) + 1e-3
+
+    monkeypatch.setitem(backends._LOADED, "reference", replace(good, conv_bias_act=off, launch=off))
+    out = tmp_path / "out"
+    args = ["--profile", "smoke", "--out", str(out), "--threads", "1", "--mode", "inference", "--no-layers"]
+    assert cli.main(args) == 0
+    rows = {r["contender"]: r for r in report.load(out)["rows"]}
+    assert rows["fused:reference"]["status"] == "wrong" and rows["eager"]["status"] == "ok"
+    lines = summary.headlines(report.load(out)["rows"])
+    assert any("WRONG RESULT" in line and "fused:reference" in line for line in lines)

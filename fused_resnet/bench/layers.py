@@ -24,7 +24,7 @@ from torch import nn
 from .. import backends
 from ..nn.functional import conv_bn_act
 from ..tolerances import max_abs_error, relative_error
-from . import roofline
+from . import parity, roofline
 from .contenders import DEVICE_BACKENDS, engine_scope, engine_unfit, hopper_engine_runs, other_cuda_engines
 from .profiles import Profile, dtype_name
 from .progress import Progress
@@ -218,6 +218,7 @@ def run_layers(
                 row["pct_ceiling"] = ceiling_ms / t.median
             if "stock" in timings:
                 row["speedup_vs_eager"] = timings["stock"].median / t.median
+        parity.judge(case_rows.values(), device)
         rows += case_rows.values()
         free_memory(device)
     return rows

@@ -34,7 +34,7 @@ ROW_FIELDS = [
     "memory_format",
     "batch",
     "image_size",
-    "status",  # ok | failed | skipped
+    "status",  # ok | failed | skipped | wrong (a fused result off the reference: bench/parity.py)
     "error",
     "images_per_s",
     "ms_p50",

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..tolerances import max_abs_error, relative_error
 from . import contenders as cont
-from . import roofline
+from . import parity, roofline
 from .profiles import Group, Profile, dtype_name
 from .progress import Progress
 from .timing import Timing, time_interleaved, warm_up
@@ -199,6 +199,7 @@ def run_group(
     # cause not yet found) ends the process's CUDA context, and must not take the other rows with it.
     for phase in ([c for c in plan if c.compile_mode != "graph"], [c for c in plan if c.compile_mode == "graph"]):
         _build_and_time(phase, rows, group, profile, device, model, (x, target, reference), gflop, progress, deadline)
+    parity.judge(rows.values(), device)
     eager = next(iter(rows.values()))  # plan() puts plain eager first
     for row in rows.values():
         if row.get("images_per_s") and eager.get("images_per_s"):

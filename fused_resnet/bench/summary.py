@@ -53,6 +53,9 @@ def _group_line(group: str, rows: list[dict[str, Any]]) -> str:
     failed = sorted({r["contender"] for r in rows if r["status"] == "failed"})
     if failed:
         text += f"; FAILED: {', '.join(failed)}"
+    wrong = sorted({r["contender"] for r in rows if r["status"] == "wrong"})
+    if wrong:
+        text += f"; WRONG RESULT (off the reference, not timed as a result): {', '.join(wrong)}"
     return f"{group}: {text}"
 
 
