@@ -29,5 +29,5 @@ test: setup
 	$(PY) -m pytest tests benchmarks --benchmark-disable -q
 
 bench: setup
-	$(PY) -m fused_resnet.check
+	$(PY) -m fused_resnet.check --save bench-out/parity.md
 	$(PY) -m fused_resnet.bench $(BENCH_ARGS)

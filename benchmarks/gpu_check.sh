@@ -229,8 +229,9 @@ for stage in "${STAGES[@]}"; do
             fi
             ;;
         bench)
+            # --resume: the stages add their rows to one results file (without it a run replaces an earlier one's)
             run_stage bench "$limit" "$PY" -m fused_resnet.bench --out "$OUT" --max-minutes "$(minutes_for "$limit")" \
-                --profile "$PROFILE" "${EXTRA[@]}"
+                --profile "$PROFILE" --resume "${EXTRA[@]}"
             ;;
         max-autotune)
             # The CPU dry run: the same command on a small model (no max-autotune row there: it is a GPU contender).

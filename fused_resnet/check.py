@@ -16,12 +16,14 @@ import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
 from . import models
+from .backends import BackendError, requested_backend
 from .fuse import fuse
 from .tolerances import forward_rtol, grad_rtol, max_abs_error, relative_error, within_tolerance
 
@@ -170,14 +172,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--shape", type=int, nargs=4, default=[2, 3, 64, 64], metavar=("N", "C", "H", "W"))
+    parser.add_argument("--save", type=Path, help="also write the table to this file (make bench: bench-out/parity.md)")
     args = parser.parse_args(argv)
+    if min(args.shape) < 1 or args.shape[0] < 2:  # an empty tensor's errors are 0: a pass that tested nothing
+        parser.error(f"--shape needs at least 2 images (train-mode BN) and no empty dimension, got {args.shape}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible here")
+    try:
+        requested_backend(args.backend)
+    except ValueError as err:
+        parser.error(str(err))
     rows = []
-    for model in args.models:
-        for dtype in args.dtypes or default_dtypes(args.device):
-            rows += check_model(model, DTYPES[dtype], args.device, tuple(args.shape), args.backend)
-    print(format_table(rows))
+    try:
+        for model in args.models:
+            for dtype in args.dtypes or default_dtypes(args.device):
+                rows += check_model(model, DTYPES[dtype], args.device, tuple(args.shape), args.backend)
+    except BackendError as err:  # a backend that cannot run here: its message says why
+        parser.error(str(err))
     failed = [r for r in rows if not r.passed]
-    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    text = f"{format_table(rows)}\n\n{len(rows) - len(failed)} passed, {len(failed)} failed"
+    print(text)
+    if args.save is not None:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(f"shape {tuple(args.shape)}, device {args.device}, backend {args.backend!r}\n\n{text}\n")
     return 1 if failed else 0
 
 

@@ -419,3 +419,48 @@ def test_a_wrong_fused_kernel_is_reported_wrong(tmp_path: object, monkeypatch: p
     assert rows["fused:reference"]["status"] == "wrong" and rows["eager"]["status"] == "ok"
     lines = summary.headlines(report.load(out)["rows"])
     assert any("WRONG RESULT" in line and "fused:reference" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--models", "resnet999"], "unknown model"),
+        (["--batch", "0"], "positive integers"),
+        (["--batch", "abc"], "positive integers"),
+        (["--threads", "-3"], "at least 1"),
+        (["--models", "resnet50", "--layers-only"], "no per-layer rows"),
+    ],
+)
+def test_cli_refuses_bad_arguments(tmp_path: object, args: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["--profile", "smoke", "--out", str(tmp_path / "out"), *args])
+
+
+def test_cli_batch_applies_to_every_group_and_a_new_run_replaces_the_old(tmp_path: object, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["--profile", "smoke", "--out", str(out), "--threads", "1", "--batch", "3", "--contenders", "fused:cpuu"]
+    assert cli.main(args) == 0
+    assert "--contenders: no group of this run has fused:cpuu" in capsys.readouterr().err
+    rows = report.load(out)["rows"]
+    assert rows and {r["batch"] for r in rows} == {3}  # inference, train and the per-layer rows
+    assert {r["mode"] for r in rows} >= {"inference", "train", "layer"}
+    assert cli.main(args) == 0
+    assert "replacing the results of an earlier run" in capsys.readouterr().err
+    assert len(report.load(out)["rows"]) == len(rows)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shape", "0", "3", "64", "64"], "no empty dimension"),
+        (["--shape", "1", "3", "64", "64"], "at least 2 images"),
+        (["--backend", "bogus"], "unknown backend"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+    ],
+)
+def test_parity_check_refuses_bad_arguments(args: list[str], message: str, capsys) -> None:
+    from fused_resnet import check
+
+    with pytest.raises(SystemExit):
+        check.main(args)
+    assert message in capsys.readouterr().err

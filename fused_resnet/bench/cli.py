@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from ..models import TORCHVISION_BUILDERS
 from . import report
+from .contenders import plan as plan_contenders
 from .env_info import environment
 from .layers import run_layers
 from .maxbatch import run_max_batch
@@ -105,6 +107,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _batches(values: list[str] | None) -> tuple[int, ...]:
+    batches = []
+    for value in _split(values) or ():
+        try:
+            batch = int(value)
+        except ValueError:
+            raise SystemExit(f"--batch takes positive integers, got {value!r}") from None
+        if batch < 1:
+            raise SystemExit(f"--batch takes positive integers, got {batch}")
+        batches.append(batch)
+    return tuple(batches)
+
+
 def make_profile(args: argparse.Namespace) -> Profile:
     """The named profile with the command line's overrides applied."""
     profile = PROFILES[args.profile or default_profile_name()]
@@ -113,14 +128,25 @@ def make_profile(args: argparse.Namespace) -> Profile:
     for name in dtypes or ():
         if name not in DTYPES:
             raise SystemExit(f"unknown dtype {name!r}; choose from {', '.join(sorted(DTYPES))}")
+    for name in models or ():
+        if name not in TORCHVISION_BUILDERS:
+            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(TORCHVISION_BUILDERS)}")
+    batches = _batches(args.batch)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be at least 1, got {args.threads}")
     layers = () if args.no_layers else profile.layers
     if models:
         layers = tuple(entry for entry in layers if entry[0] in models)
+    if batches:  # every group at the given batches: inference, train and the per-layer rows
+        layers = tuple(dict.fromkeys((model, batch) for model, _ in layers for batch in batches))
+    if args.layers_only and not layers:
+        raise SystemExit(f"--layers-only: profile {profile.name!r} has no per-layer rows for these models")
     modes = MODES if args.mode == "both" else (args.mode,) if args.mode else profile.modes
     return replace(
         profile,
         models=tuple(models) if models else profile.models,
-        batches=tuple(int(b) for b in _split(args.batch)) if args.batch else profile.batches,
+        batches=batches or profile.batches,
+        train_batches=batches or profile.train_batches,
         dtypes=tuple(DTYPES[d] for d in dtypes) if dtypes else profile.dtypes,
         modes=() if args.layers_only else modes,
         layers=layers,
@@ -187,6 +213,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
 
+def _warn_unplanned(profile: Profile, device: torch.device) -> None:
+    """Names --contenders asked for that no group of this run has here (a typo, or a contender this device lacks)."""
+    if not profile.only_contenders:
+        return
+    every = replace(profile, only_contenders=())
+    planned = {c.name for group in every.groups() for c in plan_contenders(group, every, device)}
+    missing = [name for name in profile.only_contenders if name not in planned]
+    if missing:
+        print(
+            f"--contenders: no group of this run has {', '.join(missing)} here; known: {', '.join(sorted(planned))}",
+            file=sys.stderr,
+        )
+
+
 def _run(args: argparse.Namespace, profile: Profile, device: torch.device) -> int:
     torch.backends.cudnn.benchmark = True
     start = time.monotonic()
@@ -195,6 +235,10 @@ def _run(args: argparse.Namespace, profile: Profile, device: torch.device) -> in
     env = environment(device)
     peaks = pick_peaks(device, profile, args.measure_peak)
     done = {tuple(k) for k in report.load(args.out).get("done", [])} if args.resume else set()
+    if not args.resume and report.clear(args.out):
+        # One table per run: rows of two runs side by side would read as one (found by audit).
+        print(f"replacing the results of an earlier run in {args.out} (--resume adds to them)", file=sys.stderr)
+    _warn_unplanned(profile, device)
 
     def base(fields: dict[str, Any]) -> dict[str, Any]:
         return {**{k: env[k] for k in report.ENV_FIELDS}, "profile": profile.name, "status": "", **fields}

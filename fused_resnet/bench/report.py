@@ -65,6 +65,17 @@ def load(out_dir: Path) -> dict[str, Any]:
     return {"runs": [], "rows": [], "roofline": [], "done": []}
 
 
+def clear(out_dir: Path) -> bool:
+    """Removes an earlier run's result files (rows, report, plots) from out_dir; whether there were any."""
+    out_dir = Path(out_dir)
+    names = (RESULTS_CSV, RESULTS_JSON, REPORT_MD, "throughput.png", "layers.png")  # the plots: bench/plots.py
+    files = [out_dir / name for name in names]
+    found = [f for f in files if f.exists()]
+    for f in found:
+        f.unlink()
+    return bool(found)
+
+
 def append(
     out_dir: Path,
     rows: list[dict[str, Any]],
