@@ -464,3 +464,39 @@ def test_parity_check_refuses_bad_arguments(args: list[str], message: str, capsy
     with pytest.raises(SystemExit):
         check.main(args)
     assert message in capsys.readouterr().err
+
+
+def test_resume_after_the_time_budget_leaves_no_stale_skipped_rows(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build = contenders.build
+
+    def slow_first(*a: object, **k: object) -> object:  # the budget runs out after the first contender's build
+        monkeypatch.setattr(contenders, "build", build)
+        time.sleep(6.0)
+        return build(*a, **k)
+
+    monkeypatch.setattr(contenders, "build", slow_first)
+    out = tmp_path / "out"
+    args = ["--profile", "smoke", "--out", str(out), "--threads", "1", "--mode", "inference", "--no-layers"]
+    assert cli.main([*args, "--max-minutes", "0.08"]) == 0
+    cut = report.load(out)["rows"]
+    assert any(r["status"] == "skipped" for r in cut) and any(r["status"] == "ok" for r in cut)
+    assert cli.main([*args, "--resume"]) == 0
+    rows = report.load(out)["rows"]
+    assert rows and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == len(cut)  # the cut group's rows were replaced, not kept beside the new ones
+    with (out / report.RESULTS_CSV).open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_the_report_header_says_what_ran_and_how_busy_the_machine_was() -> None:
+    env = {
+        "date": "d", "device": "CPU: x (2 threads)", "driver": "n/a", "torch": "t", "triton": "3", "cuda": "13.0",
+        "cudnn": "9", "git_commit": "c", "load_avg": "0.1 0.1 0.1", "cpu_count": "2",
+    }  # fmt: skip
+    run = {"env": env, "profile": "cpu", "args": {"batch": "['3']", "resume": "False", "out": "o"}, "max_load": 3.2}
+    text = report.markdown({"runs": [run], "rows": [], "roofline": []})
+    assert "torch built for CUDA 13.0, cuDNN 9 (unused here)" in text
+    assert "up to 3.2 during the run" in text and "the machine was busy" in text
+    assert "with batch=['3']" in text and "resume" not in text

@@ -179,6 +179,11 @@ def pick_peaks(device: torch.device, profile: Profile, measure: bool) -> DeviceP
     return peaks
 
 
+def _group_name(model: str, batch: int, dtype: str, mode: str) -> str:
+    # A row's "group" for the group of this key (str(Group); the per-layer rows' name in layers.py).
+    return f"{model} b={batch} {dtype} {mode}"
+
+
 def _group_key(env: dict[str, str], profile: Profile, key: tuple) -> list:
     return [env["device"], profile.name, *key]
 
@@ -251,6 +256,9 @@ def _run(args: argparse.Namespace, profile: Profile, device: torch.device) -> in
     ]
     todo = [g for g in groups if tuple(g[1]) not in done]
     todo_layers = [g for g in layer_groups if tuple(g[1]) not in done]
+    if args.resume:  # a group cut short by the time budget runs again whole: its earlier rows go
+        again = {(key[0], key[1], _group_name(*key[2:])) for _, key in todo + todo_layers}
+        report.drop_rows(args.out, again, lambda r: (r["device"], r["profile"], r["group"]))
     skipped = len(groups) + len(layer_groups) - len(todo) - len(todo_layers)
     if skipped:
         print(f"--resume: {skipped} group(s) already in {args.out / report.RESULTS_JSON}", file=sys.stderr)
@@ -265,7 +273,9 @@ def _run(args: argparse.Namespace, profile: Profile, device: torch.device) -> in
     progress = Progress(len(todo) + len(todo_layers) + int(args.max_batch_search), desc=profile.name)
     roofline_done: set[tuple] = set()
     remaining: list[str] = []
+    max_load = os.getloadavg()[0]
     for group, key in todo:
+        max_load = max(max_load, os.getloadavg()[0])
         if time.monotonic() > deadline:
             remaining.append(str(group))
             continue
@@ -281,6 +291,7 @@ def _run(args: argparse.Namespace, profile: Profile, device: torch.device) -> in
             remaining.append(f"{group} (partly)")
         progress.advance()
     for (model, batch, dtype), key in todo_layers:
+        max_load = max(max_load, os.getloadavg()[0])
         if time.monotonic() > deadline:
             remaining.append(f"{model} b={batch} {dtype_name(dtype)} per-layer")
             continue
@@ -297,7 +308,8 @@ def _run(args: argparse.Namespace, profile: Profile, device: torch.device) -> in
         progress.advance()
     progress.close()
     wall = time.monotonic() - start
-    report.finish_run(args.out, wall_s=round(wall, 1), remaining=remaining)
+    max_load = max(max_load, os.getloadavg()[0])
+    report.finish_run(args.out, wall_s=round(wall, 1), remaining=remaining, max_load=round(max_load, 2))
     text = report.write_markdown(args.out)
     plots = write_plots(report.load(args.out)["rows"], args.out)
     print(text)

@@ -76,6 +76,20 @@ def clear(out_dir: Path) -> bool:
     return bool(found)
 
 
+def drop_rows(out_dir: Path, keys: set[tuple], key_of: Any) -> None:
+    """Removes the rows whose key_of(row) is in keys (groups a --resume run is about to run again) from the JSON."""
+    data = load(out_dir)
+    kept = [r for r in data["rows"] if key_of(r) not in keys]
+    if len(kept) != len(data["rows"]):
+        data["rows"] = kept
+        _write(out_dir, data)
+        with (Path(out_dir) / RESULTS_CSV).open("w", newline="") as f:  # the CSV holds the same rows
+            writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+            writer.writeheader()
+            for row in kept:
+                writer.writerow({k: _csv_value(row.get(k)) for k in ROW_FIELDS})
+
+
 def append(
     out_dir: Path,
     rows: list[dict[str, Any]],
@@ -280,16 +294,37 @@ LEGEND = (
 )
 
 
+def _busy_note(run: dict[str, Any], env: dict[str, Any]) -> str:
+    # Other jobs that start during a run skew it (an audit saw a train step at 11x its quiet time, unflagged).
+    peak = run.get("max_load")
+    if peak is None:
+        return ""
+    cores = int(env.get("cpu_count") or 1)
+    note = f", up to {peak:.1f} during the run"
+    if cores > 1 and peak > cores - 0.5:
+        note += f" (**the machine was busy: {cores} cores; other jobs skew these timings**)"
+    return note
+
+
+def _arguments(run: dict[str, Any]) -> str:
+    # The command line's choices, as given (the profile's note describes the profile's defaults).
+    given = {k: v for k, v in run.get("args", {}).items() if v not in ("None", "False", "") and k not in ("out",)}
+    return f" with {', '.join(f'{k}={v}' for k, v in given.items())}" if given else ""
+
+
 def markdown(data: dict[str, Any]) -> str:
     """The report: runs, then one table per (device, model, mode), per-layer tables, roofline ceilings."""
     parts = ["# fused_resnet benchmark", ""]
     for run in data["runs"]:
         env = run["env"]
+        cuda = f"CUDA {env['cuda']}, cuDNN {env['cudnn']}"
+        if env["device"].startswith("CPU"):
+            cuda = f"torch built for {cuda} (unused here)"
         parts.append(
             f"- {env['date']} **{env['device']}**, driver {env['driver']}, torch {env['torch']}, triton "
-            f"{env['triton']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, commit {env['git_commit']}, load average "
-            f"{env.get('load_avg', '?')} at start; profile "
-            f"`{run['profile']}`; {run.get('wall_s', '?')} s. {run.get('note', '')}"
+            f"{env['triton']}, {cuda}, commit {env['git_commit']}, load average "
+            f"{env.get('load_avg', '?')} at start{_busy_note(run, env)}; profile "
+            f"`{run['profile']}`{_arguments(run)}; {run.get('wall_s', '?')} s. {run.get('note', '')}"
         )
     parts += ["", LEGEND]
     groups: dict[tuple, list[dict]] = defaultdict(list)
