@@ -290,7 +290,9 @@ LEGEND = (
     "blocks and waits for the device) during the timed samples are noted where there were any; "
     "peak MB = torch.cuda.max_memory_allocated over "
     "build, first call and warm-up, above what was allocated before (GPU only; empty on CPU); 1st call s includes "
-    "compilation and autotuning. Timings compare only within one run."
+    "compilation and autotuning; status wrong = a fused result off the reference by more than its dtype's tolerance "
+    "and 4× the stock contenders' own error (its speed is no result). Per-layer rows time kernels on a GPU (the host's "
+    "launches hidden); on a CPU they include each call's host time. Timings compare only within one run."
 )
 
 
