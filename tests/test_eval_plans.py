@@ -253,17 +253,61 @@ def test_an_act_that_is_no_relu_or_has_hooks_runs_itself(spy):
         assert relative_error(got, want) < 1e-6
 
 
-def test_a_prologue_call_never_takes_a_plan(spy):
+def test_a_prologue_call_takes_its_own_plan(spy):
     m = _module()
     pre = copy.deepcopy(m.bn)
-    x = _input()
     with torch.no_grad():
-        m(x)
-        m(x)
+        pre.running_var.uniform_(0.5, 2.0)
+    x = _input()
+
+    def call(pre_bn=pre):
+        return conv_bn_act(x, m.conv, m.bn, pre_bn=pre_bn)
+
+    def stock(pre_bn=pre):
+        return _stock(m, torch.relu(pre_bn(x)))
+
+    with torch.no_grad():
+        call()
+        got = call()
         assert spy.take() == (1, 0)
-        got = conv_bn_act(x, m.conv, m.bn, pre_bn=pre)
-        assert spy.take() == (0, 0)
-        _same(got, _full_path(lambda: conv_bn_act(x, m.conv, m.bn, pre_bn=pre)))
+        _same(got, _full_path(call))
+        assert relative_error(got, stock()) < 1e-5
+        got = m(x)  # the same conv without the prologue: the plan does not hold
+        assert spy.take() == (0, 1)
+        _same(got, _full_path(m, x))
+        call()
+        spy.take()
+        pre.running_var.mul_(4.0)  # the prologue's statistics change: seen
+        got = call()
+        assert spy.take() == (0, 1)
+        assert relative_error(got, stock()) < 1e-5
+        other = copy.deepcopy(pre)
+        got = call(other)  # another norm object
+        assert spy.take() == (0, 1)
+        assert relative_error(got, stock(other)) < 1e-5
+
+        def settled():  # a plan for `pre` again
+            call()
+            call()
+            assert spy.take()[0] >= 1
+
+        settled()
+        pre.eps = 0.5
+        got = call()
+        assert spy.take() == (0, 1)
+        assert relative_error(got, stock()) < 1e-5
+        settled()
+        seen = []
+        handle = pre.register_forward_hook(lambda *a: seen.append(1))
+        call()
+        handle.remove()
+        assert seen == [1] and spy.take() == (0, 1)
+        settled()
+        pre.train()
+        got = call()  # the prologue normalizes with the batch's statistics now
+        pre.eval()
+        assert spy.take() == (0, 1)
+        assert not torch.equal(got, call())
 
 
 def test_the_backend_is_chosen_again_where_the_request_changes(spy, monkeypatch):
@@ -360,3 +404,20 @@ def test_a_new_auto_order_is_followed(spy, monkeypatch):
         got = m(x)
     assert calls == [1]
     assert relative_error(got.double(), _stock(copy.deepcopy(m).double(), x.double())) < 1e-5
+
+
+def test_a_pre_activation_model_takes_a_plan_at_every_conv(spy):
+    import fused_resnet
+
+    model = fused_resnet.preact_resnet164().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        first = model(x)
+        spy.take()
+        second = model(x)
+        hits, misses = spy.take()
+        with_plans_off = _full_path(model, x)
+    n_convs = sum(isinstance(mod, nn.Conv2d) for mod in model.modules())
+    assert (hits, misses) == (n_convs, 0)
+    _same(second, first)
+    _same(second, with_plans_off)

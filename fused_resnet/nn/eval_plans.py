@@ -7,7 +7,8 @@ operands' signature (shapes, strides, dtype, device, the flags), the fold and th
 the same signature runs the plan, re-checking at each call only what may have changed since and costs little to
 ask: hooks (global and the modules'), the modules' kinds and modes, the conv's settings, the fold's tensors
 (identity, version counter, storage: folding.fold_current) and the modes that decide the path (autograd, autocast,
-tracing, dispatch modes, the profiler). Anything else runs the full path, which makes a new plan.
+tracing, dispatch modes, the profiler). A pre-activation prologue's norm is checked the same way, and its scale and
+shift kept with the plan. Anything else runs the full path, which makes a new plan.
 
 The backend choice is kept only for the "cpu" backend, whose choice depends on the device alone; the others
 (CUDA, Triton) are chosen again at each call, as they depend on settings such as TF32 and the CUDA engine.
@@ -24,7 +25,7 @@ from ..ops import cpp_backend
 from ..ops.conv_config import ConvConfig
 from ..ops.eager import plain_eager_call
 from . import activation_bounds
-from .folding import fold_current, fold_sources, kept_with_fold
+from .folding import fold_current, fold_sources, kept_with_fold, norm_sources
 from .hooks import global_forward_hooks, has_hooks
 
 _PLAN = "eval_plan"
@@ -81,7 +82,8 @@ class EvalPlan:
 
     __slots__ = (
         "signature", "bn", "bn_type", "eps", "settings", "sources", "weight", "bias", "config", "chosen",
-        "into_residual", "device_type", "inference", "order",
+        "into_residual", "device_type", "inference", "order", "pre_bn", "pre_type", "pre_eps", "pre_sources",
+        "in_scale", "in_shift",
     )  # fmt: skip
 
     def __init__(
@@ -96,8 +98,12 @@ class EvalPlan:
         chosen: backends.Backend,
         into_residual: bool,
         device_type: str,
+        prologue: tuple | None = None,
     ) -> None:
         self.signature, self.sources, self.weight, self.bias, self.config = signature, sources, weight, bias, config
+        # The pre-activation's norm (pre-activation nets), what its scale and shift were made from, and them.
+        self.pre_bn, self.pre_sources, self.in_scale, self.in_shift = prologue or (None, None, None, None)
+        self.pre_type, self.pre_eps = type(self.pre_bn), getattr(self.pre_bn, "eps", None)
         self.bn, self.bn_type = bn, type(bn)
         self.eps = None if bn is None else bn.eps
         self.settings = _conv_settings(conv)
@@ -118,9 +124,12 @@ class EvalPlan:
         allow_fallback: bool | None,
         donate: bool,
         act: nn.Module | None,
+        pre_bn: nn.Module | None = None,
     ) -> torch.Tensor | None:
         """The call's result, or None where the plan does not hold for it (then the caller runs the full path)."""
         if type(conv) is not nn.Conv2d or bn is not self.bn or type(bn) is not self.bn_type:
+            return None
+        if pre_bn is not self.pre_bn or (pre_bn is not None and not self._prologue_holds(pre_bn)):
             return None
         if bn is not None and (bn.training or bn.eps != self.eps):
             return None
@@ -144,8 +153,13 @@ class EvalPlan:
         ):
             chosen = backends.select(backend, x, self.weight, residual, self.config, False, allow_fallback)
         into = self.into_residual and chosen.conv_bias_act_into_residual is not None
-        weight, bias, config = self.weight, self.bias, self.config
-        return launch_folded(chosen, x, conv, weight, bias, residual, config, relu, None, None, into, True)
+        weight, bias, config, scale, shift = self.weight, self.bias, self.config, self.in_scale, self.in_shift
+        return launch_folded(chosen, x, conv, weight, bias, residual, config, relu, scale, shift, into, True)
+
+    def _prologue_holds(self, pre_bn: nn.Module) -> bool:
+        if type(pre_bn) is not self.pre_type or pre_bn.training or pre_bn.eps != self.pre_eps or has_hooks(pre_bn):
+            return False
+        return fold_current(self.pre_sources)
 
 
 def plan_of(conv: nn.Conv2d) -> EvalPlan | None:
@@ -167,16 +181,28 @@ def keep(
     config: ConvConfig,
     chosen: backends.Backend,
     into_residual: bool,
+    pre_bn: nn.Module | None = None,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
 ) -> None:
     """Keeps the full path's decisions for a call it just ran, where the plan can hold: an eager call without
-    autograd (plain_eager_call) or autocast, no prologue, the residual taken as given (the caller checks: neither cast
-    nor broadcast), the cached fold's weight. into_residual: whether the call may write into its residual, where the
-    chosen backend can (donated and writable)."""
+    autograd (plain_eager_call) or autocast, the residual taken as given (the caller checks: neither cast nor
+    broadcast), the cached fold's weight, a prologue's norm (pre_bn, whose in_scale and in_shift the call took) made of
+    its own parameters and buffers. into_residual: whether the call may write into its residual, where the chosen
+    backend can (donated and writable)."""
     if not plain_eager_call(x) or torch.is_autocast_enabled(x.device.type):
         return
     kept = kept_with_fold(conv)
     sources = fold_sources(conv, bn, weight) if kept is not None else None
     if sources is None:
         return
+    prologue = None
+    if pre_bn is not None:
+        pre_sources = norm_sources(pre_bn)
+        if pre_sources is None:
+            return
+        prologue = (pre_bn, pre_sources, in_scale, in_shift)
     signature = _signature(x, residual, relu, donate, backend)
-    kept[_PLAN] = EvalPlan(signature, conv, bn, sources, weight, bias, config, chosen, into_residual, x.device.type)
+    kept[_PLAN] = EvalPlan(
+        signature, conv, bn, sources, weight, bias, config, chosen, into_residual, x.device.type, prologue
+    )

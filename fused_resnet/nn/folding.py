@@ -108,15 +108,28 @@ def fold_sources(conv: nn.Conv2d, bn: nn.Module | None, weight: torch.Tensor) ->
     cached = conv.__dict__.get(_CACHE_ATTR)
     if cached is None or cached[3][0] is not weight:
         return None
+    return _sources(((conv, ("weight",)), (bn, _BN_NAMES if bn is not None else ())))
+
+
+def norm_sources(bn: nn.Module) -> tuple[Source, ...] | None:
+    """What bn_scale_shift(bn) reads (an eval-mode norm's per-channel affine: a pre-activation prologue), in
+    fold_sources' form; None where a change could go unseen (see _tensors: no num_batches_tracked) or a tensor is no
+    parameter or buffer of bn's."""
+    if isinstance(bn, _BatchNorm) and bn.running_mean is not None and bn.num_batches_tracked is None:
+        return None
+    return _sources(((bn, _BN_NAMES),))
+
+
+def _sources(parts: tuple[tuple[nn.Module, tuple[str, ...]], ...]) -> tuple[Source, ...] | None:
     sources = []
-    for module, names in ((conv, ("weight",)), (bn, _BN_NAMES if bn is not None else ())):
+    for module, names in parts:
         for name in names:
             tensor, own = _lookup(module, name)
             if tensor is None:
                 if name in module.__dict__ or not _PLAIN_NAMES[(type(module), name)]:
                     return None
                 sources.append((module, name, None, 0, 0, None))
-            elif not own:
+            elif not own or tensor.is_inference():  # an inference tensor has no version counter
                 return None
             else:
                 sources.append((module, name, tensor, tensor._version, tensor.data_ptr(), tensor.dtype))

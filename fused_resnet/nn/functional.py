@@ -150,9 +150,9 @@ def conv_bn_act(
     inference_mode), a backend that can writes the result into the residual's memory and returns it. `act`, where
     given, is the module whose ReLU this is (a block's `relu`): one with hooks, or not an nn.ReLU, is run itself.
     """
-    plan = eval_plans.plan_of(conv) if pre_bn is None else None
+    plan = eval_plans.plan_of(conv)
     if plan is not None:  # the decisions of an earlier call with these operands, where they still hold
-        out = plan.run(x, conv, bn, residual, relu, backend, allow_fallback, donate_residual, act)
+        out = plan.run(x, conv, bn, residual, relu, backend, allow_fallback, donate_residual, act, pre_bn)
         if out is not None:
             return out
     check_activation(x)
@@ -188,8 +188,11 @@ def conv_bn_act(
     into = donated and chosen.conv_bias_act_into_residual is not None
     eager = plain_eager_call(x)
     # Kept before the launch, which may write into a tensor the fold read (a donated residual that aliases it).
-    if eager and pre_bn is None and residual is given_residual:  # taken as given: neither cast nor broadcast
-        eval_plans.keep(x, conv, bn, residual, relu, backend, donate_residual, weight, bias, config, chosen, donated)
+    if eager and residual is given_residual:  # taken as given: neither cast nor broadcast
+        eval_plans.keep(
+            x, conv, bn, residual, relu, backend, donate_residual, weight, bias, config, chosen, donated,
+            pre_bn, in_scale, in_shift,
+        )  # fmt: skip
     return eval_plans.launch_folded(
         chosen, x, conv, weight, bias, residual, config, relu, in_scale, in_shift, into, eager
     )
