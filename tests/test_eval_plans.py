@@ -81,6 +81,16 @@ def _stock(m: ConvBNAct, x, residual=None):
     return torch.relu(y) if m.relu else y
 
 
+def _planned(spy) -> tuple[ConvBNAct, torch.Tensor]:
+    """A module and an input whose second call ran a plan."""
+    m, x = _module(), _input()
+    with torch.no_grad():
+        m(x)
+        m(x)
+    assert spy.take() == (1, 0)
+    return m, x
+
+
 def _same(got, want):
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.equal(got, want)
@@ -196,12 +206,7 @@ def test_other_operands_run_the_full_path(spy, change):
 
 
 def test_hooks_and_modes_that_need_the_modules_to_run(spy):
-    m = _module()
-    x = _input()
-    with torch.no_grad():
-        m(x)
-        m(x)
-    assert spy.take() == (1, 0)
+    m, x = _planned(spy)
     seen = []
     handle = m.bn.register_forward_hook(lambda *a: seen.append("bn"))
     with torch.no_grad():
@@ -225,12 +230,7 @@ def test_hooks_and_modes_that_need_the_modules_to_run(spy):
 
 
 def test_autograd_and_autocast_take_the_full_path(spy):
-    m = _module()
-    x = _input()
-    with torch.no_grad():
-        m(x)
-        m(x)
-    assert spy.take() == (1, 0)
+    m, x = _planned(spy)
     xg = x.clone().requires_grad_()
     out = m(xg)  # grad mode, and a parameter wants a gradient: the full path, with autograd
     out.sum().backward()
@@ -311,12 +311,8 @@ def test_a_prologue_call_takes_its_own_plan(spy):
 
 
 def test_the_backend_is_chosen_again_where_the_request_changes(spy, monkeypatch):
-    m = _module()
-    x = _input()
+    m, x = _planned(spy)
     with torch.no_grad():
-        m(x)
-        m(x)
-        assert spy.take() == (1, 0)
         monkeypatch.setitem(os.environ, "FUSED_RESNET_BACKEND", "reference")
         got = m(x)
         assert spy.take() == (0, 1)
@@ -345,25 +341,6 @@ def test_clear_caches_drops_the_plan_and_copies_carry_none():
     assert eval_plans.plan_of(m.conv) is None
 
 
-def test_a_model_forward_takes_a_plan_at_every_conv(spy):
-    torchvision = pytest.importorskip("torchvision")
-    import fused_resnet
-
-    stock = torchvision.models.resnet18().eval()
-    fused = fused_resnet.fuse(stock)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.inference_mode():
-        first = fused(x)
-        spy.take()
-        second = fused(x)
-        hits, misses = spy.take()
-        want = stock(x)
-    n_convs = sum(isinstance(mod, nn.Conv2d) for mod in fused.modules())
-    assert (hits, misses) == (n_convs, 0)
-    _same(second, first)
-    assert relative_error(second, want) < 1e-4
-
-
 def test_a_launch_that_writes_into_a_folded_tensor_leaves_no_stale_plan(spy):
     # A donated residual that aliases BN's running_var (found by audit): the call writes its output there, so the
     # next one must fold the new statistics; the plan was keeping the state after the write.
@@ -385,12 +362,8 @@ def test_a_new_auto_order_is_followed(spy, monkeypatch):
 
     from fused_resnet import backends
 
-    m = _module()
-    x = _input()
+    m, x = _planned(spy)
     with torch.no_grad():
-        m(x)
-        m(x)
-        assert spy.take() == (1, 0)
         backends.load_backends()
         reference = backends.get_backend("reference")
         calls = []
@@ -406,18 +379,24 @@ def test_a_new_auto_order_is_followed(spy, monkeypatch):
     assert relative_error(got.double(), _stock(copy.deepcopy(m).double(), x.double())) < 1e-5
 
 
-def test_a_pre_activation_model_takes_a_plan_at_every_conv(spy):
+@pytest.mark.parametrize("name", ["resnet18", "preact_resnet164"])
+def test_a_model_forward_takes_a_plan_at_every_conv(spy, name):
     import fused_resnet
 
-    model = fused_resnet.preact_resnet164().eval()
-    x = torch.randn(2, 3, 16, 16)
+    torchvision = pytest.importorskip("torchvision")
+    stock = torchvision.models.resnet18().eval() if name == "resnet18" else None
+    model = fused_resnet.fuse(stock) if stock is not None else fused_resnet.preact_resnet164().eval()
+    x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         first = model(x)
         spy.take()
         second = model(x)
         hits, misses = spy.take()
         with_plans_off = _full_path(model, x)
+        want = stock(x) if stock is not None else None
     n_convs = sum(isinstance(mod, nn.Conv2d) for mod in model.modules())
-    assert (hits, misses) == (n_convs, 0)
+    assert (hits, misses) == (n_convs, 0)  # a pre-activation net: a third of its convs have a prologue
     _same(second, first)
     _same(second, with_plans_off)
+    if want is not None:
+        assert relative_error(second, want) < 1e-4
