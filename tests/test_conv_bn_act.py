@@ -543,3 +543,32 @@ def test_a_bn_without_num_batches_tracked_is_folded_again_after_its_own_train_fo
         m.bn.eval()
         got = m(x)
         assert relative_error(got, _plain(m, x)) < 1e-12
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_kept_as_plain_attributes_move_as_stock(momentum):
+    # Buffers turned into plain attributes: the fused path reads them as nn.BatchNorm2d does (found by audit: after a
+    # host-time change it read the buffer dict only, and the statistics stopped moving).
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False).double()
+    bn = nn.BatchNorm2d(4, momentum=momentum).double().train()
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        object.__setattr__(bn, name, bn._buffers.pop(name))
+    conv2, bn2 = copy.deepcopy(conv), copy.deepcopy(bn)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for _ in range(2):
+        conv_bn_act(x, conv, bn).sum().backward()
+        torch.relu(bn2(conv2(x))).sum().backward()
+    assert bn.num_batches_tracked.item() == bn2.num_batches_tracked.item() == 2
+    assert torch.allclose(bn.running_mean, bn2.running_mean, rtol=1e-12, atol=0)
+    assert torch.allclose(bn.running_var, bn2.running_var, rtol=1e-12, atol=0)
+
+
+def test_the_cuda_finalize_refuses_plain_attribute_statistics_of_another_dtype():
+    from fused_resnet.training import cpp_passes
+
+    bn = nn.BatchNorm2d(4)
+    y = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert cpp_passes.finalize_applies(y, bn, bn.weight, bn.bias, device_type="cpu")
+    object.__setattr__(bn, "running_var", bn._buffers.pop("running_var").double())
+    assert not cpp_passes.finalize_applies(y, bn, bn.weight, bn.bias, device_type="cpu")

@@ -151,7 +151,8 @@ class EvalPlan:
             or backends.loaded(chosen.name) is not chosen
             or self.order is not backends.AUTO_ORDER.get(self.device_type)
         ):
-            chosen = backends.select(backend, x, self.weight, residual, self.config, False, allow_fallback)
+            prologue = self.pre_bn is not None
+            chosen = backends.select(backend, x, self.weight, residual, self.config, prologue, allow_fallback)
         into = self.into_residual and chosen.conv_bias_act_into_residual is not None
         weight, bias, config, scale, shift = self.weight, self.bias, self.config, self.in_scale, self.in_shift
         return launch_folded(chosen, x, conv, weight, bias, residual, config, relu, scale, shift, into, True)

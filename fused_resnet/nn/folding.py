@@ -10,6 +10,8 @@ The cache is never pickled or deep-copied (torch.save of a model would store eve
 The cache holds the tensors it folded (and so their memory) until the next call refolds: a new tensor can then never
 take a folded one's address. Writes through `tensor.data` bump no version counter and are not seen, as for autograd's
 own saved-tensor checks: after such writes (an EMA model updated through `.data`), fused_resnet.clear_caches(model).
+Nor are running statistics that ATen's train-mode batch norm moves for another owner (a BN whose buffers are tied to
+this one's, a direct F.batch_norm(training=True) on them): only the BN's own num_batches_tracked shows such a move.
 """
 
 from __future__ import annotations

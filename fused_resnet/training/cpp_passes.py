@@ -17,7 +17,7 @@ from torch import nn
 from ..ops import cpp_backend
 from ..ops.checks import FLOAT_DTYPES
 from . import torch_passes
-from .stats import BatchStats, accumulation_dtype, bump_versions, running_update
+from .stats import BatchStats, accumulation_dtype, buffer, bump_versions, running_update
 
 
 def unsupported(device_type: str, dtype: torch.dtype) -> str | None:
@@ -60,8 +60,7 @@ def finalize_applies(
     device = y.device
     if device.type != device_type or not _nhwc(y):
         return False
-    buffers = bn._buffers  # not bn.running_mean: nn.Module's attribute fallback costs host time, per unit
-    for v in (gamma, beta, buffers.get("running_mean"), buffers.get("running_var")):
+    for v in (gamma, beta, buffer(bn, "running_mean"), buffer(bn, "running_var")):
         if v is not None and (v.dtype != torch.float32 or not v.is_contiguous() or v.device != device):
             return False
     return True
