@@ -82,7 +82,7 @@ class EvalPlan:
 
     __slots__ = (
         "signature", "bn", "bn_type", "eps", "settings", "sources", "weight", "bias", "config", "chosen",
-        "into_residual", "device_type", "inference", "order", "pre_bn", "pre_type", "pre_eps", "pre_sources",
+        "into_residual", "device_type", "order", "pre_bn", "pre_type", "pre_eps", "pre_sources",
         "in_scale", "in_shift",
     )  # fmt: skip
 
@@ -111,7 +111,6 @@ class EvalPlan:
         self.order = backends.AUTO_ORDER.get(device_type)  # "auto"'s order then (a table a user may replace)
         self.into_residual = into_residual
         self.device_type = device_type
-        self.inference = weight.is_inference()
 
     def run(
         self,
@@ -138,8 +137,6 @@ class EvalPlan:
         if relu and act is not None and (type(act) is not nn.ReLU or has_hooks(act)):
             return None
         if not plain_eager_call(x) or torch.is_autocast_enabled(self.device_type):
-            return None
-        if self.inference and not torch.is_inference_mode_enabled():
             return None
         if _signature(x, residual, relu, donate, backend) != self.signature or _conv_settings(conv) != self.settings:
             return None
@@ -186,13 +183,15 @@ def keep(
     in_scale: torch.Tensor | None = None,
     in_shift: torch.Tensor | None = None,
 ) -> None:
-    """Keeps the full path's decisions for a call it just ran, where the plan can hold: an eager call without
-    autograd (plain_eager_call) or autocast, the residual taken as given (the caller checks: neither cast nor
-    broadcast), the cached fold's weight, a prologue's norm (pre_bn, whose in_scale and in_shift the call took) made of
-    its own parameters and buffers. into_residual: whether the call may write into its residual, where the chosen
-    backend can (donated and writable)."""
-    if not plain_eager_call(x) or torch.is_autocast_enabled(x.device.type):
+    """Keeps the full path's decisions for a call it just ran as an eager call without autograd (plain_eager_call:
+    the caller's condition), where the plan can hold: without autocast, the residual taken as given (the caller
+    checks: neither cast nor broadcast), the cached fold's weight, a prologue's norm (pre_bn, whose in_scale and
+    in_shift the call took) made of its own parameters and buffers. into_residual: whether the call may write into
+    its residual, where the chosen backend can (donated and writable)."""
+    if torch.is_autocast_enabled(x.device.type):
         return
+    # Only a cached fold: it is never an inference tensor (folding makes it outside inference mode), so the plan holds
+    # inside and outside inference mode alike.
     kept = kept_with_fold(conv)
     sources = fold_sources(conv, bn, weight) if kept is not None else None
     if sources is None:
